@@ -1,0 +1,27 @@
+# barlow: the few commands a developer needs. `make demo` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast lint demo image clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## a virtual environment in .venv with barlow installed (editable)
+
+test: $(STAMP)  ## the whole suite, slow end-to-end tests included
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## everything but the slow end-to-end tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check barlow tests bench cli.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

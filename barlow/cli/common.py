@@ -1,0 +1,36 @@
+"""What every CLI module shares: the Typer app, the consoles, and turning a bad spec into exit code 2."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from barlow.spec import EvalRunSpec, PretrainSpec, SpecError, load_spec
+
+app = typer.Typer(
+    name="barlow",
+    help="Barlow Twins self-supervised pretraining: run a spec here, or submit it to Kubernetes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_INVALID = 2  # a spec or argument that fails validation
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a one-line error to stderr and return the Exit to raise."""
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def load_or_exit(path: str) -> PretrainSpec | EvalRunSpec:
+    """Load a spec; on failure print one line per problem and exit 2."""
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        for problem in e.problems:
+            err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None

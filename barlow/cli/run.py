@@ -1,0 +1,1 @@
+"""`barlow run ...`: runs a spec on this machine (arrives with the local runtime)."""

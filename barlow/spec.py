@@ -1,0 +1,397 @@
+"""Run specs: the Pydantic models a spec.yaml is validated against, `load_spec()` and `SpecError`.
+
+One spec describes one run; the same resolved spec reaches the runtime locally and in a pod.
+This module imports nothing of barlow (it is the bottom of the house).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# fsspec protocols a run may read from or write to; others are rejected early with a clear message.
+WRITABLE_SCHEMES = {"", "file", "s3", "gs", "gcs", "az", "abfs", "memory"}
+READABLE_SCHEMES = WRITABLE_SCHEMES | {"http", "https"}
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecError(Exception):
+    """A spec that cannot run: one `field.path: message` line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(problems))
+
+    @classmethod
+    def from_validation(cls, err: ValidationError, source: str | None = None) -> SpecError:
+        return cls([_format_error(e) for e in err.errors(include_url=False)], source)
+
+
+def _format_error(e: dict[str, Any]) -> str:
+    loc = [str(p) for p in e["loc"]]
+    root = {"pretrain": PretrainSpec, "eval": EvalRunSpec}.get(loc[0]) if loc else None
+    if root:
+        loc = loc[1:]  # drop the discriminator tag pydantic puts first
+    path = ".".join(loc)
+    if e["type"] == "spec_rule":  # cross-field rules carry their own field path
+        return e["msg"]
+    if e["type"] == "union_tag_invalid":
+        return f"kind: must be 'pretrain' or 'eval' (got '{e['ctx']['tag']}')"
+    if e["type"] == "extra_forbidden":
+        return f"{path}: unknown field{_did_you_mean(root, loc)}"
+    if e["type"] == "missing":
+        return f"{path}: required field is missing"
+    msg = e["msg"]
+    msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    return f"{path}: {msg}" if path else msg
+
+
+def _did_you_mean(root: type[BaseModel] | None, loc: list[str]) -> str:
+    model = root
+    for part in loc[:-1]:  # walk down to the section that holds the unknown key
+        field = model.model_fields.get(part) if model else None
+        model = field.annotation if field and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1) if model else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Section(BaseModel):
+    """Base of every spec section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_url(url: str, schemes: set[str]) -> str:
+    url = url.strip()
+    if not url:
+        raise ValueError("must not be empty")
+    scheme = urlparse(url).scheme if "://" in url else ""
+    if scheme not in schemes:
+        raise ValueError(f"unsupported URL scheme '{scheme}://' (use a local path or one of: "
+                         + ", ".join(sorted(s + "://" for s in schemes if s)) + ")")
+    if scheme and not urlparse(url).netloc and scheme not in ("file", "memory"):
+        raise ValueError(f"'{url}' has no bucket or host after '{scheme}://'")
+    return url
+
+
+ReadURL = Annotated[str, Field(min_length=1)]
+
+
+class S3Spec(Section):
+    """How to reach an S3-compatible store. Credentials never go here: they come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or, on a cluster, from the Secret named in `cluster.s3_secret`."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://minio:9000; unset for AWS.")
+    region: str | None = Field(None, description="Region name; unset for the store's default.")
+    addressing_style: Literal["auto", "virtual", "path"] = Field("auto", description="Bucket addressing style.")
+    retries: int = Field(10, ge=0, le=100, description="Attempts for throttled (503 SlowDown) or transient errors.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and urlparse(v).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        if v is not None and "@" in urlparse(v).netloc:
+            raise ValueError("must not contain credentials (use the environment or a Secret)")
+        return v
+
+
+class AugmentSpec(Section):
+    """BYOL's two asymmetric views (view 1, view 2)."""
+
+    min_scale: float = Field(0.08, gt=0, le=1, description="Smallest crop area fraction of RandomResizedCrop.")
+    flip_prob: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability (both views).")
+    jitter_prob: float = Field(0.8, ge=0, le=1, description="ColorJitter(0.4, 0.4, 0.2, 0.1) probability (both views).")
+    grayscale_prob: float = Field(0.2, ge=0, le=1, description="Grayscale probability (both views).")
+    blur_prob: tuple[float, float] = Field((1.0, 0.1), description="Gaussian blur probability per view.")
+    solarize_prob: tuple[float, float] = Field((0.0, 0.2), description="Solarize probability per view.")
+
+    @field_validator("blur_prob", "solarize_prob")
+    @classmethod
+    def _probs(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= p <= 1.0 for p in v):
+            raise ValueError("each probability must be between 0 and 1")
+        return v
+
+
+class DataSpec(Section):
+    """Where the images are and how they are read."""
+
+    format: Literal["imagefolder", "shards"] = Field(
+        "imagefolder", description="imagefolder: <root>/<class>/*.jpg; shards: the JSON index written by `barlow data shard`.")
+    train: ReadURL = Field(description="Training images: a folder (imagefolder) or an index.json URL (shards).")
+    val: ReadURL | None = Field(None, description="Validation images, same format as train; needed by eval.")
+    image_size: int = Field(224, ge=8, le=1024, description="Side of the square crops fed to the model, in pixels.")
+    channels: Literal[1, 3] = Field(3, description="Channels the model sees: 3 (RGB) or 1 (grayscale).")
+    workers: int = Field(4, ge=0, le=64, description="Data-loader worker processes per training process.")
+    shuffle_buffer: int = Field(1000, ge=0, le=1_000_000, description="Samples held for shuffling shards (0: none).")
+    on_corrupt: Literal["skip", "fail"] = Field("skip", description="What an undecodable image does: skipped and counted, or fail the run.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="The two-view augmentation.")
+    s3: S3Spec = Field(default_factory=S3Spec, description="S3 connection settings for s3:// URLs.")
+
+    @field_validator("train", "val")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, READABLE_SCHEMES)
+
+
+class ModelSpec(Section):
+    """Encoder and projector."""
+
+    arch: Literal[ARCHS] = Field("resnet50", description="torchvision ResNet used as the encoder.")  # type: ignore[valid-type]
+    projector: str = Field("8192-8192-8192", description="Projector layer widths, e.g. 8192-8192-8192.")
+    small_images: bool = Field(False, description="3x3 stride-1 stem without max-pool, for 28-64 px images.")
+    width: int = Field(64, ge=4, le=256, description="Channels of the first stage (64 is torchvision's layout).")
+
+    @field_validator("projector")
+    @classmethod
+    def _projector(cls, v: str) -> str:
+        if not re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)*", v):
+            raise ValueError("must be widths joined by '-', e.g. 8192-8192-8192")
+        if any(int(w) > 65536 for w in v.split("-")):
+            raise ValueError("widths must be at most 65536")
+        return v
+
+
+class OptimSpec(Section):
+    """LARS with warmup + cosine; the paper's values are the defaults."""
+
+    epochs: int = Field(1000, ge=1, le=100_000, description="Passes over the training set.")
+    batch_size: int = Field(2048, ge=2, le=1_000_000, description="Global batch size, summed over all processes.")
+    lr_weights: float = Field(0.2, gt=0, le=100, description="Base lr for weights; peak = base * batch_size / 256.")
+    lr_biases: float = Field(0.0048, gt=0, le=100, description="Base lr for biases and BatchNorm parameters.")
+    weight_decay: float = Field(1.5e-6, ge=0, le=1, description="LARS weight decay (weights only).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum.")
+    lambd: float = Field(5e-3, ge=0, le=1, description="Weight of the off-diagonal (redundancy) term.")
+    warmup_epochs: float = Field(10, ge=0, description="Epochs of linear lr warmup.")
+
+
+class RuntimeSpec(Section):
+    """Processes, device and numerics."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Machines (pods); 1 for a local run.")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per machine (GPUs per node on a cluster).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the hardware supports it.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights, augmentation and data order.")
+    log_every: int = Field(10, ge=1, le=100_000, description="Steps between metric lines.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc_per_node
+
+
+class OutputSpec(Section):
+    """Where checkpoints, metrics and exports go."""
+
+    url: str = Field(description="Output folder: a local path or s3://bucket/prefix.")
+    checkpoint_every: int = Field(500, ge=1, le=10_000_000, description="Optimizer steps between checkpoints (one is also written at the end).")
+    keep: int = Field(3, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v, WRITABLE_SCHEMES).rstrip("/")
+
+
+class EvalSpec(Section):
+    """Linear evaluation (or fine-tuning) of a pretrained backbone."""
+
+    mode: Literal["linear", "finetune"] = Field("linear", description="linear: frozen backbone; finetune: train it too.")
+    train_percent: Literal[100, 10, 1] = Field(100, description="Labelled training images used, per class (deterministic subset).")
+    epochs: int = Field(100, ge=1, le=10_000, description="Epochs of the classifier.")
+    batch_size: int = Field(256, ge=1, le=1_000_000, description="Global batch size.")
+    lr_head: float = Field(0.3, gt=0, le=100, description="SGD lr of the linear layer (cosine-decayed).")
+    lr_backbone: float = Field(0.0, ge=0, le=100, description="SGD lr of the backbone (finetune only).")
+    weight_decay: float = Field(1e-6, ge=0, le=1, description="SGD weight decay.")
+    knn_k: int = Field(20, ge=1, le=1000, description="Neighbours of the kNN monitor (cosine similarity).")
+    checkpoint: str | None = Field(None, description="Pretrain output folder or checkpoint URL to evaluate.")
+    backbone: str | None = Field(None, description="Exported backbone state_dict URL to evaluate instead.")
+
+    @field_validator("checkpoint", "backbone")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, READABLE_SCHEMES).rstrip("/")
+
+
+class ClusterSpec(Section):
+    """How the run is placed on Kubernetes (ignored by local runs)."""
+
+    image: str = Field("ghcr.io/barlow-ml/barlow:latest", min_length=1, description="Container image with barlow installed.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
+    namespace: str = Field("barlow", description="Namespace the job is created in.")
+    gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod; when > 0 must equal runtime.nproc_per_node.")
+    cpu: str = Field("8", description="CPU request and limit per pod (Kubernetes quantity).")
+    memory: str = Field("32Gi", description="Memory request and limit per pod (Kubernetes quantity).")
+    shm_size: str = Field("16Gi", description="Size of the memory-backed /dev/shm for data-loader workers.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (Kubernetes form).")
+    priority_class: str | None = Field(None, description="Pod priorityClassName.")
+    service_account: str = Field("barlow", description="Pod serviceAccountName.")
+    s3_secret: str | None = Field("barlow-s3", description="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pod's environment.")
+    backoff_limit: int = Field(3, ge=0, le=1000, description="Retries of retryable failures.")
+    ttl_seconds_after_finished: int | None = Field(86400, ge=0, description="Delete the finished job after this many seconds.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this many seconds.")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="Pods deleted when the job ends.")
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(v)):
+            raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
+        return str(v)
+
+    @field_validator("namespace", "service_account", "s3_secret", "priority_class")
+    @classmethod
+    def _dns(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v):
+            raise ValueError(f"'{v}' is not a valid Kubernetes name (lowercase letters, digits, '-')")
+        return v
+
+
+class RunSpec(Section):
+    """Fields shared by every kind of run."""
+
+    name: str = Field(min_length=1, max_length=50, description="Run name; the Kubernetes job name derives from it.")
+    data: DataSpec = Field(description="Training and validation images.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Encoder and projector.")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Processes, device and numerics.")
+    output: OutputSpec = Field(description="Where results are written.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Placement on Kubernetes.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not DNS_1035.match(v):
+            raise ValueError("must be lowercase letters, digits and '-', starting with a letter (a DNS-1035 label)")
+        return v
+
+    def _problems(self) -> list[tuple[str, str]]:
+        problems = []
+        r, c = self.runtime, self.cluster
+        if c.gpus_per_node and c.gpus_per_node != r.nproc_per_node:
+            problems.append(("cluster.gpus_per_node", f"must equal runtime.nproc_per_node ({r.nproc_per_node}) when GPUs are requested"))
+        if r.device == "cuda" and r.nodes > 1 and c.gpus_per_node == 0:
+            problems.append(("cluster.gpus_per_node", "must be set when runtime.device is cuda on several nodes"))
+        if self.data.format == "shards" and not self.data.train.endswith(".json"):
+            problems.append(("data.train", "must point at the shards' index .json when data.format is shards"))
+        return problems
+
+    @model_validator(mode="after")
+    def _rules(self) -> RunSpec:
+        problems = self._problems()
+        if problems:
+            raise PydanticCustomError("spec_rule", "\n".join(f"{p}: {m}" for p, m in problems))
+        return self
+
+    def spec_hash(self) -> str:
+        """A short, stable hash of the resolved spec (labels, idempotent submit)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class PretrainSpec(RunSpec):
+    """A Barlow Twins pretraining run, optionally followed by an evaluation (`eval`)."""
+
+    kind: Literal["pretrain"] = Field(description="Run kind.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="The evaluation that follows pretraining in a pipeline.")
+
+    def _problems(self) -> list[tuple[str, str]]:
+        problems = super()._problems()
+        o, world = self.optim, self.runtime.world_size
+        if o.batch_size % world:
+            problems.append(("optim.batch_size", f"must be divisible by {world} (nodes × nproc_per_node)"))
+        if o.warmup_epochs >= o.epochs:
+            problems.append(("optim.warmup_epochs", f"must be shorter than optim.epochs ({o.epochs})"))
+        if self.eval.checkpoint or self.eval.backbone:
+            problems.append(("eval.checkpoint", "is set by the pipeline from output.url; leave it out of a pretrain spec"))
+        return problems
+
+    def eval_spec(self) -> EvalRunSpec:
+        """The evaluation of this run's checkpoint, writing beside it (what `pipeline` runs second)."""
+        d = self.model_dump(exclude={"kind", "optim", "eval", "name", "output"})
+        return EvalRunSpec.model_validate({
+            **d, "kind": "eval", "name": f"{self.name[:45]}-eval",
+            "eval": {**self.eval.model_dump(), "checkpoint": self.output.url},
+            "output": {"url": f"{self.output.url}/eval", "keep": self.output.keep},
+        })
+
+
+class EvalRunSpec(RunSpec):
+    """A linear-evaluation (or fine-tuning) run of a pretrained backbone."""
+
+    kind: Literal["eval"] = Field(description="Run kind.")
+    eval: EvalSpec = Field(description="What to evaluate and how.")
+
+    def _problems(self) -> list[tuple[str, str]]:
+        problems = super()._problems()
+        e, world = self.eval, self.runtime.world_size
+        if not (e.checkpoint or e.backbone):
+            problems.append(("eval.checkpoint", "an eval needs eval.checkpoint or eval.backbone"))
+        if e.checkpoint and e.backbone:
+            problems.append(("eval.backbone", "set eval.checkpoint or eval.backbone, not both"))
+        if self.data.val is None:
+            problems.append(("data.val", "an eval needs validation images"))
+        if e.batch_size % world:
+            problems.append(("eval.batch_size", f"must be divisible by {world} (nodes × nproc_per_node)"))
+        if e.mode == "linear" and e.lr_backbone > 0:
+            problems.append(("eval.lr_backbone", "must be 0 in linear mode (the backbone is frozen)"))
+        return problems
+
+
+AnySpec = Annotated[Union[PretrainSpec, EvalRunSpec], Field(discriminator="kind")]
+_ADAPTER: TypeAdapter[PretrainSpec | EvalRunSpec] = TypeAdapter(AnySpec)
+
+
+def parse_spec(data: Any, source: str | None = None) -> PretrainSpec | EvalRunSpec:
+    """Validate a spec given as a dict; raises SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError([f"{source or 'spec'}: must be a mapping of sections (kind, name, data, ...)"], source)
+    if "kind" not in data:
+        raise SpecError(["kind: required field is missing (pretrain or eval)"], source)
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise SpecError.from_validation(err, source) from None
+
+
+def load_spec(path: str | Path) -> PretrainSpec | EvalRunSpec:
+    """Read and validate a spec file; raises SpecError naming the file or the fields."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError([f"{path}: no such file"], str(path)) from None
+    except OSError as e:
+        raise SpecError([f"{path}: cannot read ({e.strerror})"], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}:" if where else ""
+        raise SpecError([f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})"], str(path)) from None
+    return parse_spec(data, str(path))
+
+
+def dump_spec(spec: RunSpec) -> str:
+    """The resolved spec as YAML (what `barlow validate` prints and a pod receives)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of a spec file, for editors."""
+    schema = _ADAPTER.json_schema()
+    schema["title"] = "barlow run spec"
+    return schema
