@@ -244,6 +244,8 @@ class ClusterSpec(Section):
     ttl_seconds_after_finished: int | None = Field(86400, ge=0, description="Delete the finished job after this many seconds.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this many seconds.")
     clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="Pods deleted when the job ends.")
+    termination_grace_seconds: int = Field(
+        120, ge=30, le=86400, description="Seconds a pod gets after SIGTERM (preemption) to write a checkpoint and exit.")
 
     @field_validator("cpu", "memory", "shm_size")
     @classmethod
@@ -251,6 +253,19 @@ class ClusterSpec(Section):
         if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(v)):
             raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
         return str(v)
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keys = {"key", "operator", "value", "effect", "tolerationSeconds"}
+        for i, t in enumerate(v):
+            if set(t) - keys:
+                raise ValueError(f"item {i}: unknown key(s) {sorted(set(t) - keys)} (allowed: {', '.join(sorted(keys))})")
+            if t.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError(f"item {i}: operator must be Equal or Exists")
+            if t.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError(f"item {i}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
+        return v
 
     @field_validator("namespace", "service_account", "s3_secret", "priority_class")
     @classmethod
