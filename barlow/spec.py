@@ -62,7 +62,8 @@ def _did_you_mean(root: type[BaseModel] | None, loc: list[str]) -> str:
     for part in loc[:-1]:  # walk down to the section that holds the unknown key
         field = model.model_fields.get(part) if model else None
         model = field.annotation if field and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1) if model else []
+    names = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(loc[-1], names, n=1) or [n for n in names if n.startswith(loc[-1])][:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -114,12 +115,14 @@ class AugmentSpec(Section):
     flip_prob: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability (both views).")
     jitter_prob: float = Field(0.8, ge=0, le=1, description="ColorJitter(0.4, 0.4, 0.2, 0.1) probability (both views).")
     grayscale_prob: float = Field(0.2, ge=0, le=1, description="Grayscale probability (both views).")
-    blur_prob: tuple[float, float] = Field((1.0, 0.1), description="Gaussian blur probability per view.")
-    solarize_prob: tuple[float, float] = Field((0.0, 0.2), description="Solarize probability per view.")
+    blur_prob: list[float] = Field([1.0, 0.1], description="Gaussian blur probability of view 1 and view 2.")
+    solarize_prob: list[float] = Field([0.0, 0.2], description="Solarize probability of view 1 and view 2.")
 
     @field_validator("blur_prob", "solarize_prob")
     @classmethod
-    def _probs(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _probs(cls, v: list[float]) -> list[float]:
+        if len(v) != 2:
+            raise ValueError(f"must have 2 values, one per view (got {len(v)})")
         if not all(0.0 <= p <= 1.0 for p in v):
             raise ValueError("each probability must be between 0 and 1")
         return v
@@ -409,4 +412,9 @@ def json_schema() -> dict[str, Any]:
     """JSON schema of a spec file, for editors."""
     schema = _ADAPTER.json_schema()
     schema["title"] = "barlow run spec"
+    for model in (PretrainSpec, EvalRunSpec, *Section.__subclasses__()):
+        props = schema["$defs"].get(model.__name__, {}).get("properties", {})
+        for name, field in model.model_fields.items():  # pydantic drops descriptions beside a $ref with a default
+            if field.description and name in props:
+                props[name].setdefault("description", field.description)
     return schema

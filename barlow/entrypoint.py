@@ -1,0 +1,92 @@
+"""What torchrun runs in every process, locally and in a pod: validate the spec again, run it, map the outcome
+to an exit code that Kubernetes' `restartPolicy: ExitCode` understands.
+
+Exit codes: 0 done; 1 permanent failure (bad data, a bug); 2 invalid spec (permanent);
+128 + signal number when stopped by SIGTERM/SIGINT after writing a checkpoint (143, 130: retryable, the
+next attempt resumes from that checkpoint). The spec comes as a file path argument, or as YAML text in the
+environment variable BARLOW_SPEC (how a PyTorchJob passes it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID_SPEC = 0, 1, 2
+SPEC_ENV = "BARLOW_SPEC"
+
+
+class _StopFlag:
+    """Remembers the first stop signal; the loop checkpoints at its next step and exits with 128 + signum."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __call__(self) -> int | None:
+        return self.signum
+
+
+def _error(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from barlow.spec import SpecError, load_spec, parse_spec
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv:
+            spec = load_spec(argv[0])
+        elif SPEC_ENV in os.environ:
+            import yaml
+
+            spec = parse_spec(yaml.safe_load(os.environ[SPEC_ENV]), SPEC_ENV)
+        else:
+            raise SpecError([f"no spec: pass a spec file or set {SPEC_ENV}"])
+    except SpecError as e:
+        for line in e.problems:
+            _error(line)
+        return EXIT_INVALID_SPEC
+
+    stop = _StopFlag()
+    stop.install()
+    from barlow.data.decode import CorruptImage
+    from barlow.train import DataError, Stopped
+
+    try:
+        if spec.kind == "pretrain":
+            from barlow.train import pretrain
+
+            pretrain(spec, stop)
+        else:
+            from barlow.evaluate import evaluate
+
+            evaluate(spec, stop)
+    except Stopped as e:
+        _error(str(e))
+        return 128 + e.signum
+    except (DataError, CorruptImage, FileNotFoundError) as e:
+        _error(str(e))
+        return EXIT_FAILED
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILED
+    finally:
+        from barlow.distributed import teardown
+
+        teardown()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

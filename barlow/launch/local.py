@@ -1,0 +1,34 @@
+"""Run a spec on this machine: torchrun starts `runtime.nproc_per_node` processes of barlow.entrypoint,
+exactly as the pods of a PyTorchJob do (the spec travels in BARLOW_SPEC)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from barlow.spec import EvalRunSpec, PretrainSpec, dump_spec
+
+SPEC_ENV = "BARLOW_SPEC"  # read by barlow.entrypoint
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """The torchrun call for one node; --standalone picks a free rendezvous port on 127.0.0.1."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+            "--max-restarts=0", "-m", "barlow.entrypoint"]
+
+
+def run_local(spec: PretrainSpec | EvalRunSpec) -> int:
+    """Run the spec to completion in local processes; returns the exit code (see barlow.entrypoint)."""
+    if spec.runtime.nodes != 1:
+        raise ValueError(f"runtime.nodes: a local run has 1 node, the spec asks for {spec.runtime.nodes}")
+    nproc = spec.runtime.nproc_per_node
+    env = {**os.environ, SPEC_ENV: dump_spec(spec)}
+    if spec.runtime.device != "cuda":  # share the cores instead of oversubscribing them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("LOGLEVEL", "WARNING")
+    proc = subprocess.Popen(torchrun_command(nproc), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the processes got Ctrl-C too: they checkpoint and exit; wait for that
+        return proc.wait()

@@ -1,0 +1,119 @@
+"""What a run reports: JSON lines, TensorBoard events, a progress bar with ETA, the cross-correlation heatmap.
+
+Only the main rank writes. Files are written in a local folder and, for a remote output URL, copied there by
+`sync()` (object stores cannot append), so `<output>/metrics.jsonl` and `<output>/tensorboard/` appear beside the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from barlow import storage
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class Metrics:
+    """Per-step scalars to metrics.jsonl and TensorBoard, and a progress display, on the main rank only."""
+
+    def __init__(self, output_url: str, enabled: bool, total_steps: int, start_step: int = 0, title: str = "pretrain"):
+        self.output_url, self.enabled = output_url, enabled
+        self.console = Console(stderr=False)
+        self._progress = None
+        if not enabled:
+            return
+        self.local = output_url.removeprefix("file://") if _is_local(output_url) else tempfile.mkdtemp(prefix="barlow-")
+        os.makedirs(self.local, exist_ok=True)
+        if not _is_local(output_url) and storage.exists(storage.join(output_url, "metrics.jsonl")):
+            with open(os.path.join(self.local, "metrics.jsonl"), "wb") as f:  # keep the lines of earlier attempts
+                f.write(storage.read_bytes(storage.join(output_url, "metrics.jsonl")))
+        self._jsonl = open(os.path.join(self.local, "metrics.jsonl"), "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=start_step or None)
+        if sys.stdout.isatty():  # a live bar in a terminal; plain lines in pod logs and CI
+            self._progress = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
+            self._task = self._progress.add_task(title, total=total_steps, completed=start_step, info="")
+            self._progress.start()
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _round(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in values.items():
+            self._tb.add_scalar(k, v, step)
+        info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in ("epoch", "loss", "lr", "images_per_s", "top1"))
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+        else:
+            self.console.print(f"step {step}  {info}", highlight=False)
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            (self._progress.console if self._progress else self.console).print(message, highlight=False)
+
+    def sync(self) -> None:
+        """Copy the local files to a remote output URL (no-op for local output)."""
+        if not self.enabled:
+            return
+        self._jsonl.flush()
+        self._tb.flush()
+        if _is_local(self.output_url):
+            return
+        fs, path = storage.filesystem(self.output_url)
+        fs.put(self.local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        self.sync()
+        self._tb.close()
+        self._jsonl.close()
+
+
+def _round(v: Any) -> Any:
+    return round(float(v), 6) if isinstance(v, float | int | torch.Tensor) else v
+
+
+def _short(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def save_heatmap(c: torch.Tensor, url: str, max_dims: int = 128) -> None:
+    """A PNG of the cross-correlation matrix's top-left block: Barlow Twins drives it toward the identity."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    block = c[:max_dims, :max_dims].float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5, 4.4), dpi=120)
+    im = ax.imshow(block, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_title(f"cross-correlation C (first {block.shape[0]} of {c.shape[0]} dims)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(url, buf.getvalue())
