@@ -60,7 +60,7 @@ class Metrics:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         else:
-            self.console.print(f"step {step}  {info}", highlight=False)
+            self.console.print(f"step {step}  {info}", highlight=False, soft_wrap=True)
 
     def advance(self, step: int) -> None:
         if self._progress is not None:
@@ -68,7 +68,7 @@ class Metrics:
 
     def print(self, message: str) -> None:
         if self.enabled:
-            (self._progress.console if self._progress else self.console).print(message, highlight=False)
+            (self._progress.console if self._progress else self.console).print(message, highlight=False, soft_wrap=True)
 
     def sync(self) -> None:
         """Copy the local files to a remote output URL (no-op for local output)."""

@@ -14,7 +14,7 @@ SPEC_ENV = "BARLOW_SPEC"  # read by barlow.entrypoint
 
 def torchrun_command(nproc: int) -> list[str]:
     """The torchrun call for one node; --standalone picks a free rendezvous port on 127.0.0.1."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+    return [sys.executable, "-m", "barlow.torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
             "--max-restarts=0", "-m", "barlow.entrypoint"]
 
 

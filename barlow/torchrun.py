@@ -1,0 +1,28 @@
+"""`python -m barlow.torchrun ARGS`: torchrun (same arguments, same PET_* environment) with exit codes that keep
+their meaning. Plain torchrun exits 1 for every failure, so a preempted pod (SIGTERM, checkpoint written)
+would look permanent to `restartPolicy: ExitCode`; here the workers' code, or 128 + signal, comes through.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def exit_code(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except SignalException as e:  # this launcher was told to stop; workers got the signal and checkpointed
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        return 128 - code if code < 0 else code  # a negative code is a worker killed by that signal
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code(sys.argv[1:]))
