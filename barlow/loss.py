@@ -28,14 +28,19 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    # A plain tensor, not funcol's lazy AsyncCollectiveTensor (which would leak into metrics and torch.save).
+    return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
+
+
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    # torch.distributed.nn.functional.all_reduce is deprecated in this torch; funcol's has the same autograd (a sum).
-    return funcol.all_reduce(x, "sum", dist.group.WORLD) if _world_size() > 1 else x
+    """Sum over ranks; backward sums the ranks' gradients. (torch.distributed.nn.functional's is deprecated here.)"""
+    return _waited(funcol.all_reduce(x, "sum", dist.group.WORLD)) if _world_size() > 1 else x
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along dim 0; backward sums the ranks' gradients of this rank's slice."""
-    return funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD) if _world_size() > 1 else x
+    return _waited(funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)) if _world_size() > 1 else x
 
 
 def _as_float(z: torch.Tensor) -> torch.Tensor:
