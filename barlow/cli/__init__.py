@@ -15,6 +15,7 @@ from barlow.cli.common import app, console, load_or_exit
 # Topic modules register their commands on `app` when imported.
 from barlow.cli import data as _data  # noqa: E402,F401  isort: skip
 from barlow.cli import run as _run  # noqa: E402,F401  isort: skip
+from barlow.cli import cluster as _cluster  # noqa: E402,F401  isort: skip
 
 
 @app.command()

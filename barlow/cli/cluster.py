@@ -1,0 +1,201 @@
+"""`barlow render|submit|status|logs|wait|delete|list`: a spec as a Kubeflow PyTorchJob on Kubernetes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+
+import typer
+
+from barlow.cli.common import EXIT_INVALID, app, console, err_console, fail, load_or_exit
+from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, parse_spec
+
+SPEC_ENV = "BARLOW_SPEC"  # how the pipeline's follow-up Job hands the eval spec to `barlow submit eval`
+DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
+
+
+class Target(StrEnum):
+    pretrain = "pretrain"
+    eval = "eval"
+    pipeline = "pipeline"
+
+
+TARGET_HELP = "pretrain, eval (of an eval spec, or of a pretrain spec's checkpoint), or pipeline (pretrain, then eval)."
+SPEC_HELP = "Path to a run spec (YAML)."
+CONTEXT = typer.Option(None, "--context", help="kubeconfig context (default: its current context).")
+NAMESPACE = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", envvar="BARLOW_NAMESPACE", help="Namespace of the job.")
+
+
+@contextmanager
+def _cluster_errors() -> Iterator[None]:
+    from barlow.launch.cluster import ClusterError
+
+    try:
+        yield
+    except ClusterError as e:
+        raise fail(str(e)) from None
+    except SpecError as e:
+        prefix = f"{e.source}: " if e.source else ""
+        for problem in e.problems:
+            err_console.print(f"[red]error:[/red] {prefix}{problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def _spec(spec_path: str | None, target: Target, namespace: str | None) -> PretrainSpec | EvalRunSpec:
+    """The spec from its file (or from $BARLOW_SPEC), checked against the target, placed in --namespace."""
+    if spec_path:
+        spec = load_or_exit(spec_path)
+    elif SPEC_ENV in os.environ:
+        import yaml
+
+        try:
+            spec = parse_spec(yaml.safe_load(os.environ[SPEC_ENV]), SPEC_ENV)
+        except yaml.YAMLError as e:
+            raise fail(f"{SPEC_ENV}: not valid YAML ({getattr(e, 'problem', None) or e})", EXIT_INVALID) from None
+        except SpecError as e:
+            raise fail(f"{SPEC_ENV}: " + "; ".join(e.problems), EXIT_INVALID) from None
+    else:
+        raise fail(f"give a spec file (or the spec's YAML in ${SPEC_ENV})", EXIT_INVALID)
+    source = spec_path or SPEC_ENV
+    if target == Target.pretrain and spec.kind != "pretrain" or target == Target.pipeline and spec.kind != "pretrain":
+        raise fail(f"{source}: kind is '{spec.kind}'; `{target.value}` needs a pretrain spec", EXIT_INVALID)
+    from barlow.launch.cluster import spec_namespace
+
+    with _cluster_errors():
+        return spec_namespace(spec, namespace)
+
+
+@app.command()
+def render(
+    target: Target = typer.Argument(..., help=TARGET_HELP),
+    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace)."),
+) -> None:
+    """Print the Kubernetes manifests of a spec (YAML) for `kubectl apply -f -`."""
+    from barlow.launch.kubernetes import render as render_docs
+    from barlow.launch.kubernetes import to_yaml
+
+    spec = _spec(spec_path, target, namespace)
+    with _cluster_errors():
+        typer.echo(to_yaml(render_docs(spec, target.value)), nl=False)
+
+
+@app.command()
+def submit(
+    target: Target = typer.Argument(..., help=TARGET_HELP),
+    spec_path: str = typer.Argument(None, metavar="[SPEC]", help=f"Path to a run spec (YAML); omitted: the YAML in ${SPEC_ENV}."),
+    context: str = CONTEXT,
+    namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Have the API server validate the objects without creating them."),
+    after: str = typer.Option(None, "--after", metavar="JOB",
+                              help="Wait for this PyTorchJob to succeed first (what the pipeline's follow-up runs)."),
+    poll: float = typer.Option(30.0, "--poll", min=0.01, help="Seconds between status checks with --after."),
+) -> None:
+    """Create the PyTorchJob(s) of a spec; submitting the same spec again changes nothing."""
+    from barlow.launch import cluster
+
+    spec = _spec(spec_path, target, namespace)
+    with _cluster_errors():
+        api = cluster.connect(context)
+        if after:
+            if target != Target.eval:
+                raise fail("--after goes with `submit eval`", EXIT_INVALID)
+            from barlow.launch.kubernetes import eval_of
+
+            ev = spec if isinstance(spec, EvalRunSpec) else eval_of(spec)
+            done = cluster.submit_after(api, ev, after, poll=poll, on_change=_print_phase)
+        else:
+            done = cluster.submit(api, spec, target.value, dry_run=dry_run)
+    for s in done:
+        console.print(f"{s.what} [bold]{s.name}[/] in namespace {s.namespace}: {s.outcome}", highlight=False)
+    if not dry_run:
+        console.print(f"watch it: barlow status {done[0].name} -n {done[0].namespace}   "
+                      f"(or kubectl -n {done[0].namespace} get pytorchjob {done[0].name})", highlight=False)
+
+
+def _print_phase(st) -> None:
+    console.print(f"pytorchjob {st.name}: {st.phase}{' - ' + st.message if st.message else ''}", highlight=False)
+
+
+@app.command()
+def status(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
+           context: str = CONTEXT) -> None:
+    """Show a PyTorchJob's phase, replicas and times."""
+    from barlow.launch import cluster
+
+    with _cluster_errors():
+        st = cluster.status(cluster.connect(context), name, namespace)
+    replicas = "; ".join(f"{k} " + ", ".join(f"{s} {n}" for s, n in v.items()) for k, v in st.replicas.items())
+    for key, value in [("name", st.name), ("namespace", st.namespace), ("kind", st.kind), ("phase", st.phase),
+                       ("message", st.message), ("replicas", replicas), ("created", st.created), ("started", st.started),
+                       ("finished", st.finished), ("spec hash", st.spec_hash)]:
+        if value:
+            console.print(f"{key + ':':<11}{value}", highlight=False)
+
+
+@app.command()
+def logs(
+    name: str = typer.Argument(..., help="Job name (the run name)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines."),
+    replica: str = typer.Option("master", "--replica", help="master, or worker-N (N from 0; node rank N + 1)."),
+    namespace: str = NAMESPACE,
+    context: str = CONTEXT,
+) -> None:
+    """Print the training container's log of one replica."""
+    from barlow.launch import cluster
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with _cluster_errors():
+        cluster.logs(cluster.connect(context), name, namespace, replica=replica, follow=follow, write=write)
+
+
+@app.command()
+def wait(
+    name: str = typer.Argument(..., help="Job name (the run name)."),
+    timeout: float = typer.Option(None, "--timeout", min=0, help="Give up after this many seconds (default: never)."),
+    poll: float = typer.Option(10.0, "--poll", min=0.01, help="Seconds between status checks."),
+    namespace: str = NAMESPACE,
+    context: str = CONTEXT,
+) -> None:
+    """Wait until a PyTorchJob succeeds (exit 0) or fails (exit 1), printing each phase change."""
+    from barlow.launch import cluster
+
+    with _cluster_errors():
+        st = cluster.wait(cluster.connect(context), name, namespace, timeout=timeout, poll=poll, on_change=_print_phase)
+    if not st.finished_ok:
+        raise fail(f"pytorchjob {name} failed: {st.message or 'no message'}")
+
+
+@app.command()
+def delete(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
+           context: str = CONTEXT) -> None:
+    """Delete a PyTorchJob with its pods (its output in output.url stays)."""
+    from barlow.launch import cluster
+
+    with _cluster_errors():
+        cluster.delete(cluster.connect(context), name, namespace)
+    console.print(f"pytorchjob {name} in namespace {namespace}: deleted", highlight=False)
+
+
+@app.command("list")
+def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT) -> None:
+    """List barlow's PyTorchJobs in a namespace."""
+    from rich.table import Table
+
+    from barlow.launch import cluster
+
+    with _cluster_errors():
+        jobs = cluster.list_jobs(cluster.connect(context), namespace)
+    if not jobs:
+        console.print(f"no barlow pytorchjobs in namespace {namespace}", highlight=False)
+        return
+    table = Table("NAME", "KIND", "PHASE", "CREATED", "SPEC HASH", box=None, highlight=False)
+    for st in jobs:
+        table.add_row(st.name, st.kind, st.phase, st.created, st.spec_hash)
+    console.print(table)
