@@ -38,8 +38,11 @@ class Backbone(ResNet):
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"width: must be a positive integer (got {width!r})")
         block, layers, width_per_group = ARCHS[arch]
-        super().__init__(block, layers, zero_init_residual=True, width_per_group=width_per_group)
-        if (width, in_channels, small_images) != (64, 3, False):
+        if (width, in_channels, small_images) == (64, 3, False):
+            super().__init__(block, layers, zero_init_residual=True, width_per_group=width_per_group)
+        else:
+            with torch.device("meta"):  # every parameterised module is rebuilt below: skip allocating the defaults
+                super().__init__(block, layers, zero_init_residual=True, width_per_group=width_per_group)
             self._rebuild(block, layers, width, in_channels, small_images)
         self.fc = nn.Identity()
         self.arch = arch
