@@ -110,14 +110,14 @@ def submit(
         else:
             done = cluster.submit(api, spec, target.value, dry_run=dry_run)
     for s in done:
-        console.print(f"{s.what} [bold]{s.name}[/] in namespace {s.namespace}: {s.outcome}", highlight=False)
+        console.print(f"{s.what} [bold]{s.name}[/] in namespace {s.namespace}: {s.outcome}", highlight=False, soft_wrap=True)
     if not dry_run:
         console.print(f"watch it: barlow status {done[0].name} -n {done[0].namespace}   "
-                      f"(or kubectl -n {done[0].namespace} get pytorchjob {done[0].name})", highlight=False)
+                      f"(or kubectl -n {done[0].namespace} get pytorchjob {done[0].name})", highlight=False, soft_wrap=True)
 
 
 def _print_phase(st) -> None:
-    console.print(f"pytorchjob {st.name}: {st.phase}{' - ' + st.message if st.message else ''}", highlight=False)
+    console.print(f"pytorchjob {st.name}: {st.phase}{' - ' + st.message if st.message else ''}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -133,7 +133,7 @@ def status(name: str = typer.Argument(..., help="Job name (the run name)."), nam
                        ("message", st.message), ("replicas", replicas), ("created", st.created), ("started", st.started),
                        ("finished", st.finished), ("spec hash", st.spec_hash)]:
         if value:
-            console.print(f"{key + ':':<11}{value}", highlight=False)
+            console.print(f"{key + ':':<11}{value}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -180,7 +180,7 @@ def delete(name: str = typer.Argument(..., help="Job name (the run name)."), nam
 
     with _cluster_errors():
         cluster.delete(cluster.connect(context), name, namespace)
-    console.print(f"pytorchjob {name} in namespace {namespace}: deleted", highlight=False)
+    console.print(f"pytorchjob {name} in namespace {namespace}: deleted", highlight=False, soft_wrap=True)
 
 
 @app.command("list")
@@ -193,7 +193,7 @@ def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT) -> None:
     with _cluster_errors():
         jobs = cluster.list_jobs(cluster.connect(context), namespace)
     if not jobs:
-        console.print(f"no barlow pytorchjobs in namespace {namespace}", highlight=False)
+        console.print(f"no barlow pytorchjobs in namespace {namespace}", highlight=False, soft_wrap=True)
         return
     table = Table("NAME", "KIND", "PHASE", "CREATED", "SPEC HASH", box=None, highlight=False)
     for st in jobs:

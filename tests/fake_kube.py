@@ -1,0 +1,227 @@
+"""A stand-in for the slice of the Kubernetes REST API that barlow's cluster commands use.
+
+A real HTTP server on 127.0.0.1 (http.server in a thread) that stores namespaced objects under /apis
+(PyTorchJobs, batch Jobs), lists pods and serves their logs under /api/v1, and answers errors the way
+kube-apiserver does: a Status body with reason and details (404 for an unknown object, a missing namespace or
+an API group that is not installed; 403 when forbidden; 409 when the name is taken). Every request is recorded.
+The kubernetes client reaches it through a kubeconfig written by `kubeconfig()`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+TOKEN = "fake-kube-token"  # a test-only bearer token the client sends from the kubeconfig
+USER = "alice"
+NAMESPACED = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
+                        r"(?:/(?P<name>[^/]+))?$")
+PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$")
+POD_LOG = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    headers: dict[str, str]  # names lower-cased
+
+
+@dataclass
+class FakeKube:
+    namespaces: set[str] = field(default_factory=lambda: {"barlow"})
+    crd: bool = True  # whether the kubeflow.org/v1 API (the PyTorchJob CRD) is installed
+    forbidden: bool = False  # every request answered 403, as for a user without RBAC
+    # (group/version, namespace, plural) -> name -> object
+    objects: dict[tuple[str, str, str], dict[str, dict]] = field(default_factory=dict)
+    pods: list[dict] = field(default_factory=list)
+    pod_logs: dict[tuple[str, str], str] = field(default_factory=dict)
+    phases: dict[str, list[str]] = field(default_factory=dict)  # job name -> conditions revealed one per GET
+    requests: list[Request] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self) -> FakeKube:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def kubeconfig(self, path: Path, extra_contexts: dict[str, str] | None = None, current: str = "fake") -> Path:
+        """A kubeconfig whose context `fake` points here; extra_contexts maps more context names to server URLs."""
+        servers = {"fake": self.url, **(extra_contexts or {})}
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": current,
+            "clusters": [{"name": n, "cluster": {"server": u}} for n, u in servers.items()],
+            "users": [{"name": USER, "user": {"token": TOKEN}}],
+            "contexts": [{"name": n, "context": {"cluster": n, "user": USER}} for n in servers],
+        }))
+        return path
+
+    # -- what tests look at and set up -------------------------------------------------------------
+
+    def calls(self, method: str | None = None, prefix: str = "") -> list[Request]:
+        return [r for r in self.requests if (method is None or r.method == method) and r.path.startswith(prefix)]
+
+    def stored(self, plural: str = "pytorchjobs", ns: str = "barlow", group: str = "kubeflow.org/v1") -> dict[str, dict]:
+        return self.objects.get((group, ns, plural), {})
+
+    def add_pod(self, ns: str, name: str, labels: dict[str, str], log: str, created: str = "2026-01-01T00:00:00Z") -> None:
+        self.pods.append({"metadata": {"name": name, "namespace": ns, "labels": labels, "creationTimestamp": created,
+                                       "uid": str(uuid.uuid4())}, "status": {"phase": "Running"}})
+        self.pod_logs[(ns, name)] = log
+
+    def set_conditions(self, name: str, ns: str, *types: str, message: str = "") -> None:
+        obj = self.stored(ns=ns)[name]
+        obj["status"] = _status(types, message)
+
+
+def _status(types: tuple[str, ...] | list[str], message: str = "") -> dict:
+    conds = [{"type": t, "status": "True" if i == len(types) - 1 else "False", "reason": f"PyTorchJob{t}",
+              "message": message if i == len(types) - 1 else ""} for i, t in enumerate(types)]
+    return {"conditions": conds, "replicaStatuses": {"Master": {"active": 1}}, "startTime": "2026-01-01T00:00:00Z"}
+
+
+def _status_body(code: int, reason: str, message: str, details: dict | None = None) -> dict:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "details": details or {}, "code": code}
+
+
+def _match_labels(obj: dict, selector: str | None) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    pairs = [p.split("=", 1) for p in (selector or "").split(",") if p]
+    return all(labels.get(k) == v for k, v in pairs)
+
+
+def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _chunked(self, parts: list[str]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in parts:
+                data = part.encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+
+        def _handle(self, method: str) -> None:
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw else None
+            with fake._lock:
+                fake.requests.append(Request(method, url.path, query, body, {k.lower(): v for k, v in self.headers.items()}))
+                self._route(method, url.path.rstrip("/") or "/", query, body)
+
+        def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> None:
+            if fake.forbidden:
+                m = NAMESPACED.match(path)
+                resource = f"{m['plural']}.{m['group']}" if m else "pods"
+                ns = m["ns"] if m else ""
+                verb = {"POST": "create", "DELETE": "delete"}.get(method, "get")
+                return self._send(403, _status_body(403, "Forbidden", f'{resource} is forbidden: User "{USER}" cannot {verb} '
+                                                    f'resource "{resource.split(".")[0]}" in the namespace "{ns}"'))
+            if path.startswith("/apis/kubeflow.org") and not fake.crd:
+                return self._send(404, _status_body(404, "NotFound", "the server could not find the requested resource"))
+            if path == "/apis/kubeflow.org/v1" and method == "GET":
+                return self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubeflow.org/v1",
+                                        "resources": [{"name": "pytorchjobs", "singularName": "pytorchjob", "namespaced": True,
+                                                       "kind": "PyTorchJob", "verbs": ["create", "delete", "get", "list"]}]})
+            if m := NAMESPACED.match(path):
+                return self._objects(method, f"{m['group']}/{m['version']}", m["ns"], m["plural"], m["name"], query, body)
+            if (m := PODS.match(path)) and method == "GET":
+                items = [p for p in fake.pods
+                         if p["metadata"]["namespace"] == m["ns"] and _match_labels(p, query.get("labelSelector"))]
+                return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+            if (m := POD_LOG.match(path)) and method == "GET":
+                log = fake.pod_logs.get((m["ns"], m["name"]))
+                if log is None:
+                    missing = _status_body(404, "NotFound", f'pods "{m["name"]}" not found', {"name": m["name"], "kind": "pods"})
+                    return self._send(404, missing)
+                if query.get("follow", "").lower() == "true":  # the python client sends True/False
+                    return self._chunked(log.splitlines(keepends=True))
+                return self._send(200, log, "text/plain")
+            return self._send(404, "404 page not found", "text/plain")
+
+        def _objects(self, method: str, gv: str, ns: str, plural: str, name: str | None, query: dict, body: Any) -> None:
+            store = fake.objects.setdefault((gv, ns, plural), {})
+            group = gv.split("/")[0]
+            not_found = _status_body(404, "NotFound", f'{plural}.{group} "{name}" not found',
+                                     {"name": name, "group": group, "kind": plural})
+            if name is None and method == "POST":
+                if ns not in fake.namespaces:
+                    return self._send(404, _status_body(404, "NotFound", f'namespaces "{ns}" not found',
+                                                        {"name": ns, "kind": "namespaces"}))
+                new = body["metadata"]["name"]
+                if new in store:
+                    return self._send(409, _status_body(409, "AlreadyExists", f'{plural}.{group} "{new}" already exists',
+                                                        {"name": new, "group": group, "kind": plural}))
+                obj = json.loads(json.dumps(body))
+                obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp="2026-01-01T00:00:00Z", resourceVersion="1")
+                if query.get("dryRun") != "All":
+                    store[new] = obj
+                return self._send(201, obj)
+            if name is None and method == "GET":
+                items = [o for o in store.values() if _match_labels(o, query.get("labelSelector"))]
+                return self._send(200, {"kind": "List", "apiVersion": gv, "metadata": {}, "items": items})
+            if name not in store:
+                return self._send(404, not_found)
+            if method == "GET":
+                if fake.phases.get(name):  # reveal the next scripted phase on each read
+                    seen = fake.phases[name].pop(0)
+                    store[name]["status"] = _status(store[name].get("_seen", []) + [seen], message=f"job {seen.lower()}")
+                    store[name]["_seen"] = store[name].get("_seen", []) + [seen]
+                return self._send(200, {k: v for k, v in store[name].items() if k != "_seen"})
+            if method == "DELETE":
+                obj = store.pop(name)
+                return self._send(200, obj)
+            return self._send(405, _status_body(405, "MethodNotAllowed", f"{method} not supported here"))
+
+        def do_GET(self) -> None:
+            self._handle("GET")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+        def do_DELETE(self) -> None:
+            self._handle("DELETE")
+
+    return Handler
