@@ -20,6 +20,10 @@ test: $(STAMP)  ## the whole suite, slow end-to-end tests included
 test-fast: $(STAMP)  ## everything but the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
+demo: $(STAMP)  ## the README's first command: demo images, pretrain, linear eval, on the CPU in minutes
+	$(BIN)/barlow data demo data/demo
+	$(BIN)/barlow run pipeline examples/quickstart.yaml
+
 lint: $(STAMP)
 	$(BIN)/ruff check barlow tests bench cli.py
 
