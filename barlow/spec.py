@@ -268,7 +268,7 @@ class ClusterSpec(Section):
                 raise ValueError(f"item {i}: operator must be Equal or Exists")
             if t.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
                 raise ValueError(f"item {i}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
-        return v
+        return [dict(sorted(t.items())) for t in v]  # one key order, so the resolved spec prints the same every time
 
     @field_validator("namespace", "service_account", "s3_secret", "priority_class")
     @classmethod

@@ -1,0 +1,360 @@
+"""Rendering specs as PyTorchJobs: golden YAML, the real CRD schema, the operator's admission rules, the world that
+torchrun builds from the operator's environment, the spec the pod receives, and no secrets anywhere.
+
+Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_kubernetes.py
+(then read the diff before committing it).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from barlow.cli import app
+from barlow.launch.kubernetes import COMMAND, PORT_NAME, SPEC_ENV, build_pytorchjob, job_name, render, to_dict, to_yaml
+from barlow.spec import DNS_1035, RunSpec, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+K8S_VERSION = kubernetes_validate.latest_version()
+
+DATA = {"train": "s3://datasets/imagenet/train-index.json", "val": "s3://datasets/imagenet/val-index.json", "format": "shards",
+        "s3": {"endpoint_url": "http://minio.storage:9000", "addressing_style": "path"}}
+SPECS = {
+    "pretrain-1node-cpu": {
+        "kind": "pretrain", "name": "digits-cpu",
+        "data": {"train": "s3://datasets/digits/train", "val": "s3://datasets/digits/val", "image_size": 32, "workers": 1},
+        "model": {"arch": "resnet18", "small_images": True, "width": 16, "projector": "1024-1024-1024"},
+        "optim": {"epochs": 25, "batch_size": 128, "warmup_epochs": 2},
+        "runtime": {"nproc_per_node": 2, "device": "cpu"},
+        "output": {"url": "s3://runs/digits-cpu"},
+        "cluster": {"image": "registry.example.com/barlow:0.1.0", "cpu": "4", "memory": "8Gi", "shm_size": "1Gi"},
+    },
+    "pretrain-4x8gpu": {
+        "kind": "pretrain", "name": "imagenet-r50",
+        "data": DATA,
+        "optim": {"epochs": 300, "batch_size": 2048},
+        "runtime": {"nodes": 4, "nproc_per_node": 8, "device": "cuda", "precision": "bf16"},
+        "output": {"url": "s3://runs/imagenet-r50", "checkpoint_every": 1000},
+        "cluster": {
+            "image": "registry.example.com/barlow@sha256:" + "0" * 64, "image_pull_policy": "Always", "namespace": "vision",
+            "gpus_per_node": 8, "cpu": "64", "memory": "480Gi", "shm_size": "64Gi",
+            "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "priority_class": "training-high", "backoff_limit": 10, "active_deadline_seconds": 604800,
+            "clean_pod_policy": "Running", "termination_grace_seconds": 300,
+        },
+    },
+    "eval": {
+        "kind": "eval", "name": "imagenet-r50-linear",
+        "data": DATA,
+        "runtime": {"nproc_per_node": 1, "device": "cuda"},
+        "eval": {"checkpoint": "s3://runs/imagenet-r50", "epochs": 100, "batch_size": 256},
+        "output": {"url": "s3://runs/imagenet-r50/eval"},
+        "cluster": {"namespace": "vision", "gpus_per_node": 1, "cpu": "16", "memory": "64Gi", "shm_size": "8Gi",
+                    "s3_secret": None},
+    },
+}
+GOLDENS = {  # golden file -> (spec, what barlow render is asked for)
+    "pretrain-1node-cpu": ("pretrain-1node-cpu", "pretrain"),
+    "pretrain-4x8gpu": ("pretrain-4x8gpu", "pretrain"),
+    "eval": ("eval", "eval"),
+    "pipeline-1node-cpu": ("pretrain-1node-cpu", "pipeline"),
+}
+
+
+def spec(key: str):
+    return parse_spec(copy.deepcopy(SPECS[key]))
+
+
+def all_rendered() -> list[tuple[str, RunSpec, dict]]:
+    """(id, spec, PyTorchJob) for every job rendered from SPECS, the pipelines' derived evals included."""
+    out = []
+    for key in SPECS:
+        s = spec(key)
+        out.append((key, s, render(s)[0]))
+        if s.kind == "pretrain":
+            out.append((f"{key}/eval", s.eval_spec(), render(s, "eval")[0]))
+    return out
+
+
+RENDERED = all_rendered()
+IDS = [r[0] for r in RENDERED]
+
+
+@pytest.mark.parametrize("golden", list(GOLDENS))
+def test_render_matches_golden(golden):
+    key, what = GOLDENS[golden]
+    text = to_yaml(render(spec(key), what))
+    path = GOLDEN / f"{golden}.yaml"
+    if os.environ.get("BARLOW_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with BARLOW_UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), f"{path.name} differs: if intended, regenerate with BARLOW_UPDATE_GOLDEN=1"
+
+
+def test_cli_render_prints_the_golden(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(SPECS["pretrain-4x8gpu"]))
+    result = CliRunner().invoke(app, ["render", "pretrain", str(path)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == (GOLDEN / "pretrain-4x8gpu.yaml").read_text()
+    derived = CliRunner().invoke(app, ["render", "eval", str(path)])  # a pretrain spec's eval: its follow-up
+    assert derived.exit_code == 0
+    assert yaml.safe_load(derived.stdout)["metadata"]["name"] == "imagenet-r50-eval"
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields rejected (the API server silently prunes them: a typo would vanish)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    return [_strict(v) for v in schema] if isinstance(schema, list) else schema
+
+
+@pytest.fixture(scope="module")
+def crd_validator():
+    if not CRD.exists():
+        pytest.skip(f"CRD schema not found at {CRD} (the shared/schemas folder beside the project): schema check skipped")
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+@pytest.mark.parametrize("key, s, job", RENDERED, ids=IDS)
+def test_rendered_job_validates_against_the_crd_schema(crd_validator, key, s, job):
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator.iter_errors(job)]
+    assert errors == []
+
+
+def test_the_strict_crd_schema_catches_a_typo(crd_validator):
+    job = copy.deepcopy(RENDERED[0][2])
+    job["spec"]["nprocPerNod"] = "2"
+    job["spec"]["runPolicy"]["backoffLimit"] = "3"
+    messages = sorted(e.message for e in crd_validator.iter_errors(job))
+    assert any("nprocPerNod" in m for m in messages) and any("'3' is not of type 'integer'" in m for m in messages)
+
+
+def admission_problems(job: dict) -> list[str]:
+    """The training operator's (v1.9) validating-webhook rules for a PyTorchJob."""
+    problems, name = [], job["metadata"]["name"]
+    if not DNS_1035.match(name) or len(name) > 63:
+        problems.append(f"metadata.name {name!r} is not a DNS-1035 label")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    problems += [f"replica type {t} is not Master or Worker" for t in specs if t not in ("Master", "Worker")]
+    if "Master" in specs and specs["Master"].get("replicas", 1) != 1:
+        problems.append("Master must have exactly 1 replica")
+    if "Worker" in specs and specs["Worker"].get("replicas", 1) < 1:
+        problems.append("Worker must have at least 1 replica")
+    for rtype, rs in specs.items():
+        containers = rs["template"]["spec"].get("containers") or []
+        if not any(c["name"] == "pytorch" for c in containers):
+            problems.append(f"{rtype}: no container named pytorch")
+        problems += [f"{rtype}: container {c['name']} has no image" for c in containers if not c.get("image")]
+    nproc = job["spec"].get("nprocPerNode", "auto")
+    if not str(nproc).isdigit():
+        problems.append(f"nprocPerNode {nproc!r} is not a number of processes")
+    return problems
+
+
+@pytest.mark.parametrize("key, s, job", RENDERED, ids=IDS)
+def test_rendered_job_passes_the_operators_admission_rules(key, s, job):
+    assert admission_problems(job) == []
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1
+    assert specs.get("Worker", {}).get("replicas", 0) == s.runtime.nodes - 1
+    assert ("Worker" in specs) == (s.runtime.nodes > 1)
+    assert {rs["restartPolicy"] for rs in specs.values()} == {"ExitCode"}
+
+
+@pytest.mark.parametrize("break_it, problem", [
+    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2), "Master must have exactly 1 replica"),
+    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"].update(replicas=0), "Worker must have at least 1 replica"),
+    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].update(name="main"),
+     "Master: no container named pytorch"),
+    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0].update(image=""),
+     "Worker: container pytorch has no image"),
+    (lambda j: j["spec"].update(nprocPerNode="auto"), "nprocPerNode 'auto' is not a number of processes"),
+])
+def test_admission_check_catches_broken_jobs(break_it, problem):
+    job = copy.deepcopy(render(spec("pretrain-4x8gpu"))[0])
+    break_it(job)
+    assert problem in admission_problems(job)
+
+
+@pytest.mark.parametrize("key, s, job", RENDERED, ids=IDS)
+def test_pod_templates_validate_as_kubernetes_pod_templates(key, s, job):
+    for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items():
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{key.replace('/', '-')}-{rtype.lower()}"},
+                    "template": rs["template"]}
+        kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+
+
+def test_follow_up_job_validates_as_a_kubernetes_job():
+    follow = render(spec("pretrain-4x8gpu"), "pipeline")[1]
+    kubernetes_validate.validate(follow, K8S_VERSION, strict=True)
+    container = follow["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["barlow", "submit", "eval", "--after", "imagenet-r50", "--poll", "30"]
+    carried = parse_spec(yaml.safe_load(next(e["value"] for e in container["env"] if e["name"] == SPEC_ENV)))
+    assert carried == spec("pretrain-4x8gpu").eval_spec()
+
+
+def _operator_env(job: dict, rtype: str, index: int) -> dict[str, str]:
+    """The variables the training operator (v1.9, pkg/controller.v1/pytorch/envvar.go and master.go) adds to a pod."""
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    total = sum(rs["replicas"] for rs in specs.values())
+    master = specs["Master"]["template"]["spec"]["containers"][0]
+    port = next(p["containerPort"] for p in master["ports"] if p["name"] == PORT_NAME)
+    node_rank = index + 1 if rtype == "Worker" else index
+    addr = f"{job['metadata']['name']}-master-0"
+    return {"PYTHONUNBUFFERED": "1", "MASTER_PORT": str(port), "MASTER_ADDR": addr, "PET_MASTER_PORT": str(port),
+            "PET_MASTER_ADDR": addr, "WORLD_SIZE": str(total * int(job["spec"]["nprocPerNode"])), "RANK": str(node_rank),
+            "PET_NNODES": str(total), "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"], "PET_NODE_RANK": str(node_rank)}
+
+
+def _torchrun_world(argv: list[str], env: dict[str, str], monkeypatch) -> tuple[int, list[int]]:
+    """(world size, global ranks of this node) as torch's own launcher computes them from argv and PET_* variables."""
+    from torch.distributed.run import config_from_args, parse_args
+
+    with monkeypatch.context() as m:
+        for k in [k for k in os.environ if k.startswith("PET_")]:
+            m.delenv(k)
+        m.setenv("OMP_NUM_THREADS", "1")  # else the launcher sets it in this process
+        for k, v in env.items():
+            m.setenv(k, v)
+        config, _, _ = config_from_args(parse_args(argv))
+        node_rank = config.rdzv_configs.get("rank", 0)
+    assert config.min_nodes == config.max_nodes  # a fixed-size job, never elastic
+    nproc = config.nproc_per_node
+    return config.max_nodes * nproc, [node_rank * nproc + local for local in range(nproc)]
+
+
+@pytest.mark.parametrize("key, s, job", RENDERED, ids=IDS)
+def test_torchrun_in_the_pods_builds_the_world_the_spec_asks_for(key, s, job, monkeypatch):
+    world, ranks = None, []
+    for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items():
+        container = rs["template"]["spec"]["containers"][0]
+        assert container["command"][:3] == ["python", "-m", "barlow.torchrun"]
+        own = {e["name"]: e["value"] for e in container["env"]}
+        assert not [k for k in own if k.startswith("PET_")], "the operator owns PET_*; the pod must not override them"
+        for index in range(rs["replicas"]):
+            w, r = _torchrun_world(container["command"][3:], {**own, **_operator_env(job, rtype, index)}, monkeypatch)
+            assert world in (None, w)
+            world, ranks = w, ranks + r
+    assert world == s.runtime.world_size
+    assert sorted(ranks) == list(range(s.runtime.world_size))
+    if s.runtime.nodes == 1:  # the same processes `barlow run` starts on this machine
+        from barlow.launch.local import torchrun_command
+
+        local_cmd = torchrun_command(s.runtime.nproc_per_node)
+        assert local_cmd[1:3] == ["-m", "barlow.torchrun"]
+        assert _torchrun_world(local_cmd[3:], {}, monkeypatch) == (world, sorted(ranks))
+
+
+def test_pod_command_modules_exist():
+    assert COMMAND[:3] == ["python", "-m", "barlow.torchrun"] and COMMAND[-2:] == ["-m", "barlow.entrypoint"]
+    assert importlib.util.find_spec("barlow.torchrun") and importlib.util.find_spec("barlow.entrypoint")
+
+
+@pytest.mark.parametrize("key, s, job", RENDERED, ids=IDS)
+def test_the_pod_receives_the_resolved_spec_and_it_validates(key, s, job):
+    for rs in job["spec"]["pytorchReplicaSpecs"].values():
+        env = {e["name"]: e["value"] for e in rs["template"]["spec"]["containers"][0]["env"]}
+        assert parse_spec(yaml.safe_load(env[SPEC_ENV]), SPEC_ENV) == s
+
+
+@pytest.mark.parametrize("key, s, job", RENDERED, ids=IDS)
+def test_job_resources_policy_and_identity_come_from_the_spec(key, s, job):
+    c = s.cluster
+    assert job["metadata"]["name"] == job_name(s) == s.name and job["metadata"]["namespace"] == c.namespace
+    assert job["metadata"]["labels"]["barlow.dev/spec-hash"] == s.spec_hash()
+    assert job["spec"]["nprocPerNode"] == str(s.runtime.nproc_per_node)
+    assert job["spec"]["runPolicy"] == {k: v for k, v in {
+        "backoffLimit": c.backoff_limit, "ttlSecondsAfterFinished": c.ttl_seconds_after_finished,
+        "activeDeadlineSeconds": c.active_deadline_seconds, "cleanPodPolicy": c.clean_pod_policy}.items() if v is not None}
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (container,) = pod["containers"]
+    want = {"cpu": c.cpu, "memory": c.memory, **({"nvidia.com/gpu": str(c.gpus_per_node)} if c.gpus_per_node else {})}
+    assert container["resources"] == {"requests": want, "limits": want}
+    assert (container["image"], container["imagePullPolicy"]) == (c.image, c.image_pull_policy)
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": c.shm_size}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert pod.get("nodeSelector", {}) == c.node_selector and pod.get("tolerations", []) == c.tolerations
+    assert pod.get("priorityClassName") == c.priority_class and pod["serviceAccountName"] == c.service_account
+    assert pod["terminationGracePeriodSeconds"] == c.termination_grace_seconds
+
+
+@pytest.mark.parametrize("name", ["a", "run-1", "x" * 50])
+def test_job_names_leave_room_for_pod_names(name):
+    s = parse_spec({**SPECS["pretrain-4x8gpu"], "name": name, "optim": {"batch_size": 8192, "epochs": 10, "warmup_epochs": 1},
+                    "runtime": {"nodes": 1024, "nproc_per_node": 8, "device": "cuda"}})
+    job = to_dict(build_pytorchjob(s))
+    assert DNS_1035.match(job["metadata"]["name"])
+    assert len(f"{job['metadata']['name']}-worker-{s.runtime.nodes - 2}") <= 63
+
+
+SECRET = "sentinel-secret-value-never-rendered"
+
+
+@pytest.mark.parametrize("key", list(SPECS))
+def test_no_secret_value_appears_in_any_rendered_output(key, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(var, SECRET)
+    s = spec(key)
+    docs = render(s, "pipeline" if s.kind == "pretrain" else None)
+    assert SECRET not in to_yaml(docs)
+    for doc in docs:
+        templates = ([rs["template"] for rs in doc["spec"]["pytorchReplicaSpecs"].values()] if doc["kind"] == "PyTorchJob"
+                     else [doc["spec"]["template"]])
+        for t in templates:
+            for container in t["spec"]["containers"]:
+                assert {e["name"] for e in container["env"]} <= {SPEC_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+                if doc["kind"] == "PyTorchJob":  # credentials only by reference to the named Secret
+                    want = [{"secretRef": {"name": s.cluster.s3_secret}}] if s.cluster.s3_secret else None
+                    assert container.get("envFrom") == want
+
+
+def test_rendering_does_not_import_torch(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(SPECS["pretrain-4x8gpu"]))
+    code = ("import sys; from typer.testing import CliRunner; from barlow.cli import app; "
+            f"r = CliRunner().invoke(app, ['render', 'pipeline', {str(path)!r}]); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["render", "pretrain", "EVAL"], "kind is 'eval'; `pretrain` needs a pretrain spec"),
+    (["render", "pipeline", "EVAL"], "kind is 'eval'; `pipeline` needs a pretrain spec"),
+])
+def test_render_refuses_a_mismatched_kind(tmp_path, args, message):
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(SPECS["eval"]))
+    result = CliRunner().invoke(app, [str(path) if a == "EVAL" else a for a in args])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_a_pipeline_whose_eval_cannot_run_is_refused_before_rendering(tmp_path):
+    path = tmp_path / "spec.yaml"
+    no_val = {**SPECS["pretrain-1node-cpu"], "data": {"train": "s3://datasets/digits/train"}}
+    path.write_text(yaml.safe_dump(no_val))
+    result = CliRunner().invoke(app, ["render", "pipeline", str(path)])
+    assert result.exit_code == 2
+    assert "error: the follow-up eval: data.val: an eval needs validation images" in result.stderr
