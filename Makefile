@@ -26,6 +26,10 @@ demo: $(STAMP)  ## the README's first command: demo images, pretrain, linear eva
 
 lint: $(STAMP)
 	$(BIN)/ruff check barlow tests bench cli.py
+	$(BIN)/hadolint docker/Dockerfile
+
+image:  ## the training image with docker, podman or buildah (IMAGE=..., BASE_IMAGE=... to override)
+	docker/build.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -198,6 +198,7 @@ def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
                     containers=[container],
                     restart_policy="Never",  # podFailurePolicy requires it
                     service_account_name=c.service_account,
+                    automount_service_account_token=True,  # it calls the API; k8s/base turns the default off
                     priority_class_name=c.priority_class,
                     security_context=pod_security,
                 ),
