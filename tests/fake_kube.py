@@ -48,6 +48,7 @@ class FakeKube:
     pods: list[dict] = field(default_factory=list)
     pod_logs: dict[tuple[str, str], str] = field(default_factory=dict)
     phases: dict[str, list[str]] = field(default_factory=dict)  # job name -> conditions revealed one per GET
+    drops: list[bool] = field(default_factory=list)  # per coming object GET: True hangs up without answering
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -205,6 +206,9 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             if name not in store:
                 return self._send(404, not_found)
             if method == "GET":
+                if fake.drops and fake.drops.pop(0):  # as an API server restarting mid-request
+                    self.close_connection = True
+                    return None
                 if fake.phases.get(name):  # reveal the next scripted phase on each read
                     seen = fake.phases[name].pop(0)
                     store[name]["status"] = _status(store[name].get("_seen", []) + [seen], message=f"job {seen.lower()}")

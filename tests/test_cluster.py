@@ -180,6 +180,25 @@ def test_wait_reports_each_phase_and_exits_by_outcome(kube, spec_file, final, co
         assert one_error_line(result) == "error: pytorchjob demo failed: job failed"
 
 
+def test_wait_rides_out_an_api_server_that_stops_answering(kube, spec_file):
+    assert barlow("submit", "pretrain", spec_file).exit_code == 0
+    kube.phases["demo"] = ["Running", "Succeeded"]
+    kube.drops = [False] + [True] * 8  # after the first answer, two polls' worth of hang-ups (the client retries each 3x)
+    result = barlow("wait", "demo", "--poll", "0.01")
+    assert result.exit_code == 0, result.stderr
+    assert [line.split()[2] for line in result.stdout.splitlines()] == ["Running", "Succeeded"]
+    assert kube.drops == []
+
+
+def test_wait_gives_up_when_the_api_server_never_answered(kube, spec_file):
+    assert barlow("submit", "pretrain", spec_file).exit_code == 0
+    kube.drops = [True] * 4  # one request and the client's 3 retries
+    result = barlow("wait", "demo", "--poll", "0.01")
+    assert result.exit_code == 3
+    assert one_error_line(result).startswith(f"error: cannot reach the Kubernetes API at {kube.url}: ")
+    assert kube.drops == []
+
+
 def test_wait_times_out_with_the_last_phase(kube, spec_file):
     assert barlow("submit", "pretrain", spec_file).exit_code == 0
     kube.set_conditions("demo", "barlow", "Created", "Running")
@@ -295,7 +314,7 @@ def test_context_option_picks_the_cluster(tmp_path, monkeypatch, spec_file):
     with FakeKube() as fake:
         monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kc", {"dead": dead}, current="dead")))
         unreachable = barlow("status", "demo")
-        assert unreachable.exit_code == 1
+        assert unreachable.exit_code == 3  # retryable, unlike 1
         assert one_error_line(unreachable).startswith(f"error: cannot reach the Kubernetes API at {dead}: ")
         assert barlow("submit", "pretrain", spec_file, "--context", "fake").exit_code == 0
         assert list(fake.stored()) == ["demo"]

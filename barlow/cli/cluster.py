@@ -15,6 +15,7 @@ from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, parse
 
 SPEC_ENV = "BARLOW_SPEC"  # how the pipeline's follow-up Job hands the eval spec to `barlow submit eval`
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
+EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 
 
 class Target(StrEnum):
@@ -31,10 +32,12 @@ NAMESPACE = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", envvar="BARLOW_
 
 @contextmanager
 def _cluster_errors() -> Iterator[None]:
-    from barlow.launch.cluster import ClusterError
+    from barlow.launch.cluster import ClusterError, ClusterUnreachable
 
     try:
         yield
+    except ClusterUnreachable as e:
+        raise fail(str(e), EXIT_UNREACHABLE) from None
     except ClusterError as e:
         raise fail(str(e)) from None
     except SpecError as e:

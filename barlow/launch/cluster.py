@@ -274,13 +274,16 @@ def status(api: client.ApiClient, name: str, namespace: str) -> JobStatus:
 
 def wait(api: client.ApiClient, name: str, namespace: str, timeout: float | None = None, poll: float = 10.0,
          on_change: Callable[[JobStatus], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> JobStatus:
-    """Poll until the job succeeds or fails; returns its last status. Unreachable API servers are retried."""
+    """Poll until the job succeeds or fails; returns its last status. Once the API server has answered, later
+    connection failures are retried rather than ending the wait."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
     while True:
         try:
             st = status(api, name, namespace)
         except ClusterUnreachable:
+            if last is None:  # never reached it: a wrong kubeconfig, not a blip
+                raise
             st = None  # API server restarts and network blips must not end a days-long wait
         if st is not None and (last is None or (st.phase, st.message) != (last.phase, last.message)):
             if on_change:
