@@ -333,3 +333,12 @@ def test_target_and_spec_kind_must_agree_before_any_request(kube, tmp_path, targ
     result = barlow("submit", target, path)
     assert result.exit_code == 2 and message in one_error_line(result)
     assert kube.requests == []
+
+
+def test_a_pipeline_whose_eval_cannot_run_is_refused_before_any_post(kube, tmp_path):
+    path = tmp_path / "no-val.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, "data": {"train": "s3://bucket/train"}}))
+    result = barlow("submit", "pipeline", path)
+    assert result.exit_code == 2
+    assert one_error_line(result) == "error: the follow-up eval: data.val: an eval needs validation images"
+    assert kube.requests == []
