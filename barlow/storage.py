@@ -1,43 +1,127 @@
-"""fsspec helpers: one way to reach a local path or an s3:// URL, and the commit-marker rule.
+"""fsspec helpers: one way to reach a local path or an s3:// URL, retries, and the commit-marker rule.
 
 A thing (a checkpoint, a shard set, an export) counts as present only once its marker exists, and the
 marker is always written last: on S3 a rename is copy + delete, so "write then rename" is not atomic there.
+Every remote call is retried with exponential backoff and jitter on throttling (503 SlowDown) and on
+transient errors (connection refused or reset, timeouts, 500s); "not found" and "forbidden" fail at once.
 Imports nothing of barlow.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import logging
+import os
 import posixpath
-from typing import Any
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 COMMIT_MARKER = "_COMPLETE"
+log = logging.getLogger("barlow.storage")
+T = TypeVar("T")
 
 _s3_options: dict[str, Any] = {}
+_retry = {"attempts": 10, "base": 0.25, "cap": 8.0}  # attempts come from the spec's s3.retries
+# errno values s3fs and the OS give to errors that go away by themselves (EBUSY: 503 SlowDown / ServiceUnavailable)
+_TRANSIENT_ERRNO = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET,
+                    errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
+                    "Throttling", "ThrottlingException", "TooManyRequests", "500", "502", "503", "504"}
 
 
 def configure_s3(endpoint_url: str | None = None, region: str | None = None, addressing_style: str = "auto",
                  retries: int = 10) -> None:
-    """Set how s3:// URLs are reached (credentials come from the environment, never from here)."""
+    """Set how s3:// URLs are reached (credentials come from the environment, never from here).
+
+    `retries` is the number of attempts of each storage call; botocore's adaptive mode adds its own
+    client-side rate limiting on throttling responses underneath (a few quick attempts per call).
+    """
     client_kwargs: dict[str, Any] = {}
     if endpoint_url:
         client_kwargs["endpoint_url"] = endpoint_url
     if region:
         client_kwargs["region_name"] = region
-    config: dict[str, Any] = {"retries": {"max_attempts": max(retries, 1), "mode": "adaptive"}}
+    config: dict[str, Any] = {"retries": {"max_attempts": 3, "mode": "adaptive"}, "connect_timeout": 5, "read_timeout": 30}
     if addressing_style != "auto":
         config["s3"] = {"addressing_style": addressing_style}
     _s3_options.clear()
-    _s3_options.update(client_kwargs=client_kwargs, config_kwargs=config, retries=max(retries, 1))
+    _s3_options.update(client_kwargs=client_kwargs, config_kwargs=config)
+    _retry["attempts"] = max(retries, 1)
     fsspec.config.conf.pop("s3", None)
+
+
+def s3_settings() -> tuple[dict[str, Any], int]:
+    """The current S3 options and attempts, to hand to a worker process that must call configure_s3 again."""
+    return dict(_s3_options), _retry["attempts"]
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a URL or local path."""
-    options = _s3_options if url.startswith(("s3://", "s3a://")) else {}
-    return url_to_fs(url, **options)
+    if not url.startswith(("s3://", "s3a://")):
+        return url_to_fs(url)
+    fs, path = url_to_fs(url, **_s3_options)
+    fs.retries = 1  # s3fs's own retry loop off: `retry()` below is the one outer loop, with the spec's attempts
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error from a storage call is worth another attempt (throttling, network, 5xx)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return True
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    if code in _TRANSIENT_CODES:
+        return True
+    names = {c.__name__ for c in type(exc).__mro__}
+    # botocore's network errors, aiohttp's, and fsspec's timeout, by name so this module needs neither installed
+    if names & {"HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError", "ClientConnectionError",
+                "ClientPayloadError", "ServerDisconnectedError", "ClientOSError", "FSTimeoutError", "IncompleteRead"}:
+        return True
+    text = str(exc)
+    return any(s in text for s in ("SlowDown", "reduce your request rate", "Service Unavailable", "ServiceUnavailable"))
+
+
+def retry(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+    """fn(*args, **kwargs), again after a growing, jittered pause while it fails with a transient error."""
+    attempts = _retry["attempts"]
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == attempts or not is_transient(e):
+                raise
+            pause = min(_retry["cap"], _retry["base"] * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.warning("%s: %s (attempt %d of %d, again in %.1fs)", what, type(e).__name__, attempt, attempts, pause)
+            _invalidate(what)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _invalidate(url: str) -> None:
+    """Forget cached listings so a retry sees the store as it is now."""
+    try:
+        fs, _ = filesystem(url)
+        fs.invalidate_cache()
+    except Exception:  # a cache we cannot clear only costs freshness
+        pass
 
 
 def join(url: str, *parts: str) -> str:
@@ -47,49 +131,103 @@ def join(url: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return retry(fs.exists, path, what=url)
+
+
+def size(url: str) -> int:
+    """Size of a file in bytes; FileNotFoundError when missing."""
+    fs, path = filesystem(url)
+    return int(retry(fs.size, path, what=url))
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return retry(fs.cat_file, path, what=url)
+
+
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file (one ranged GET on S3)."""
+    fs, path = filesystem(url)
+    return retry(fs.cat_file, path, start=start, end=end, what=url)
+
+
+def _makedirs_for(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    parent = posixpath.dirname(path)
+    if parent and "file" in _protocols(fs):  # object stores have no folders to make
+        fs.makedirs(parent, exist_ok=True)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole file; readers see the old file or the new one, never a part (S3 PUT, local rename)."""
+    def put() -> None:
+        with open_atomic(url) as f:
+            f.write(data)
+    retry(put, what=url)
+
+
+@contextmanager
+def open_atomic(url: str) -> Iterator[IO[bytes]]:
+    """A binary file to write that appears at `url` only when the block ends without an error.
+
+    Local: a temporary name beside it, renamed on success. Object stores: the upload completes on close
+    and is aborted on error, so a crash never leaves a half-written object under the final name.
+    """
     fs, path = filesystem(url)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
-def read_text(url: str) -> str:
-    return read_bytes(url).decode()
+    _makedirs_for(fs, path)
+    if "file" in _protocols(fs):
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        f.discard()  # aborts a multipart upload; the object never appears
+        f.closed = True  # so that garbage collection cannot complete the upload
+        raise
+    f.close()
 
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode())
 
 
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
+
+
 def list_names(url: str) -> list[str]:
     """Names directly under a folder URL (empty when it does not exist)."""
     fs, path = filesystem(url)
-    try:
-        entries = fs.ls(path, detail=False, refresh=True) if fs.exists(path) else []
-    except FileNotFoundError:
-        return []
-    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def ls() -> list[str]:
+        try:
+            return fs.ls(path, detail=False, refresh=True) if fs.exists(path) else []
+        except FileNotFoundError:
+            return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in retry(ls, what=url))
 
 
 def remove(url: str) -> None:
     """Delete a file or a folder and everything under it; missing is fine."""
     fs, path = filesystem(url)
-    try:
-        fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass
+
+    def rm() -> None:
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+    retry(rm, what=url)
 
 
 def commit(folder_url: str) -> None:
@@ -99,3 +237,64 @@ def commit(folder_url: str) -> None:
 
 def is_complete(folder_url: str) -> bool:
     return exists(join(folder_url, COMMIT_MARKER))
+
+
+class RangeReader(io.RawIOBase):
+    """A sequential, read-only view of a remote file fetched in large ranged GETs, each retried on its own.
+
+    A dropped connection or a server restart mid-file costs one chunk's retry, not the whole file; the next
+    chunk is fetched in a background thread while the caller works on the current one.
+    """
+
+    def __init__(self, url: str, chunk_size: int = 8 << 20, file_size: int | None = None):
+        super().__init__()
+        self.url = url
+        self.chunk_size = chunk_size
+        self.file_size = size(url) if file_size is None else file_size
+        self._pos = 0
+        self._buf = b""
+        self._buf_start = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._next: Future[bytes] | None = None
+        self._next_start = 0
+        self._lock = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fetch(self, start: int) -> Future[bytes]:
+        end = min(start + self.chunk_size, self.file_size)
+        return self._pool.submit(read_range, self.url, start, end)
+
+    def readinto(self, b: Any) -> int:
+        if self._pos >= self.file_size:
+            return 0
+        offset = self._pos - self._buf_start
+        if not 0 <= offset < len(self._buf):
+            with self._lock:
+                fut = self._next if self._next is not None and self._next_start == self._pos else self._fetch(self._pos)
+                self._buf, self._buf_start = fut.result(), self._pos
+                self._next = None
+                following = self._pos + len(self._buf)
+                if following < self.file_size:
+                    self._next, self._next_start = self._fetch(following), following
+            if not self._buf:
+                raise OSError(errno.EIO, f"{self.url}: no data at byte {self._pos} of {self.file_size}")
+            offset = 0
+        n = min(len(b), len(self._buf) - offset)
+        b[:n] = self._buf[offset:offset + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
+
+
+def open_read(url: str, chunk_size: int = 8 << 20) -> IO[bytes]:
+    """A buffered sequential reader: a plain file locally, a retrying RangeReader elsewhere."""
+    if is_local(url):
+        return open(filesystem(url)[1], "rb", buffering=1 << 20)
+    return io.BufferedReader(RangeReader(url, chunk_size), buffer_size=1 << 20)

@@ -27,3 +27,29 @@ def demo(
     except OSError as e:
         raise fail(f"{dst}: cannot write the demo set ({e})") from None
     console.print(f"wrote {counts['train']} train and {counts['val']} val images ({size} px, 10 classes) to {dst}")
+
+
+@data_app.command()
+def shard(
+    src: str = typer.Argument(..., help="Image folder in ImageNet layout (<class>/<image>): local path or s3://..."),
+    dst: str = typer.Argument(..., help="Folder for the shards and index.json: local path or s3://..."),
+    shard_size_mb: int = typer.Option(256, "--shard-size-mb", min=1, max=100_000, help="Largest shard, in MiB."),
+    workers: int = typer.Option(4, min=1, max=256, help="Shards written at the same time."),
+    seed: int = typer.Option(0, min=0, help="Seed of the image order (images are shuffled across shards)."),
+    endpoint_url: str = typer.Option(None, help="S3 endpoint for s3:// URLs (credentials come from the environment)."),
+    region: str = typer.Option(None, help="S3 region."),
+    addressing_style: str = typer.Option("auto", help="S3 addressing style: auto, virtual or path."),
+) -> None:
+    """Convert an image folder into tar shards + index.json (a rerun skips the shards already complete)."""
+    from barlow import storage
+    from barlow.data.shards import write_shards
+
+    if addressing_style not in ("auto", "virtual", "path"):
+        raise fail(f"--addressing-style: must be auto, virtual or path (got {addressing_style})", 2)
+    storage.configure_s3(endpoint_url, region, addressing_style)
+    try:
+        done = write_shards(src, dst, shard_size=shard_size_mb << 20, workers=workers, seed=seed)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise fail(str(e)) from None
+    console.print(f"{done['index']}: {done['samples']} images, {done['classes']} classes, {done['shards']} shards "
+                  f"({done['written']} written, {done['skipped']} already complete), {done['bytes'] / 2**20:.1f} MiB")

@@ -1,0 +1,300 @@
+"""Streaming reader of tar shards (local or s3://): deterministic epochs, equal steps per rank, exact resume.
+
+One epoch, as a plan computed from the index alone (no I/O):
+1. Shard order: the index order, or (shuffle) a permutation seeded by (seed, epoch).
+2. The shards' samples in that order form one sequence of N (the `subset_percent` subset: N counts only it).
+   Training (drop_last): the first S*B*W samples, S = N // (B*W), are cut into W contiguous rank ranges of
+   S*B; the last N - S*B*W samples of the sequence (a different tail each epoch) are not served this epoch.
+   Evaluation: N is cut into W contiguous ranges differing by at most one sample; the last batch may be short.
+3. A rank's batches j = 0..nb-1 go round-robin to its loader workers (j % workers); each worker reads one
+   contiguous part of the rank's range, so workers read different shards (ranges may split a shard: the
+   samples before a split point are read and dropped, never decoded).
+4. Shuffle (training): each worker emits its samples through a bounded buffer of data.shuffle_buffer samples
+   (fill, then emit a random slot and refill it; drain shuffled), seeded by (seed, epoch, rank, worker).
+   The order is computed on sample positions before reading, so a resume knows exactly what was served.
+5. Augmentations are seeded per batch by (seed, epoch, rank, batch), not by worker state.
+
+Resume at start_step k (the batches this rank consumed): every worker skips its batches j < k, replays its
+buffer order on positions (no decode), starts reading at the first sample still to be emitted, and the
+batches that follow are exactly those an uninterrupted epoch would have served next, in the same order
+(given the same seed, world size and workers).
+
+A corrupt image (on_corrupt=skip) is counted in the batch's n_corrupt and its slot is filled with another
+augmentation of an image of the same batch, so batches stay full and ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from barlow import storage
+from barlow.data.cropfirst import decoder
+from barlow.data.decode import CorruptImage
+from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
+from barlow.spec import DataSpec
+
+
+class MissingShard(FileNotFoundError):
+    """A shard the index lists is not there."""
+
+
+class ShardError(ValueError):
+    """A shard that does not match its index (truncated, rewritten, or not a shard)."""
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, the same in every process and Python version."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: int
+    start: int  # positions among the shard's (subset) samples, [start, stop)
+    stop: int
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    segments: tuple[Segment, ...]
+    batch_sizes: tuple[int, ...]  # this worker's batches in order
+    batch_ids: tuple[int, ...]  # their numbers on the rank (the j of the module doc)
+    skip: int  # batches already served before a resume
+    order_seed: int | None  # None: stream order (no shuffle buffer)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.stop - s.start for s in self.segments)
+
+
+def rank_range(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool) -> tuple[int, int, list[int]]:
+    """(start, stop, batch sizes) of one rank's contiguous share of an epoch's N samples."""
+    if drop_last:
+        steps = n // (batch_size * world_size)
+        per_rank = steps * batch_size
+        return rank * per_rank, (rank + 1) * per_rank, [batch_size] * steps
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    size = base + (rank < extra)
+    sizes = [batch_size] * (size // batch_size) + ([size % batch_size] if size % batch_size else [])
+    return start, start + size, sizes
+
+
+def epoch_plan(counts: list[int], *, batch_size: int, rank: int, world_size: int, workers: int, seed: int, epoch: int,
+               start_step: int = 0, shuffle: bool = True, drop_last: bool = True, shuffle_buffer: int = 0) -> list[WorkerPlan]:
+    """Every loader worker's part of one rank's epoch, from per-shard sample counts; see the module doc."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: must be in [0, {world_size}) (got {rank})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be positive (got {batch_size})")
+    order = list(range(len(counts)))
+    if shuffle:
+        random.Random(derive_seed("shards", seed, epoch)).shuffle(order)
+    lo, hi, sizes = rank_range(sum(counts), batch_size, rank, world_size, drop_last)
+    if start_step < 0 or start_step > len(sizes):
+        raise ValueError(f"start_step: must be in [0, {len(sizes)}] for this epoch (got {start_step})")
+    n_workers = max(1, workers)
+    plans, cursor = [], lo
+    for w in range(n_workers):
+        ids = tuple(range(w, len(sizes), n_workers))
+        mine = tuple(sizes[j] for j in ids)
+        end = cursor + sum(mine)
+        plans.append(WorkerPlan(_segments(counts, order, cursor, end), mine, ids, sum(j < start_step for j in ids),
+                                derive_seed("buffer", seed, epoch, rank, world_size, w, n_workers)
+                                if shuffle and shuffle_buffer > 1 else None))
+        cursor = end
+    assert cursor == hi
+    return plans
+
+
+def _segments(counts: list[int], order: list[int], lo: int, hi: int) -> tuple[Segment, ...]:
+    """The pieces of shards covering positions [lo, hi) of the sequence of shards in `order`."""
+    out, pos = [], 0
+    for shard in order:
+        n = counts[shard]
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            out.append(Segment(shard, a - pos, b - pos))
+        pos += n
+        if pos >= hi:
+            break
+    return tuple(out)
+
+
+def buffer_order(n: int, buffer: int, seed: int | None) -> list[int]:
+    """The order a shuffle buffer of `buffer` slots emits positions 0..n-1 in (identity without a seed)."""
+    if seed is None or buffer <= 1:
+        return list(range(n))
+    rng = random.Random(seed)
+    slots: list[int] = []
+    out: list[int] = []
+    for i in range(n):
+        if len(slots) < buffer:
+            slots.append(i)
+            continue
+        j = rng.randrange(buffer)
+        out.append(slots[j])
+        slots[j] = i
+    rng.shuffle(slots)
+    return out + slots
+
+
+class ShardSource:
+    """Tar shards described by an index.json (see `barlow.data.layout`), served as batches by `loader()`."""
+
+    def __init__(self, url: str, data: DataSpec):
+        self.url, self.data = url, data
+        self.index: ShardIndex = load_index(url)
+        self.classes: list[str] = self.index.classes
+        self.num_samples: int = self.index.num_samples
+
+    def count(self, subset_percent: int = 100) -> int:
+        """Samples in the `subset_percent` % label subset (all of them at 100)."""
+        return self.index.count(subset_percent)
+
+    def loader(self, *, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+               start_step: int = 0, workers: int = 0, shuffle: bool = True, drop_last: bool = True,
+               subset_percent: int = 100) -> ShardLoader:
+        """Batches `(inputs, labels, n_corrupt)` of one epoch on one rank; see the module doc.
+
+        drop_last: exactly `count(subset_percent) // (batch_size * world_size) - start_step` full batches.
+        Otherwise every sample exactly once across ranks, the last batch of a rank may be short.
+        """
+        self.index.check_percent(subset_percent)
+        counts = [self.index.samples_in(i, subset_percent) for i in range(len(self.index.shards))]
+        plans = epoch_plan(counts, batch_size=batch_size, rank=rank, world_size=world_size, workers=workers, seed=seed,
+                           epoch=epoch, start_step=start_step, shuffle=shuffle, drop_last=drop_last,
+                           shuffle_buffer=self.data.shuffle_buffer)
+        # DataLoader asks workers round-robin from worker 0; rotate so the first asked holds batch start_step
+        n = len(plans)
+        plans = [plans[(slot + start_step) % n] for slot in range(n)]
+        reader = _Reader(self.index, self.data, subset_percent, transform, (seed, epoch, rank))
+        return ShardLoader(reader, plans, workers, self.data)
+
+
+class ShardLoader:
+    """The iterable `loader()` returns; len() is the number of batches it yields."""
+
+    def __init__(self, reader: _Reader, plans: list[WorkerPlan], workers: int, data: DataSpec):
+        self.reader, self.plans, self.workers, self.data = reader, plans, workers, data
+
+    def __len__(self) -> int:
+        return sum(len(p.batch_sizes) - p.skip for p in self.plans)
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, int]]:
+        if self.workers == 0:
+            return self.reader.run(self.plans[0])
+        dataset = _WorkerStreams(self.reader, self.plans, self.data)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=2,
+                               persistent_workers=False, worker_init_fn=dataset.init_worker))
+
+
+class _WorkerStreams(IterableDataset):
+    def __init__(self, reader: _Reader, plans: list[WorkerPlan], data: DataSpec):
+        self.reader, self.plans, self.data = reader, plans, data
+
+    def init_worker(self, worker_id: int) -> None:
+        storage.configure_s3(**self.data.s3.model_dump())  # spawned workers do not inherit module state
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, int]]:
+        info = get_worker_info()
+        return self.reader.run(self.plans[info.id if info else 0])
+
+
+class _Reader:
+    """Turns a WorkerPlan into batches: read shards in order, emit in buffer order, decode, augment, collate."""
+
+    def __init__(self, index: ShardIndex, data: DataSpec, percent: int, transform: Callable, seed: tuple[int, int, int]):
+        self.index, self.percent, self.transform, self.seed = index, percent, transform, seed
+        self.channels, self.on_corrupt, self.buffer = data.channels, data.on_corrupt, data.shuffle_buffer
+
+    def positions(self, plan: WorkerPlan, first: int) -> Iterator[tuple[int, Sample, str]]:
+        """(position in the worker's sequence, sample, shard URL) from position `first` on."""
+        pos = 0
+        for seg in plan.segments:
+            length = seg.stop - seg.start
+            if pos + length <= first:  # wholly consumed before a resume: not even opened
+                pos += length
+                continue
+            url = self.index.shard_url(seg.shard)
+            i = 0
+            for sample in self._shard_samples(url, seg.shard):
+                if i >= seg.stop:
+                    break
+                if i >= seg.start:
+                    if pos >= first:
+                        yield pos, sample, url
+                    pos += 1
+                i += 1
+            if i < seg.stop:
+                raise ShardError(f"{url}: has {i} samples{self._of_subset()}, the index {self.index.url} lists "
+                                 f"{self.index.samples_in(seg.shard, self.percent)} (rewrite the shards)")
+
+    def _of_subset(self) -> str:
+        return f" in the {self.percent}% subset" if self.percent != 100 else ""
+
+    def _shard_samples(self, url: str, shard: int) -> Iterator[Sample]:
+        try:
+            f = storage.open_read(url)
+        except FileNotFoundError:
+            raise MissingShard(f"{url}: shard {self.index.shards[shard].name} listed in {self.index.url} "
+                               "is missing") from None
+        with f:
+            for sample in iter_samples(f, url):
+                if self.index.in_subset(sample.key, sample.label, self.percent):
+                    yield sample
+
+    def run(self, plan: WorkerPlan) -> Iterator[tuple[Any, torch.Tensor, int]]:
+        decode = decoder(self.transform, self.channels)
+        order = buffer_order(plan.num_samples, self.buffer, plan.order_seed)
+        done = sum(plan.batch_sizes[:plan.skip])
+        todo = order[done:]
+        if not todo:
+            return
+        wanted = set(todo)
+        stream = self.positions(plan, min(todo))
+        held: dict[int, tuple[Sample, str]] = {}
+
+        def take(p: int) -> tuple[Sample, str]:
+            while p not in held:
+                pos, sample, url = next(stream)
+                if pos in wanted:  # a position not wanted was served before the resume
+                    held[pos] = (sample, url)
+            return held.pop(p)
+
+        at = 0
+        for size, batch_id in zip(plan.batch_sizes[plan.skip:], plan.batch_ids[plan.skip:], strict=True):
+            samples = [take(p) for p in todo[at:at + size]]
+            at += size
+            yield self._batch(samples, decode, batch_id)
+
+    def _batch(self, samples: list[tuple[Sample, str]], decode: Callable, batch_id: int) -> tuple[Any, torch.Tensor, int]:
+        with torch.random.fork_rng(devices=[]):  # augmentation seeded per batch; the caller's RNG is left alone
+            torch.manual_seed(derive_seed("augment", *self.seed, batch_id))
+            outputs, labels, good, bad = [], [], [], []
+            for sample, url in samples:
+                try:
+                    outputs.append(decode(sample.image, f"{url}: {sample.key}.{sample.ext}"))
+                    labels.append(sample.label)
+                    good.append((sample, url))
+                except CorruptImage:
+                    if self.on_corrupt == "fail":
+                        raise
+                    bad.append(f"{url}: {sample.key}")
+            if bad and not good:
+                raise CorruptImage(f"every image of a batch is corrupt ({', '.join(bad[:3])}, ...)")
+            for i in range(len(bad)):  # refill with fresh views of this batch's readable images
+                sample, url = good[i % len(good)]
+                outputs.append(decode(sample.image, f"{url}: {sample.key}.{sample.ext}"))
+                labels.append(sample.label)
+        inputs = default_collate(outputs)
+        if isinstance(inputs, list):
+            inputs = tuple(inputs)
+        return inputs, torch.tensor(labels, dtype=torch.long), len(bad)
