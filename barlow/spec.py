@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -369,7 +369,7 @@ class EvalRunSpec(RunSpec):
         return problems
 
 
-AnySpec = Annotated[Union[PretrainSpec, EvalRunSpec], Field(discriminator="kind")]
+AnySpec = Annotated[PretrainSpec | EvalRunSpec, Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[PretrainSpec | EvalRunSpec] = TypeAdapter(AnySpec)
 
 

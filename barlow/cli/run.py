@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 
 import typer
 
@@ -11,7 +11,7 @@ from barlow.cli.common import EXIT_INVALID, app, console, fail, load_or_exit
 from barlow.spec import EvalRunSpec, PretrainSpec, SpecError, parse_spec
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     pretrain = "pretrain"
     eval = "eval"
     pipeline = "pipeline"

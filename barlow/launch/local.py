@@ -4,6 +4,7 @@ exactly as the pods of a PyTorchJob do (the spec travels in BARLOW_SPEC)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,7 +29,13 @@ def run_local(spec: PretrainSpec | EvalRunSpec) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("LOGLEVEL", "WARNING")
     proc = subprocess.Popen(torchrun_command(nproc), env=env)
+    # torchrun forwards a signal to its workers (they checkpoint, then exit 128 + signal); pass SIGTERM on to it.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
     try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the processes got Ctrl-C too: they checkpoint and exit; wait for that
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun too: wait while the workers checkpoint
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
