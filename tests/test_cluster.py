@@ -284,7 +284,8 @@ def test_forbidden_says_who_cannot_do_what(kube, spec_file, args, verb):
     assert result.exit_code == 1
     assert one_error_line(result) == (f'error: forbidden: pytorchjobs.kubeflow.org is forbidden: User "alice" cannot {verb} '
                                       f'resource "pytorchjobs" in the namespace "barlow" '
-                                      "(ask a cluster admin for RBAC on pytorchjobs in namespace 'barlow')")
+                                      "(ask a cluster admin to bind the Role in k8s/base/role-submitter.yaml "
+                                      "in namespace 'barlow')")
 
 
 def test_missing_namespace_is_named(kube, spec_file):

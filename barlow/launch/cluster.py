@@ -156,7 +156,8 @@ def _translate(api: client.ApiClient, e: Exception, namespace: str) -> ClusterEr
     if e.status == 401:
         return ClusterError(f"unauthorized: the API server at {api.configuration.host} rejected the kubeconfig's credentials")
     if e.status == 403:
-        return ClusterError(f"forbidden: {message} (ask a cluster admin for RBAC on pytorchjobs in namespace '{namespace}')")
+        return ClusterError(f"forbidden: {message} (ask a cluster admin to bind the Role in k8s/base/role-submitter.yaml "
+                            f"in namespace '{namespace}')")
     if e.status == 404 and (_body(e).get("details") or {}).get("kind") == "namespaces":
         return ClusterError(f"namespace '{namespace}' does not exist: create it (kubectl apply -k k8s/base) or pass --namespace")
     if e.status == 404 and not _crd_installed(api):
