@@ -3,7 +3,8 @@ to an exit code that Kubernetes' `restartPolicy: ExitCode` understands.
 
 Exit codes: 0 done; 1 permanent failure (bad data, a bug); 2 invalid spec (permanent);
 128 + signal number when stopped by SIGTERM/SIGINT after writing a checkpoint (143, 130: retryable, the
-next attempt resumes from that checkpoint). The spec comes as a file path argument, or as YAML text in the
+next attempt resumes from that checkpoint); 144 when a peer process or node went away (retryable: it is what
+the surviving pods see when one pod is preempted). The spec comes as a file path argument, or as YAML text in the
 environment variable BARLOW_SPEC (how a PyTorchJob passes it).
 """
 
@@ -15,6 +16,7 @@ import sys
 import traceback
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID_SPEC = 0, 1, 2
+EXIT_PEER_LOST = 144  # >= 128: retryable under restartPolicy: ExitCode
 SPEC_ENV = "BARLOW_SPEC"
 
 
@@ -41,16 +43,14 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from barlow.spec import SpecError, load_spec, parse_spec
+    from barlow.spec import SpecError, load_spec, loads_spec
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv:
             spec = load_spec(argv[0])
         elif SPEC_ENV in os.environ:
-            import yaml
-
-            spec = parse_spec(yaml.safe_load(os.environ[SPEC_ENV]), SPEC_ENV)
+            spec = loads_spec(os.environ[SPEC_ENV], SPEC_ENV)
         else:
             raise SpecError([f"no spec: pass a spec file or set {SPEC_ENV}"])
     except SpecError as e:
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = _StopFlag()
     stop.install()
+    import torch.distributed
+
     from barlow.data.decode import CorruptImage
     from barlow.train import DataError, Stopped
 
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CorruptImage, FileNotFoundError) as e:
         _error(str(e))
         return EXIT_FAILED
+    except torch.distributed.DistError as e:  # a peer died or the network failed: another attempt can succeed
+        _error(f"lost contact with the other processes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return EXIT_PEER_LOST
     except Exception:
         traceback.print_exc()
         return EXIT_FAILED

@@ -394,13 +394,18 @@ def load_spec(path: str | Path) -> PretrainSpec | EvalRunSpec:
         raise SpecError([f"{path}: no such file"], str(path)) from None
     except OSError as e:
         raise SpecError([f"{path}: cannot read ({e.strerror})"], str(path)) from None
+    return loads_spec(text, str(path))
+
+
+def loads_spec(text: str, source: str = "spec") -> PretrainSpec | EvalRunSpec:
+    """Validate a spec given as YAML text (a file's content, or BARLOW_SPEC in a pod)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}:" if where else ""
-        raise SpecError([f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})"], str(path)) from None
-    return parse_spec(data, str(path))
+        raise SpecError([f"{source}:{line} not valid YAML ({getattr(e, 'problem', None) or e})"], source) from None
+    return parse_spec(data, source)
 
 
 def dump_spec(spec: RunSpec) -> str:

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import sys
 
+EXIT_PEER_LOST = 144  # as barlow.entrypoint: the master never showed up or went away; retryable
+
 
 def exit_code(argv: list[str]) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     try:
         run(parse_args(argv))
+    except (RendezvousError, DistError) as e:  # e.g. the master pod is not scheduled yet: try again later
+        print(f"error: rendezvous failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
     except SignalException as e:  # this launcher was told to stop; workers got the signal and checkpointed
         return 128 + int(e.sigval)
     except ChildFailedError as e:

@@ -11,7 +11,7 @@ from enum import StrEnum
 import typer
 
 from barlow.cli.common import EXIT_INVALID, app, console, err_console, fail, load_or_exit
-from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, parse_spec
+from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, loads_spec
 
 SPEC_ENV = "BARLOW_SPEC"  # how the pipeline's follow-up Job hands the eval spec to `barlow submit eval`
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
@@ -52,12 +52,8 @@ def _spec(spec_path: str | None, target: Target, namespace: str | None) -> Pretr
     if spec_path:
         spec = load_or_exit(spec_path)
     elif SPEC_ENV in os.environ:
-        import yaml
-
         try:
-            spec = parse_spec(yaml.safe_load(os.environ[SPEC_ENV]), SPEC_ENV)
-        except yaml.YAMLError as e:
-            raise fail(f"{SPEC_ENV}: not valid YAML ({getattr(e, 'problem', None) or e})", EXIT_INVALID) from None
+            spec = loads_spec(os.environ[SPEC_ENV], SPEC_ENV)
         except SpecError as e:
             raise fail(f"{SPEC_ENV}: " + "; ".join(e.problems), EXIT_INVALID) from None
     else:
