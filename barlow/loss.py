@@ -84,12 +84,30 @@ def _direct(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (1 - torch.diagonal(c)).pow(2).sum(), _off_diagonal(c).pow(2).sum()
 
 
+class _SquaredCrossNorm(torch.autograd.Function):
+    """||z1^T z2||_F^2 = sum (z1 z1^T) * (z2 z2^T) from N x N Gram matrices.
+
+    Backward uses the Grams' symmetry: d/dz1 = 2 (z2 z2^T) z1, one matmul per input where autograd would do two.
+    """
+
+    @staticmethod
+    def forward(ctx, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        g1, g2 = z1 @ z1.T, z2 @ z2.T
+        ctx.save_for_backward(z1, z2, g1, g2)
+        return (g1 * g2).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z1, z2, g1, g2 = ctx.saved_tensors
+        return (g2 * (2 * grad)) @ z1, (g1 * (2 * grad)) @ z2
+
+
 def _lean(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same terms without the D x D matrix: sum_ij C_ij^2 = sum (Z1 Z1^T) * (Z2 Z2^T) / N^2 over the global batch."""
     z1n, z2n = _normalize_local(_all_gather(z1)), _normalize_local(_all_gather(z2))
     n = z1n.shape[0]
     diag = (z1n * z2n).sum(0) / n
-    all_sq = ((z1n @ z1n.T) * (z2n @ z2n.T)).sum() / (n * n)
+    all_sq = _SquaredCrossNorm.apply(z1n, z2n) / (n * n)
     return (1 - diag).pow(2).sum(), all_sq - diag.pow(2).sum()
 
 
