@@ -117,3 +117,20 @@ def test_missing_data_folder_is_one_line_error(tmp_path):
     result = barlow("run", "pretrain", str(spec))
     assert result.returncode == 1
     assert "nowhere/train: no such image folder" in result.stderr
+
+
+@pytest.mark.parametrize("mode, percent", [("finetune", 10), ("linear", 1)])
+def test_eval_of_an_exported_backbone(demo_data, tmp_path, mode, percent):
+    from barlow.model import build_backbone
+
+    torch.save(build_backbone("resnet18", small_images=True, width=8).state_dict(), tmp_path / "backbone.pt")
+    pretrain = tiny_spec(demo_data, tmp_path / "unused")
+    spec = {k: pretrain[k] for k in ("data", "model", "runtime")}
+    spec.update(kind="eval", name="ev", output={"url": str(tmp_path / "eval")},
+                eval={"mode": mode, "train_percent": percent, "epochs": 2, "batch_size": 8 if percent == 1 else 64,
+                      "backbone": str(tmp_path / "backbone.pt"), "lr_backbone": 0.01 if mode == "finetune" else 0.0})
+    result = barlow("run", "eval", str(write_spec(tmp_path, spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["mode"] == mode and results["train_percent"] == percent and results["val_images"] == 364
+    assert 0 <= results["top1"] <= results["top5"] <= 100
