@@ -51,7 +51,7 @@ def configure_s3(endpoint_url: str | None = None, region: str | None = None, add
         client_kwargs["endpoint_url"] = endpoint_url
     if region:
         client_kwargs["region_name"] = region
-    config: dict[str, Any] = {"retries": {"max_attempts": 3, "mode": "adaptive"}, "connect_timeout": 5, "read_timeout": 30}
+    config: dict[str, Any] = {"retries": {"total_max_attempts": 3, "mode": "adaptive"}, "connect_timeout": 5, "read_timeout": 30}
     if addressing_style != "auto":
         config["s3"] = {"addressing_style": addressing_style}
     _s3_options.clear()
@@ -86,7 +86,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
         return True
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
     if code in _TRANSIENT_CODES:
         return True
     names = {c.__name__ for c in type(exc).__mro__}
@@ -215,7 +216,8 @@ def list_names(url: str) -> list[str]:
             return fs.ls(path, detail=False, refresh=True) if fs.exists(path) else []
         except FileNotFoundError:
             return []
-    return sorted(posixpath.basename(e.rstrip("/")) for e in retry(ls, what=url))
+    # some S3 servers (SeaweedFS) list an emptied folder's own marker inside it: never a child
+    return sorted(posixpath.basename(e.rstrip("/")) for e in retry(ls, what=url) if e.rstrip("/") != path.rstrip("/"))
 
 
 def remove(url: str) -> None:
@@ -223,11 +225,31 @@ def remove(url: str) -> None:
     fs, path = filesystem(url)
 
     def rm() -> None:
+        s3 = "s3" in _protocols(fs)
         try:
+            keys = fs.find(path) if s3 else []
             fs.rm(path, recursive=True)
         except FileNotFoundError:
-            pass
+            return
+        if s3:
+            _remove_folder_markers(fs, path, keys)
     retry(rm, what=url)
+    _invalidate(url)
+
+
+def _remove_folder_markers(fs: fsspec.AbstractFileSystem, path: str, keys: list[str]) -> None:
+    """Delete `folder/` keys, deepest first: SeaweedFS keeps emptied folders listed until they are (S3 has none)."""
+    root = path.rstrip("/")
+    folders = {root}
+    for key in keys:
+        parent = posixpath.dirname(key)
+        while parent.startswith(root + "/"):
+            folders.add(parent)
+            parent = posixpath.dirname(parent)
+    for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):
+        bucket, _, prefix = folder.partition("/")
+        if prefix:
+            fs.call_s3("delete_object", Bucket=bucket, Key=prefix + "/")
 
 
 def commit(folder_url: str) -> None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,8 @@ class S3Server:
                "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115  (closed with the process)
         self.process = subprocess.Popen(self.command(), cwd=self.data_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
         log.close()
         try:
             self._wait_ready(timeout)
@@ -170,6 +172,17 @@ class S3Server:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG).
+
+    The signal follows the thread that started the child, so only a start from the main thread asks for it.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _decode_address(hex_addr: str, v6: bool) -> str:
     host_hex = hex_addr.split(":")[0]
     raw = bytes.fromhex(host_hex)
@@ -177,6 +190,30 @@ def _decode_address(hex_addr: str, v6: bool) -> str:
         raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
         return socket.inet_ntop(socket.AF_INET6, raw)
     return socket.inet_ntop(socket.AF_INET, raw[::-1])
+
+
+def s3_files_contain(server: S3Server, prefix_url: str, needles: list[bytes]) -> list[str]:
+    """Keys under prefix_url whose bytes contain any needle."""
+    bucket, _, prefix = prefix_url.removeprefix("s3://").partition("/")
+    c = server.client()
+    found = []
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            body = c.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            if any(n in body for n in needles):
+                found.append(obj["Key"])
+    return found
+
+
+def local_files_contain(root: str, needles: list[bytes]) -> list[str]:
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                body = f.read()
+            if any(n in body for n in needles):
+                found.append(os.path.join(folder, name))
+    return found
 
 
 if __name__ == "__main__":

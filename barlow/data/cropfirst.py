@@ -60,6 +60,7 @@ class CropFirst:
 
     def __init__(self, views: list[_View], channels: int, pair: bool):
         self.views, self.channels, self.pair = views, channels, pair
+        self.last_scale = 1  # the reduction the last image was decoded at (for tests and benchmarks)
 
     @classmethod
     def wrap(cls, transform: Any, channels: int) -> CropFirst | None:
@@ -77,6 +78,7 @@ class CropFirst:
         # the largest reduction that keeps every crop at least its output size
         room = min(min(p["width"] / v.out_w, p["height"] / v.out_h) for p, v in zip(params, self.views, strict=True))
         scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
+        self.last_scale = scale
         img = decode_image(img, name, self.channels, (width // scale, height // scale) if scale > 1 else None)
         sx, sy = img.size[0] / width, img.size[1] / height
         outs = []

@@ -1,0 +1,46 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+# ---- S3 (data plane): one real SeaweedFS server on 127.0.0.1 per test session ---------------------------------
+from s3server import ACCESS_KEY, SECRET_KEY, S3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A running `weed mini` (S3 on a free loopback port); stopped by its process id at the end, also on failure."""
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class S3Place:
+    server: S3Server
+    url: str  # s3://bucket/<unique prefix>, empty at the start of the test
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
+    """This test's own prefix on the session's server, with credentials in the environment and barlow.storage
+    pointed at the server (as a run does from its spec's data.s3)."""
+    from barlow import storage
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    storage.configure_s3(endpoint_url=s3_server.endpoint_url, retries=10)
+    yield S3Place(s3_server, f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}")
+    storage.configure_s3()
+
+
+# ---- end S3 --------------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Small image folders for data-plane tests: every image says which sample it is, so a batch can be traced back."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_tagged_folder(root: Path, n: int, classes: int = 4, seed: int = 0) -> dict[str, tuple[int, bytes]]:
+    """`root/c<k>/img<i>.png`: lossless PNGs of varied size (so shards come out uneven) whose pixel (0, 0) holds
+    the sample id (R + 256 G) and the class (B). Returns key -> (label, file bytes)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        label = i % classes
+        side = int(rng.integers(6, 20))
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        pixels[0, 0] = (i % 256, i // 256, label)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        folder = root / f"c{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img{i:04d}.png").write_bytes(buf.getvalue())
+        out[f"c{label}/img{i:04d}"] = (label, buf.getvalue())
+    return out
+
+
+def write_jpeg_folder(root: Path, n: int, classes: int = 3, seed: int = 0) -> dict[str, tuple[int, bytes]]:
+    """`root/<class>/<name>.jpg` photos-like JPEGs (plus a dotted file name), for byte-exact round trips."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        label = i % classes
+        name = f"n0{label}_{i}.v2" if i == 0 else f"n0{label}_{i}"  # a dot inside the stem
+        pixels = rng.integers(0, 256, (int(rng.integers(8, 40)), 24, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jpg").write_bytes(buf.getvalue())
+        out[f"class_{label}/{name.replace('.', '_')}"] = (label, buf.getvalue())
+    return out
+
+
+class IdTag:
+    """A transform that returns (sample id, class, one random draw): traces a batch row back to its image and
+    shows the augmentation RNG state."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        r, g, b = img.getpixel((0, 0))[:3]
+        return torch.tensor([r + 256 * g, b, torch.rand(()).item()], dtype=torch.float64)
+
+
+def ids_of(batches) -> list[int]:
+    """Sample ids of a loader's batches, in order."""
+    return [int(v) for inputs, _, _ in batches for v in inputs[:, 0]]

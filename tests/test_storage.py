@@ -1,0 +1,171 @@
+"""storage: the helpers on the real S3 server, retries on throttling and outages, writes that appear whole or not at all."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import logging
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from barlow import storage
+
+
+@pytest.mark.parametrize("exc, transient", [
+    (ConnectionRefusedError(), True),
+    (TimeoutError(), True),
+    (OSError(errno.EBUSY, "SlowDown"), True),  # what s3fs makes of a 503 SlowDown
+    (OSError(errno.EREMOTEIO, "We encountered an internal error"), True),  # a 500
+    (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+    (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
+    (ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "GetObject"), True),
+    (FileNotFoundError("s3://b/k"), False),
+    (PermissionError("Forbidden"), False),
+    (ValueError("bad"), False),
+    (ClientError({"Error": {"Code": "NoSuchBucket", "Message": "no"}}, "GetObject"), False),
+])
+def test_what_counts_as_transient(exc, transient):
+    assert storage.is_transient(exc) is transient
+
+
+def test_helpers_on_s3(s3):
+    run = f"{s3.url}/run"
+    storage.write_text(storage.join(run, "ckpt-1", "state.pt"), "weights")
+    assert not storage.is_complete(storage.join(run, "ckpt-1"))
+    storage.commit(storage.join(run, "ckpt-1"))
+    assert storage.is_complete(storage.join(run, "ckpt-1"))
+    assert storage.read_text(storage.join(run, "ckpt-1", "state.pt")) == "weights"
+    assert storage.exists(storage.join(run, "ckpt-1", "state.pt")) and storage.size(storage.join(run, "ckpt-1", "state.pt")) == 7
+    assert storage.list_names(run) == ["ckpt-1"] and storage.list_names(f"{s3.url}/nothing") == []
+    assert storage.read_range(storage.join(run, "ckpt-1", "state.pt"), 2, 5) == b"igh"
+    storage.remove(storage.join(run, "ckpt-1"))
+    assert storage.list_names(run) == [] and not storage.exists(storage.join(run, "ckpt-1", "state.pt"))
+    storage.remove(storage.join(run, "ckpt-1"))  # missing is fine
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_open_atomic_writes_whole_or_nothing(where, tmp_path, request):
+    base = request.getfixturevalue("s3").url if where == "s3" else str(tmp_path)
+    url = storage.join(base, "sub", "big.bin")
+    blob = os.urandom(12 << 20)  # above s3fs's 5 MiB part size: a multipart upload that must be aborted
+    with pytest.raises(RuntimeError, match="crash"):
+        with storage.open_atomic(url) as f:
+            f.write(blob)
+            raise RuntimeError("crash mid-write")
+    assert not storage.exists(url) and storage.list_names(storage.join(base, "sub")) == []
+    with storage.open_atomic(url) as f:
+        f.write(blob)
+    assert storage.read_bytes(url) == blob
+
+
+def test_server_listens_on_loopback_only(s3_server):
+    addresses = s3_server.listening_addresses()
+    assert addresses and addresses <= {"127.0.0.1"}, addresses
+
+
+class SlowDownProxy:
+    """A loopback HTTP proxy in front of the real S3 server that answers the first `fail` requests with
+    503 SlowDown, as a throttled store does; everything else passes through unchanged (signatures included)."""
+
+    BODY = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+    def __init__(self, upstream_port: int, fail: int):
+        self.fail, self.throttled, self.passed = fail, 0, 0
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" before it sends a body
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    throttle = proxy.throttled < proxy.fail
+                    proxy.throttled += throttle
+                    proxy.passed += not throttle
+                if throttle:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.BODY)))
+                    self.end_headers()
+                    self.wfile.write(proxy.BODY if self.command != "HEAD" else b"")
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> SlowDownProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("fail, retries, succeeds", [(4, 10, True), (50, 1, False)])
+def test_slowdown_is_retried_with_backoff(s3, fail, retries, succeeds):
+    url = f"{s3.url}/throttled.bin"
+    storage.write_bytes(url, b"payload" * 100)
+    port = int(s3.server.endpoint_url.rsplit(":", 1)[1])
+    with SlowDownProxy(port, fail) as proxy:
+        storage.configure_s3(endpoint_url=proxy.url, retries=retries)
+        if succeeds:
+            assert storage.read_bytes(url) == b"payload" * 100
+            storage.write_bytes(f"{s3.url}/written-through-throttling", b"ok")
+            assert proxy.throttled == fail and proxy.passed >= 2
+        else:
+            with pytest.raises(OSError) as info:
+                storage.read_bytes(url)
+            assert info.value.errno == errno.EBUSY  # SlowDown, reported as such once the attempts are spent
+            assert proxy.throttled == 3  # botocore's own 3 quick attempts; one outer attempt with retries=1
+    storage.configure_s3(endpoint_url=s3.server.endpoint_url)
+    if succeeds:
+        assert storage.read_bytes(f"{s3.url}/written-through-throttling") == b"ok"
+
+
+@pytest.mark.slow
+def test_range_reader_survives_server_restart_mid_file(s3, caplog):
+    url = f"{s3.url}/long.bin"
+    blob = os.urandom(3 << 20)
+    storage.write_bytes(url, blob)
+    got = bytearray()
+    with caplog.at_level(logging.WARNING, logger="barlow.storage"):
+        reader = storage.RangeReader(url, chunk_size=256 << 10)
+        got += reader.read(600 << 10)
+        s3.server.stop()  # down between two chunks (one may already be prefetched)
+        threading.Timer(2.0, s3.server.start).start()
+        time.sleep(0.1)
+        while chunk := reader.read(100 << 10):
+            got += chunk
+        reader.close()
+    assert bytes(got) == blob
+    assert any("attempt 1 of" in r.getMessage() for r in caplog.records)  # the outage was met and retried
