@@ -45,15 +45,16 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz
 CLASSES = ("0-tshirt", "1-trouser", "2-pullover", "3-dress", "4-coat", "5-sandal", "6-shirt", "7-sneaker", "8-bag",
            "9-boot")  # numbered so the sorted folder names keep the dataset's label order
 PROBE_LABELLED_PER_CLASS = 1000
-PROBE_CS = (0.01, 0.03, 0.1, 0.3, 1.0)
+PROBE_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 SEED = 0
 WARMUP_FRACTION = 0.1  # of the schedule, at most one epoch (the paper: 10 of 1000 epochs, for a far longer run)
 
 # The pretraining recipe (what the paper leaves to the user, tuned for 28 px grayscale and a few CPU-minutes).
 RECIPE = {
     "model": {"arch": "resnet18", "small_images": True, "width": 16, "projector": "2048-2048-2048"},
-    "optim": {"batch_size": 256, "lr_weights": 0.2, "lr_biases": 0.0048, "weight_decay": 1.5e-6, "lambd": 5e-3,
-},
+    # A few epochs, not 1000: a smaller batch gives more steps, a higher lr moves further (4-minute runs: batch 256
+    # 82.2 % after 120k images; batch 128 80.8 % after 54k; batch 128 with lr 0.6 81.4 % after 47k).
+    "optim": {"batch_size": 128, "lr_weights": 0.6, "lr_biases": 0.0048, "weight_decay": 1.5e-6, "lambd": 5e-3},
     # Small grayscale images: larger minimum crop, mild blur (3 px kernel), less solarization.
     "augment": {"min_scale": 0.25, "flip_prob": 0.5, "jitter_prob": 0.8, "grayscale_prob": 0.0,
                 "blur_prob": [0.5, 0.1], "solarize_prob": [0.0, 0.1]},
