@@ -225,25 +225,61 @@ def test_missing_index_names_it(tmp_path):
         open_source(DataSpec(format="shards", train=str(tmp_path / "nothing" / "index.json")), "train")
 
 
+def _jpeg(width: int, height: int) -> bytes:
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1).astype(np.uint8)  # smooth, photo-like
+    buf = BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_crop_first_equals_the_plain_pipeline_at_full_size():
+    """Same seed, same crop: crop-first (crop drawn from the header) gives the plain transform's exact pixels."""
+    from torchvision.transforms import v2
+
+    from barlow.data.cropfirst import CropFirst
+    from barlow.data.decode import decode_image
+
+    view = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(48, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    fast, data = CropFirst.wrap(view, 3), _jpeg(120, 90)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a = fast(data, "x.jpg")
+        torch.manual_seed(seed)
+        b = view(decode_image(data, "x.jpg"))
+        assert fast.last_scale == 1 and torch.equal(a, b)
+
+
 def test_two_views_crop_first_draft_decoding(tmp_path):
-    """TwoViews through the crop-first path: right shapes, and JPEGs much larger than the crops decode reduced."""
+    """TwoViews through the loader's crop-first path; a JPEG far larger than its crops decodes at 1/8, close
+    to what a full-size decode gives."""
+    from torchvision.transforms import v2
+
     from barlow.augment import TwoViews
     from barlow.data.cropfirst import CropFirst
+    from barlow.data.decode import decode_image
 
     write_jpeg_folder(tmp_path / "src", 8)
     write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), progress=False)
     src = source(tmp_path, image_size=16)
     (x1, x2), y, c = epoch(src, transform=TwoViews(16, 3), batch_size=8)[0]
     assert x1.shape == x2.shape == (8, 3, 16, 16) and x1.dtype == torch.float32 and not torch.equal(x1, x2)
-    fast = CropFirst.wrap(TwoViews(16, 3, min_scale=0.9), 3)
-    from io import BytesIO
 
-    from PIL import Image
-    big = BytesIO()
-    Image.new("RGB", (640, 480), (200, 10, 10)).save(big, format="JPEG")
+    assert CropFirst.wrap(TwoViews(16, 3), 3) is not None and CropFirst.wrap(lambda im: im, 3) is None
+    view = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(16, scale=(0.9, 1.0), antialias=True),
+                       v2.ToDtype(torch.float32, scale=True)])
+    fast, data = CropFirst.wrap(view, 3), _jpeg(640, 480)
     torch.manual_seed(0)
-    v1, v2 = fast(big.getvalue(), "big.jpg")
-    assert v1.shape == (3, 16, 16) and fast.last_scale == 8  # crops >= 0.9 of 640x480 allow 1/8 for 16 px views
+    reduced = fast(data, "big.jpg")
+    torch.manual_seed(0)
+    full = view(decode_image(data, "big.jpg"))
+    assert fast.last_scale == 8  # crops >= 0.9 of 640x480 leave 1/8 room for 16 px views
+    assert reduced.shape == full.shape == (3, 16, 16) and (reduced - full).abs().mean() < 0.02
 
 
 # ---- the same loader reading from the real S3 server ----------------------------------------------------------
