@@ -220,6 +220,22 @@ def test_missing_shard_is_an_error_naming_it(tmp_path, workers):
         epoch(src, transform=lambda img: torch.tensor(img.size), batch_size=2, workers=workers)
 
 
+def test_shard_shorter_than_its_index_is_an_error(tmp_path):
+    import json
+
+    from barlow.data.stream import ShardError
+
+    write_jpeg_folder(tmp_path / "src", 12)
+    write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), progress=False)
+    index_path = tmp_path / "shards" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["shards"][0]["samples"] += 4  # as if the shard had been cut short after the index was written
+    index_path.write_text(json.dumps(index))
+    src = source(tmp_path)
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: has 12 samples, the index .* lists 16"):
+        epoch(src, transform=lambda img: torch.tensor(img.size), batch_size=4, shuffle=False)
+
+
 def test_missing_index_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing/index.json: no shard index"):
         open_source(DataSpec(format="shards", train=str(tmp_path / "nothing" / "index.json")), "train")

@@ -248,6 +248,9 @@ class _Reader:
                                "is missing") from None
         with f:
             for sample in iter_samples(f, url):
+                if not 0 <= sample.label < len(self.index.classes):
+                    raise ShardError(f"{url}: sample {sample.key} has class {sample.label}, the index has "
+                                     f"{len(self.index.classes)} classes (shards and index do not belong together)")
                 if self.index.in_subset(sample.key, sample.label, self.percent):
                     yield sample
 
