@@ -140,6 +140,15 @@ class S3Server:
             p.wait(timeout)
         except ProcessLookupError:
             pass
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """weed leaves some of its gRPC unix sockets in /tmp (named by port, not configurable): remove ours."""
+        for flag, port in self.ports.items():
+            if flag.endswith(".grpc"):
+                sock = Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{port}.sock")
+                if sock.is_socket():
+                    sock.unlink(missing_ok=True)
 
     def listening_addresses(self) -> set[str]:
         """Local addresses this server's process listens on (TCP, v4 and v6), read from /proc."""
