@@ -150,3 +150,23 @@ def test_bad_arguments_name_the_field(kwargs, error, match):
 def test_bad_image_type_is_named():
     with pytest.raises(TypeError, match="image"):
         TwoViews(32)(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(3, 224, 224), (1, 28, 28), (3, 37, 50), (3, 5, 6)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
+def test_fast_blur_equals_torchvision_blur(shape, dtype, sigma):
+    from torchvision import tv_tensors
+
+    from barlow.augment import GaussianBlur
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    img = tv_tensors.Image(pixels if dtype == torch.uint8 else pixels.float() / 255)
+    k = blur_kernel_size(max(shape[1:]))
+    expected = v2.functional.gaussian_blur(img, [k, k], [sigma, sigma])
+    got = GaussianBlur(k, sigma=(sigma, sigma)).transform(img, {"sigma": [sigma, sigma]})
+    assert type(got) is type(expected) and got.dtype == expected.dtype and got.shape == expected.shape
+    tolerance = 1.0 if dtype == torch.uint8 else 1e-5  # uint8: the same value up to rounding
+    assert (got.float() - expected.float()).abs().max() <= tolerance
+    assert not torch.equal(got, img) or sigma == 0.1  # it really blurs
