@@ -17,7 +17,6 @@ import traceback
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID_SPEC = 0, 1, 2
 EXIT_PEER_LOST = 144  # >= 128: retryable under restartPolicy: ExitCode
-SPEC_ENV = "BARLOW_SPEC"
 
 
 class _StopFlag:
@@ -43,7 +42,7 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from barlow.spec import SpecError, load_spec, loads_spec
+    from barlow.spec import SPEC_ENV, SpecError, load_spec, loads_spec
 
     argv = sys.argv[1:] if argv is None else argv
     try:

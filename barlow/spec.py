@@ -23,6 +23,7 @@ WRITABLE_SCHEMES = {"", "file", "s3", "gs", "gcs", "az", "abfs", "memory"}
 READABLE_SCHEMES = WRITABLE_SCHEMES | {"http", "https"}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
 
 
 class SpecError(Exception):

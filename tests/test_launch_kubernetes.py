@@ -21,8 +21,8 @@ import yaml
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.launch.kubernetes import COMMAND, PORT_NAME, SPEC_ENV, build_pytorchjob, job_name, render, to_dict, to_yaml
-from barlow.spec import DNS_1035, RunSpec, parse_spec
+from barlow.launch.kubernetes import COMMAND, PORT_NAME, build_pytorchjob, job_name, render, to_dict, to_yaml
+from barlow.spec import DNS_1035, SPEC_ENV, RunSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"

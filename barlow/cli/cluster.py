@@ -11,9 +11,8 @@ from enum import StrEnum
 import typer
 
 from barlow.cli.common import EXIT_INVALID, app, console, err_console, fail, load_or_exit
-from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, loads_spec
+from barlow.spec import SPEC_ENV, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, loads_spec
 
-SPEC_ENV = "BARLOW_SPEC"  # how the pipeline's follow-up Job hands the eval spec to `barlow submit eval`
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 

@@ -18,13 +18,12 @@ from kubeflow.training.models import (
 from kubernetes import client as k8s
 from pydantic import ValidationError
 
-from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, SpecError, dump_spec
+from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, RunSpec, SpecError, dump_spec
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 API_VERSION = f"{GROUP}/{VERSION}"
 CONTAINER = "pytorch"  # the operator finds the training container, and its port, by this name
 PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's defaults; it sets PET_MASTER_PORT from this port
-SPEC_ENV = "BARLOW_SPEC"  # the entrypoint reads the resolved spec YAML from here when given no path
 # torchrun with the worker's exit code passed through (plain torchrun exits 1 for every failure, see barlow/torchrun.py).
 COMMAND = ["python", "-m", "barlow.torchrun", "-m", "barlow.entrypoint"]
 SHUTDOWN_MARGIN_S = 10  # torchrun must give up on its workers before the kubelet's SIGKILL ends the pod

@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 
-from barlow.spec import EvalRunSpec, PretrainSpec, dump_spec
-
-SPEC_ENV = "BARLOW_SPEC"  # read by barlow.entrypoint
+from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec
 
 
 def torchrun_command(nproc: int) -> list[str]:
