@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-EXIT_PEER_LOST = 144  # as barlow.entrypoint: the master never showed up or went away; retryable
+from barlow.entrypoint import EXIT_PEER_LOST
 
 
 def exit_code(argv: list[str]) -> int:
