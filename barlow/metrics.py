@@ -20,10 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from barlow import storage
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
 class Metrics:
     """Per-step scalars to metrics.jsonl and TensorBoard, and a progress display, on the main rank only."""
 
@@ -33,9 +29,9 @@ class Metrics:
         self._progress = None
         if not enabled:
             return
-        self.local = output_url.removeprefix("file://") if _is_local(output_url) else tempfile.mkdtemp(prefix="barlow-")
+        self.local = output_url.removeprefix("file://") if storage.is_local(output_url) else tempfile.mkdtemp(prefix="barlow-")
         os.makedirs(self.local, exist_ok=True)
-        if not _is_local(output_url) and storage.exists(storage.join(output_url, "metrics.jsonl")):
+        if not storage.is_local(output_url) and storage.exists(storage.join(output_url, "metrics.jsonl")):
             with open(os.path.join(self.local, "metrics.jsonl"), "wb") as f:  # keep the lines of earlier attempts
                 f.write(storage.read_bytes(storage.join(output_url, "metrics.jsonl")))
         self._jsonl = open(os.path.join(self.local, "metrics.jsonl"), "a")
@@ -76,7 +72,7 @@ class Metrics:
             return
         self._jsonl.flush()
         self._tb.flush()
-        if _is_local(self.output_url):
+        if storage.is_local(self.output_url):
             return
         fs, path = storage.filesystem(self.output_url)
         fs.put(self.local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, app, console, err_console, fail, load_or_exit
+from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
 from barlow.spec import SPEC_ENV, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, loads_spec
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
@@ -40,10 +40,7 @@ def _cluster_errors() -> Iterator[None]:
     except ClusterError as e:
         raise fail(str(e)) from None
     except SpecError as e:
-        prefix = f"{e.source}: " if e.source else ""
-        for problem in e.problems:
-            err_console.print(f"[red]error:[/red] {prefix}{problem}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INVALID) from None
+        raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
 
 
 def _spec(spec_path: str | None, target: Target, namespace: str | None) -> PretrainSpec | EvalRunSpec:

@@ -26,11 +26,16 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def invalid(problems: list[str], prefix: str = "") -> typer.Exit:
+    """Print one error line per spec problem and return the Exit (code 2) to raise."""
+    for problem in problems:
+        err_console.print(f"[red]error:[/red] {prefix}{problem}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_INVALID)
+
+
 def load_or_exit(path: str) -> PretrainSpec | EvalRunSpec:
     """Load a spec; on failure print one line per problem and exit 2."""
     try:
         return load_spec(path)
     except SpecError as e:
-        for problem in e.problems:
-            err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INVALID) from None
+        raise invalid(e.problems) from None
