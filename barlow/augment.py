@@ -291,7 +291,7 @@ def adjust_hue_linear(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Hue as a rotation of the chroma plane in YIQ (DALI, FFCV-SSL): one 3x3 matrix per sample; not torchvision's."""
     if x.shape[1] == 1:
         return x
-    theta = f.view(-1) * (2 * math.pi)
+    theta = f.view(-1) * (-2 * math.pi)  # HSV hue grows R -> Y -> G, which is clockwise in the I-Q plane
     cos, sin = torch.cos(theta), torch.sin(theta)
     rot = torch.zeros(theta.shape[0], 3, 3, device=x.device)
     rot[:, 0, 0] = 1.0
