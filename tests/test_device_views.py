@@ -243,3 +243,29 @@ def test_view_config_is_what_the_host_produces():
     assert cfg["size"] == 32 and cfg["channels"] == 1 and cfg["dtype"] == torch.uint8
     with pytest.raises(ValueError, match="channels"):
         A.view_config(32, 2)
+
+
+def test_cpu_chunks_give_the_whole_batch_result(monkeypatch):
+    views = DeviceViews(16)
+    x1, x2 = batch(20, 16, seed=1), batch(20, 16, seed=2)
+    whole = views(x1, x2, seed=4)
+    monkeypatch.setattr(A, "CPU_CHUNK_PIXELS", 3 * 16 * 16)  # chunks of 3 images, the last one of 2
+    chunked = views(x1, x2, seed=4)
+    for w, c in zip(whole, chunked, strict=True):
+        assert torch.equal(w, c) and c.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_float_input_is_not_written():
+    x = batch(8, 16).float() / 255
+    before = x.clone()
+    DeviceViews(16, jitter_prob=1.0, grayscale_prob=1.0, solarize_prob=(1.0, 1.0))(x, x, seed=0)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.slow  # torch.compile takes about a minute on a busy 2-core machine
+def test_compiled_hue_equals_eager():
+    x1, x2 = batch(24, 16, seed=1), batch(24, 16, seed=2)
+    eager = DeviceViews(16)(x1, x2, seed=6)
+    compiled = DeviceViews(16, compile=True)(x1, x2, seed=6)
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=0)
