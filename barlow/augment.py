@@ -1,9 +1,16 @@
 """BYOL's two asymmetric views for pretraining, and the linear-eval train/eval transforms (torchvision.transforms.v2).
 
-Pixels stay uint8 through every random op (crop, flip, jitter, grayscale, blur, solarize at 128) and become float32
-only for the final normalisation. channels=3 normalises with ImageNet's mean/std; channels=1 converts the input to
-grayscale first, skips RandomGrayscale (a no-op there; ColorJitter's saturation/hue leave one channel unchanged) and
-normalises with mean 0.5, std 0.5.
+Two forms of the same views:
+- per sample, on the host (TwoViews, byol_view): pixels stay uint8 through every random op (crop, flip, jitter,
+  grayscale, blur, solarize at 128) and become float32 only for the final normalisation;
+- batched, on the training device (DeviceViews): the host only crops, resizes and flips (uint8, view_config() says
+  what to produce); DeviceViews runs the rest on a whole batch with per-sample random parameters, in float32 on
+  [0, 1] (what torchvision's functional ops compute on float images), with each op written as a broadcast tensor op
+  following torchvision.transforms.v2.functional and tested against it sample by sample. kornia (one ColorJitter
+  order per batch, global RNG) and torchaug (needs torchvision < 0.20) did not fit; see the README.
+channels=3 normalises with ImageNet's mean/std; channels=1 converts the input to grayscale first, skips
+RandomGrayscale (a no-op there; ColorJitter's saturation/hue leave one channel unchanged) and normalises with mean
+0.5, std 0.5.
 
 Imports nothing of barlow.
 """
@@ -415,7 +422,7 @@ class DeviceViews(torch.nn.Module):
             raise ValueError(f"views: expected a (B, {self.channels}, H, W) batch (got {tuple(x.shape)})")
         if x.shape[0] != len(p):
             raise ValueError(f"views: batch of {x.shape[0]} but parameters for {len(p)}")
-        out = torch.empty(x.shape, device=x.device).contiguous(memory_format=torch.channels_last)
+        out = torch.empty(x.shape, device=x.device, memory_format=torch.channels_last)
         # on the CPU, chunks of ~CPU_CHUNK_PIXELS keep each op's temporaries in cache (whole 224 px batches spend
         # most of their time faulting in fresh pages); a GPU takes the batch at once
         step = x.shape[0] if x.device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (x.shape[2] * x.shape[3]))
