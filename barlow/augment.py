@@ -184,6 +184,7 @@ SOLARIZE_FLOAT = SOLARIZE_THRESHOLD / 255  # on [0, 1] floats: the same pixels a
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 # YIQ <-> RGB (NTSC), the linear-RGB hue rotation of DALI / FFCV-SSL
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 @dataclass(frozen=True)
@@ -303,14 +304,13 @@ def adjust_hue_linear(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Hue as a rotation of the chroma plane in YIQ (DALI, FFCV-SSL): one 3x3 matrix per sample; not torchvision's."""
     if x.shape[1] == 1:
         return x
-    theta = f.view(-1) * (-2 * math.pi)  # HSV hue grows R -> Y -> G, which is clockwise in the I-Q plane
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    rot = torch.zeros(theta.shape[0], 3, 3, device=x.device)
+    theta = f.view(-1).float().cpu() * (-2 * math.pi)  # HSV hue grows R -> Y -> G: clockwise in the I-Q plane
+    rot = torch.zeros(theta.shape[0], 3, 3)
     rot[:, 0, 0] = 1.0
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    to_yiq = _RGB_TO_YIQ.to(x.device)
-    mat = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", mat, x).clamp_(0.0, 1.0)
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    mat = (_YIQ_TO_RGB @ rot @ _RGB_TO_YIQ).to(x.device, non_blocking=True)  # (n, 3, 3), built on the CPU
+    # explicit multiply-adds rather than a matmul, so TF32 settings on CUDA do not change the result
+    return sum(mat[:, :, j, None, None] * x[:, j:j + 1] for j in range(3)).clamp_(0.0, 1.0)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -335,8 +335,9 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
     kernel = torch.softmax(-offsets.pow(2) / (2 * sigma.view(-1, 1).float() ** 2), dim=1)  # (n, k), sums to 1
     kernel = kernel.repeat_interleave(c, dim=0)  # (n * c, k)
     y = x.reshape(1, n * c, h, w)
-    y = torch.nn.functional.conv2d(_reflect(y, pad, -1), kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
-    y = torch.nn.functional.conv2d(_reflect(y, pad, -2), kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # full float32 on CUDA, as on the CPU
+        y = torch.nn.functional.conv2d(_reflect(y, pad, -1), kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+        y = torch.nn.functional.conv2d(_reflect(y, pad, -2), kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
     return y.view(n, c, h, w)
 
 

@@ -91,11 +91,11 @@ def decode_batch(encoded: Sequence[torch.Tensor], channels: int,
                 for i, img in zip(gpu, decode_jpeg([encoded[i] for i in gpu], mode=_mode(channels), device=device),
                                   strict=True):
                     out[i] = img
-            except RuntimeError:  # one bad image fails nvJPEG's batch: retry them one by one on the GPU
+            except (RuntimeError, ValueError):  # one bad image fails nvJPEG's batch: retry one by one on the GPU
                 for i in gpu:
                     try:
                         out[i] = decode_jpeg(encoded[i], mode=_mode(channels), device=device)
-                    except RuntimeError:
+                    except (RuntimeError, ValueError):
                         pass
         todo = [i for i in todo if out[i] is None]
     for i in todo:
@@ -117,7 +117,8 @@ def _crop(img: torch.Tensor, box: Sequence[int], flip: bool, size: int) -> torch
 def decode_views(encoded: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int,
                  channels: int, device: torch.device | str) -> tuple[list[torch.Tensor], list[int]]:
     """Each image decoded once, then V crops of it: boxes (V, B, 4) as (top, left, height, width) in full-resolution
-    pixels, flips (V, B) bool -> V uint8 (B, C, size, size) batches on `device`, and the undecodable indices."""
+    pixels, flips (V, B) bool (both CPU tensors) -> V uint8 (B, C, size, size) batches on `device`, and the indices
+    of the undecodable images (their rows are zero: drop them)."""
     if boxes.ndim != 3 or boxes.shape[1:] != (len(encoded), 4) or flips.shape != boxes.shape[:2]:
         raise ValueError(f"boxes, flips: expected (V, {len(encoded)}, 4) and (V, {len(encoded)}) "
                          f"(got {tuple(boxes.shape)}, {tuple(flips.shape)})")
