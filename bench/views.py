@@ -140,21 +140,24 @@ def device_bench(device: str, batch: int, batches: int, size: int) -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
 
-    def step(b: int, decode: bool, x=None):
-        boxes, flips = boxes_for(shapes, seed=b)
-        if decode:
-            (x1, x2), bad = decode_views(data, boxes, flips, size, 3, dev)
-        else:
-            x1, x2 = x
-        return views(x1, x2, seed=b), (x1, x2)
+    crops_of = [boxes_for(shapes, seed=b) for b in range(batches)]  # the host's part, outside the timing
 
-    _, x = step(0, True)  # warm-up (nvJPEG handles, kernels)
+    linear = DeviceViews(size, hue="linear").to(dev)
+
+    def step(b: int, decode: bool, x, module=views):
+        if decode:
+            x, _bad = decode_views(data, *crops_of[b], size, 3, dev)
+        return module(x[0], x[1], seed=b), x
+
+    _, x = step(0, True, None)  # warm-up (nvJPEG handles, kernels)
     step(0, False, x)
+    step(0, False, x, linear)
     sync()
-    for label, decode in (("decode + both views", True), ("both views only", False)):
+    for label, decode, module in (("decode + both views", True, views), ("both views only", False, views),
+                                  ("both views only, hue=linear", False, linear)):
         t0 = time.perf_counter()
         for b in range(batches):
-            step(b, decode, x)
+            step(b, decode, x, module)
         sync()
         rate = 2 * batch * batches / (time.perf_counter() - t0)
         print(f"| {name} | {label} | {size} | {batch} | {rate:,.0f} views/s |")
