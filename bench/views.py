@@ -71,7 +71,8 @@ def per_sample_views(size: int):
 
 def cpu_bench(sizes: list[int], rounds: int, batch: dict[int, int], compiled: bool = False) -> None:
     torch.set_num_threads(1)
-    print(f"CPU, one torch thread, median of {rounds} interleaved rounds (views/s per core; 2 views per image)\n")
+    print(f"CPU, one torch thread, median of {rounds} interleaved rounds, views per CPU-second of this process "
+          "(per core; 2 views per image)\n")
     print("| size | batch | (a) per-sample v2 views | (b) DeviceViews hsv | (b)/(a) | (c) DeviceViews linear hue "
           "| (c)/(a) | linear vs HSV hue, mean abs diff |" + (" (d) DeviceViews hsv, compile=True | (d)/(a) |"
                                                             if compiled else ""))
@@ -91,9 +92,9 @@ def cpu_bench(sizes: list[int], rounds: int, batch: dict[int, int], compiled: bo
         times: dict[str, list[float]] = {k: [] for k in runs}
         for r in range(rounds):
             for k, f in runs.items():
-                t0 = time.perf_counter()
+                t0 = time.process_time()  # CPU seconds of this process: per core, and robust to other load
                 f(seed=100 + r) if f.func is not ref else f()
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(time.process_time() - t0)
         rate = {k: 2 * n / statistics.median(v) for k, v in times.items()}
         f = hsv.draw_view(n, seed=3, view=0).hue.view(-1, 1, 1, 1)
         xf = x1.float() / 255
