@@ -5,6 +5,7 @@ The CUDA half is tests/gpu/test_devicedecode.py."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +13,19 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.data.devicedecode import decode_crops, decode_views, gpu_decodable, jpeg_frame
+from barlow.data.devicedecode import decode_crops, decode_views, decoders, gpu_decodable, jpeg_frame
+
+
+def _loads(name: str) -> bool:
+    try:
+        decoders(name)
+        return True
+    except (ImportError, OSError, RuntimeError):
+        return False
+
+
+DECODERS = [pytest.param(name, marks=pytest.mark.skipif(not _loads(name), reason=f"{name} does not load here"))
+            for name in ("torchcodec", "torchvision")]
 
 W, H = 96, 72
 
@@ -52,14 +65,15 @@ CASES = [  # name, encoded bytes, the GPU batch decoder takes it, tolerance (mea
 ]
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("name,make,gpu_ok,tol", CASES, ids=[c[0] for c in CASES])
-def test_crop_equals_host_crop_of_pil_decode(name, make, gpu_ok, tol, channels):
+def test_crop_equals_host_crop_of_pil_decode(name, make, gpu_ok, tol, channels, decoder):
     data = make()
     assert gpu_decodable(data) is gpu_ok
     boxes = torch.tensor([[5, 10, 50, 60], [0, 0, H, W], [30, 40, 20, 20]])
     flips = torch.tensor([True, False, True])
-    out, bad = decode_crops([data] * 3, boxes, flips, 32, channels, "cpu")
+    out, bad = decode_crops([data] * 3, boxes, flips, 32, channels, "cpu", decoder)
     assert bad == [] and out.shape == (3, channels, 32, 32) and out.dtype == torch.uint8
     with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
         want = torch.stack([host_crop(img, b.tolist(), bool(f), 32, channels) for b, f in zip(boxes, flips,
@@ -69,12 +83,13 @@ def test_crop_equals_host_crop_of_pil_decode(name, make, gpu_ok, tol, channels):
     assert diff.float().mean() <= tol[0] and diff.max() <= tol[1], (diff.float().mean(), diff.max())
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("junk", [b"", b"not an image", b"\xff\xd8\xff\xe0" + b"\x00" * 40, "truncated"])
-def test_undecodable_images_are_reported_not_raised(junk):
+def test_undecodable_images_are_reported_not_raised(junk, decoder):
     good = encode(photo(), "JPEG", quality=90)
     bad_data = good[:300] if junk == "truncated" else torch.frombuffer(bytearray(junk or b"\x00"), dtype=torch.uint8)
     boxes = torch.tensor([[0, 0, H, W]] * 3)
-    out, bad = decode_crops([good, bad_data, good], boxes, torch.zeros(3, dtype=torch.bool), 16, 3, "cpu")
+    out, bad = decode_crops([good, bad_data, good], boxes, torch.zeros(3, dtype=torch.bool), 16, 3, "cpu", decoder)
     assert bad == [1]
     assert out[1].eq(0).all() and out[0].float().mean() > 10 and torch.equal(out[0], out[2])
 
@@ -117,3 +132,10 @@ def test_bad_shapes_name_the_arguments(boxes, flips):
 ])
 def test_jpeg_frame_reads_the_header(data, frame):
     assert jpeg_frame(data()) == frame
+
+
+def test_torchvision_decoders_do_not_warn():
+    data = encode(photo(), "JPEG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_crops([data], torch.tensor([[0, 0, H, W]]), torch.tensor([False]), 8, 3, "cpu", "torchvision")

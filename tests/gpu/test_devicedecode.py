@@ -12,9 +12,21 @@ import torch
 from PIL import Image
 
 from barlow.augment import DeviceViews
-from barlow.data.devicedecode import decode_crops, decode_views, gpu_decodable
+from barlow.data.devicedecode import decode_crops, decode_views, decoders, gpu_decodable
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _loads(name: str) -> bool:
+    try:
+        decoders(name)
+        return True
+    except (ImportError, OSError, RuntimeError):
+        return False
+
+
+DECODERS = [pytest.param(name, marks=pytest.mark.skipif(not _loads(name), reason=f"{name} does not load here"))
+            for name in ("torchcodec", "torchvision")]
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> torch.Tensor:
@@ -38,14 +50,15 @@ def mixed_batch() -> list[torch.Tensor]:
             encode(photo(5), "JPEG", quality=92)[:400], encode(photo(6), "JPEG", quality=92)]
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("channels", [3, 1])
-def test_gpu_decode_equals_cpu_decode_with_fallbacks(channels):
+def test_gpu_decode_equals_cpu_decode_with_fallbacks(channels, decoder):
     data = mixed_batch()
     n = len(data)
     boxes = torch.tensor([[10, 20, 90, 120]] * n)
     flips = torch.tensor([i % 2 == 0 for i in range(n)])
-    gpu, bad_gpu = decode_crops(data, boxes, flips, 64, channels, "cuda")
-    cpu, bad_cpu = decode_crops(data, boxes, flips, 64, channels, "cpu")
+    gpu, bad_gpu = decode_crops(data, boxes, flips, 64, channels, "cuda", decoder)
+    cpu, bad_cpu = decode_crops(data, boxes, flips, 64, channels, "cpu", decoder)
     assert gpu.device.type == "cuda" and gpu.shape == (n, channels, 64, 64) and gpu.dtype == torch.uint8
     for bad in (bad_gpu, bad_cpu):  # the junk bytes; the cut JPEG (6) may decode partly on one and not the other
         assert {5} <= set(bad) <= {5, 6}
@@ -55,14 +68,15 @@ def test_gpu_decode_equals_cpu_decode_with_fallbacks(channels):
     assert diff[good].mean() < 2.0 and diff[good].amax() <= 40
 
 
-def test_one_bad_jpeg_does_not_fail_the_gpu_batch():
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_one_bad_jpeg_does_not_fail_the_gpu_batch(decoder):
     good = [encode(photo(s), "JPEG", quality=90) for s in range(6)]
     broken = good[0][:300].clone()  # cut inside the Huffman tables: the frame header still says baseline JPEG
     assert gpu_decodable(broken)  # so it goes into nvJPEG's batch and fails it
     data = [*good[:3], broken, *good[3:]]
     boxes = torch.tensor([[[0, 0, 120, 160]] * len(data)] * 2)
     flips = torch.zeros(2, len(data), dtype=torch.bool)
-    (a, b), bad = decode_views(data, boxes, flips, 32, 3, "cuda")
+    (a, b), bad = decode_views(data, boxes, flips, 32, 3, "cuda", decoder)
     assert bad == [3] and a[3].eq(0).all()
     assert all(a[i].float().mean() > 10 for i in range(len(data)) if i != 3)
 
