@@ -221,12 +221,25 @@ def view_config(size: int, channels: int) -> dict:
             "antialias": True}
 
 
-def _seed_for(seed: int, view: int) -> int:
-    """A 63-bit seed per (batch seed, view) (splitmix64 finaliser), so the two views' streams are unrelated."""
-    z = (seed * 2 + view + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+def _mix(z: int) -> int:
+    """splitmix64's finaliser: nearby inputs give unrelated 64-bit outputs."""
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """A seed for DeviceViews.forward from (run seed, epoch, rank, batch index): a resumed run replays it exactly."""
+    z = 0
+    for part in (seed, epoch, rank, batch):
+        z = _mix(z ^ (part & 0xFFFFFFFFFFFFFFFF))
+    return z & 0x7FFFFFFFFFFFFFFF
+
+
+def _seed_for(seed: int, view: int) -> int:
+    """A 63-bit seed per (batch seed, view), so the two views' streams are unrelated."""
+    return _mix((seed * 2 + view) & 0xFFFFFFFFFFFFFFFF) & 0x7FFFFFFFFFFFFFFF
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
