@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from barlow.launch import backend as backends
 from barlow.launch.backend import Backend
 from barlow.launch.kubernetes import build_follow_up, eval_of
-from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError
+from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError, to_dict
 from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, with_fields
 
 SUCCEEDED = ("Succeeded", "Complete")  # PyTorchJob's condition, TrainJob's condition
@@ -176,7 +176,8 @@ def _read(api: client.ApiClient, res: Resource, name: str, namespace: str) -> di
     try:
         return objects.get_namespaced_custom_object(*res.args(namespace), name, _request_timeout=REQUEST_TIMEOUT_S)
     except ApiException as e:
-        if e.status == 404 and not (_body(e).get("details") or {}).get("kind") == "namespaces" and _crd_installed(api, res):
+        missing_namespace = (_body(e).get("details") or {}).get("kind") == "namespaces"
+        if e.status == 404 and not missing_namespace and (not res.missing or _crd_installed(api, res)):
             return None
         raise _translate(api, e, namespace, res) from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
@@ -238,7 +239,7 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
     if what == "pipeline":
         if not isinstance(spec, PretrainSpec):
             raise ClusterError("a pipeline needs a pretrain spec (kind: pretrain)")
-        job, follow = _rendered(b.build, spec), _rendered(build_follow_up, spec)  # both valid before either is sent
+        job, follow = _rendered(b.build, spec), to_dict(_rendered(build_follow_up, spec))  # both valid before either is sent
         first = _submit_object(api, resource(b), job, dry_run)
         if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
             follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
