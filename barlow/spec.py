@@ -25,6 +25,7 @@ READABLE_SCHEMES = WRITABLE_SCHEMES | {"http", "https"}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
+RENDERED_BY_ENV = "BARLOW_RENDERED_BY"  # the barlow version that rendered a pod's spec (named on a version skew)
 
 
 class SpecError(Exception):

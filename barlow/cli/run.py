@@ -8,7 +8,7 @@ from enum import StrEnum
 import typer
 
 from barlow.cli.common import EXIT_INVALID, app, console, fail, load_or_exit
-from barlow.spec import EvalRunSpec, PretrainSpec, SpecError, parse_spec
+from barlow.spec import EvalRunSpec, PretrainSpec, SpecError, with_fields
 
 
 class Stage(StrEnum):
@@ -53,9 +53,7 @@ def run(
 
 
 def _with_nproc(spec: PretrainSpec | EvalRunSpec, nproc: int, source: str) -> PretrainSpec | EvalRunSpec:
-    data = spec.model_dump(mode="json")
-    data["runtime"]["nproc_per_node"] = nproc
     try:
-        return parse_spec(data, source)
+        return with_fields(spec, {"runtime.nproc_per_node": nproc}, source)
     except SpecError as e:
         raise fail(f"--nproc {nproc}: " + "; ".join(e.problems), EXIT_INVALID) from None

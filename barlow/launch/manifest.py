@@ -9,12 +9,11 @@ import yaml
 from kubernetes import client as k8s
 
 from barlow import __version__
-from barlow.spec import SPEC_ENV, RunSpec, dump_spec
+from barlow.spec import RENDERED_BY_ENV, SPEC_ENV, RunSpec, dump_spec
 
 # torchrun with the worker's exit code passed through (plain torchrun exits 1 for every failure, see barlow/torchrun.py).
 COMMAND = ["python", "-m", "barlow.torchrun", "-m", "barlow.entrypoint"]
 SHUTDOWN_MARGIN_S = 10  # torchrun must give up on its workers before the kubelet's SIGKILL ends the pod
-RENDERED_BY_ENV = "BARLOW_RENDERED_BY"  # the CLI version that rendered the spec: the pod names it on a version skew
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the keys of k8s/base/s3-secret.template.yaml
 
 LABEL_RUN = "barlow.dev/run"
