@@ -230,6 +230,7 @@ def _rendered(fn: Callable[..., Any], *args: Any) -> Any:
 def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | None = None,
            dry_run: bool = False) -> list[Submitted]:
     """Create the job for `spec` in its backend (what: pretrain | eval | pipeline; default the spec's kind).
+    Raises RenderError (a spec problem) before sending anything when the spec cannot be rendered.
 
     `pipeline` creates the pretrain job and a follow-up Job, owned by it, that submits the eval once pretrain succeeds.
     Resubmitting the same spec is a no-op ("already submitted").
@@ -239,7 +240,7 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
     if what == "pipeline":
         if not isinstance(spec, PretrainSpec):
             raise ClusterError("a pipeline needs a pretrain spec (kind: pretrain)")
-        job, follow = _rendered(b.build, spec), to_dict(_rendered(build_follow_up, spec))  # both valid before either is sent
+        job, follow = b.build(spec), to_dict(build_follow_up(spec))  # both valid before either is sent
         first = _submit_object(api, resource(b), job, dry_run)
         if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
             follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
@@ -249,7 +250,7 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
         spec = eval_of(spec)
     elif what != spec.kind:
         raise ClusterError(f"this is a {spec.kind} spec: submit it as `{spec.kind}`, not `{what}`")
-    return [_submit_object(api, resource(b), _rendered(b.build, spec), dry_run)]
+    return [_submit_object(api, resource(b), b.build(spec), dry_run)]
 
 
 def _suspended(obj: dict[str, Any]) -> bool:
@@ -274,7 +275,11 @@ def _phase(obj: dict[str, Any]) -> tuple[str, str]:
     if "Suspended" in by_type or _suspended(obj):
         held = by_type.get("Suspended") or {}
         return QUEUED, _one_line(held.get("message", "") or "suspended until its queue admits it")
-    return (true[-1].get("type", "Pending"), _one_line(true[-1].get("message", ""))) if true else ("Pending", "")
+    if true:
+        return true[-1].get("type", "Pending"), _one_line(true[-1].get("message", ""))
+    # A TrainJob has no Running condition: its JobSet's jobs tell whether pods are running
+    running = any(j.get("active") or j.get("ready") for j in (obj.get("status") or {}).get("jobsStatus") or [])
+    return ("Running", "") if running else ("Pending", "")
 
 
 def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
