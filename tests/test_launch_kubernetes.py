@@ -18,7 +18,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from cluster_specs import SECRET, SPECS, spec, strict_schema, torchrun_world
+from cluster_specs import SECRET, SPECS, TRAINJOB_SPECS, spec, strict_schema, torchrun_world
 from typer.testing import CliRunner
 
 from barlow.cli import app
@@ -270,11 +270,14 @@ def test_no_secret_value_appears_in_any_rendered_output(key, monkeypatch):
                     assert container.get("envFrom") == want
 
 
-def test_rendering_does_not_import_torch(tmp_path):
-    path = tmp_path / "spec.yaml"
+def test_rendering_and_planning_do_not_import_torch(tmp_path):
+    path, trainjob = tmp_path / "spec.yaml", tmp_path / "trainjob.yaml"
     path.write_text(yaml.safe_dump(SPECS["pretrain-4x8gpu"]))
-    code = ("import sys; from typer.testing import CliRunner; from barlow.cli import app; "
-            f"r = CliRunner().invoke(app, ['render', 'pipeline', {str(path)!r}]); assert r.exit_code == 0, r.output; "
+    trainjob.write_text(yaml.safe_dump(TRAINJOB_SPECS["pretrain-4x8gpu-kueue"]))
+    calls = [["render", "pipeline", str(path)], ["render", "pipeline", str(trainjob)], ["plan", str(path), "--images", "1000"]]
+    code = ("import sys; from typer.testing import CliRunner; from barlow.cli import app\n"
+            f"for args in {calls!r}:\n"
+            "    r = CliRunner().invoke(app, args); assert r.exit_code == 0, r.output\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr

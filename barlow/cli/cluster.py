@@ -218,3 +218,24 @@ def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT, backend: Backe
     for st in jobs:
         table.add_row(st.name, st.kind, st.phase, st.created, st.spec_hash)
     console.print(table)
+
+
+@app.command()
+def plan(
+    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    images: int = typer.Option(None, "--images", min=1, help="Training images (default: counted from a shard index)."),
+    gpu: str = typer.Option(None, "--gpu", help="GPU model, as the node label nvidia.com/gpu.product (default: the "
+                                                "spec's cluster.node_selector)."),
+) -> None:
+    """Print what a run will do before it is submitted: GPUs, global batch, steps, expected wall time and GPU-hours."""
+    from barlow.launch.plan import images_in, lines, make_plan
+
+    spec = load_or_exit(spec_path)
+    if images is None:
+        try:
+            images = images_in(spec)
+        except (OSError, ValueError, KeyError) as e:
+            raise fail(f"data.train: cannot count the images in the shard index ({type(e).__name__}: {e}); "
+                       "pass --images N") from None
+    for label, value in lines(spec, make_plan(spec, images, gpu)):
+        console.print(f"{label + ':':<14}{value}", highlight=False, soft_wrap=True)
