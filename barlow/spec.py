@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -455,6 +456,39 @@ def loads_spec(text: str, source: str = "spec") -> PretrainSpec | EvalRunSpec:
 def dump_spec(spec: RunSpec) -> str:
     """The resolved spec as YAML (what `barlow validate` prints and a pod receives)."""
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+class Stage(StrEnum):
+    """What `barlow run|render|submit STAGE` makes of a spec (the rules are `stage_runs`)."""
+
+    pretrain = "pretrain"
+    eval = "eval"
+    pipeline = "pipeline"
+
+
+STAGE_HELP = "pretrain, eval (of an eval spec, or of a pretrain spec's checkpoint), or pipeline (pretrain, then eval)."
+
+
+def follow_up_eval(spec: PretrainSpec) -> EvalRunSpec:
+    """The eval of a pretrain spec's checkpoint; raises SpecError naming it (checked before anything runs)."""
+    try:
+        return spec.eval_spec()
+    except ValidationError as e:
+        raise SpecError.from_validation(e, "the follow-up eval") from None
+
+
+def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None = None) -> list[PretrainSpec | EvalRunSpec]:
+    """The runs `stage` makes of `spec`, in order: pretrain [spec]; eval [spec] for an eval spec, the follow-up eval
+    for a pretrain spec; pipeline [spec, its follow-up eval]. Raises SpecError before anything runs or is submitted."""
+    if stage in (Stage.pretrain, Stage.pipeline) and not isinstance(spec, PretrainSpec):
+        raise SpecError([f"kind is '{spec.kind}'; `{stage}` needs a pretrain spec"], source)
+    if stage not in tuple(Stage):
+        raise SpecError([f"stage must be one of {', '.join(Stage)} (got '{stage}')"], source)
+    if isinstance(spec, EvalRunSpec):
+        return [spec]
+    if stage == Stage.pretrain:
+        return [spec]
+    return [follow_up_eval(spec)] if stage == Stage.eval else [spec, follow_up_eval(spec)]
 
 
 REMOVE = object()  # a value for set_path: delete the field instead of setting it

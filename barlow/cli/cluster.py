@@ -12,20 +12,15 @@ import typer
 
 from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
 from barlow.launch.backend import NAMES
-from barlow.spec import SPEC_ENV, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, loads_spec
+from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
 EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 
 
-class Target(StrEnum):
-    pretrain = "pretrain"
-    eval = "eval"
-    pipeline = "pipeline"
-
-
-TARGET_HELP = "pretrain, eval (of an eval spec, or of a pretrain spec's checkpoint), or pipeline (pretrain, then eval)."
+Target = Stage  # the stages, and their rules, are the spec's (spec.stage_runs), the same for run, render and submit
+TARGET_HELP = STAGE_HELP
 SPEC_HELP = "Path to a run spec (YAML)."
 CONTEXT = typer.Option(None, "--context", help="kubeconfig context (default: its current context).")
 NAMESPACE = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", envvar="BARLOW_NAMESPACE", help="Namespace of the job.")
@@ -63,11 +58,10 @@ def _spec(spec_path: str | None, target: Target, namespace: str | None) -> Pretr
     else:
         raise fail(f"give a spec file (or the spec's YAML in ${SPEC_ENV})", EXIT_INVALID)
     source = spec_path or SPEC_ENV
-    if target == Target.pretrain and spec.kind != "pretrain" or target == Target.pipeline and spec.kind != "pretrain":
-        raise fail(f"{source}: kind is '{spec.kind}'; `{target.value}` needs a pretrain spec", EXIT_INVALID)
     from barlow.launch.cluster import spec_namespace
 
     with _cluster_errors():
+        stage_runs(spec, target, source)  # the stage fits the spec's kind, and a pipeline's eval is valid
         return spec_namespace(spec, namespace)
 
 
@@ -108,9 +102,7 @@ def submit(
         if after:
             if target != Target.eval:
                 raise fail("--after goes with `submit eval`", EXIT_INVALID)
-            from barlow.launch.kubernetes import eval_of
-
-            ev = spec if isinstance(spec, EvalRunSpec) else eval_of(spec)
+            (ev,) = stage_runs(spec, Target.eval)
             done = cluster.submit_after(api, ev, after, poll=poll, on_change=_print_phase)
         else:
             done = cluster.submit(api, spec, target.value, dry_run=dry_run)

@@ -21,9 +21,9 @@ from kubernetes.client.exceptions import ApiException
 
 from barlow.launch import backend as backends
 from barlow.launch.backend import Backend
-from barlow.launch.kubernetes import build_follow_up, eval_of
+from barlow.launch.kubernetes import build_follow_up
 from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError, to_dict
-from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, with_fields
+from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, stage_runs, with_fields
 
 SUCCEEDED = ("Succeeded", "Complete")  # PyTorchJob's condition, TrainJob's condition
 FINISHED = (*SUCCEEDED, "Failed")
@@ -235,22 +235,15 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
     `pipeline` creates the pretrain job and a follow-up Job, owned by it, that submits the eval once pretrain succeeds.
     Resubmitting the same spec is a no-op ("already submitted").
     """
-    what = what or spec.kind
-    b = backends.of(spec)
-    if what == "pipeline":
-        if not isinstance(spec, PretrainSpec):
-            raise ClusterError("a pipeline needs a pretrain spec (kind: pretrain)")
+    runs, b = stage_runs(spec, what or spec.kind), backends.of(spec)
+    if len(runs) == 2:  # the pipeline
         job, follow = b.build(spec), to_dict(build_follow_up(spec))  # both valid before either is sent
         first = _submit_object(api, resource(b), job, dry_run)
         if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
             follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
                                                       "name": first.name, "uid": first.uid}]
         return [first, _submit_object(api, JOBS, follow, dry_run)]
-    if what == "eval" and isinstance(spec, PretrainSpec):
-        spec = eval_of(spec)
-    elif what != spec.kind:
-        raise ClusterError(f"this is a {spec.kind} spec: submit it as `{spec.kind}`, not `{what}`")
-    return [_submit_object(api, resource(b), b.build(spec), dry_run)]
+    return [_submit_object(api, resource(b), b.build(runs[0]), dry_run)]
 
 
 def _suspended(obj: dict[str, Any]) -> bool:

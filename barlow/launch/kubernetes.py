@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from kubernetes import client as k8s
-from pydantic import ValidationError
 
 from barlow.launch import backend
 from barlow.launch.manifest import (
@@ -20,22 +19,14 @@ from barlow.launch.manifest import (
     to_dict,
     to_yaml,
 )
-from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, SpecError, dump_spec
+from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec, follow_up_eval, stage_runs
 
-__all__ = ["RenderError", "build_follow_up", "eval_of", "follow_up_name", "render", "to_yaml"]
+__all__ = ["RenderError", "build_follow_up", "follow_up_name", "render", "to_yaml"]
 
 
 def follow_up_name(spec: PretrainSpec) -> str:
     """The name of the Job that starts the eval after `spec`'s pretraining succeeds."""
     return f"{spec.name}-follow-up"
-
-
-def eval_of(spec: PretrainSpec) -> EvalRunSpec:
-    """The follow-up eval of a pretrain spec; raises SpecError (checked before anything is submitted)."""
-    try:
-        return spec.eval_spec()
-    except ValidationError as e:
-        raise SpecError.from_validation(e, "the follow-up eval") from None
 
 
 def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
@@ -44,7 +35,7 @@ def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
     It runs `barlow submit eval --after <pretrain job>` with the eval spec in BARLOW_SPEC, under the namespace's
     `barlow` service account (k8s/base grants it get/create on pytorchjobs and trainjobs).
     """
-    ev, c = eval_of(spec), spec.cluster
+    ev, c = follow_up_eval(spec), spec.cluster
     pod_security, container_security = security()
     container = k8s.V1Container(
         name="follow-up",
@@ -88,18 +79,12 @@ def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
 
 
 def render(spec: PretrainSpec | EvalRunSpec, what: str | None = None) -> list[dict[str, Any]]:
-    """The manifests for `barlow render WHAT`: pretrain or eval (one job of the spec's backend), pipeline (that job
-    + the follow-up Job). `what` defaults to the spec's kind; `eval` of a pretrain spec renders the eval of its
-    checkpoint. Raises RenderError (one line) for a spec that cannot be placed on a cluster.
+    """The manifests for `barlow render STAGE`: pretrain or eval (one job of the spec's backend), pipeline (the
+    pretrain job + the follow-up Job that submits the eval). `what` defaults to the spec's kind; `eval` of a pretrain
+    spec renders the eval of its checkpoint. Raises SpecError or RenderError (one line) before rendering anything.
     """
-    what = what or spec.kind
+    runs = stage_runs(spec, what or spec.kind)
     build = backend.of(spec).build
-    if what == "pipeline":
-        if not isinstance(spec, PretrainSpec):
-            raise RenderError("a pipeline needs a pretrain spec (kind: pretrain)")
-        return [build(spec), to_dict(build_follow_up(spec))]
-    if what == "eval" and isinstance(spec, PretrainSpec):
-        return [build(eval_of(spec))]
-    if what != spec.kind:
-        raise RenderError(f"this is a {spec.kind} spec: use `{spec.kind}` (or `pipeline`), not `{what}`")
-    return [build(spec)]
+    if len(runs) == 2:  # the pipeline: the eval job itself is created later, by the follow-up
+        return [build(runs[0]), to_dict(build_follow_up(spec))]
+    return [build(runs[0])]
