@@ -149,3 +149,12 @@ def test_make_image_uses_the_first_working_engine(tmp_path, stubs, expected):
     assert (tmp_path / "built").read_text().split() == [
         *expected.split(), "-f", "docker/Dockerfile", "-t", "registry.example.com/barlow:test",
         "--build-arg", "BASE_IMAGE=pytorch/pytorch:x@sha256:abc", "."]
+
+
+def test_make_image_tags_the_version_and_no_registry_by_default(tmp_path):
+    from barlow import __version__
+
+    _stub(tmp_path, "docker", True)
+    out = _build(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "built").read_text().split()[4] == f"barlow:{__version__}"
