@@ -8,8 +8,9 @@ streak, and a new checkpoint ends it. Past `cluster.max_restarts` restarts in a 
 permanent code instead, with one line saying why. An attempt that never got to record its end (SIGKILL, OOM) counts
 as a retryable failure. Deleting `<output.url>/attempts/` resets the budget.
 
-It applies in pods only (KUBERNETES_SERVICE_HOST is set there): a local `barlow run` is restarted by a person, who
-sees every failure (see README "Exit codes").
+It applies in pods a Kubeflow operator started (both the training operator v1 and Trainer v2's torch plugin set
+PET_NNODES for torchrun there; a local `barlow run` does not): a local run is restarted by a person, who sees every
+failure (see README "Exit codes").
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ PERMANENT = 1  # what a spent budget exits with (the entrypoint's permanent fail
 FOLDER = "attempts"
 
 
+OPERATOR_ENV = "PET_NNODES"  # set for torchrun by the operator in every training pod, on either backend
+
+
 def applies() -> bool:
-    """In a pod (the kubelet sets KUBERNETES_SERVICE_HOST in every container), on global rank 0: one process keeps
-    the record, so every attempt is counted once (the others see rank 0's permanent exit end the job)."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.environ.get("RANK", "0") == "0"
+    """In an operator's training pod, on global rank 0: one process keeps the record, so every attempt is counted
+    once (the others see rank 0's permanent exit end the job)."""
+    return bool(os.environ.get(OPERATOR_ENV)) and os.environ.get("RANK", "0") == "0"
 
 
 def bounded(spec: RunSpec, run: Callable[[], int], say: Callable[[str], None]) -> int:

@@ -38,7 +38,7 @@ CASES = [
 
 @pytest.mark.parametrize("attempts, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_budget_counts_retryable_failures_since_the_last_checkpoint(tmp_path, monkeypatch, attempts, expected):
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("PET_NNODES", "1")
     monkeypatch.setenv("RANK", "0")
     spec, said, got = _spec(tmp_path / "out", 2), [], []
     for code, step in attempts:
@@ -61,21 +61,21 @@ def test_budget_counts_retryable_failures_since_the_last_checkpoint(tmp_path, mo
 
 
 def test_outside_a_pod_the_budget_does_not_apply(tmp_path, monkeypatch):
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("PET_NNODES", raising=False)
     spec = _spec(tmp_path / "out", 0)
     assert [restarts.bounded(spec, lambda: 143, print) for _ in range(3)] == [143, 143, 143]
     assert not (tmp_path / "out" / "attempts").exists()
 
 
 def test_only_rank_0_keeps_the_record(tmp_path, monkeypatch):
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("PET_NNODES", "1")
     monkeypatch.setenv("RANK", "3")
     assert restarts.bounded(_spec(tmp_path / "out", 0), lambda: 144, print) == 144
     assert not (tmp_path / "out" / "attempts").exists()
 
 
 def test_records_are_small_json_objects(tmp_path, monkeypatch):
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("PET_NNODES", "1")
     monkeypatch.setenv("RANK", "0")
     restarts.bounded(_spec(tmp_path / "out", 1), lambda: 143, print)
     (path,) = (tmp_path / "out" / "attempts").iterdir()

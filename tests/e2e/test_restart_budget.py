@@ -20,7 +20,7 @@ MAX_RESTARTS = 2
 
 
 def _attempt(spec_path, port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1",  # what every pod has: the budget applies
+    env = {**os.environ, "PET_NNODES": "1",  # what the operator sets in its pods: the budget applies
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     return subprocess.run([sys.executable, "-m", "barlow.entrypoint", str(spec_path)], env=env, capture_output=True,
                           text=True, timeout=300)
