@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -196,8 +197,9 @@ def shard_batches(index_url: str, sizes: Sizes, device: torch.device, workers: i
     """Batches of device views from the shards through the device data path; None where that path is missing."""
     try:
         from barlow.data import open_source
-        from barlow.data.feed import TrainingFeed
         from barlow.spec import DataSpec
+
+        TrainingFeed = importlib.import_module("barlow.data.feed").TrainingFeed  # noqa: N806 (the data-path issue's module)
     except ImportError as e:
         print(f"device data path not available ({e})", file=sys.stderr)
         return None
@@ -227,7 +229,8 @@ def report(meta: dict, rows: list[dict]) -> str:
     lines = [f"# GPU benchmark ({meta['device_name']})", "",
              f"{meta['device_name']}, torch {meta['torch']}, CUDA {meta['cuda']}, {meta['host']}; {meta['sizes']['arch']} at "
              f"{meta['sizes']['image']} px, projector {meta['sizes']['projector']}, {meta['sizes']['batch']} pairs a step, "
-             f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps{' (DRY RUN on the CPU: not a measurement)' if meta['dry_run'] else ''}.",
+             f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps"
+             f"{' (DRY RUN on the CPU: not a measurement)' if meta['dry_run'] else ''}.",
              "", "| mode | configuration | pairs/s | vs reference | step ms | data ms | forward ms | backward ms | optimizer ms "
              "| peak GiB | first step s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
