@@ -171,7 +171,8 @@ class _SquaredCrossNorm(torch.autograd.Function):
 
 def _lean(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same terms without the D x D matrix: sum_ij C_ij^2 = sum (Z1 Z1^T) * (Z2 Z2^T) / N^2 over the global batch."""
-    z1n, z2n = _normalize_local(_replicated_gather(z1)), _normalize_local(_replicated_gather(z2))
+    both = _replicated_gather(torch.cat((z1, z2), 1))  # one all-gather for both views
+    z1n, z2n = (_normalize_local(z) for z in both.split(z1.shape[1], 1))
     n = z1n.shape[0]
     diag = (z1n * z2n).sum(0) / n
     all_sq = _SquaredCrossNorm.apply(z1n, z2n) / (n * n)
