@@ -180,6 +180,8 @@ class OptimSpec(Section):
     lr_biases: float = Field(0.0048, gt=0, le=100, description="Base lr for biases and BatchNorm parameters.")
     weight_decay: float = Field(1.5e-6, ge=0, le=1, description="LARS weight decay (weights only).")
     momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum.")
+    lars_eta: float = Field(0.001, gt=0, le=1, description="LARS trust coefficient: a weight's step is scaled to eta "
+                            "x ||w|| / ||update|| (the paper's 0.001; small-image recipes use up to 0.02).")
     lambd: float = Field(5e-3, ge=0, le=1, description="Weight of the off-diagonal (redundancy) term.")
     warmup_epochs: float = Field(10, ge=0, description="Epochs of linear lr warmup.")
 

@@ -77,6 +77,8 @@ BAD = [
     ("epochs-zero", with_(GOOD, "optim.epochs", 0), "optim.epochs", "greater than or equal to 1"),
     ("lr-negative", with_(GOOD, "optim.lr_weights", -0.1), "optim.lr_weights", "greater than 0"),
     ("momentum-one", with_(GOOD, "optim.momentum", 1.0), "optim.momentum", "less than 1"),
+    ("lars-eta-zero", with_(GOOD, "optim.lars_eta", 0.0), "optim.lars_eta", "greater than 0"),
+    ("lars-eta-big", with_(GOOD, "optim.lars_eta", 2.0), "optim.lars_eta", "less than or equal to 1"),
     ("lambd-string", with_(GOOD, "optim.lambd", "small"), "optim.lambd", "valid number"),
     ("warmup-too-long", with_(with_(GOOD, "optim.epochs", 5), "optim.warmup_epochs", 5), "optim.warmup_epochs",
      "must be shorter than optim.epochs (5)"),
