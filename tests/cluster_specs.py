@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 from barlow.spec import REMOVE, parse_spec, set_path
 
@@ -97,3 +98,12 @@ def torchrun_world(argv: list[str], env: dict[str, str], monkeypatch) -> tuple[i
     assert config.min_nodes == config.max_nodes  # a fixed-size job, never elastic
     nproc = config.nproc_per_node
     return config.max_nodes * nproc, [node_rank * nproc + local for local in range(nproc)]
+
+
+def check_golden(path: Path, text: str) -> None:
+    """`text` equals the golden file at `path`; BARLOW_UPDATE_GOLDEN=1 rewrites the file first (an intended change)."""
+    if os.environ.get("BARLOW_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with BARLOW_UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), f"{path.name} differs: if intended, regenerate with BARLOW_UPDATE_GOLDEN=1"
