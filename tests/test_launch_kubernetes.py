@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from cluster_specs import SECRET, SPECS, TRAINJOB_SPECS, spec, strict_schema, torchrun_world
+from cluster_specs import SECRET, SPECS, TRAINJOB_SPECS, check_golden, spec, strict_schema, torchrun_world
 from typer.testing import CliRunner
 
 from barlow.cli import app
@@ -59,11 +58,7 @@ def test_render_matches_golden(golden):
     key, what = GOLDENS[golden]
     text = to_yaml(render(spec(key), what))
     path = GOLDEN / f"{golden}.yaml"
-    if os.environ.get("BARLOW_UPDATE_GOLDEN"):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with BARLOW_UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{path.name} differs: if intended, regenerate with BARLOW_UPDATE_GOLDEN=1"
+    check_golden(path, text)
 
 
 def test_cli_render_prints_the_golden(tmp_path):

@@ -8,14 +8,13 @@ Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 py
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from cluster_specs import SECRET, TRAINJOB_SPECS, spec, strict_schema, torchrun_world
+from cluster_specs import SECRET, TRAINJOB_SPECS, check_golden, spec, strict_schema, torchrun_world
 
 from barlow.launch.kubernetes import render
 from barlow.launch.manifest import COMMAND, RENDERED_BY_ENV, S3_KEYS, to_yaml
@@ -61,11 +60,7 @@ def test_render_matches_golden(golden):
     key, what = GOLDENS[golden]
     text = to_yaml(render(tj(key), what))
     path = GOLDEN / f"{golden}.yaml"
-    if os.environ.get("BARLOW_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with BARLOW_UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{path.name} differs: if intended, regenerate with BARLOW_UPDATE_GOLDEN=1"
+    check_golden(path, text)
 
 
 @pytest.mark.parametrize("key", IDS)
