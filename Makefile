@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check barlow tests bench cli.py
 	$(BIN)/hadolint docker/Dockerfile
 
-image:  ## the training image with docker, podman or buildah (IMAGE=..., BASE_IMAGE=... to override)
+image:  ## the training image, tagged barlow:<version> (IMAGE=<registry>/barlow:<version> to name it for a push; BASE_IMAGE=...)
 	docker/build.sh
 
 clean:

@@ -5,7 +5,8 @@ Exit codes: 0 done; 1 permanent failure (bad data, a bug); 2 invalid spec (perma
 128 + signal number when stopped by SIGTERM/SIGINT after writing a checkpoint (143, 130: retryable, the
 next attempt resumes from that checkpoint); 144 when a peer process or node went away (retryable: it is what
 the surviving pods see when one pod is preempted). The spec comes as a file path argument, or as YAML text in the
-environment variable BARLOW_SPEC (how a PyTorchJob passes it).
+environment variable BARLOW_SPEC (how a PyTorchJob passes it). In a pod, `barlow.restarts` bounds the retryable
+failures without progress (cluster.max_restarts).
 """
 
 from __future__ import annotations
@@ -53,10 +54,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SpecError([f"no spec: pass a spec file or set {SPEC_ENV}"])
     except SpecError as e:
-        for line in e.problems:
+        for line in _skew(e.problems) or e.problems:
             _error(line)
         return EXIT_INVALID_SPEC
+    from barlow import restarts
 
+    return restarts.bounded(spec, lambda: _run(spec), _error)
+
+
+def _skew(problems: list[str]) -> list[str]:
+    """One line naming both versions when a newer CLI rendered a spec with fields this image does not know."""
+    from barlow import __version__
+    from barlow.spec import RENDERED_BY_ENV
+
+    rendered_by, unknown = os.environ.get(RENDERED_BY_ENV), [p.split(":")[0] for p in problems if "unknown field" in p]
+    if not unknown or not rendered_by or rendered_by == __version__:
+        return []
+    return [f"this spec was rendered by barlow {rendered_by}, but the image runs barlow {__version__}, which does not "
+            f"know {', '.join(unknown)}: build and push an image of barlow {rendered_by} (make image) or render with "
+            f"barlow {__version__}"]
+
+
+def _run(spec) -> int:
     stop = _StopFlag()
     stop.install()
     import torch.distributed

@@ -18,13 +18,20 @@ class LARS(torch.optim.Optimizer):
     For a parameter with ndim > 1: dp = g + weight_decay * p, then dp *= eta * ||p|| / ||dp|| (factor 1 when either
     norm is 0). Parameters with ndim == 1 (biases, BatchNorm) get neither weight decay nor the trust ratio.
     Then mu = momentum * mu + dp (mu starts at 0) and p -= lr * mu.
+
+    foreach (default): each group's update as a few multi-tensor operations (torch._foreach_*: one call for all the
+    group's norms, one for the decay, ...), so the step costs a handful of dispatches, not several per parameter.
+    foreach=False: the same arithmetic one parameter at a time (the readable form; the benchmark's baseline).
+    Neither syncs with the host. The parameters with a gradient must share one device (a DDP model's do).
     """
 
-    def __init__(self, params: Iterable, lr: float, weight_decay: float = 1.5e-6, momentum: float = 0.9, eta: float = 0.001):
+    def __init__(self, params: Iterable, lr: float, weight_decay: float = 1.5e-6, momentum: float = 0.9, eta: float = 0.001,
+                 foreach: bool = True):
         for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("eta", eta)):
             if value < 0:
                 raise ValueError(f"{name}: must be >= 0 (got {value})")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -33,23 +40,45 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if p.ndim > 1:
-                    dp = dp.add(p, alpha=group["weight_decay"])
-                    p_norm, dp_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(dp)
-                    # torch.where keeps this on the device (no host sync per parameter).
-                    q = torch.where((p_norm > 0) & (dp_norm > 0), group["eta"] * p_norm / dp_norm, torch.ones_like(p_norm))
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(dp)
-                p.add_(mu, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._group_step_foreach if self.foreach else self._group_step_loop)(group, params)
         return loss
+
+    def _momentum(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        for p in params:
+            if "mu" not in self.state[p]:
+                self.state[p]["mu"] = torch.zeros_like(p)
+        return [self.state[p]["mu"] for p in params]
+
+    def _group_step_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
+        mats = [p for p in params if p.ndim > 1]
+        vecs = [p for p in params if p.ndim <= 1]
+        updates = [p.grad for p in vecs]  # 1-D: the plain gradient
+        if mats:
+            dps = torch._foreach_add([p.grad for p in mats], mats, alpha=group["weight_decay"])
+            p_norm, dp_norm = torch.stack(torch._foreach_norm(mats)), torch.stack(torch._foreach_norm(dps))
+            # torch.where keeps this on the device (no host sync).
+            q = torch.where((p_norm > 0) & (dp_norm > 0), group["eta"] * p_norm / dp_norm, torch.ones_like(p_norm))
+            torch._foreach_mul_(dps, q.unbind())
+            updates += dps
+        params = vecs + mats
+        mus = self._momentum(params)
+        torch._foreach_mul_(mus, group["momentum"])
+        torch._foreach_add_(mus, updates)
+        torch._foreach_add_(params, mus, alpha=-group["lr"])
+
+    def _group_step_loop(self, group: dict, params: list[torch.Tensor]) -> None:
+        for p, mu in zip(params, self._momentum(params), strict=True):
+            dp = p.grad
+            if p.ndim > 1:
+                dp = dp.add(p, alpha=group["weight_decay"])
+                p_norm, dp_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(dp)
+                # torch.where keeps this on the device (no host sync per parameter).
+                q = torch.where((p_norm > 0) & (dp_norm > 0), group["eta"] * p_norm / dp_norm, torch.ones_like(p_norm))
+                dp = dp.mul(q)
+            mu.mul_(group["momentum"]).add_(dp)
+            p.add_(mu, alpha=-group["lr"])
 
 
 def param_groups(model: nn.Module, lr_weights: float, lr_biases: float) -> list[dict]:

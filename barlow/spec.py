@@ -6,10 +6,12 @@ This module imports nothing of barlow (it is the bottom of the house).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -24,6 +26,7 @@ READABLE_SCHEMES = WRITABLE_SCHEMES | {"http", "https"}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
+RENDERED_BY_ENV = "BARLOW_RENDERED_BY"  # the barlow version that rendered a pod's spec (named on a version skew)
 
 
 class SpecError(Exception):
@@ -177,6 +180,8 @@ class OptimSpec(Section):
     lr_biases: float = Field(0.0048, gt=0, le=100, description="Base lr for biases and BatchNorm parameters.")
     weight_decay: float = Field(1.5e-6, ge=0, le=1, description="LARS weight decay (weights only).")
     momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum.")
+    lars_eta: float = Field(0.001, gt=0, le=1, description="LARS trust coefficient: a weight's step is scaled to eta "
+                            "x ||w|| / ||update|| (the paper's 0.001; small-image recipes use up to 0.02).")
     lambd: float = Field(5e-3, ge=0, le=1, description="Weight of the off-diagonal (redundancy) term.")
     warmup_epochs: float = Field(10, ge=0, description="Epochs of linear lr warmup.")
 
@@ -232,24 +237,47 @@ class EvalSpec(Section):
 class ClusterSpec(Section):
     """How the run is placed on Kubernetes (ignored by local runs)."""
 
-    image: str = Field("ghcr.io/barlow-ml/barlow:latest", min_length=1, description="Container image with barlow installed.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
+    backend: Literal["pytorchjob", "trainjob"] = Field(
+        "pytorchjob", description="pytorchjob: Kubeflow training operator v1 (kubeflow.org/v1 PyTorchJob); "
+                                  "trainjob: Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob).")
+    training_runtime: str = Field("torch-distributed", min_length=1, max_length=253,
+                                  description="trainjob: the ClusterTrainingRuntime the TrainJob refers to.")
+    image: str | None = Field(None, min_length=1, description="Container image with barlow installed, pushed to a "
+                              "registry the cluster can pull from (`make image IMAGE=...`); needed to render or submit.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Kubernetes imagePullPolicy (pytorchjob; a TrainJob's runtime decides it).")
     namespace: str = Field("barlow", description="Namespace the job is created in.")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod; when > 0 must equal runtime.nproc_per_node.")
-    cpu: str = Field("8", description="CPU request and limit per pod (Kubernetes quantity).")
+    cpu: str = Field("8", description="CPU request and limit per pod (Kubernetes quantity; a YAML number is fine).")
     memory: str = Field("32Gi", description="Memory request and limit per pod (Kubernetes quantity).")
     shm_size: str = Field("16Gi", description="Size of the memory-backed /dev/shm for data-loader workers.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (Kubernetes form).")
-    priority_class: str | None = Field(None, description="Pod priorityClassName.")
+    priority_class: str | None = Field(None, description="Pod priorityClassName (pytorchjob; also the gang's priority).")
+    queue: str | None = Field(None, description="Kueue LocalQueue: adds the kueue.x-k8s.io/queue-name label, so "
+                              "Kueue admits (unsuspends) the job when the queue has quota.")
+    workload_priority_class: str | None = Field(
+        None, description="Kueue WorkloadPriorityClass: the kueue.x-k8s.io/priority-class label (with cluster.queue).")
+    gang: Literal["none", "volcano", "scheduler-plugins"] = Field(
+        "none", description="pytorchjob: gang scheduling through runPolicy.schedulingPolicy (all pods or none); "
+                            "the training operator must run with the same --gang-scheduler-name.")
     service_account: str = Field("barlow", description="Pod serviceAccountName.")
     s3_secret: str | None = Field("barlow-s3", description="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pod's environment.")
-    backoff_limit: int = Field(3, ge=0, le=1000, description="Retries of retryable failures.")
+    backoff_limit: int = Field(3, ge=0, le=1000, description="Retries of retryable failures (pytorchjob runPolicy).")
+    max_restarts: int = Field(
+        5, ge=0, le=1000, description="Retryable failures in a row without a new checkpoint before the pod's "
+                                      "entrypoint gives up with a permanent exit code (bounds ExitCode restarts).")
     ttl_seconds_after_finished: int | None = Field(86400, ge=0, description="Delete the finished job after this many seconds.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this many seconds.")
-    clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="Pods deleted when the job ends.")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="Pods deleted when the job ends (pytorchjob).")
     termination_grace_seconds: int = Field(
         120, ge=30, le=86400, description="Seconds a pod gets after SIGTERM (preemption) to write a checkpoint and exit.")
+
+    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @classmethod
+    def _number_as_quantity(cls, v: Any) -> Any:
+        # `cpu: 8` is a YAML int; a Kubernetes quantity is its decimal text (bool is an int too, and no quantity)
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
 
     @field_validator("cpu", "memory", "shm_size")
     @classmethod
@@ -271,12 +299,29 @@ class ClusterSpec(Section):
                 raise ValueError(f"item {i}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
         return [dict(sorted(t.items())) for t in v]  # one key order, so the resolved spec prints the same every time
 
-    @field_validator("namespace", "service_account", "s3_secret", "priority_class")
+    @field_validator("namespace", "service_account", "s3_secret", "priority_class", "queue", "workload_priority_class",
+                     "training_runtime")
     @classmethod
     def _dns(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v):
             raise ValueError(f"'{v}' is not a valid Kubernetes name (lowercase letters, digits, '-')")
         return v
+
+
+def _cluster_problems(c: ClusterSpec) -> list[tuple[str, str]]:
+    problems = []
+    if c.backend == "trainjob" and c.gang != "none":
+        problems.append(("cluster.gang", "is for backend pytorchjob; a TrainJob is gang-scheduled by its runtime's "
+                                         "podGroupPolicy (see cluster.training_runtime)"))
+    if c.backend == "trainjob" and c.priority_class:
+        problems.append(("cluster.priority_class", "a TrainJob cannot set its pods' priorityClassName (Trainer v2.3 "
+                                                   "runtimePatches has no such field): set it in the runtime, or use "
+                                                   "cluster.workload_priority_class with Kueue"))
+    if c.gang != "none" and c.queue:
+        problems.append(("cluster.queue", "Kueue (cluster.queue) admits a job whole already; use it or cluster.gang, not both"))
+    if c.workload_priority_class and not c.queue:
+        problems.append(("cluster.workload_priority_class", "is read by Kueue: set cluster.queue too"))
+    return problems
 
 
 class RunSpec(Section):
@@ -303,6 +348,7 @@ class RunSpec(Section):
             problems.append(("cluster.gpus_per_node", f"must equal runtime.nproc_per_node ({r.nproc_per_node}) when GPUs are requested"))
         if r.device == "cuda" and r.nodes > 1 and c.gpus_per_node == 0:
             problems.append(("cluster.gpus_per_node", "must be set when runtime.device is cuda on several nodes"))
+        problems += _cluster_problems(c)
         if self.data.format == "shards" and not self.data.train.endswith(".json"):
             problems.append(("data.train", "must point at the shards' index .json when data.format is shards"))
         return problems
@@ -412,6 +458,64 @@ def loads_spec(text: str, source: str = "spec") -> PretrainSpec | EvalRunSpec:
 def dump_spec(spec: RunSpec) -> str:
     """The resolved spec as YAML (what `barlow validate` prints and a pod receives)."""
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+class Stage(StrEnum):
+    """What `barlow run|render|submit STAGE` makes of a spec (the rules are `stage_runs`)."""
+
+    pretrain = "pretrain"
+    eval = "eval"
+    pipeline = "pipeline"
+
+
+STAGE_HELP = "pretrain, eval (of an eval spec, or of a pretrain spec's checkpoint), or pipeline (pretrain, then eval)."
+
+
+def follow_up_eval(spec: PretrainSpec) -> EvalRunSpec:
+    """The eval of a pretrain spec's checkpoint; raises SpecError naming it (checked before anything runs)."""
+    try:
+        return spec.eval_spec()
+    except ValidationError as e:
+        raise SpecError.from_validation(e, "the follow-up eval") from None
+
+
+def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None = None) -> list[PretrainSpec | EvalRunSpec]:
+    """The runs `stage` makes of `spec`, in order: pretrain [spec]; eval [spec] for an eval spec, the follow-up eval
+    for a pretrain spec; pipeline [spec, its follow-up eval]. Raises SpecError before anything runs or is submitted."""
+    if stage in (Stage.pretrain, Stage.pipeline) and not isinstance(spec, PretrainSpec):
+        raise SpecError([f"kind is '{spec.kind}'; `{stage}` needs a pretrain spec"], source)
+    if stage not in tuple(Stage):
+        raise SpecError([f"stage must be one of {', '.join(Stage)} (got '{stage}')"], source)
+    if isinstance(spec, EvalRunSpec):
+        return [spec]
+    if stage == Stage.pretrain:
+        return [spec]
+    return [follow_up_eval(spec)] if stage == Stage.eval else [spec, follow_up_eval(spec)]
+
+
+REMOVE = object()  # a value for set_path: delete the field instead of setting it
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of a spec's dict with the dotted `path` set to `value` (REMOVE deletes it)."""
+    out = copy.deepcopy(data)
+    *parents, last = path.split(".")
+    node = out
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is REMOVE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return out
+
+
+def with_fields(spec: RunSpec, changes: dict[str, Any], source: str | None = None) -> PretrainSpec | EvalRunSpec:
+    """The spec with dotted fields changed (`{"runtime.nproc_per_node": 4}`), validated again; raises SpecError."""
+    data = spec.model_dump(mode="json")
+    for path, value in changes.items():
+        data = set_path(data, path, value)
+    return parse_spec(data, source)
 
 
 def json_schema() -> dict[str, Any]:

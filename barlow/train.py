@@ -59,7 +59,7 @@ def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda:
     per_rank = o.batch_size // place.world_size
 
     model = build_model(spec, place)
-    optimizer = LARS(param_groups(model, o.lr_weights, o.lr_biases), lr=0.0, weight_decay=o.weight_decay, momentum=o.momentum)
+    optimizer = LARS(param_groups(model, o.lr_weights, o.lr_biases), lr=0.0, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.lars_eta)
     schedule = WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size)
     loss_fn = BarlowTwinsLoss(o.lambd)
     step = resume(out, model, optimizer, spec, place)

@@ -1,7 +1,14 @@
-"""Loss benchmark: the direct (D x D) path against the lean (N x N) path on the CPU, forward + backward.
+"""Loss benchmark: the direct (D x D) path against the lean (N x N) path on the CPU, forward + backward; bytes sent.
 
     .venv/bin/python bench/loss.py                        # D = 8192, N in 64 256 1024
     .venv/bin/python bench/loss.py --dim 2048 --batches 128 512
+    .venv/bin/python bench/loss.py --bytes                # bytes per rank per step at N = 2048, D = 8192, W = 8 16 32
+
+--bytes: the bytes each rank sends per step (forward + backward) in the loss's collectives, from the collectives'
+sizes (barlow.loss.bytes_sent), for the official code's all-reduce of C and the direct, lean (all-gather) and
+sharded paths; then a check of that count on real gloo processes at small sizes: each rank's bytes written to its
+sockets during one forward + backward (the `wchar` of /proc/self/io; gloo's TCP transport writes with writev), against
+the formula.
 
 Every (path, N) case runs in fresh subprocesses, so neither path inherits the other's allocator state:
 - time: one warm-up forward + backward of BarlowTwinsLoss on random float32 [N, D] views, then the median wall time
@@ -21,14 +28,18 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from barlow.loss import BarlowTwinsLoss
+from barlow.loss import BarlowTwinsLoss, bytes_sent
 
 MIB = 2**20
 
@@ -84,17 +95,88 @@ def measure(path: str, n: int, d: int, mode: str, repeats: int, threads: int) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+BYTES_PATHS = ("official", "direct", "lean", "sharded")
+
+
+def bytes_table(n: int, d: int, worlds: list[int]) -> str:
+    lines = [f"Bytes each rank sends per step in the loss (forward + backward, float32), N = {n}, D = {d}:\n",
+             "| W | official all-reduce of C MiB | direct MiB | lean (all-gather) MiB | sharded MiB "
+             "| official/sharded | lean/sharded |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for w in worlds:
+        b = {p: bytes_sent(p, n, d, w) for p in BYTES_PATHS}
+        lines.append(f"| {w} | {b['official'] / MIB:.1f} | {b['direct'] / MIB:.1f} | {b['lean'] / MIB:.1f} "
+                     f"| {b['sharded'] / MIB:.1f} | {b['official'] / b['sharded']:.1f}x | {b['lean'] / b['sharded']:.1f}x |")
+    return "\n".join(lines)
+
+
+def _wchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(re.search(r"^wchar: (\d+)", f.read(), re.M).group(1))
+
+
+def _gloo_rank(rank: int, world: int, port: int, n: int, d: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        z1, z2 = _inputs(n, d)
+        mine = [z.detach().chunk(world)[rank].clone().requires_grad_() for z in (z1, z2)]
+        sent = {}
+        for path in ("direct", "lean", "sharded"):
+            loss_fn = BarlowTwinsLoss(path=path)
+            _step(loss_fn, *mine)  # warm-up (gloo sets up its pairs lazily)
+            dist.barrier()
+            before = _wchar()
+            loss_fn(*mine).backward()
+            sent[path] = _wchar() - before
+            dist.barrier()
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(sent, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def measured_bytes(n: int, d: int, world: int) -> dict[str, float]:
+    """Mean over ranks of the bytes each wrote to its sockets in one forward + backward, per path."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_gloo_rank, args=(world, port, n, d, out), nprocs=world)
+        ranks = [json.load(open(f"{out}/rank{r}.json")) for r in range(world)]
+    return {p: statistics.mean(r[p] for r in ranks) for p in ranks[0]}
+
+
+def check_table(n: int, d: int, worlds: list[int]) -> str:
+    lines = [f"Measured on gloo (bytes written to sockets per rank, mean over ranks), N = {n}, D = {d}:\n",
+             "| W | path | formula KiB | measured KiB | measured/formula |", "|---:|---|---:|---:|---:|"]
+    for w in worlds:
+        for path, got in measured_bytes(n, d, w).items():
+            want = bytes_sent(path, n, d, w)
+            lines.append(f"| {w} | {path} | {want / 1024:.1f} | {got / 1024:.1f} | {got / want:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=8192, help="projector width D")
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024], help="global batch sizes N")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of each case")
+    ap.add_argument("--bytes", action="store_true", help="bytes sent per rank per step (formula + a gloo check)")
+    ap.add_argument("--global-batch", type=int, default=2048, help="global batch N of the --bytes table")
+    ap.add_argument("--worlds", type=int, nargs="+", default=[8, 16, 32], help="world sizes of the --bytes table")
+    ap.add_argument("--check", type=int, nargs=3, default=[256, 1024, 4], metavar=("N", "D", "MAX_W"),
+                    help="sizes of the gloo check of --bytes (W = 2 .. MAX_W, powers of 2)")
     ap.add_argument("--mode", choices=["time", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--case", nargs=2, metavar=("PATH", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case[0], int(args.case[1]), args.dim, args.mode, args.repeats, args.threads)))
+        return
+    if args.bytes:
+        print(bytes_table(args.global_batch, args.dim, args.worlds))
+        n, d, max_w = args.check
+        print()
+        print(check_table(n, d, [w for w in (2, 4, 8, 16, 32) if w <= max_w]))
         return
 
     rows = []

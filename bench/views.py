@@ -35,9 +35,16 @@ from barlow.augment import DeviceViews, TwoViews, adjust_hue, adjust_hue_linear 
 
 
 def photos() -> list[torch.Tensor]:
-    from sklearn.datasets import load_sample_images
+    """scikit-learn's two sample photos (427x640); where scikit-learn is missing (a bare GPU image), two smooth
+    synthetic pictures of that size, so the GPU mode still runs."""
+    try:
+        from sklearn.datasets import load_sample_images
 
-    return [torch.from_numpy(np.array(a)).permute(2, 0, 1) for a in load_sample_images().images]
+        return [torch.from_numpy(np.array(a)).permute(2, 0, 1) for a in load_sample_images().images]
+    except ImportError:
+        yy, xx = np.mgrid[0:427, 0:640]
+        return [torch.from_numpy(np.stack([128 + 100 * np.sin(xx / (9 + k) + yy / 31), 128 + 100 * np.cos(yy / (7 + k)),
+                                           (xx + yy) * 255 / 1067], axis=0).astype(np.uint8)) for k in range(2)]
 
 
 def crops(n: int, size: int, seed: int = 0) -> torch.Tensor:

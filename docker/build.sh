@@ -4,8 +4,13 @@
 # An engine counts only if it can build now: an installed docker CLI without a reachable daemon does not.
 set -eu
 
-image=${1:-${IMAGE:-ghcr.io/barlow-ml/barlow:dev}}
 case $0 in */*) cd "${0%/*}/.." ;; *) cd .. ;; esac  # the repository root, without needing dirname
+# No registry by default (none is everyone's): a local tag with barlow's version; push it under your registry's name
+version=dev
+while IFS= read -r line; do  # shell builtins only: the first `version = "..."` line of pyproject.toml
+    case $line in 'version = "'*) version=${line#version = \"}; version=${version%\"}; break ;; esac
+done < pyproject.toml
+image=${1:-${IMAGE:-barlow:$version}}
 set -- -f docker/Dockerfile -t "$image"
 if [ -n "${BASE_IMAGE:-}" ]; then
     set -- "$@" --build-arg "BASE_IMAGE=$BASE_IMAGE"

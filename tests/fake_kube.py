@@ -1,7 +1,7 @@
 """A stand-in for the slice of the Kubernetes REST API that barlow's cluster commands use.
 
 A real HTTP server on 127.0.0.1 (http.server in a thread) that stores namespaced objects under /apis
-(PyTorchJobs, batch Jobs), lists pods and serves their logs under /api/v1, and answers errors the way
+(PyTorchJobs, TrainJobs, batch Jobs), lists pods and serves their logs under /api/v1, and answers errors the way
 kube-apiserver does: a Status body with reason and details (404 for an unknown object, a missing namespace or
 an API group that is not installed; 403 when forbidden; 409 when the name is taken). Every request is recorded.
 The kubernetes client reaches it through a kubeconfig written by `kubeconfig()`.
@@ -42,12 +42,15 @@ class Request:
 class FakeKube:
     namespaces: set[str] = field(default_factory=lambda: {"barlow"})
     crd: bool = True  # whether the kubeflow.org/v1 API (the PyTorchJob CRD) is installed
+    trainer: bool = True  # whether the trainer.kubeflow.org/v1alpha1 API (the TrainJob CRD) is installed
     forbidden: bool = False  # every request answered 403, as for a user without RBAC
     # (group/version, namespace, plural) -> name -> object
     objects: dict[tuple[str, str, str], dict[str, dict]] = field(default_factory=dict)
     pods: list[dict] = field(default_factory=list)
     pod_logs: dict[tuple[str, str], str] = field(default_factory=dict)
     phases: dict[str, list[str]] = field(default_factory=dict)  # job name -> conditions revealed one per GET
+    # job name -> {"status": ..., "spec": {...}} changes applied one per GET (a TrainJob's, or Kueue's suspend/resume)
+    scripted: dict[str, list[dict]] = field(default_factory=dict)
     drops: list[bool] = field(default_factory=list)  # per coming object GET: True hangs up without answering
     requests: list[Request] = field(default_factory=list)
 
@@ -162,6 +165,13 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                                                     f'resource "{resource.split(".")[0]}" in the namespace "{ns}"'))
             if path.startswith("/apis/kubeflow.org") and not fake.crd:
                 return self._send(404, _status_body(404, "NotFound", "the server could not find the requested resource"))
+            if path.startswith("/apis/trainer.kubeflow.org") and not fake.trainer:
+                return self._send(404, _status_body(404, "NotFound", "the server could not find the requested resource"))
+            if path == "/apis/trainer.kubeflow.org/v1alpha1" and method == "GET":
+                return self._send(200, {"kind": "APIResourceList", "apiVersion": "v1",
+                                        "groupVersion": "trainer.kubeflow.org/v1alpha1",
+                                        "resources": [{"name": "trainjobs", "singularName": "trainjob", "namespaced": True,
+                                                       "kind": "TrainJob", "verbs": ["create", "delete", "get", "list"]}]})
             if path == "/apis/kubeflow.org/v1" and method == "GET":
                 return self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubeflow.org/v1",
                                         "resources": [{"name": "pytorchjobs", "singularName": "pytorchjob", "namespaced": True,
@@ -213,6 +223,10 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                     seen = fake.phases[name].pop(0)
                     store[name]["status"] = _status(store[name].get("_seen", []) + [seen], message=f"job {seen.lower()}")
                     store[name]["_seen"] = store[name].get("_seen", []) + [seen]
+                if fake.scripted.get(name):
+                    change = fake.scripted[name].pop(0)
+                    store[name]["spec"].update(change.get("spec", {}))
+                    store[name]["status"] = change.get("status", store[name].get("status"))
                 return self._send(200, {k: v for k, v in store[name].items() if k != "_seen"})
             if method == "DELETE":
                 obj = store.pop(name)

@@ -14,8 +14,9 @@ from fake_kube import TOKEN, FakeKube
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.launch.cluster import CRD_MISSING
-from barlow.launch.kubernetes import LABEL_HASH, render
+from barlow.launch import backend
+from barlow.launch.kubernetes import render
+from barlow.launch.manifest import LABEL_HASH
 from barlow.spec import dump_spec, parse_spec
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/barlow/pytorchjobs"
@@ -26,7 +27,7 @@ SPEC = {
     "output": {"url": "s3://bucket/runs/demo"},
     "runtime": {"nodes": 2, "nproc_per_node": 4},
     "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},
-    "cluster": {"gpus_per_node": 4},
+    "cluster": {"gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"},
 }
 
 
@@ -271,7 +272,7 @@ def test_missing_crd_is_named(kube, spec_file, args):
     kube.crd = False
     result = barlow(*[str(spec_file) if a == "SPEC" else a for a in args])
     assert result.exit_code == 1
-    assert one_error_line(result) == f"error: {CRD_MISSING}"
+    assert one_error_line(result) == f"error: {backend.get('pytorchjob').crd_missing}"
     assert not kube.calls("POST")
 
 

@@ -11,7 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from barlow.launch.kubernetes import build_follow_up, to_dict
+from barlow.launch.kubernetes import build_follow_up
+from barlow.launch.manifest import to_dict
 from barlow.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +70,8 @@ def test_the_base_grants_the_follow_up_exactly_what_it_uses():
     docs = {(d["kind"], d["metadata"]["name"]): d for d in kustomize("base")}
     follow = to_dict(build_follow_up(parse_spec({
         "kind": "pretrain", "name": "demo", "data": {"train": "s3://b/train", "val": "s3://b/val"},
-        "output": {"url": "s3://b/runs/demo"}, "optim": {"epochs": 10, "warmup_epochs": 1, "batch_size": 64}})))
+        "output": {"url": "s3://b/runs/demo"}, "optim": {"epochs": 10, "warmup_epochs": 1, "batch_size": 64},
+        "cluster": {"image": "registry.example.com/barlow:0.1.0"}})))
     pod = follow["spec"]["template"]["spec"]
     assert ("ServiceAccount", pod["serviceAccountName"]) in docs and pod["automountServiceAccountToken"] is True
     assert follow["metadata"]["namespace"] == docs[("Namespace", "barlow")]["metadata"]["name"]
@@ -78,6 +80,8 @@ def test_the_base_grants_the_follow_up_exactly_what_it_uses():
     role = docs[("Role", binding["roleRef"]["name"])]
     # `barlow submit eval --after` reads the pretrain job and creates the eval job; no wildcard, no other resource
     assert role["rules"] == [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
+                              "verbs": ["get", "list", "watch", "create"]},
+                             {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
                               "verbs": ["get", "list", "watch", "create"]}]
 
 
@@ -145,3 +149,12 @@ def test_make_image_uses_the_first_working_engine(tmp_path, stubs, expected):
     assert (tmp_path / "built").read_text().split() == [
         *expected.split(), "-f", "docker/Dockerfile", "-t", "registry.example.com/barlow:test",
         "--build-arg", "BASE_IMAGE=pytorch/pytorch:x@sha256:abc", "."]
+
+
+def test_make_image_tags_the_version_and_no_registry_by_default(tmp_path):
+    from barlow import __version__
+
+    _stub(tmp_path, "docker", True)
+    out = _build(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "built").read_text().split()[:6] == ["docker", "build", "-f", "docker/Dockerfile", "-t", f"barlow:{__version__}"]

@@ -1,4 +1,4 @@
-"""BarlowTwinsLoss against a plain transcription of the paper, lean == direct, autocast, and the global batch on 2 ranks."""
+"""BarlowTwinsLoss against a plain transcription of the paper, the paths against each other, autocast, and the global batch on 2 and 4 ranks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from barlow.loss import BarlowTwinsLoss, cross_correlation
+from barlow.loss import BarlowTwinsLoss, bytes_sent, cross_correlation
 
 LAMBD = 5e-3
 SHAPES = [(32, 8), (8, 32), (16, 16), (5, 64), (64, 5)]  # (N, D): N > D, N < D and equal
@@ -124,9 +124,37 @@ def test_bad_path_names_the_field():
         BarlowTwinsLoss(path="fast")
 
 
-# ---- two ranks on gloo ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_sharded_on_one_process_is_the_lean_formula(n, d):
+    z1, z2 = views(n, d)
+    loss, g1, g2 = value_and_grads(BarlowTwinsLoss(LAMBD, "sharded"), z1, z2)
+    ref, r1, r2 = value_and_grads(paper_loss, z1, z2)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g1, r1, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-8, atol=1e-12)
 
-WORLD, N, D, IN = 2, 12, 16, 6
+
+@pytest.mark.parametrize("n,d,world,expected", [
+    (2048, 8192, 8, 58_734_606),  # 4 B x (all-to-all 2 x 7/8 x 2 x 256 x 8192 + all-reduce 2 x 7/8 x (2048 x 2049 + 2))
+    (2048, 8192, 2, 2 * (2 * 1024 * 8192 // 2) * 4 + (2048 * 2049 + 2) * 4),
+    (12, 18, 4, round(2 * 3 / 4 * 12 * 18) * 4),  # 4 does not divide 18: the lean fallback's bytes
+    (2048, 8192, 1, 0),
+])
+def test_bytes_sent_by_the_sharded_path(n, d, world, expected):
+    assert bytes_sent("sharded", n, d, world) == expected
+
+
+@pytest.mark.parametrize("world", [8, 16, 32])
+def test_at_the_papers_sizes_sharded_sends_least(world):
+    sent = {p: bytes_sent(p, 2048, 8192, world) for p in ("official", "direct", "lean", "sharded")}
+    assert sent["sharded"] < sent["lean"] < sent["official"] < sent["direct"]
+    assert sent["official"] == round(2 * (world - 1) / world * 8192**2 * 4)
+
+
+# ---- 2 and 4 ranks on gloo ------------------------------------------------------------------------------------------
+
+N, D, D_ODD, IN = 12, 32, 18, 6  # D_ODD: 4 does not divide it (the sharded path falls back to lean on 4 ranks)
+RANK_PATHS = ("direct", "lean", "sharded", "auto")
 
 
 class TwinLinear(nn.Module):
@@ -146,14 +174,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, data: dict, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _rank_main(rank: int, world: int, port: int, data: dict, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        mine = {k: v.chunk(WORLD)[rank] for k, v in data.items() if k != "state"}
+        mine = {k: v.chunk(world)[rank] for k, v in data.items() if k != "state"}
         res = {}
-        for path in ("direct", "lean"):
+        for path in RANK_PATHS:
             crit = BarlowTwinsLoss(LAMBD, path)
             res[path] = (*value_and_grads(crit, mine["z1"], mine["z2"]), crit.on_diag, crit.off_diag)
+            res[f"odd_{path}"] = value_and_grads(crit, mine["w1"], mine["w2"])
+            res[f"chosen_{path}"] = torch.tensor([RANK_PATHS.index(crit.chosen_path(N // world, D_ODD)),
+                                                  RANK_PATHS.index(crit.chosen_path(N // world, D))])
             model = TwinLinear()
             model.load_state_dict(data["state"])
             ddp = DistributedDataParallel(model)
@@ -165,56 +196,70 @@ def _rank_main(rank: int, port: int, data: dict, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Run both paths and the DDP model on 2 gloo processes, each with half the batch; return inputs and results."""
-    out = tmp_path_factory.mktemp("ranks")
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
+def ranks(request, tmp_path_factory):
+    """Run every path and the DDP model on W gloo processes, each with 1/W of the batch; return inputs and results."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ranks{world}")
     z1, z2 = views(N, D)
+    w1, w2 = views(N, D_ODD, seed=2)
     g = torch.Generator().manual_seed(1)
-    data = {"z1": z1, "z2": z2, "x1": torch.randn(N, IN, generator=g, dtype=torch.float64),
+    data = {"z1": z1, "z2": z2, "w1": w1, "w2": w2, "x1": torch.randn(N, IN, generator=g, dtype=torch.float64),
             "x2": torch.randn(N, IN, generator=g, dtype=torch.float64), "state": TwinLinear().state_dict()}
-    ctx = mp.spawn(_rank_main, args=(_free_port(), data, str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
+    ctx = mp.spawn(_rank_main, args=(world, _free_port(), data, str(out)), nprocs=world, join=False)
+    deadline = time.monotonic() + 180
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the 2-rank gloo run did not finish in 120 s")
-    return data, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+            pytest.fail(f"the {world}-rank gloo run did not finish in 180 s")
+    return world, data, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["direct", "lean"])
-def test_two_ranks_give_the_global_loss_and_world_size_times_the_local_gradient(two_ranks, path):
-    data, ranks = two_ranks
-    ref, r1, r2 = value_and_grads(paper_loss, data["z1"], data["z2"])
+@pytest.mark.parametrize("path", RANK_PATHS)
+def test_ranks_give_the_global_loss_and_world_size_times_the_local_gradient(ranks, path):
+    world, data, results = ranks
+    for inputs, key in (((data["z1"], data["z2"]), path), ((data["w1"], data["w2"]), f"odd_{path}")):
+        ref, r1, r2 = value_and_grads(paper_loss, *inputs)
+        for rank, res in enumerate(results):
+            loss, g1, g2 = res[key][:3]
+            torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
+            # The documented convention: d(rank loss)/d(local z) = W * the single-process gradient's slice.
+            torch.testing.assert_close(g1, world * r1.chunk(world)[rank], rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(g2, world * r2.chunk(world)[rank], rtol=1e-8, atol=1e-12)
     on, off = paper_terms(data["z1"], data["z2"])
-    for rank, res in enumerate(ranks):
-        loss, g1, g2, r_on, r_off = res[path]
-        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
-        torch.testing.assert_close(r_on, on.float())
-        torch.testing.assert_close(r_off, off.float())
-        # The documented convention: d(rank loss)/d(local z) = WORLD * the single-process gradient's slice.
-        torch.testing.assert_close(g1, WORLD * r1.chunk(WORLD)[rank], rtol=1e-8, atol=1e-12)
-        torch.testing.assert_close(g2, WORLD * r2.chunk(WORLD)[rank], rtol=1e-8, atol=1e-12)
+    for res in results:
+        torch.testing.assert_close(res[path][3], on.float())
+        torch.testing.assert_close(res[path][4], off.float())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["direct", "lean"])
-def test_ddp_parameter_gradient_equals_single_process(two_ranks, path):
-    data, ranks = two_ranks
+@pytest.mark.parametrize("path", RANK_PATHS)
+def test_ddp_parameter_gradient_equals_single_process(ranks, path):
+    _, data, results = ranks
     model = TwinLinear()
     model.load_state_dict(data["state"])
     BarlowTwinsLoss(LAMBD, path)(*model(data["x1"], data["x2"])).backward()
-    for res in ranks:
+    for res in results:
         weight, bias = res[f"ddp_{path}"]
         torch.testing.assert_close(weight, model.lin.weight.grad, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(bias, model.lin.bias.grad, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.slow
-def test_two_ranks_cross_correlation_is_the_global_c(two_ranks):
-    data, ranks = two_ranks
+def test_sharded_falls_back_to_lean_where_world_size_does_not_divide_dim(ranks):
+    world, _, results = ranks
+    odd, even = results[0]["chosen_sharded"].tolist()
+    assert RANK_PATHS[even] == "sharded"
+    assert RANK_PATHS[odd] == ("lean" if D_ODD % world else "sharded")
+    # auto on N = 12 < D = 32: lean at W = 2 (sharded sends more there), sharded at W = 4 (it sends less).
+    assert RANK_PATHS[results[0]["chosen_auto"][1]] == {2: "lean", 4: "sharded"}[world]
+
+
+@pytest.mark.slow
+def test_ranks_cross_correlation_is_the_global_c(ranks):
+    _, data, results = ranks
     single = cross_correlation(data["z1"], data["z2"])
-    for res in ranks:
+    for res in results:
         torch.testing.assert_close(res["c"], single)

@@ -1,4 +1,4 @@
-"""LARS against hand computation, the parameter groups, and the warmup + cosine schedule's values."""
+"""LARS against hand computation and against the per-parameter LARS it replaced, the parameter groups, the schedule."""
 
 from __future__ import annotations
 
@@ -88,6 +88,94 @@ def test_state_dict_round_trip_resumes_identically():
     step(clone, resumed)
     for a, b in zip(model.parameters(), clone.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class LoopLARS(torch.optim.Optimizer):
+    """The LARS of barlow/optim.py before its multi-tensor step (verbatim, less validation): the reference."""
+
+    def __init__(self, params, lr, weight_decay=1.5e-6, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=group["weight_decay"])
+                    p_norm, dp_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(dp)
+                    q = torch.where((p_norm > 0) & (dp_norm > 0), group["eta"] * p_norm / dp_norm, torch.ones_like(p_norm))
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(dp)
+                p.add_(mu, alpha=-group["lr"])
+
+
+class Awkward(nn.Module):
+    """Conv, BatchNorm, linear layers, a zero matrix (||p|| = 0), a matrix that gets no gradient, one with g = 0."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, dtype=dtype)
+        self.bn = nn.BatchNorm2d(4, dtype=dtype)
+        self.fc = nn.Linear(4, 3, dtype=dtype)
+        self.zero = nn.Parameter(torch.zeros(3, 3, dtype=dtype))  # ||p|| = 0 at the first step: trust ratio 1
+        self.unused = nn.Parameter(torch.ones(2, 2, dtype=dtype))  # grad stays None: skipped, no state
+        self.still = nn.Parameter(torch.ones(3, 2, dtype=dtype))  # g = 0 and (in the group without decay) dp = 0
+
+    def forward(self, x):
+        h = self.fc(self.bn(self.conv(x)).mean((2, 3)))
+        return h @ self.zero + 0 * (h @ self.still).sum()
+
+
+def _groups(model):
+    """Two groups with different hyper-parameters; the second has no weight decay (so 'still' has ||dp|| = 0)."""
+    return [{"params": [model.conv.weight, model.fc.weight, model.zero, model.unused, model.bn.weight],
+             "lr": 0.3, "weight_decay": 0.05, "momentum": 0.9, "eta": 0.02},
+            {"params": [model.conv.bias, model.fc.bias, model.bn.bias, model.still],
+             "lr": 0.05, "weight_decay": 0.0, "momentum": 0.8, "eta": 0.001}]
+
+
+def _train(model, opt, x, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - 1).pow(2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 0.0), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lars_equals_the_per_parameter_lars_it_replaced(dtype, tol, foreach):
+    torch.manual_seed(0)
+    ref_model = Awkward(dtype)
+    model = Awkward(dtype)
+    model.load_state_dict(ref_model.state_dict())
+    x = torch.randn(6, 2, 5, 5, dtype=dtype)
+    ref_opt = LoopLARS(_groups(ref_model), lr=0.0)
+    opt = LARS(_groups(model), lr=0.0, foreach=foreach)
+    _train(ref_model, ref_opt, x, 3)
+    _train(model, opt, x, 3)
+    # Round trip through bytes into a fresh LARS (the resume path), then more steps on both.
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    resumed = LARS(_groups(model), lr=0.0, foreach=foreach)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert model.unused not in resumed.state  # never had a gradient
+    _train(ref_model, ref_opt, x, 3)
+    _train(model, resumed, x, 3)
+    assert not torch.equal(model.zero, torch.zeros_like(model.zero))  # the zero-norm matrix did move
+    torch.testing.assert_close(model.still, torch.ones_like(model.still))  # dp = 0: never moved
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        if p in resumed.state:
+            torch.testing.assert_close(resumed.state[p]["mu"], ref_opt.state[q]["mu"], rtol=tol, atol=tol)
 
 
 def test_param_groups_split_by_ndim_and_carry_base_lr():

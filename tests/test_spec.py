@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.spec import EvalRunSpec, PretrainSpec, SpecError, dump_spec, json_schema, load_spec, parse_spec
+from barlow.spec import REMOVE, EvalRunSpec, PretrainSpec, SpecError, dump_spec, json_schema, load_spec, parse_spec, set_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,19 +34,10 @@ GOOD_EVAL = {
 
 def with_(base: dict, path: str, value) -> dict:
     """A copy of `base` with the dotted `path` set to `value` (or removed, for value=DELETE)."""
-    spec = copy.deepcopy(base)
-    *parents, last = path.split(".")
-    node = spec
-    for p in parents:
-        node = node.setdefault(p, {})
-    if value is DELETE:
-        node.pop(last, None)
-    else:
-        node[last] = value
-    return spec
+    return set_path(base, path, value)
 
 
-DELETE = object()
+DELETE = REMOVE
 
 # (id, spec, the field path the message must start with, a fragment of the message)
 BAD = [
@@ -86,6 +77,8 @@ BAD = [
     ("epochs-zero", with_(GOOD, "optim.epochs", 0), "optim.epochs", "greater than or equal to 1"),
     ("lr-negative", with_(GOOD, "optim.lr_weights", -0.1), "optim.lr_weights", "greater than 0"),
     ("momentum-one", with_(GOOD, "optim.momentum", 1.0), "optim.momentum", "less than 1"),
+    ("lars-eta-zero", with_(GOOD, "optim.lars_eta", 0.0), "optim.lars_eta", "greater than 0"),
+    ("lars-eta-big", with_(GOOD, "optim.lars_eta", 2.0), "optim.lars_eta", "less than or equal to 1"),
     ("lambd-string", with_(GOOD, "optim.lambd", "small"), "optim.lambd", "valid number"),
     ("warmup-too-long", with_(with_(GOOD, "optim.epochs", 5), "optim.warmup_epochs", 5), "optim.warmup_epochs",
      "must be shorter than optim.epochs (5)"),

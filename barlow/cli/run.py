@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, app, console, fail, load_or_exit
-from barlow.spec import EvalRunSpec, PretrainSpec, SpecError, parse_spec
-
-
-class Stage(StrEnum):
-    pretrain = "pretrain"
-    eval = "eval"
-    pipeline = "pipeline"
+from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
+from barlow.spec import STAGE_HELP, EvalRunSpec, PretrainSpec, SpecError, Stage, stage_runs, with_fields
 
 
 @app.command()
 def run(
-    stage: Stage = typer.Argument(..., help="pretrain, eval, or pipeline (pretrain, then eval of its checkpoint)."),
+    stage: Stage = typer.Argument(..., help=STAGE_HELP),
     spec_path: str = typer.Argument(..., metavar="SPEC", help="Path to a run spec (YAML)."),
     nproc: int = typer.Option(None, "--nproc", min=1, max=64, help="Override runtime.nproc_per_node."),
 ) -> None:
@@ -27,17 +20,12 @@ def run(
     from barlow.launch.local import run_local
 
     spec = load_or_exit(spec_path)
-    expected = "eval" if stage == Stage.eval else "pretrain"
-    if spec.kind != expected:
-        raise fail(f"{spec_path}: kind is '{spec.kind}'; `barlow run {stage.value}` needs a {expected} spec", EXIT_INVALID)
     if nproc is not None:
         spec = _with_nproc(spec, nproc, spec_path)
-    plan = [spec]
-    if stage == Stage.pipeline:
-        try:
-            plan.append(spec.eval_spec())
-        except SpecError as e:
-            raise fail(f"{spec_path}: the follow-up eval is invalid: {'; '.join(e.problems)}", EXIT_INVALID) from None
+    try:
+        plan = stage_runs(spec, stage, spec_path)
+    except SpecError as e:
+        raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
     for step in plan:
         code = run_local(step)
         if code != 0:
@@ -49,13 +37,11 @@ def run(
         console.print(f"[bold green]top-1 {results['top1']:.1f} %[/]  (kNN top-1 {results['knn_top1']:.1f} %) "
                       f"on {results['val_images']} val images -> {plan[-1].output.url}/results.json")
     else:
-        console.print(f"[bold green]done[/]: backbone at {spec.output.url}/backbone.pt")
+        console.print(f"[bold green]done[/]: backbone at {plan[-1].output.url}/backbone.pt")
 
 
 def _with_nproc(spec: PretrainSpec | EvalRunSpec, nproc: int, source: str) -> PretrainSpec | EvalRunSpec:
-    data = spec.model_dump(mode="json")
-    data["runtime"]["nproc_per_node"] = nproc
     try:
-        return parse_spec(data, source)
+        return with_fields(spec, {"runtime.nproc_per_node": nproc}, source)
     except SpecError as e:
         raise fail(f"--nproc {nproc}: " + "; ".join(e.problems), EXIT_INVALID) from None

@@ -1,8 +1,9 @@
-"""Submit, watch, read the logs of and delete barlow's PyTorchJobs with the kubernetes client.
+"""Submit, watch, read the logs of and delete barlow's jobs (PyTorchJob or TrainJob: see launch/backend.py) with the
+kubernetes client.
 
 The client is configured from the kubeconfig ($KUBECONFIG or ~/.kube/config, `--context` picks a context) or, inside
 a pod, from the in-cluster service account. Everything a user can act on becomes one `ClusterError` line: no cluster
-configured, a missing namespace, the PyTorchJob CRD not installed, forbidden, another job under the same name.
+configured, a missing namespace, the job's CRD not installed, forbidden, another job under the same name.
 """
 
 from __future__ import annotations
@@ -18,26 +19,15 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from barlow.launch.kubernetes import CONTAINER as TRAINING_CONTAINER
-from barlow.launch.kubernetes import (
-    GROUP,
-    LABEL_HASH,
-    MANAGED_BY,
-    OPERATOR_JOB_NAME,
-    OPERATOR_REPLICA_INDEX,
-    OPERATOR_REPLICA_TYPE,
-    PLURAL,
-    VERSION,
-    build_follow_up,
-    build_pytorchjob,
-    eval_of,
-    to_dict,
-)
-from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, parse_spec
+from barlow.launch import backend as backends
+from barlow.launch.backend import Backend
+from barlow.launch.kubernetes import build_follow_up
+from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError, to_dict
+from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, stage_runs, with_fields
 
-FINISHED = ("Succeeded", "Failed")
-CRD_MISSING = ("the PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed in this cluster: "
-               "install the Kubeflow training operator (README: Run on a cluster)")
+SUCCEEDED = ("Succeeded", "Complete")  # PyTorchJob's condition, TrainJob's condition
+FINISHED = (*SUCCEEDED, "Failed")
+QUEUED = "Queued"  # suspended (by Kueue until the queue admits it): waiting, not failed
 REQUEST_TIMEOUT_S = 30
 
 
@@ -57,12 +47,16 @@ class Resource:
     version: str
     plural: str
     what: str  # how messages name it
+    missing: str = ""  # the message when its CRD is not installed ("" for built-in resources)
 
     def args(self, namespace: str) -> tuple[str, str, str, str]:
         return self.group, self.version, namespace, self.plural
 
 
-PYTORCHJOBS = Resource(GROUP, VERSION, PLURAL, "pytorchjob")
+def resource(b: Backend) -> Resource:
+    return Resource(b.group, b.version, b.plural, b.what, b.crd_missing)
+
+
 JOBS = Resource("batch", "v1", "jobs", "job")
 
 
@@ -79,22 +73,23 @@ class Submitted:
 
 @dataclass
 class JobStatus:
-    """A PyTorchJob's state as `barlow status` shows it."""
+    """A PyTorchJob's or TrainJob's state as `barlow status` shows it."""
 
     name: str
     namespace: str
     kind: str
-    phase: str  # the operator's latest true condition: Created, Running, Restarting, Succeeded, Failed, or Pending
+    phase: str  # Pending, Queued, or the latest true condition: Created, Running, Restarting, Succeeded|Complete, Failed
     message: str = ""
     replicas: dict[str, dict[str, int]] = field(default_factory=dict)
     created: str = ""
     started: str = ""
     finished: str = ""
     spec_hash: str = ""
+    what: str = "pytorchjob"
 
     @property
     def finished_ok(self) -> bool:
-        return self.phase == "Succeeded"
+        return self.phase in SUCCEEDED
 
     @property
     def done(self) -> bool:
@@ -135,19 +130,19 @@ def _body(e: ApiException) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _crd_installed(api: client.ApiClient) -> bool:
+def _crd_installed(api: client.ApiClient, res: Resource) -> bool:
     try:
-        found = client.CustomObjectsApi(api).get_api_resources(GROUP, VERSION, _request_timeout=REQUEST_TIMEOUT_S)
+        found = client.CustomObjectsApi(api).get_api_resources(res.group, res.version, _request_timeout=REQUEST_TIMEOUT_S)
     except ApiException as e:
         if e.status == 404:
             return False
         raise _translate(api, e, "") from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
         raise _translate(api, e, "") from None
-    return any(r.name == PLURAL for r in found.resources or [])
+    return any(r.name == res.plural for r in found.resources or [])
 
 
-def _translate(api: client.ApiClient, e: Exception, namespace: str) -> ClusterError:
+def _translate(api: client.ApiClient, e: Exception, namespace: str, res: Resource | None = None) -> ClusterError:
     """One line for an API or connection error."""
     if not isinstance(e, ApiException):
         reason = getattr(e, "reason", None) or e
@@ -160,18 +155,19 @@ def _translate(api: client.ApiClient, e: Exception, namespace: str) -> ClusterEr
                             f"in namespace '{namespace}')")
     if e.status == 404 and (_body(e).get("details") or {}).get("kind") == "namespaces":
         return ClusterError(f"namespace '{namespace}' does not exist: create it (kubectl apply -k k8s/base) or pass --namespace")
-    if e.status == 404 and not _crd_installed(api):
-        return ClusterError(CRD_MISSING)
+    if e.status == 404 and res is not None and res.missing and not _crd_installed(api, res):
+        return ClusterError(res.missing)
     if e.status is not None and e.status >= 500:
         return ClusterUnreachable(f"the Kubernetes API answered {e.status} {e.reason}: {message}")
     return ClusterError(f"the Kubernetes API answered {e.status} {e.reason}: {message}")
 
 
-def _call(api: client.ApiClient, namespace: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _call(api: client.ApiClient, namespace: str, fn: Callable[..., Any], *args: Any, res: Resource | None = None,
+          **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, namespace) from None
+        raise _translate(api, e, namespace, res) from None
 
 
 def _read(api: client.ApiClient, res: Resource, name: str, namespace: str) -> dict[str, Any] | None:
@@ -180,11 +176,12 @@ def _read(api: client.ApiClient, res: Resource, name: str, namespace: str) -> di
     try:
         return objects.get_namespaced_custom_object(*res.args(namespace), name, _request_timeout=REQUEST_TIMEOUT_S)
     except ApiException as e:
-        if e.status == 404 and not (_body(e).get("details") or {}).get("kind") == "namespaces" and _crd_installed(api):
+        missing_namespace = (_body(e).get("details") or {}).get("kind") == "namespaces"
+        if e.status == 404 and not missing_namespace and (not res.missing or _crd_installed(api, res)):
             return None
-        raise _translate(api, e, namespace) from None
+        raise _translate(api, e, namespace, res) from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, namespace) from None
+        raise _translate(api, e, namespace, res) from None
 
 
 def _same_or_conflict(res: Resource, existing: dict[str, Any], body: dict[str, Any]) -> Submitted:
@@ -216,72 +213,106 @@ def _submit_object(api: client.ApiClient, res: Resource, body: dict[str, Any], d
         if e.status == 422:
             reason = _one_line(_body(e).get("message") or e.reason)
             raise ClusterError(f"the API server rejected {res.what} {name}: {reason}") from None
-        raise _translate(api, e, ns) from None
+        raise _translate(api, e, ns, res) from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, ns) from None
+        raise _translate(api, e, ns, res) from None
     outcome = "valid (server dry run; nothing created)" if dry_run else "created"
     return Submitted(res.what, name, ns, outcome, (created.get("metadata") or {}).get("uid"))
 
 
+def _rendered(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except RenderError as e:
+        raise ClusterError(str(e)) from None
+
+
 def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | None = None,
            dry_run: bool = False) -> list[Submitted]:
-    """Create the PyTorchJob for `spec` (what: pretrain | eval | pipeline; default the spec's kind).
+    """Create the job for `spec` in its backend (what: pretrain | eval | pipeline; default the spec's kind).
+    Raises RenderError (a spec problem) before sending anything when the spec cannot be rendered.
 
     `pipeline` creates the pretrain job and a follow-up Job, owned by it, that submits the eval once pretrain succeeds.
     Resubmitting the same spec is a no-op ("already submitted").
     """
-    what = what or spec.kind
-    if what == "pipeline":
-        if not isinstance(spec, PretrainSpec):
-            raise ClusterError("a pipeline needs a pretrain spec (kind: pretrain)")
-        job, follow = to_dict(build_pytorchjob(spec)), to_dict(build_follow_up(spec))  # both valid before either is sent
-        first = _submit_object(api, PYTORCHJOBS, job, dry_run)
+    runs, b = stage_runs(spec, what or spec.kind), backends.of(spec)
+    if len(runs) == 2:  # the pipeline
+        job, follow = b.build(spec), to_dict(build_follow_up(spec))  # both valid before either is sent
+        first = _submit_object(api, resource(b), job, dry_run)
         if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
-            follow["metadata"]["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "PyTorchJob",
+            follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
                                                       "name": first.name, "uid": first.uid}]
         return [first, _submit_object(api, JOBS, follow, dry_run)]
-    if what == "eval" and isinstance(spec, PretrainSpec):
-        spec = eval_of(spec)
-    elif what != spec.kind:
-        raise ClusterError(f"this is a {spec.kind} spec: submit it as `{spec.kind}`, not `{what}`")
-    return [_submit_object(api, PYTORCHJOBS, to_dict(build_pytorchjob(spec)), dry_run)]
+    return [_submit_object(api, resource(b), b.build(runs[0]), dry_run)]
 
 
-def _status_of(obj: dict[str, Any]) -> JobStatus:
+def _suspended(obj: dict[str, Any]) -> bool:
+    spec = obj.get("spec") or {}
+    return bool(spec.get("suspend") or (spec.get("runPolicy") or {}).get("suspend"))
+
+
+def _replicas(st: dict[str, Any]) -> dict[str, dict[str, int]]:
+    if "jobsStatus" in st:  # TrainJob: one entry per JobSet replicated job
+        return {j.get("name", "?"): {k: n for k, n in j.items() if isinstance(n, int)} for j in st.get("jobsStatus") or []}
+    return {k: {s: n for s, n in (v or {}).items() if isinstance(n, int)}
+            for k, v in (st.get("replicaStatuses") or {}).items()}
+
+
+def _phase(obj: dict[str, Any]) -> tuple[str, str]:
+    """(phase, message): a final condition wins; a suspended job (Kueue holds it) is Queued; else the latest true one."""
+    true = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+    by_type = {c.get("type"): c for c in true}
+    for final in FINISHED:
+        if final in by_type:
+            return final, _one_line(by_type[final].get("message", ""))
+    if "Suspended" in by_type or _suspended(obj):
+        held = by_type.get("Suspended") or {}
+        return QUEUED, _one_line(held.get("message", "") or "suspended until its queue admits it")
+    if true:
+        return true[-1].get("type", "Pending"), _one_line(true[-1].get("message", ""))
+    # A TrainJob has no Running condition: its JobSet's jobs tell whether pods are running
+    running = any(j.get("active") or j.get("ready") for j in (obj.get("status") or {}).get("jobsStatus") or [])
+    return ("Running", "") if running else ("Pending", "")
+
+
+def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
     meta, st = obj.get("metadata") or {}, obj.get("status") or {}
-    true = [c for c in st.get("conditions") or [] if c.get("status") == "True"]
     labels = meta.get("labels") or {}
+    phase, message = _phase(obj)
     return JobStatus(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
         kind=labels.get("barlow.dev/kind", ""),
-        phase=true[-1].get("type", "Pending") if true else "Pending",
-        message=_one_line(true[-1].get("message", "")) if true else "",
-        replicas={k: {s: n for s, n in (v or {}).items() if isinstance(n, int)}
-                  for k, v in (st.get("replicaStatuses") or {}).items()},
+        phase=phase,
+        message=message,
+        replicas=_replicas(st),
         created=meta.get("creationTimestamp", ""),
         started=st.get("startTime", ""),
         finished=st.get("completionTime", ""),
         spec_hash=labels.get(LABEL_HASH, ""),
+        what=b.what,
     )
 
 
-def status(api: client.ApiClient, name: str, namespace: str) -> JobStatus:
-    obj = _read(api, PYTORCHJOBS, name, namespace)
+def status(api: client.ApiClient, name: str, namespace: str, b: Backend | None = None) -> JobStatus:
+    b = b or backends.get("pytorchjob")
+    obj = _read(api, resource(b), name, namespace)
     if obj is None:
-        raise ClusterError(f"no pytorchjob {name} in namespace '{namespace}' (see `barlow list -n {namespace}`)")
-    return _status_of(obj)
+        raise ClusterError(f"no {b.what} {name} in namespace '{namespace}' (see `barlow list -n {namespace}`)")
+    return _status_of(obj, b)
 
 
 def wait(api: client.ApiClient, name: str, namespace: str, timeout: float | None = None, poll: float = 10.0,
-         on_change: Callable[[JobStatus], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> JobStatus:
-    """Poll until the job succeeds or fails; returns its last status. Once the API server has answered, later
-    connection failures are retried rather than ending the wait."""
+         on_change: Callable[[JobStatus], None] | None = None, sleep: Callable[[float], None] = time.sleep,
+         b: Backend | None = None) -> JobStatus:
+    """Poll until the job succeeds or fails (a queued job is still waited for); returns its last status. Once the API
+    server has answered, later connection failures are retried rather than ending the wait."""
+    b = b or backends.get("pytorchjob")
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
     while True:
         try:
-            st = status(api, name, namespace)
+            st = status(api, name, namespace, b)
         except ClusterUnreachable:
             if last is None:  # never reached it: a wrong kubeconfig, not a blip
                 raise
@@ -294,42 +325,34 @@ def wait(api: client.ApiClient, name: str, namespace: str, timeout: float | None
             return st
         if deadline is not None and time.monotonic() >= deadline:
             phase = last.phase if last else "unknown"
-            raise ClusterError(f"timed out after {timeout:g}s waiting for pytorchjob {name} (phase {phase})")
+            raise ClusterError(f"timed out after {timeout:g}s waiting for {b.what} {name} (phase {phase})")
         sleep(poll)
 
 
 def submit_after(api: client.ApiClient, spec: EvalRunSpec, after: str, poll: float = 30.0,
                  on_change: Callable[[JobStatus], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> list[Submitted]:
-    """Wait for pytorchjob `after` (in the spec's namespace) and submit `spec` once it has succeeded."""
-    st = wait(api, after, spec.cluster.namespace, poll=poll, on_change=on_change, sleep=sleep)
+    """Wait for job `after` (the spec's backend, in its namespace) and submit `spec` once it has succeeded."""
+    b = backends.of(spec)
+    st = wait(api, after, spec.cluster.namespace, poll=poll, on_change=on_change, sleep=sleep, b=b)
     if not st.finished_ok:
-        raise ClusterError(f"pytorchjob {after} {st.phase.lower()}: {st.message or 'no message'}; the eval is not started")
+        raise ClusterError(f"{b.what} {after} {st.phase.lower()}: {st.message or 'no message'}; the eval is not started")
     return submit(api, spec, "eval")
 
 
-def _replica(replica: str) -> tuple[str, int]:
-    if replica == "master":
-        return "master", 0
-    kind, _, index = replica.partition("-")
-    if kind != "worker" or not index.isdigit():
-        raise ClusterError(f"--replica must be master or worker-N (N from 0), not '{replica}'")
-    return "worker", int(index)
-
-
 def logs(api: client.ApiClient, name: str, namespace: str, replica: str = "master", follow: bool = False,
-         write: Callable[[str], Any] = print) -> None:
-    """Stream the training container's log of one replica (master, or worker-N: node rank N + 1)."""
-    rtype, index = _replica(replica)
+         write: Callable[[str], Any] = print, b: Backend | None = None) -> None:
+    """Stream the training container's log of one replica (master; worker-N for a PyTorchJob, node-N for a TrainJob)."""
+    b = b or backends.get("pytorchjob")
+    selector = _rendered(b.pod_selector, name, replica)
     core = client.CoreV1Api(api)
-    selector = f"{OPERATOR_JOB_NAME}={name},{OPERATOR_REPLICA_TYPE}={rtype},{OPERATOR_REPLICA_INDEX}={index}"
     pods = _call(api, namespace, core.list_namespaced_pod, namespace, label_selector=selector,
                  _request_timeout=REQUEST_TIMEOUT_S).items
     if not pods:
-        phase = status(api, name, namespace).phase  # raises the clearer error when the job itself is missing
-        raise ClusterError(f"no pod yet for replica {replica} of pytorchjob {name} (phase {phase})")
+        phase = status(api, name, namespace, b).phase  # raises the clearer error when the job itself is missing
+        raise ClusterError(f"no pod yet for replica {replica} of {b.what} {name} (phase {phase})")
     pod = max(pods, key=lambda p: p.metadata.creation_timestamp or 0)  # the latest attempt after restarts
-    resp = _call(api, namespace, core.read_namespaced_pod_log, pod.metadata.name, namespace, container=TRAINING_CONTAINER,
+    resp = _call(api, namespace, core.read_namespaced_pod_log, pod.metadata.name, namespace, container=b.container,
                  follow=follow, _preload_content=False, _request_timeout=None if follow else REQUEST_TIMEOUT_S)
     try:
         for chunk in resp.stream(decode_content=True):
@@ -338,33 +361,33 @@ def logs(api: client.ApiClient, name: str, namespace: str, replica: str = "maste
         resp.release_conn()
 
 
-def delete(api: client.ApiClient, name: str, namespace: str) -> None:
-    """Delete the PyTorchJob; the garbage collector removes its pods, services and a pipeline's follow-up Job."""
-    objects = client.CustomObjectsApi(api)
+def delete(api: client.ApiClient, name: str, namespace: str, b: Backend | None = None) -> None:
+    """Delete the job; the garbage collector removes its pods, services and a pipeline's follow-up Job."""
+    b = b or backends.get("pytorchjob")
+    res, objects = resource(b), client.CustomObjectsApi(api)
     try:
-        objects.delete_namespaced_custom_object(*PYTORCHJOBS.args(namespace), name, propagation_policy="Background",
+        objects.delete_namespaced_custom_object(*res.args(namespace), name, propagation_policy="Background",
                                                 _request_timeout=REQUEST_TIMEOUT_S)
     except ApiException as e:
-        if e.status == 404 and _crd_installed(api):
-            raise ClusterError(f"no pytorchjob {name} in namespace '{namespace}'") from None
-        raise _translate(api, e, namespace) from None
+        if e.status == 404 and _crd_installed(api, res):
+            raise ClusterError(f"no {b.what} {name} in namespace '{namespace}'") from None
+        raise _translate(api, e, namespace, res) from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, namespace) from None
+        raise _translate(api, e, namespace, res) from None
 
 
-def list_jobs(api: client.ApiClient, namespace: str) -> list[JobStatus]:
-    """barlow's PyTorchJobs in the namespace, oldest first."""
+def list_jobs(api: client.ApiClient, namespace: str, b: Backend | None = None) -> list[JobStatus]:
+    """barlow's jobs of one backend in the namespace, oldest first."""
+    b = b or backends.get("pytorchjob")
     selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-    objects = client.CustomObjectsApi(api)
-    found = _call(api, namespace, objects.list_namespaced_custom_object, *PYTORCHJOBS.args(namespace),
+    res, objects = resource(b), client.CustomObjectsApi(api)
+    found = _call(api, namespace, objects.list_namespaced_custom_object, *res.args(namespace), res=res,
                   label_selector=selector, _request_timeout=REQUEST_TIMEOUT_S)
-    return sorted((_status_of(o) for o in found.get("items") or []), key=lambda s: (s.created, s.name))
+    return sorted((_status_of(o, b) for o in found.get("items") or []), key=lambda s: (s.created, s.name))
 
 
 def spec_namespace(spec: RunSpec, namespace: str | None) -> RunSpec:
     """The spec placed in `namespace` (the --namespace option), so the manifest and the pod's spec agree."""
     if not namespace or namespace == spec.cluster.namespace:
         return spec
-    data = spec.model_dump(mode="json")
-    data["cluster"]["namespace"] = namespace
-    return parse_spec(data, "--namespace")
+    return with_fields(spec, {"cluster.namespace": namespace}, "--namespace")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from barlow.spec import set_path
+
 
 def tiny_spec(demo: Path, out: Path, **overrides) -> dict:
     """A narrow ResNet-18 at 16 px: a few seconds an epoch on two CPU processes."""
@@ -23,11 +25,7 @@ def tiny_spec(demo: Path, out: Path, **overrides) -> dict:
         "eval": {"epochs": 6, "batch_size": 128, "lr_head": 0.5},
     }
     for path, value in overrides.items():
-        *parents, last = path.split(".")
-        node = spec
-        for p in parents:
-            node = node[p]
-        node[last] = value
+        spec = set_path(spec, path, value)
     return spec
 
 
