@@ -1,0 +1,200 @@
+"""Decode a batch of encoded images on the training device, crop, resize and flip: the GPU-decode half of the data path.
+
+The host reads bytes and chooses crop boxes from the image header; this module turns (bytes, box, flip) into the
+uint8 (B, C, size, size) crops that barlow.augment.DeviceViews takes. On CUDA, baseline JPEGs with 1 or 3 components
+decode as one batch with nvJPEG; everything else the GPU decoder cannot take (PNG and other formats, CMYK,
+progressive, or a batch the GPU rejects) decodes per image on the CPU and is copied over. An image no decoder can
+read is reported in `bad` (its rows are left zero) and never fails the batch.
+
+Decoder: TorchCodec (`torchcodec.decoders.decode_jpeg` / `decode_image`) where it loads, else `torchvision.io`.
+torchvision 0.29 deprecates its decoders ("use TorchCodec instead") and warns on every call; TorchCodec 0.17 installs
+beside torch 2.14.1 (no torch requirement), has the same batched nvJPEG entry point and decodes the same pixels as
+torchvision on the CPU (checked: max difference 0). Its PyPI wheel is built for CUDA 13 (torch's PyPI build); beside
+a torch built for another CUDA (e.g. the cu128 base image) it does not load unless installed from that CUDA's PyTorch
+index, so it is the optional extra `decode` and torchvision.io, always there and matched to torch, is the fallback.
+
+Crop + resize: torchvision's `resized_crop` with BICUBIC + antialias, as the host's crop-first path
+(barlow/data/cropfirst.py) does, so CPU and device decoding give the same crop up to rounding.
+
+Imports only torch, torchvision, torchcodec (optional) and PIL (the last-resort decoder).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+_SOF_BASELINE = (0xC0, 0xC1)  # baseline and extended sequential Huffman: what nvJPEG's batched decoder takes
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_frame(data: torch.Tensor | bytes) -> tuple[int, int] | None:
+    """(SOF marker, component count) from a JPEG's header, or None when it is not a JPEG / the header is cut."""
+    b = bytes(data[:65536].tolist()) if isinstance(data, torch.Tensor) else bytes(data[:65536])
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(b[i + 2:i + 4], "big")
+        if marker in _SOF:
+            return (marker, b[i + 9]) if i + 9 < len(b) else None
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def gpu_decodable(data: torch.Tensor | bytes) -> bool:
+    """True for a baseline JPEG with 1 or 3 components (what the batched GPU decoder takes)."""
+    frame = jpeg_frame(data)
+    return frame is not None and frame[0] in _SOF_BASELINE and frame[1] in (1, 3)
+
+
+def _mode(channels: int) -> str:
+    return "RGB" if channels == 3 else "GRAY"
+
+
+class Decoders(NamedTuple):
+    name: str
+    image: Callable[[torch.Tensor, int], torch.Tensor]  # (bytes, channels) -> (C, H, W) or (N, C, H, W), CPU
+    jpegs: Callable[[list[torch.Tensor], int, torch.device], list[torch.Tensor]]  # one batch on a device
+
+
+def _torchcodec() -> Decoders:
+    from torchcodec.decoders import decode_image, decode_jpeg  # ImportError / OSError where its wheel cannot load
+
+    return Decoders("torchcodec", lambda data, c: decode_image(data, mode=_mode(c)),
+                    lambda datas, c, device: decode_jpeg(datas, mode=_mode(c), device=device))
+
+
+def _torchvision() -> Decoders:
+    from torchvision import io as tvio
+
+    def quiet(fn: Callable) -> Callable:
+        def call(*args):
+            with warnings.catch_warnings():  # deprecated in torchvision 0.29: we know, and say so in the module doc
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return fn(*args)
+        return call
+
+    mode = {3: tvio.ImageReadMode.RGB, 1: tvio.ImageReadMode.GRAY}
+    return Decoders("torchvision", quiet(lambda data, c: tvio.decode_image(data, mode=mode[c])),
+                    quiet(lambda datas, c, device: tvio.decode_jpeg(datas, mode=mode[c], device=device)))
+
+
+@functools.cache
+def decoders(name: str | None = None) -> Decoders:
+    """The named decoders ("torchcodec" or "torchvision"); None: TorchCodec where it loads, else torchvision.io."""
+    if name is not None:
+        return {"torchcodec": _torchcodec, "torchvision": _torchvision}[name]()
+    try:
+        return _torchcodec()
+    except (ImportError, OSError, RuntimeError):
+        return _torchvision()
+
+
+def _channels(img: torch.Tensor, channels: int) -> torch.Tensor:
+    """Where a decoder ignored the mode (torchvision's WebP gives RGB for GRAY): drop alpha, convert to `channels`."""
+    if img.shape[0] == channels:
+        return img
+    img = img[:3] if img.shape[0] == 4 else img[:1] if img.shape[0] == 2 else img
+    if img.shape[0] == channels:
+        return img
+    return v2.functional.rgb_to_grayscale(img) if channels == 1 else img.expand(3, -1, -1).contiguous()
+
+
+def _decode_cpu(data: torch.Tensor, channels: int, dec: Decoders) -> torch.Tensor | None:
+    """One image on the CPU: the decoders for any format they know, then PIL; None if neither can read it."""
+    try:
+        img = dec.image(data, channels)
+        return _channels(img[0] if img.ndim == 4 else img, channels)  # animated formats: the first frame
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            return v2.functional.pil_to_tensor(im.convert("RGB" if channels == 3 else "L"))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def decode_batch(encoded: Sequence[torch.Tensor], channels: int, device: torch.device | str,
+                 decoder: str | None = None) -> list[torch.Tensor | None]:
+    """Full-size uint8 (C, H, W) images on `device` (None where undecodable): one nvJPEG batch on CUDA for what it
+    takes, per-image CPU decoding for the rest (and for all on the CPU)."""
+    device, dec = torch.device(device), decoders(decoder)
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    todo = list(range(len(encoded)))
+    if device.type == "cuda":
+        gpu = [i for i in todo if gpu_decodable(encoded[i])]
+        if gpu:
+            try:
+                for i, img in zip(gpu, dec.jpegs([encoded[i] for i in gpu], channels, device), strict=True):
+                    out[i] = img
+            except (RuntimeError, ValueError):  # one bad image fails nvJPEG's batch: retry one by one on the GPU
+                for i in gpu:
+                    try:
+                        out[i] = dec.jpegs([encoded[i]], channels, device)[0]
+                    except (RuntimeError, ValueError):
+                        pass
+        todo = [i for i in todo if out[i] is None]
+    for i in todo:
+        img = _decode_cpu(encoded[i], channels, dec)
+        if img is not None:
+            out[i] = img.to(device, non_blocking=True) if device.type != "cpu" else img
+    return out
+
+
+def _crop(img: torch.Tensor, box: Sequence[int], flip: bool, size: int) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    top, left = min(max(int(box[0]), 0), h - 1), min(max(int(box[1]), 0), w - 1)
+    height, width = max(1, min(int(box[2]), h - top)), max(1, min(int(box[3]), w - left))
+    out = v2.functional.resized_crop(img, top, left, height, width, [size, size],
+                                     interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return out.flip(-1) if flip else out
+
+
+def decode_views(encoded: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int,
+                 channels: int, device: torch.device | str,
+                 decoder: str | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Each image decoded once, then V crops of it: boxes (V, B, 4) as (top, left, height, width) in full-resolution
+    pixels, flips (V, B) bool (both CPU tensors) -> V uint8 (B, C, size, size) batches on `device`, and the indices
+    of the undecodable images (their rows are zero: drop them)."""
+    if boxes.ndim != 3 or boxes.shape[1:] != (len(encoded), 4) or flips.shape != boxes.shape[:2]:
+        raise ValueError(f"boxes, flips: expected (V, {len(encoded)}, 4) and (V, {len(encoded)}) "
+                         f"(got {tuple(boxes.shape)}, {tuple(flips.shape)})")
+    if channels not in (1, 3):
+        raise ValueError(f"channels: must be 1 or 3 (got {channels})")
+    device = torch.device(device)
+    images = decode_batch(encoded, channels, device, decoder)
+    boxes, flips = boxes.tolist(), flips.tolist()  # host values: no device sync per crop
+    views = [torch.zeros(len(encoded), channels, size, size, dtype=torch.uint8, device=device) for _ in boxes]
+    bad = []
+    for i, img in enumerate(images):
+        if img is None:
+            bad.append(i)
+            continue
+        for v, out in enumerate(views):
+            out[i] = _crop(img, boxes[v][i], flips[v][i], size)
+    return views, bad
+
+
+def decode_crops(encoded: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int, channels: int,
+                 device: torch.device | str, decoder: str | None = None) -> tuple[torch.Tensor, list[int]]:
+    """encoded (B 1-D uint8 tensors), boxes (B, 4) top, left, height, width in full-resolution pixels, flips (B,)
+    -> uint8 (B, C, size, size) on `device` and the indices of undecodable images (their rows are zero).
+    `decoder`: "torchcodec" or "torchvision" to force one (tests, benchmarks); None picks as the module doc says."""
+    views, bad = decode_views(encoded, boxes[None], flips[None], size, channels, device, decoder)
+    return views[0], bad

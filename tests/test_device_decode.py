@@ -1,0 +1,141 @@
+"""barlow.data.devicedecode on the CPU: the decoded crops equal the host's crop of a PIL decode, every format the GPU
+decoder cannot take still decodes (per image, on the CPU), and an undecodable image is reported, never raised.
+The CUDA half is tests/gpu/test_devicedecode.py."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from barlow.data.devicedecode import decode_crops, decode_views, decoders, gpu_decodable, jpeg_frame
+
+
+def _loads(name: str) -> bool:
+    try:
+        decoders(name)
+        return True
+    except (ImportError, OSError, RuntimeError):
+        return False
+
+
+DECODERS = [pytest.param(name, marks=pytest.mark.skipif(not _loads(name), reason=f"{name} does not load here"))
+            for name in ("torchcodec", "torchvision")]
+
+W, H = 96, 72
+
+
+def photo(mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A smooth image (JPEG-friendly, so decoders agree closely) with some colour."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    rng = np.random.default_rng(seed)
+    rgb = np.stack([128 + 100 * np.sin(xx / 9 + rng.uniform(0, 6)), 128 + 100 * np.cos(yy / 7 + rng.uniform(0, 6)),
+                    (xx + yy) * 255 / (W + H)], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> torch.Tensor:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def host_crop(img: Image.Image, box, flip: bool, size: int, channels: int) -> torch.Tensor:
+    """What the host's crop-first path does: PIL decode, convert, torchvision's resized_crop (bicubic, antialias)."""
+    t = v2.functional.pil_to_tensor(img.convert("RGB" if channels == 3 else "L"))
+    out = v2.functional.resized_crop(t, *box, [size, size], interpolation=v2.InterpolationMode.BICUBIC,
+                                     antialias=True)
+    return out.flip(-1) if flip else out
+
+
+LOSSLESS = {3: (0.0, 0), 1: (0.6, 2)}  # grey: TorchCodec's RGB -> L conversion rounds differently from PIL's
+CASES = [  # name, encoded bytes, the GPU batch decoder takes it, tolerance (mean, max) in uint8 levels
+    ("baseline jpeg", lambda: encode(photo(), "JPEG", quality=95), True, (1.0, 8)),
+    ("grey jpeg", lambda: encode(photo("L"), "JPEG", quality=95), True, (1.0, 8)),
+    ("progressive jpeg", lambda: encode(photo(), "JPEG", quality=95, progressive=True), False, (1.0, 8)),
+    ("cmyk jpeg", lambda: encode(photo("CMYK"), "JPEG", quality=95), False, (1.5, 12)),
+    ("png", lambda: encode(photo(), "PNG"), False, None),
+    ("rgba png", lambda: encode(photo("RGBA"), "PNG"), False, None),
+    ("webp lossless", lambda: encode(photo(), "WEBP", lossless=True), False, None),
+]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("name,make,gpu_ok,tol", CASES, ids=[c[0] for c in CASES])
+def test_crop_equals_host_crop_of_pil_decode(name, make, gpu_ok, tol, channels, decoder):
+    data = make()
+    assert gpu_decodable(data) is gpu_ok
+    boxes = torch.tensor([[5, 10, 50, 60], [0, 0, H, W], [30, 40, 20, 20]])
+    flips = torch.tensor([True, False, True])
+    out, bad = decode_crops([data] * 3, boxes, flips, 32, channels, "cpu", decoder)
+    assert bad == [] and out.shape == (3, channels, 32, 32) and out.dtype == torch.uint8
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+        want = torch.stack([host_crop(img, b.tolist(), bool(f), 32, channels) for b, f in zip(boxes, flips,
+                                                                                              strict=True)])
+    diff = (out.int() - want.int()).abs()
+    tol = tol or LOSSLESS[channels]
+    assert diff.float().mean() <= tol[0] and diff.max() <= tol[1], (diff.float().mean(), diff.max())
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("junk", [b"", b"not an image", b"\xff\xd8\xff\xe0" + b"\x00" * 40, "truncated"])
+def test_undecodable_images_are_reported_not_raised(junk, decoder):
+    good = encode(photo(), "JPEG", quality=90)
+    bad_data = good[:300] if junk == "truncated" else torch.frombuffer(bytearray(junk or b"\x00"), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, H, W]] * 3)
+    out, bad = decode_crops([good, bad_data, good], boxes, torch.zeros(3, dtype=torch.bool), 16, 3, "cpu", decoder)
+    assert bad == [1]
+    assert out[1].eq(0).all() and out[0].float().mean() > 10 and torch.equal(out[0], out[2])
+
+
+def test_views_decode_once_and_crop_each_view():
+    data = [encode(photo(seed=s), "JPEG", quality=95) for s in range(4)]
+    boxes = torch.tensor([[[0, 0, H, W]] * 4, [[10, 20, 30, 40]] * 4])
+    flips = torch.tensor([[False] * 4, [True, False, True, False]])
+    (a, b), bad = decode_views(data, boxes, flips, 24, 3, "cpu")
+    assert bad == []
+    for v, out in enumerate((a, b)):
+        single, _ = decode_crops(data, boxes[v], flips[v], 24, 3, "cpu")
+        assert torch.equal(out, single)
+    assert not torch.equal(a, b)
+
+
+def test_boxes_outside_the_image_are_clamped():
+    data = encode(photo(), "PNG")
+    out, bad = decode_crops([data], torch.tensor([[H - 5, W - 5, 500, 500]]), torch.tensor([False]), 8, 3, "cpu")
+    want = host_crop(photo(), [H - 5, W - 5, 5, 5], False, 8, 3)
+    assert bad == [] and torch.equal(out[0], want)
+
+
+@pytest.mark.parametrize("boxes,flips", [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.bool)),
+                                         (torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool)),
+                                         (torch.zeros(2, 4), torch.zeros(1, dtype=torch.bool))])
+def test_bad_shapes_name_the_arguments(boxes, flips):
+    data = [encode(photo(), "PNG")] * 2
+    with pytest.raises(ValueError, match="boxes, flips"):
+        decode_crops(data, boxes, flips, 8, 3, "cpu")
+
+
+@pytest.mark.parametrize("data,frame", [
+    (lambda: encode(photo(), "JPEG"), (0xC0, 3)),
+    (lambda: encode(photo("L"), "JPEG"), (0xC0, 1)),
+    (lambda: encode(photo(), "JPEG", progressive=True), (0xC2, 3)),
+    (lambda: encode(photo("CMYK"), "JPEG"), (0xC0, 4)),
+    (lambda: encode(photo(), "PNG"), None),
+    (lambda: torch.tensor([0xFF, 0xD8, 0xFF], dtype=torch.uint8), None),
+])
+def test_jpeg_frame_reads_the_header(data, frame):
+    assert jpeg_frame(data()) == frame
+
+
+def test_torchvision_decoders_do_not_warn():
+    data = encode(photo(), "JPEG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_crops([data], torch.tensor([[0, 0, H, W]]), torch.tensor([False]), 8, 3, "cpu", "torchvision")
