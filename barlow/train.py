@@ -46,7 +46,7 @@ def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
 def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda: None) -> dict:
     """Pretrain to the end of the spec's schedule, resuming from the latest complete checkpoint; returns a summary."""
     place = distributed.setup(spec.runtime)
-    storage.configure_s3(**spec.data.s3.model_dump())
+    storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))
     torch.manual_seed(spec.runtime.seed)
     o, out = spec.optim, spec.output.url
 

@@ -137,7 +137,7 @@ def test_slowdown_is_retried_with_backoff(s3, fail, retries, succeeds):
     storage.write_bytes(url, b"payload" * 100)
     port = int(s3.server.endpoint_url.rsplit(":", 1)[1])
     with SlowDownProxy(port, fail) as proxy:
-        storage.configure_s3(endpoint_url=proxy.url, retries=retries)
+        storage.configure_s3(storage.S3Settings(endpoint_url=proxy.url, retries=retries))
         if succeeds:
             assert storage.read_bytes(url) == b"payload" * 100
             storage.write_bytes(f"{s3.url}/written-through-throttling", b"ok")
@@ -147,7 +147,7 @@ def test_slowdown_is_retried_with_backoff(s3, fail, retries, succeeds):
                 storage.read_bytes(url)
             assert info.value.errno == errno.EBUSY  # SlowDown, reported as such once the attempts are spent
             assert proxy.throttled == 3  # botocore's own 3 quick attempts; one outer attempt with retries=1
-    storage.configure_s3(endpoint_url=s3.server.endpoint_url)
+    storage.configure_s3(storage.S3Settings(endpoint_url=s3.server.endpoint_url))
     if succeeds:
         assert storage.read_bytes(f"{s3.url}/written-through-throttling") == b"ok"
 
