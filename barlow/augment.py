@@ -155,3 +155,49 @@ def eval_transform(size: int = 224, channels: int = 3) -> v2.Compose:
     _check(size, channels)
     return v2.Compose([_ToImage(channels), v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size),
                        *_normalize(channels), v2.ToPureTensor()])
+
+
+# replaced by the batched DeviceViews of the device-side branch
+class DeviceViews(torch.nn.Module):
+    """The device half of BYOL's two views: colour jitter, grayscale, blur, solarize, normalise on uint8 crops that
+    are already cropped, resized and flipped (the host half: barlow.data.cropfirst.HostCrops).
+
+    Minimal correct stand-in: today's byol_view ops after the flip, applied one sample at a time with parameters
+    drawn from the int `seed`; the batched module of the device-side branch replaces it with the same interface.
+    """
+
+    def __init__(self, size: int, channels: int = 3, jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
+                 blur_prob: tuple[float, float] = (1.0, 0.1), solarize_prob: tuple[float, float] = (0.0, 0.2),
+                 hue: str = "hsv"):
+        super().__init__()
+        _check(size, channels)
+        if hue != "hsv":
+            raise ValueError(f"hue: only hsv in this stand-in (got {hue!r})")
+        self.size, self.channels = size, channels
+
+        def view(blur: float, solarize: float) -> v2.Compose:
+            ops: list[torch.nn.Module] = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=jitter_prob)]
+            if channels == 3:
+                ops.append(v2.RandomGrayscale(grayscale_prob))
+            ops += [v2.RandomApply([GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur),
+                    v2.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize), *_normalize(channels), v2.ToPureTensor()]
+            return v2.Compose(ops)
+
+        self.view1, self.view2 = view(blur_prob[0], solarize_prob[0]), view(blur_prob[1], solarize_prob[1])
+
+    @torch.no_grad()
+    def views(self, x1: torch.Tensor, x2: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two float views (normalised, channels_last, on the input's device) of uint8 (B, C, size, size) crops."""
+        if x1.dtype != torch.uint8 or x1.shape != x2.shape or tuple(x1.shape[1:]) != (self.channels, self.size, self.size):
+            raise ValueError(f"views: expected two uint8 (B, {self.channels}, {self.size}, {self.size}) batches "
+                             f"(got {x1.dtype} {tuple(x1.shape)}, {x2.dtype} {tuple(x2.shape)})")
+        out1, out2 = [], []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % (2**63 - 1))
+            for a, b in zip(x1, x2, strict=True):
+                out1.append(self.view1(tv_tensors.Image(a)))
+                out2.append(self.view2(tv_tensors.Image(b)))
+        return tuple(torch.stack(o).contiguous(memory_format=torch.channels_last) for o in (out1, out2))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views(x1, x2, seed)

@@ -131,9 +131,10 @@ class Encoded:
     data: list[torch.Tensor]  # uint8, 1-D: the file as stored
     boxes: tuple[torch.Tensor, torch.Tensor]  # (B, 4) int64 per view
     flips: tuple[torch.Tensor, torch.Tensor]  # (B,) bool per view
+    names: list[str]  # for the message when an image turns out undecodable on the device
 
     def pin_memory(self) -> Encoded:
-        return Encoded([d.pin_memory() for d in self.data], self.boxes, self.flips)
+        return Encoded([d.pin_memory() for d in self.data], self.boxes, self.flips, self.names)
 
 
 class HostCrops:
@@ -168,7 +169,7 @@ class HostCrops:
         boxes, flips = self.draw(img)
         if self.decode == "gpu":
             box = [torch.tensor([b["top"], b["left"], b["height"], b["width"]]) for b in boxes]
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flips
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flips, name
         width, height = img.size
         room = min(min(b["width"], b["height"]) / self.size for b in boxes)
         scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
@@ -191,4 +192,5 @@ class HostCrops:
             return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
         return Encoded([s[0] for s in samples], (torch.stack([s[1][0] for s in samples]),
                                                   torch.stack([s[1][1] for s in samples])),
-                       (torch.tensor([s[2][0] for s in samples]), torch.tensor([s[2][1] for s in samples])))
+                       (torch.tensor([s[2][0] for s in samples]), torch.tensor([s[2][1] for s in samples])),
+                       [s[3] for s in samples])
