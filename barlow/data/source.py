@@ -89,7 +89,7 @@ def build_batch(items: Sequence[tuple[bytes, str, int]], decode: Callable[[bytes
                 seed: int) -> Batch:
     """Decode `(bytes, name, label)` items with the batch's seed; corrupt ones are counted and refilled."""
     with torch.random.fork_rng(devices=[]):  # augmentation seeded per batch; the caller's RNG is left alone
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed("host", seed))  # not `seed` itself: the device views draw from that one
         outputs, labels, good, bad = [], [], [], []
         for data, name, label in items:
             try:
