@@ -48,14 +48,15 @@ def test_every_rank_gets_the_same_number_of_full_batches(folder, world_size, bat
         assert len(got) == expected and all(len(labels) == batch for _, labels, _ in got)
 
 
-def test_ranks_see_disjoint_samples_and_epochs_reshuffle(folder):
-    source = open_source(DataSpec(train=str(folder / "train")), "train")
+def test_ranks_see_disjoint_samples_and_epochs_reshuffle(tmp_path):
+    write_tagged_folder(tmp_path / "src", 200)  # every image carries its sample id
+    source = open_source(DataSpec(train=str(tmp_path / "src")), "train")
     orders = {}
     for epoch in (0, 1):
-        ranks = [batches(source, rank=r, world_size=2, epoch=epoch) for r in (0, 1)]
-        seen = [torch.cat([x[:, 1] for x, _, _ in b]).tolist() for b in ranks]
-        assert not set(seen[0]) & set(seen[1])
-        orders[epoch] = torch.cat([labels for _, labels, _ in ranks[0]]).tolist()
+        ranks = [batches(source, transform=IdTag(), rank=r, world_size=2, epoch=epoch) for r in (0, 1)]
+        seen = [ids_of(b) for b in ranks]
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == len(seen[0]) == 200 // 32 * 16
+        orders[epoch] = seen[0]
     assert orders[0] != orders[1]
 
 
