@@ -144,6 +144,7 @@ def _folder_spec(url: str, endpoint: str) -> DataSpec:
 def test_s3_folder_with_workers_matches_local(tmp_path, tagged_folder_on_s3):
     """Loader worker processes on an s3:// folder (each with its own client: an s3fs object is not fork-safe)."""
     _, s3 = tagged_folder_on_s3
+    storage.configure_s3()  # no process default pointing at the server: the source passes data.s3 explicitly
     remote = open_source(_folder_spec(f"{s3.url}/folder", s3.server.endpoint_url), "train")
     local = open_source(DataSpec(train=str(tmp_path / "src")), "train")
     kw = dict(transform=IdTag(), batch_size=8, rank=0, world_size=1, seed=1, epoch=0)
