@@ -17,6 +17,7 @@ from barlow.data import open_source
 from barlow.data.decode import CorruptImage
 from barlow.data.demo import write_demo
 from barlow.data.shards import write_shards
+from barlow.data.source import Source
 from barlow.spec import DataSpec, S3Spec
 
 
@@ -116,6 +117,7 @@ def test_label_subsets_select_the_same_images_as_the_shards(tmp_path, percent):
               subset_percent=percent)
     folder = open_source(DataSpec(train=str(tmp_path / "src")), "train")
     shards = open_source(DataSpec(format="shards", train=str(tmp_path / "shards" / "index.json")), "train")
+    assert isinstance(folder, Source) and isinstance(shards, Source)  # one contract, two implementations
     from_folder, from_shards = ids_of(folder.loader(**kw)), ids_of(shards.loader(**kw))
     assert sorted(from_folder) == sorted(from_shards) and len(from_folder) == folder.count(percent) == shards.count(percent)
 

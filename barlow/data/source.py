@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import default_collate
@@ -59,6 +59,7 @@ def _pin(x: Any) -> Any:
     return x.pin_memory() if hasattr(x, "pin_memory") else x
 
 
+@runtime_checkable
 class Source(Protocol):
     """What the training and evaluation loops need of a set of images."""
 
