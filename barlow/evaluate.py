@@ -56,7 +56,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: None) -> dict:
     """Train a linear head (or fine-tune) on the train images, then report val top-1/top-5 and kNN top-1."""
     place = distributed.setup(spec.runtime)
-    storage.configure_s3(**spec.data.s3.model_dump())
+    storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))
     torch.manual_seed(spec.runtime.seed)
     e, d = spec.eval, spec.data
     train_src, val_src = open_source(d, "train"), open_source(d, "val")

@@ -76,7 +76,7 @@ class Budget:
 
     @classmethod
     def open(cls, spec: RunSpec) -> Budget:
-        storage.configure_s3(**spec.data.s3.model_dump())
+        storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))  # the output's default, as in train
         url = storage.join(spec.output.url, FOLDER)
         names = sorted(n for n in storage.list_names(url) if n.endswith(".json"))
         records = [json.loads(storage.read_text(storage.join(url, n))) for n in names]

@@ -144,6 +144,9 @@ class DataSpec(Section):
     workers: int = Field(4, ge=0, le=64, description="Data-loader worker processes per training process.")
     shuffle_buffer: int = Field(1000, ge=0, le=1_000_000, description="Samples held for shuffling shards (0: none).")
     on_corrupt: Literal["skip", "fail"] = Field("skip", description="What an undecodable image does: skipped and counted, or fail the run.")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where training images are decoded: cpu (loader workers decode the crops), gpu (workers only "
+        "read bytes and choose crops; the GPU decodes the batch; needs a CUDA device), auto: gpu when the run is on CUDA.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="The two-view augmentation.")
     s3: S3Spec = Field(default_factory=S3Spec, description="S3 connection settings for s3:// URLs.")
 
@@ -351,6 +354,8 @@ class RunSpec(Section):
         problems += _cluster_problems(c)
         if self.data.format == "shards" and not self.data.train.endswith(".json"):
             problems.append(("data.train", "must point at the shards' index .json when data.format is shards"))
+        if self.data.decode == "gpu" and self.runtime.device == "cpu":
+            problems.append(("data.decode", "gpu needs a CUDA device; runtime.device is cpu (use decode: cpu or auto)"))
         return problems
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -30,8 +31,7 @@ COMMIT_MARKER = "_COMPLETE"
 log = logging.getLogger("barlow.storage")
 T = TypeVar("T")
 
-_s3_options: dict[str, Any] = {}
-_retry = {"attempts": 10, "base": 0.25, "cap": 8.0}  # attempts come from the spec's s3.retries
+_RETRY_BASE, _RETRY_CAP = 0.25, 8.0  # seconds: first pause and longest pause between attempts
 # errno values s3fs and the OS give to errors that go away by themselves (EBUSY: 503 SlowDown / ServiceUnavailable)
 _TRANSIENT_ERRNO = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET,
                     errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
@@ -39,37 +39,62 @@ _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestT
                     "Throttling", "ThrottlingException", "TooManyRequests", "500", "502", "503", "504"}
 
 
-def configure_s3(endpoint_url: str | None = None, region: str | None = None, addressing_style: str = "auto",
-                 retries: int = 10) -> None:
-    """Set how s3:// URLs are reached (credentials come from the environment, never from here).
+@dataclass(frozen=True)
+class S3Settings:
+    """How s3:// URLs are reached (credentials come from the environment, never from here); picklable, so it
+    travels with whatever needs it (a loader worker, a thread) instead of living in module state.
 
     `retries` is the number of attempts of each storage call; botocore's adaptive mode adds its own
     client-side rate limiting on throttling responses underneath (a few quick attempts per call).
     """
-    client_kwargs: dict[str, Any] = {}
-    if endpoint_url:
-        client_kwargs["endpoint_url"] = endpoint_url
-    if region:
-        client_kwargs["region_name"] = region
-    config: dict[str, Any] = {"retries": {"total_max_attempts": 3, "mode": "adaptive"}, "connect_timeout": 5, "read_timeout": 30}
-    if addressing_style != "auto":
-        config["s3"] = {"addressing_style": addressing_style}
-    _s3_options.clear()
-    _s3_options.update(client_kwargs=client_kwargs, config_kwargs=config)
-    _retry["attempts"] = max(retries, 1)
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"
+    retries: int = 10
+
+    @property
+    def attempts(self) -> int:
+        return max(self.retries, 1)
+
+    def fs_options(self) -> dict[str, Any]:
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        config: dict[str, Any] = {"retries": {"total_max_attempts": 3, "mode": "adaptive"}, "connect_timeout": 5,
+                                  "read_timeout": 30}
+        if self.addressing_style != "auto":
+            config["s3"] = {"addressing_style": self.addressing_style}
+        return {"client_kwargs": client_kwargs, "config_kwargs": config}
+
+
+_process_default = [S3Settings()]  # what calls without an explicit `s3=` use; set once per process by configure_s3
+
+
+def configure_s3(settings: S3Settings | None = None) -> None:
+    """Make `settings` the default of calls that pass no `s3=` (a run's outputs: checkpoints, metrics).
+
+    The data path passes its settings explicitly (`s3=`), so loader workers never depend on this default.
+    """
+    _process_default[0] = settings or S3Settings()
     fsspec.config.conf.pop("s3", None)
 
 
-def s3_settings() -> tuple[dict[str, Any], int]:
-    """The current S3 options and attempts, to hand to a worker process that must call configure_s3 again."""
-    return dict(_s3_options), _retry["attempts"]
+def _settings(s3: S3Settings | None) -> S3Settings:
+    return s3 if s3 is not None else _process_default[0]
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path inside it for a URL or local path."""
+def filesystem(url: str, s3: S3Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for a URL or local path.
+
+    fsspec caches filesystems per process (it drops its cache after a fork), so a loader worker calling this
+    gets its own S3 client: an s3fs object made in the parent is not fork-safe.
+    """
     if not url.startswith(("s3://", "s3a://")):
         return url_to_fs(url)
-    fs, path = url_to_fs(url, **_s3_options)
+    fs, path = url_to_fs(url, **_settings(s3).fs_options())
     fs.retries = 1  # s3fs's own retry loop off: `retry()` below is the one outer loop, with the spec's attempts
     return fs, path
 
@@ -100,26 +125,26 @@ def is_transient(exc: BaseException) -> bool:
     return any(s in text for s in ("SlowDown", "reduce your request rate", "Service Unavailable", "ServiceUnavailable"))
 
 
-def retry(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+def retry(fn: Callable[..., T], *args: Any, what: str, s3: S3Settings | None = None, **kwargs: Any) -> T:
     """fn(*args, **kwargs), again after a growing, jittered pause while it fails with a transient error."""
-    attempts = _retry["attempts"]
+    attempts = _settings(s3).attempts
     for attempt in range(1, attempts + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
             if attempt == attempts or not is_transient(e):
                 raise
-            pause = min(_retry["cap"], _retry["base"] * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            pause = min(_RETRY_CAP, _RETRY_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
             log.warning("%s: %s (attempt %d of %d, again in %.1fs)", what, type(e).__name__, attempt, attempts, pause)
-            _invalidate(what)
+            _invalidate(what, s3)
             time.sleep(pause)
     raise AssertionError("unreachable")
 
 
-def _invalidate(url: str) -> None:
+def _invalidate(url: str, s3: S3Settings | None = None) -> None:
     """Forget cached listings so a retry sees the store as it is now."""
     try:
-        fs, _ = filesystem(url)
+        fs, _ = filesystem(url, s3)
         fs.invalidate_cache()
     except Exception:  # a cache we cannot clear only costs freshness
         pass
@@ -130,26 +155,35 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/"), *parts) if "://" in url else str(posixpath.join(url, *parts))
 
 
-def exists(url: str) -> bool:
-    fs, path = filesystem(url)
-    return retry(fs.exists, path, what=url)
+def exists(url: str, s3: S3Settings | None = None) -> bool:
+    fs, path = filesystem(url, s3)
+    return retry(fs.exists, path, what=url, s3=s3)
 
 
-def size(url: str) -> int:
+def size(url: str, s3: S3Settings | None = None) -> int:
     """Size of a file in bytes; FileNotFoundError when missing."""
-    fs, path = filesystem(url)
-    return int(retry(fs.size, path, what=url))
+    fs, path = filesystem(url, s3)
+    return int(retry(fs.size, path, what=url, s3=s3))
 
 
-def read_bytes(url: str) -> bytes:
-    fs, path = filesystem(url)
-    return retry(fs.cat_file, path, what=url)
+def read_bytes(url: str, s3: S3Settings | None = None) -> bytes:
+    fs, path = filesystem(url, s3)
+    return retry(fs.cat_file, path, what=url, s3=s3)
 
 
-def read_range(url: str, start: int, end: int) -> bytes:
+def find(url: str, s3: S3Settings | None = None) -> list[str]:
+    """Every file under a folder URL, as URLs of the same scheme (empty when it does not exist)."""
+    fs, path = filesystem(url, s3)
+    if not retry(fs.isdir, path, what=url, s3=s3):
+        return []
+    prefix = url[: url.index("://") + 3] if "://" in url and not is_local(url) else ""
+    return sorted(prefix + p for p in retry(fs.find, path, what=url, s3=s3))
+
+
+def read_range(url: str, start: int, end: int, s3: S3Settings | None = None) -> bytes:
     """Bytes [start, end) of a file (one ranged GET on S3)."""
-    fs, path = filesystem(url)
-    return retry(fs.cat_file, path, start=start, end=end, what=url)
+    fs, path = filesystem(url, s3)
+    return retry(fs.cat_file, path, start=start, end=end, what=url, s3=s3)
 
 
 def _makedirs_for(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -268,11 +302,11 @@ class RangeReader(io.RawIOBase):
     chunk is fetched in a background thread while the caller works on the current one.
     """
 
-    def __init__(self, url: str, chunk_size: int = 8 << 20, file_size: int | None = None):
+    def __init__(self, url: str, chunk_size: int = 8 << 20, file_size: int | None = None, s3: S3Settings | None = None):
         super().__init__()
-        self.url = url
+        self.url, self.s3 = url, s3
         self.chunk_size = chunk_size
-        self.file_size = size(url) if file_size is None else file_size
+        self.file_size = size(url, s3) if file_size is None else file_size
         self._pos = 0
         self._buf = b""
         self._buf_start = 0
@@ -286,7 +320,7 @@ class RangeReader(io.RawIOBase):
 
     def _fetch(self, start: int) -> Future[bytes]:
         end = min(start + self.chunk_size, self.file_size)
-        return self._pool.submit(read_range, self.url, start, end)
+        return self._pool.submit(read_range, self.url, start, end, self.s3)
 
     def readinto(self, b: Any) -> int:
         if self._pos >= self.file_size:
@@ -315,8 +349,8 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
-def open_read(url: str, chunk_size: int = 8 << 20) -> IO[bytes]:
+def open_read(url: str, chunk_size: int = 8 << 20, s3: S3Settings | None = None) -> IO[bytes]:
     """A buffered sequential reader: a plain file locally, a retrying RangeReader elsewhere."""
     if is_local(url):
         return open(filesystem(url)[1], "rb", buffering=1 << 20)
-    return io.BufferedReader(RangeReader(url, chunk_size), buffer_size=1 << 20)
+    return io.BufferedReader(RangeReader(url, chunk_size, s3=s3), buffer_size=1 << 20)

@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from barlow import checkpoint, distributed, storage
-from barlow.augment import TwoViews
 from barlow.data import open_source
+from barlow.data.feed import TrainingFeed
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
@@ -46,7 +46,7 @@ def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
 def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda: None) -> dict:
     """Pretrain to the end of the spec's schedule, resuming from the latest complete checkpoint; returns a summary."""
     place = distributed.setup(spec.runtime)
-    storage.configure_s3(**spec.data.s3.model_dump())
+    storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))
     torch.manual_seed(spec.runtime.seed)
     o, out = spec.optim, spec.output.url
 
@@ -64,7 +64,10 @@ def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda:
     loss_fn = BarlowTwinsLoss(o.lambd)
     step = resume(out, model, optimizer, spec, place)
     ddp = DistributedDataParallel(model) if place.world_size > 1 else model
-    transform = TwoViews(spec.data.image_size, spec.data.channels, **spec.data.augment.model_dump())
+    try:  # host half (loader workers: crops) and device half (batched views) of the two views
+        feed = TrainingFeed(spec.data, place.device)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     metrics = Metrics(out, place.is_main, total_steps, step)
     metrics.print(f"pretrain {spec.name}: {source.num_samples} images, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
                   f"{place.world_size} process(es) on {place.device.type}"
@@ -74,11 +77,11 @@ def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda:
     tick, tick_step, corrupt = time.perf_counter(), step, 0
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = source.loader(transform=transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
-                                seed=spec.runtime.seed, epoch=epoch, start_step=in_epoch, workers=spec.data.workers)
-        for (x1, x2), _, n_corrupt in batches:
+        batches = source.loader(transform=feed.transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
+                                seed=spec.runtime.seed, epoch=epoch, start_step=in_epoch, workers=spec.data.workers,
+                                pin_memory=feed.pin_memory)
+        for x1, x2, n_corrupt in feed(batches):  # device views, channels_last, the next batch already copying
             schedule.apply(optimizer, step)
-            x1, x2 = (x.to(place.device, non_blocking=True, memory_format=_memory_format(place)) for x in (x1, x2))
             with autocast:
                 z1, z2 = ddp(x1, x2)
             loss = loss_fn(z1, z2)
@@ -109,10 +112,6 @@ def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda:
     summary = finish(spec, model, z1, z2, place, step)
     metrics.close()
     return summary
-
-
-def _memory_format(place: distributed.Placement) -> torch.memory_format:
-    return torch.channels_last if place.autocast_dtype else torch.contiguous_format
 
 
 def resume(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, spec: PretrainSpec,

@@ -38,7 +38,7 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
 
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
-    storage.configure_s3(endpoint_url=s3_server.endpoint_url, retries=10)
+    storage.configure_s3(storage.S3Settings(endpoint_url=s3_server.endpoint_url, retries=10))
     yield S3Place(s3_server, f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}")
     storage.configure_s3()
 

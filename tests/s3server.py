@@ -7,6 +7,7 @@ Run `python tests/s3server.py DIR` to keep one in the foreground for manual chec
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import botocore.session
@@ -179,6 +181,69 @@ class S3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SlowDownProxy:
+    """A loopback HTTP proxy in front of the real S3 server that answers the first `fail` requests with
+    503 SlowDown, as a throttled store does; everything else passes through unchanged (signatures included)."""
+
+    BODY = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+    def __init__(self, upstream_port: int, fail: int):
+        self.fail, self.throttled, self.passed = fail, 0, 0
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" before it sends a body
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    throttle = proxy.throttled < proxy.fail
+                    proxy.throttled += throttle
+                    proxy.passed += not throttle
+                if throttle:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.BODY)))
+                    self.end_headers()
+                    self.wfile.write(proxy.BODY if self.command != "HEAD" else b"")
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> SlowDownProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _die_with_parent() -> None:

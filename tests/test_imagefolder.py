@@ -1,14 +1,24 @@
-"""The image-folder source: equal steps on every rank, disjoint samples, exact mid-epoch resume, corrupt files."""
+"""The image-folder source: equal steps on every rank, disjoint samples, exact mid-epoch resume, corrupt files,
+the label subsets of the shard format, and a folder on the real S3 server surviving outages and throttling."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import pytest
 import torch
+from imagesets import IdTag, ids_of, write_tagged_folder
+from s3server import SlowDownProxy
 
+from barlow import storage
 from barlow.data import open_source
 from barlow.data.decode import CorruptImage
 from barlow.data.demo import write_demo
-from barlow.spec import DataSpec
+from barlow.data.shards import write_shards
+from barlow.data.source import Source
+from barlow.spec import DataSpec, S3Spec
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +49,15 @@ def test_every_rank_gets_the_same_number_of_full_batches(folder, world_size, bat
         assert len(got) == expected and all(len(labels) == batch for _, labels, _ in got)
 
 
-def test_ranks_see_disjoint_samples_and_epochs_reshuffle(folder):
-    source = open_source(DataSpec(train=str(folder / "train")), "train")
+def test_ranks_see_disjoint_samples_and_epochs_reshuffle(tmp_path):
+    write_tagged_folder(tmp_path / "src", 200)  # every image carries its sample id
+    source = open_source(DataSpec(train=str(tmp_path / "src")), "train")
     orders = {}
     for epoch in (0, 1):
-        ranks = [batches(source, rank=r, world_size=2, epoch=epoch) for r in (0, 1)]
-        seen = [torch.cat([x[:, 1] for x, _, _ in b]).tolist() for b in ranks]
-        assert not set(seen[0]) & set(seen[1])
-        orders[epoch] = torch.cat([labels for _, labels, _ in ranks[0]]).tolist()
+        ranks = [batches(source, transform=IdTag(), rank=r, world_size=2, epoch=epoch) for r in (0, 1)]
+        seen = [ids_of(b) for b in ranks]
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == len(seen[0]) == 200 // 32 * 16
+        orders[epoch] = seen[0]
     assert orders[0] != orders[1]
 
 
@@ -95,3 +106,92 @@ def test_corrupt_images(tmp_path, on_corrupt):
 def test_missing_folder_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope: no such image folder"):
         open_source(DataSpec(train=str(tmp_path / "nope")), "train")
+
+
+@pytest.mark.parametrize("percent", [10, 1])
+def test_label_subsets_select_the_same_images_as_the_shards(tmp_path, percent):
+    """eval.train_percent picks the same images whatever data.format (the key-hash rule of the shard index)."""
+    write_tagged_folder(tmp_path / "src", 150)
+    write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), shard_size=12 << 10, progress=False)
+    kw = dict(transform=IdTag(), batch_size=4, rank=0, world_size=1, seed=0, epoch=0, shuffle=False, drop_last=False,
+              subset_percent=percent)
+    folder = open_source(DataSpec(train=str(tmp_path / "src")), "train")
+    shards = open_source(DataSpec(format="shards", train=str(tmp_path / "shards" / "index.json")), "train")
+    assert isinstance(folder, Source) and isinstance(shards, Source)  # one contract, two implementations
+    from_folder, from_shards = ids_of(folder.loader(**kw)), ids_of(shards.loader(**kw))
+    assert sorted(from_folder) == sorted(from_shards) and len(from_folder) == folder.count(percent) == shards.count(percent)
+
+
+def test_batches_carry_their_augmentation_seed(folder):
+    source = open_source(DataSpec(train=str(folder / "train")), "train")
+    a = list(source.loader(transform=Tag(), batch_size=16, rank=0, world_size=2, seed=3, epoch=0))
+    b = list(source.loader(transform=Tag(), batch_size=16, rank=0, world_size=2, seed=3, epoch=0, start_step=2))
+    assert [x.seed for x in a[2:]] == [x.seed for x in b] and len({x.seed for x in a}) == len(a)
+
+
+# ---- an image folder on the real S3 server, read by loader worker processes -------------------------------------
+
+@pytest.fixture
+def tagged_folder_on_s3(tmp_path, s3):
+    images = write_tagged_folder(tmp_path / "src", 48)
+    fs, _ = storage.filesystem(s3.url)
+    fs.put(str(tmp_path / "src"), f"{s3.url}/folder".removeprefix("s3://"), recursive=True)
+    return images, s3
+
+
+def _folder_spec(url: str, endpoint: str) -> DataSpec:
+    return DataSpec(train=url, s3=S3Spec(endpoint_url=endpoint, retries=12), workers=2)
+
+
+def test_s3_folder_with_workers_matches_local(tmp_path, tagged_folder_on_s3):
+    """Loader worker processes on an s3:// folder (each with its own client: an s3fs object is not fork-safe)."""
+    _, s3 = tagged_folder_on_s3
+    storage.configure_s3()  # no process default pointing at the server: the source passes data.s3 explicitly
+    remote = open_source(_folder_spec(f"{s3.url}/folder", s3.server.endpoint_url), "train")
+    local = open_source(DataSpec(train=str(tmp_path / "src")), "train")
+    kw = dict(transform=IdTag(), batch_size=8, rank=0, world_size=1, seed=1, epoch=0)
+    a, b = list(remote.loader(workers=2, **kw)), list(local.loader(workers=0, **kw))
+    assert len(a) == 6 and all(torch.equal(x.inputs, y.inputs) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.slow
+def test_s3_folder_survives_the_server_stopping_mid_epoch(tagged_folder_on_s3, caplog):
+    images, s3 = tagged_folder_on_s3
+    source = open_source(_folder_spec(f"{s3.url}/folder", s3.server.endpoint_url), "train")
+    kw = dict(transform=IdTag(), batch_size=8, rank=0, world_size=1, seed=4, epoch=0, workers=2)
+    expected = ids_of(source.loader(**kw))
+    got, outage = [], {}
+
+    def bounce():
+        s3.server.stop()
+        outage["stopped"] = time.monotonic()
+        time.sleep(4)
+        s3.server.start()
+        outage["back"] = time.monotonic()
+
+    caplog.set_level(logging.WARNING, logger="barlow.storage")
+    t = threading.Thread(target=bounce)
+    for i, batch in enumerate(source.loader(**kw)):
+        got.append(batch)
+        if i == 1:  # the workers have batches still to read when the server goes away
+            t.start()
+            time.sleep(0.5)
+    t.join()
+    assert outage["back"] - outage["stopped"] >= 4
+    assert ids_of(got) == expected and len(expected) == len(images) // 8 * 8
+    assert sum(b.n_corrupt for b in got) == 0  # an unreachable file is retried, never counted as corrupt
+
+
+@pytest.mark.slow
+def test_s3_folder_behind_a_throttling_proxy_serves_every_image(tagged_folder_on_s3):
+    images, s3 = tagged_folder_on_s3
+    local = ids_of(open_source(_folder_spec(f"{s3.url}/folder", s3.server.endpoint_url), "train").loader(
+        transform=IdTag(), batch_size=8, rank=0, world_size=1, seed=2, epoch=0, shuffle=False, drop_last=False))
+    port = int(s3.server.endpoint_url.rsplit(":", 1)[1])
+    with SlowDownProxy(port, fail=10) as proxy:
+        source = open_source(_folder_spec(f"{s3.url}/folder", proxy.url), "train")  # the listing is throttled too
+        got = list(source.loader(transform=IdTag(), batch_size=8, rank=0, world_size=1, seed=2, epoch=0, workers=2,
+                                 shuffle=False, drop_last=False))
+        assert proxy.throttled == 10 and proxy.passed >= len(images)
+    assert ids_of(got) == local and sorted(local) == list(range(len(images)))
+    assert sum(b.n_corrupt for b in got) == 0  # a throttled read is retried, never dropped as corrupt

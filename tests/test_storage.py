@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import errno
-import http.client
 import logging
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from s3server import SlowDownProxy
 
 from barlow import storage
 
@@ -68,76 +67,13 @@ def test_server_listens_on_loopback_only(s3_server):
     assert addresses and addresses <= {"127.0.0.1"}, addresses
 
 
-class SlowDownProxy:
-    """A loopback HTTP proxy in front of the real S3 server that answers the first `fail` requests with
-    503 SlowDown, as a throttled store does; everything else passes through unchanged (signatures included)."""
-
-    BODY = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-
-    def __init__(self, upstream_port: int, fail: int):
-        self.fail, self.throttled, self.passed = fail, 0, 0
-        lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" before it sends a body
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    throttle = proxy.throttled < proxy.fail
-                    proxy.throttled += throttle
-                    proxy.passed += not throttle
-                if throttle:
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(proxy.BODY)))
-                    self.end_headers()
-                    self.wfile.write(proxy.BODY if self.command != "HEAD" else b"")
-                    return
-                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> SlowDownProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.parametrize("fail, retries, succeeds", [(4, 10, True), (50, 1, False)])
 def test_slowdown_is_retried_with_backoff(s3, fail, retries, succeeds):
     url = f"{s3.url}/throttled.bin"
     storage.write_bytes(url, b"payload" * 100)
     port = int(s3.server.endpoint_url.rsplit(":", 1)[1])
     with SlowDownProxy(port, fail) as proxy:
-        storage.configure_s3(endpoint_url=proxy.url, retries=retries)
+        storage.configure_s3(storage.S3Settings(endpoint_url=proxy.url, retries=retries))
         if succeeds:
             assert storage.read_bytes(url) == b"payload" * 100
             storage.write_bytes(f"{s3.url}/written-through-throttling", b"ok")
@@ -147,7 +83,7 @@ def test_slowdown_is_retried_with_backoff(s3, fail, retries, succeeds):
                 storage.read_bytes(url)
             assert info.value.errno == errno.EBUSY  # SlowDown, reported as such once the attempts are spent
             assert proxy.throttled == 3  # botocore's own 3 quick attempts; one outer attempt with retries=1
-    storage.configure_s3(endpoint_url=s3.server.endpoint_url)
+    storage.configure_s3(storage.S3Settings(endpoint_url=s3.server.endpoint_url))
     if succeeds:
         assert storage.read_bytes(f"{s3.url}/written-through-throttling") == b"ok"
 

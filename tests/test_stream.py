@@ -117,7 +117,7 @@ def test_evaluation_every_sample_exactly_once_last_batch_short(tagged):
 def test_same_seed_same_epoch_same_batches_other_epoch_differs(tagged):
     src = source(tagged[0], shuffle_buffer=30)
     a, b, c = (epoch(src, epoch=e) for e in (0, 0, 1))
-    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b, strict=True))  # ids and augmentation draws alike
+    assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(a, b, strict=True))  # ids and augmentation draws alike
     assert ids_of(a) != ids_of(c)
 
 
@@ -131,7 +131,7 @@ def test_resume_mid_epoch_serves_exactly_the_rest(tagged, workers, buffer, k):
     resumed = epoch(src, start_step=k, **kw)
     assert len(interrupted) == k and len(resumed) == len(full) - k
     # the same batches in the same order, with the same augmentation draws: nothing lost, nothing repeated
-    assert all(torch.equal(x[0], y[0]) for x, y in zip(full, [b for _, b in interrupted] + resumed, strict=True))
+    assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(full, [b for _, b in interrupted] + resumed, strict=True))
 
 
 def test_resume_at_the_end_of_an_epoch_serves_nothing(tagged):
@@ -316,7 +316,7 @@ def test_s3_epoch_matches_local(tagged, tagged_on_s3, workers):
     local = source(tagged[0], shuffle_buffer=20)
     kw = dict(batch_size=8, rank=0, world_size=2, seed=2, epoch=1, workers=workers)
     a, b = epoch(remote, **kw), epoch(local, **kw)
-    assert len(a) == len(b) and all(torch.equal(x[0], y[0]) for x, y in zip(a, b, strict=True))
+    assert len(a) == len(b) and all(torch.equal(x.inputs, y.inputs) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.slow

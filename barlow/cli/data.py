@@ -46,7 +46,7 @@ def shard(
 
     if addressing_style not in ("auto", "virtual", "path"):
         raise fail(f"--addressing-style: must be auto, virtual or path (got {addressing_style})", 2)
-    storage.configure_s3(endpoint_url, region, addressing_style)
+    storage.configure_s3(storage.S3Settings(endpoint_url, region, addressing_style))
     try:
         done = write_shards(src, dst, shard_size=shard_size_mb << 20, workers=workers, seed=seed)
     except (OSError, ValueError, RuntimeError) as e:

@@ -1,7 +1,7 @@
 """Image sources: an ImageNet-style folder or tar shards, read through fsspec, served as batches.
 
-Every source answers the same `loader(...)` call (see `imagefolder.ImageFolderSource.loader` for the contract),
-so the training loop does not know where the images live.
+Every source implements one contract (`barlow.data.source.Source`: listing, label subsets, seeding, retries,
+corrupt images, `loader(...)` yielding `Batch`es), so the training loop does not know where the images live.
 """
 
 from __future__ import annotations

@@ -6,14 +6,23 @@ view's own RandomResizedCrop.make_params, so the crop distribution is unchanged)
 the largest 1/2, 1/4 or 1/8 reduction that keeps every crop at least the output size (so no view is upsampled
 more than at full size); convert the decoded image to a tensor once for both views; then each view's own
 resized-crop kernel on its (scaled) box, and the rest of the view (flip, jitter, blur, ...) unchanged.
-Other transforms get a plain full-size decode.
+
+The contract: a view that contains a RandomResizedCrop must have only conversions before it (`_BEFORE_CROP_OK`);
+any other op there (a new augmentation placed before the crop) is a `CropFirstError` naming it, never a silent
+switch to full-size decoding. Pass `crop_first=False` to `decoder()` to decode such a transform at full size on
+purpose. Transforms without a RandomResizedCrop (evaluation's resize + centre crop) get a plain full-size decode.
+
+`HostCrops` is the training path: the host half of BYOL's views (crop box, uint8 crop at output size, flip);
+the rest of the views runs batched on the training device (barlow.augment.DeviceViews).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import torch
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -21,6 +30,10 @@ from barlow.data.decode import decode_image, draft_scale, open_image
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
 _BEFORE_CROP_OK = {"_ToImage", "ToImage", "PILToTensor"}
+
+
+class CropFirstError(ValueError):
+    """A transform whose crop cannot move before decoding (an op before RandomResizedCrop that is not a conversion)."""
 
 
 class _View:
@@ -45,10 +58,16 @@ class _View:
 
 
 def _split(view: Any) -> _View | None:
+    """The view split at its crop; None without a RandomResizedCrop; CropFirstError if the crop cannot go first."""
     ops = list(getattr(view, "transforms", []))
     crops = [i for i, t in enumerate(ops) if isinstance(t, v2.RandomResizedCrop)]
-    if len(crops) != 1 or any(type(t).__name__ not in _BEFORE_CROP_OK for t in ops[:crops[0]]):
+    if not crops:
         return None
+    blocking = [type(t).__name__ for t in ops[:crops[0]] if type(t).__name__ not in _BEFORE_CROP_OK]
+    if len(crops) > 1 or blocking:
+        why = f"{', '.join(blocking)} before RandomResizedCrop" if blocking else "more than one RandomResizedCrop"
+        raise CropFirstError(f"crop-first decoding: {why}; only conversions ({', '.join(sorted(_BEFORE_CROP_OK))}) "
+                             "may precede the crop (move the op after it, or decode at full size with crop_first=False)")
     return _View(ops[:crops[0]], ops[crops[0]], ops[crops[0] + 1:])
 
 
@@ -63,9 +82,12 @@ class CropFirst:
 
     @classmethod
     def wrap(cls, transform: Any, channels: int) -> CropFirst | None:
-        """A CropFirst for a transform of this shape (two views, or one Compose), else None."""
+        """A CropFirst for a transform of this shape (two views, or one Compose), None for a transform without a
+        RandomResizedCrop; CropFirstError for one whose crop cannot go first (see the module doc)."""
         if hasattr(transform, "view1") and hasattr(transform, "view2"):
             views = [_split(transform.view1), _split(transform.view2)]
+            if any(views) and not all(views):
+                raise CropFirstError("crop-first decoding: one view has a RandomResizedCrop, the other none")
             return cls(views, channels, pair=True) if all(views) else None
         view = _split(transform)
         return cls([view], channels, pair=False) if view else None
@@ -91,8 +113,84 @@ class CropFirst:
 
 
 def decoder(transform: Callable, channels: int, crop_first: bool = True) -> Callable[[bytes, str], Any]:
-    """bytes, name -> transform(decoded image): crop-first where the transform allows, else plain decode."""
+    """bytes, name -> transform(decoded image): crop-first for a transform with a RandomResizedCrop (an error if
+    its crop cannot go first, unless crop_first=False), a plain decode otherwise. A HostCrops takes the bytes."""
+    if isinstance(transform, HostCrops):
+        return transform
     fast = CropFirst.wrap(transform, channels) if crop_first else None
     if fast is not None:
         return fast
     return lambda data, name: transform(decode_image(data, name, channels))
+
+
+@dataclass
+class Encoded:
+    """A batch for device decoding (decode=gpu): the file bytes per sample, and per view the crop boxes
+    (top, left, height, width on the full-size image) and flips; `barlow.data.devicedecode.decode_views` takes them."""
+
+    data: list[torch.Tensor]  # uint8, 1-D: the file as stored
+    boxes: tuple[torch.Tensor, torch.Tensor]  # (B, 4) int64 per view
+    flips: tuple[torch.Tensor, torch.Tensor]  # (B,) bool per view
+    names: list[str]  # for the message when an image turns out undecodable on the device
+
+    def pin_memory(self) -> Encoded:
+        return Encoded([d.pin_memory() for d in self.data], self.boxes, self.flips, self.names)
+
+
+class HostCrops:
+    """The host half of BYOL's two views, as a bytes -> sample transform for the loaders.
+
+    Per view, from the per-batch seeded RNG in this order: the RandomResizedCrop box (scale (min_scale, 1), drawn on
+    the size read from the file header, nothing decoded yet), then the flip (p = flip_prob); view 1, then view 2.
+    decode=cpu: the crops decoded crop-first (JPEG draft at the largest reduction that keeps each crop at least
+    the output size), resized (bicubic, antialiased) to size x size uint8 and flipped: `(x1, x2)` per batch.
+    decode=gpu: only the bytes, boxes and flips (`Encoded`); the same seed gives the same boxes and flips as cpu.
+    """
+
+    def __init__(self, size: int, channels: int = 3, min_scale: float = 0.08, flip_prob: float = 0.5,
+                 decode: Literal["cpu", "gpu"] = "cpu"):
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode: must be cpu or gpu (got {decode!r})")
+        self.size, self.channels, self.flip_prob, self.decode = size, channels, flip_prob, decode
+        self.crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                         antialias=True)
+        self.last_scale = 1  # the reduction the last image was decoded at (for tests and benchmarks)
+
+    def draw(self, img: Image.Image) -> tuple[list[dict[str, int]], list[bool]]:
+        """Both views' crop boxes and flips for an opened (not decoded) image."""
+        boxes, flips = [], []
+        for _ in range(2):
+            boxes.append(self.crop.make_params([img]))
+            flips.append(bool(torch.rand(()) < self.flip_prob))
+        return boxes, flips
+
+    def __call__(self, data: bytes, name: str) -> Any:
+        img = open_image(data, name)
+        boxes, flips = self.draw(img)
+        if self.decode == "gpu":
+            box = [torch.tensor([b["top"], b["left"], b["height"], b["width"]]) for b in boxes]
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flips, name
+        width, height = img.size
+        room = min(min(b["width"], b["height"]) / self.size for b in boxes)
+        scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
+        self.last_scale = scale
+        img = decode_image(img, name, self.channels, (width // scale, height // scale) if scale > 1 else None)
+        sx, sy = img.size[0] / width, img.size[1] / height
+        pixels = v2.functional.pil_to_tensor(img)
+        views = []
+        for b, flip in zip(boxes, flips, strict=True):
+            top, left = min(round(b["top"] * sy), img.size[1] - 1), min(round(b["left"] * sx), img.size[0] - 1)
+            h = max(1, min(round(b["height"] * sy), img.size[1] - top))
+            w = max(1, min(round(b["width"] * sx), img.size[0] - left))
+            out = v2.functional.resized_crop(pixels, top, left, h, w, [self.size, self.size],
+                                             interpolation=self.crop.interpolation, antialias=True)
+            views.append(out.flip(-1) if flip else out)
+        return tuple(views)
+
+    def collate(self, samples: list[Any]) -> Any:
+        if self.decode == "cpu":
+            return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+        return Encoded([s[0] for s in samples], (torch.stack([s[1][0] for s in samples]),
+                                                  torch.stack([s[1][1] for s in samples])),
+                       (torch.tensor([s[2][0] for s in samples]), torch.tensor([s[2][1] for s in samples])),
+                       [s[3] for s in samples])

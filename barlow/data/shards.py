@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 from barlow import storage
 from barlow.data.layout import (
-    IMAGE_EXTENSIONS,
     SUBSET_PERCENTS,
     TAR_FORMAT,
     ShardIndex,
     ShardInfo,
+    SourceImage,
     key_hash,
+    list_images,
     member_bytes,
     subset_thresholds,
     tar_member,
@@ -50,49 +51,10 @@ def __getattr__(name: str):
 
 
 @dataclass
-class SourceImage:
-    path: str  # inside the source filesystem
-    size: int
-    label: int
-    key: str
-    ext: str
-
-
-@dataclass
 class PlannedShard:
     name: str
     images: list[SourceImage]
     bytes: int
-
-
-def list_images(src: str) -> tuple[list[str], list[SourceImage]]:
-    """Classes (sorted folder names) and images of `<src>/<class>/<file>`, in a stable order."""
-    fs, root = storage.filesystem(src)
-    root = root.rstrip("/")
-    try:
-        found = storage.retry(fs.find, root, detail=True, what=src)
-    except FileNotFoundError:
-        found = {}
-    by_class: dict[str, list[tuple[str, int]]] = {}
-    for path, info in found.items():
-        rel = posixpath.relpath(path, root or "/")
-        ext = rel.rsplit(".", 1)[-1].lower() if "." in rel else ""
-        if rel.count("/") == 1 and ext in IMAGE_EXTENSIONS:  # only <class>/<file>: the ImageNet layout
-            by_class.setdefault(rel.split("/")[0], []).append((path, int(info["size"])))
-    if not by_class:
-        raise FileNotFoundError(f"{src}: no images in <class>/<image> layout")
-    classes = sorted(by_class)
-    images, seen = [], {}
-    for label, cls in enumerate(classes):
-        for path, size in sorted(by_class[cls]):
-            base = posixpath.basename(path)
-            stem, ext = base.rsplit(".", 1)
-            key = f"{cls}/{stem.replace('.', '_')}"  # the key ends at the first dot, so stems keep none
-            if key in seen:
-                raise ValueError(f"{src}: {seen[key]} and {path} would share the sample key {key}; rename one")
-            seen[key] = path
-            images.append(SourceImage(path, size, label, key, "jpg" if ext.lower() == "jpeg" else ext.lower()))
-    return classes, images
 
 
 def plan_shards(images: list[SourceImage], shard_size: int, seed: int) -> list[PlannedShard]:

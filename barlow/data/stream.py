@@ -25,19 +25,16 @@ augmentation of an image of the same batch, so batches stay full and ranks stay 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from barlow import storage
 from barlow.data.cropfirst import decoder
-from barlow.data.decode import CorruptImage
 from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
+from barlow.data.source import Batch, build_batch, derive_seed
 from barlow.spec import DataSpec
 
 
@@ -47,11 +44,6 @@ class MissingShard(FileNotFoundError):
 
 class ShardError(ValueError):
     """A shard that does not match its index (truncated, rewritten, or not a shard)."""
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts, the same in every process and Python version."""
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -151,7 +143,8 @@ class ShardSource:
 
     def __init__(self, url: str, data: DataSpec):
         self.url, self.data = url, data
-        self.index: ShardIndex = load_index(url)
+        self.s3 = storage.S3Settings(**data.s3.model_dump())
+        self.index: ShardIndex = load_index(url, self.s3)
         self.classes: list[str] = self.index.classes
         self.num_samples: int = self.index.num_samples
 
@@ -161,8 +154,8 @@ class ShardSource:
 
     def loader(self, *, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                start_step: int = 0, workers: int = 0, shuffle: bool = True, drop_last: bool = True,
-               subset_percent: int = 100) -> ShardLoader:
-        """Batches `(inputs, labels, n_corrupt)` of one epoch on one rank; see the module doc.
+               subset_percent: int = 100, pin_memory: bool = False) -> ShardLoader:
+        """The `Batch`es of one epoch on one rank (the contract: `barlow.data.source.Source`); see the module doc.
 
         drop_last: exactly `count(subset_percent) // (batch_size * world_size) - start_step` full batches.
         Otherwise every sample exactly once across ranks, the last batch of a rank may be short.
@@ -175,35 +168,32 @@ class ShardSource:
         # DataLoader asks workers round-robin from worker 0; rotate so the first asked holds batch start_step
         n = len(plans)
         plans = [plans[(slot + start_step) % n] for slot in range(n)]
-        reader = _Reader(self.index, self.data, subset_percent, transform, (seed, epoch, rank))
-        return ShardLoader(reader, plans, workers, self.data)
+        reader = _Reader(self.index, self.data, self.s3, subset_percent, transform, (seed, epoch, rank))
+        return ShardLoader(reader, plans, workers, pin_memory)
 
 
 class ShardLoader:
     """The iterable `loader()` returns; len() is the number of batches it yields."""
 
-    def __init__(self, reader: _Reader, plans: list[WorkerPlan], workers: int, data: DataSpec):
-        self.reader, self.plans, self.workers, self.data = reader, plans, workers, data
+    def __init__(self, reader: _Reader, plans: list[WorkerPlan], workers: int, pin_memory: bool):
+        self.reader, self.plans, self.workers, self.pin_memory = reader, plans, workers, pin_memory
 
     def __len__(self) -> int:
         return sum(len(p.batch_sizes) - p.skip for p in self.plans)
 
-    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self.workers == 0:
             return self.reader.run(self.plans[0])
-        dataset = _WorkerStreams(self.reader, self.plans, self.data)
+        dataset = _WorkerStreams(self.reader, self.plans)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=2,
-                               persistent_workers=False, worker_init_fn=dataset.init_worker))
+                               persistent_workers=False, pin_memory=self.pin_memory))
 
 
 class _WorkerStreams(IterableDataset):
-    def __init__(self, reader: _Reader, plans: list[WorkerPlan], data: DataSpec):
-        self.reader, self.plans, self.data = reader, plans, data
+    def __init__(self, reader: _Reader, plans: list[WorkerPlan]):
+        self.reader, self.plans = reader, plans
 
-    def init_worker(self, worker_id: int) -> None:
-        storage.configure_s3(**self.data.s3.model_dump())  # spawned workers do not inherit module state
-
-    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         return self.reader.run(self.plans[info.id if info else 0])
 
@@ -211,8 +201,9 @@ class _WorkerStreams(IterableDataset):
 class _Reader:
     """Turns a WorkerPlan into batches: read shards in order, emit in buffer order, decode, augment, collate."""
 
-    def __init__(self, index: ShardIndex, data: DataSpec, percent: int, transform: Callable, seed: tuple[int, int, int]):
-        self.index, self.percent, self.transform, self.seed = index, percent, transform, seed
+    def __init__(self, index: ShardIndex, data: DataSpec, s3: storage.S3Settings, percent: int, transform: Callable,
+                 seed: tuple[int, int, int]):
+        self.index, self.s3, self.percent, self.transform, self.seed = index, s3, percent, transform, seed
         self.channels, self.on_corrupt, self.buffer = data.channels, data.on_corrupt, data.shuffle_buffer
 
     def positions(self, plan: WorkerPlan, first: int) -> Iterator[tuple[int, Sample, str]]:
@@ -242,7 +233,7 @@ class _Reader:
 
     def _shard_samples(self, url: str, shard: int) -> Iterator[Sample]:
         try:
-            f = storage.open_read(url)
+            f = storage.open_read(url, s3=self.s3)
         except FileNotFoundError:
             raise MissingShard(f"{url}: shard {self.index.shards[shard].name} listed in {self.index.url} "
                                "is missing") from None
@@ -254,7 +245,7 @@ class _Reader:
                 if self.index.in_subset(sample.key, sample.label, self.percent):
                     yield sample
 
-    def run(self, plan: WorkerPlan) -> Iterator[tuple[Any, torch.Tensor, int]]:
+    def run(self, plan: WorkerPlan) -> Iterator[Batch]:
         decode = decoder(self.transform, self.channels)
         order = buffer_order(plan.num_samples, self.buffer, plan.order_seed)
         done = sum(plan.batch_sizes[:plan.skip])
@@ -278,26 +269,6 @@ class _Reader:
             at += size
             yield self._batch(samples, decode, batch_id)
 
-    def _batch(self, samples: list[tuple[Sample, str]], decode: Callable, batch_id: int) -> tuple[Any, torch.Tensor, int]:
-        with torch.random.fork_rng(devices=[]):  # augmentation seeded per batch; the caller's RNG is left alone
-            torch.manual_seed(derive_seed("augment", *self.seed, batch_id))
-            outputs, labels, good, bad = [], [], [], []
-            for sample, url in samples:
-                try:
-                    outputs.append(decode(sample.image, f"{url}: {sample.key}.{sample.ext}"))
-                    labels.append(sample.label)
-                    good.append((sample, url))
-                except CorruptImage:
-                    if self.on_corrupt == "fail":
-                        raise
-                    bad.append(f"{url}: {sample.key}")
-            if bad and not good:
-                raise CorruptImage(f"every image of a batch is corrupt ({', '.join(bad[:3])}, ...)")
-            for i in range(len(bad)):  # refill with fresh views of this batch's readable images
-                sample, url = good[i % len(good)]
-                outputs.append(decode(sample.image, f"{url}: {sample.key}.{sample.ext}"))
-                labels.append(sample.label)
-        inputs = default_collate(outputs)
-        if isinstance(inputs, list):
-            inputs = tuple(inputs)
-        return inputs, torch.tensor(labels, dtype=torch.long), len(bad)
+    def _batch(self, samples: list[tuple[Sample, str]], decode: Callable, batch_id: int) -> Batch:
+        items = [(sample.image, f"{url}: {sample.key}.{sample.ext}", sample.label) for sample, url in samples]
+        return build_batch(items, decode, self.on_corrupt, derive_seed("augment", *self.seed, batch_id))

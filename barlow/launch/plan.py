@@ -48,8 +48,8 @@ def images_in(spec: PretrainSpec | EvalRunSpec) -> int | None:
     from barlow import storage
     from barlow.data.layout import load_index
 
-    storage.configure_s3(**spec.data.s3.model_dump())
-    return sum(s.samples for s in load_index(spec.data.train).shards)
+    index = load_index(spec.data.train, storage.S3Settings(**spec.data.s3.model_dump()))
+    return sum(s.samples for s in index.shards)
 
 
 def make_plan(spec: PretrainSpec | EvalRunSpec, images: int | None, gpu: str | None = None) -> Plan:

@@ -1,0 +1,164 @@
+"""The host half of the views (HostCrops: crop box, uint8 crop, flip), the crop-first contract, and the feed that
+turns loader batches into device views (run here on the CPU; the CUDA path is in tests/gpu/test_feed_cuda.py)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from imagesets import write_jpeg_folder
+from PIL import Image
+from torchvision.transforms import v2
+
+from barlow.augment import DeviceViews
+from barlow.data import open_source
+from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, decoder
+from barlow.data.decode import decode_image
+from barlow.data.feed import DeviceFeed, TrainingFeed, resolve_decode
+from barlow.data.source import derive_seed
+from barlow.spec import DataSpec
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: a shared 2-core machine crawls when tiny tensor ops spread over threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    write_jpeg_folder(root / "train", 48)
+    return root
+
+
+def test_host_crops_are_the_crop_and_flip_of_the_full_size_image():
+    """At full-size decoding, each view is exactly v2's resized crop of the drawn box, flipped when drawn so."""
+    data = _jpeg(40, 30)
+    crops = HostCrops(24, 3, min_scale=0.3, flip_prob=0.5)
+    full = v2.functional.pil_to_tensor(decode_image(data, "x.jpg"))
+    flips_seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        x1, x2 = crops(data, "x.jpg")
+        torch.manual_seed(seed)
+        boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
+        assert crops.last_scale == 1 and x1.dtype == torch.uint8 and x1.shape == (3, 24, 24)
+        for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
+            want = v2.functional.resized_crop(full, b["top"], b["left"], b["height"], b["width"], [24, 24],
+                                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+            assert torch.equal(x, want.flip(-1) if flip else want)
+            flips_seen.add(flip)
+    assert flips_seen == {True, False}
+
+
+def test_host_crops_decode_large_jpegs_reduced():
+    crops = HostCrops(16, 3, min_scale=0.9)
+    torch.manual_seed(0)
+    x1, x2 = crops(_jpeg(640, 480), "big.jpg")
+    assert crops.last_scale == 8 and x1.shape == x2.shape == (3, 16, 16)
+
+
+def test_gpu_mode_reads_bytes_and_draws_the_boxes_and_flips_of_cpu_mode(folder):
+    """decode=gpu: the workers only read bytes and choose boxes; the same seed gives cpu mode's boxes and flips."""
+    src = open_source(DataSpec(train=str(folder / "train")), "train")
+    kw = dict(batch_size=8, rank=0, world_size=1, seed=7, epoch=1)
+    gpu = next(iter(src.loader(transform=HostCrops(16, 3, decode="gpu"), **kw)))
+    cpu = next(iter(src.loader(transform=HostCrops(16, 3, decode="cpu"), **kw)))
+    assert isinstance(gpu.inputs, Encoded) and len(gpu.inputs.data) == 8 and gpu.seed == cpu.seed
+    assert torch.equal(gpu.labels, cpu.labels)
+    first = bytes(gpu.inputs.data[0].numpy())
+    assert first[:2] == b"\xff\xd8"  # the JPEG as stored
+    crops = HostCrops(16, 3)
+    torch.manual_seed(derive_seed("host", cpu.seed))  # the batch seed drives the draws: replay the first sample's
+    boxes, flips = crops.draw(Image.open(io.BytesIO(first)))
+    for view in (0, 1):
+        b = boxes[view]
+        assert gpu.inputs.boxes[view][0].tolist() == [b["top"], b["left"], b["height"], b["width"]]
+        assert bool(gpu.inputs.flips[view][0]) == flips[view]
+
+
+def test_an_op_before_the_crop_is_an_error_not_a_silent_full_decode():
+    jitter_first = v2.Compose([v2.ToImage(), v2.ColorJitter(0.4), v2.RandomResizedCrop(16), v2.ToDtype(torch.float32)])
+    with pytest.raises(CropFirstError, match="ColorJitter before RandomResizedCrop"):
+        decoder(jitter_first, 3)
+    full = decoder(jitter_first, 3, crop_first=False)  # the documented explicit way: decode at full size
+    assert full(_jpeg(40, 30), "x.jpg").shape == (3, 16, 16)
+    no_crop = v2.Compose([v2.ToImage(), v2.CenterCrop(8)])  # nothing to move before decoding: plain decode
+    assert decoder(no_crop, 3)(_jpeg(40, 30), "x.jpg").shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("asked, device, got", [("auto", "cpu", "cpu"), ("cpu", "cpu", "cpu"), ("auto", "cuda", "gpu"),
+                                                ("cpu", "cuda", "cpu"), ("gpu", "cuda", "gpu"), ("gpu", "cpu", None)])
+def test_resolve_decode(asked, device, got):
+    if got is None:
+        with pytest.raises(ValueError, match="data.decode: gpu needs a CUDA device"):
+            resolve_decode(asked, torch.device(device))
+    else:
+        assert resolve_decode(asked, torch.device(device)) == got
+
+
+def _feed(src, data, **kw):
+    feed = TrainingFeed(data, torch.device("cpu"))
+    args = dict(batch_size=8, rank=0, world_size=1, seed=3, epoch=0, workers=0)
+    return list(feed(src.loader(transform=feed.transform, pin_memory=feed.pin_memory, **{**args, **kw})))
+
+
+def test_feed_yields_normalised_channels_last_views(folder):
+    data = DataSpec(train=str(folder / "train"), image_size=16)
+    src = open_source(data, "train")
+    got = _feed(src, data)
+    assert len(got) == src.num_samples // 8
+    x1, x2, n = got[0]
+    assert x1.shape == x2.shape == (8, 3, 16, 16) and x1.dtype == torch.float32 and n == 0
+    assert x1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(x1, x2)
+    assert x1.min() < -1 and x1.max() > 1  # normalised with ImageNet's mean and std, not in [0, 1]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_feed_resume_mid_epoch_gives_the_same_views(folder):
+    data = DataSpec(train=str(folder / "train"), image_size=16)
+    src = open_source(data, "train")
+    full = _feed(src, data, world_size=2, rank=1, workers=2, batch_size=4)
+    resumed = _feed(src, data, world_size=2, rank=1, start_step=2, batch_size=4)
+    assert len(full) == 6 and len(resumed) == len(full) - 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed, strict=True))
+
+
+def test_feed_counts_corrupt_images_and_keeps_batches_full(tmp_path):
+    write_jpeg_folder(tmp_path / "train", 24)
+    bad = sorted((tmp_path / "train" / "class_1").iterdir())[0]
+    bad.write_bytes(b"not a jpeg at all")
+    data = DataSpec(train=str(tmp_path / "train"), image_size=16)
+    got = _feed(open_source(data, "train"), data, shuffle=False, drop_last=False, batch_size=8)
+    assert sum(n for _, _, n in got) == 1 and all(len(x1) == len(x2) for x1, x2, _ in got)
+
+
+def test_feed_holds_at_most_one_batch_ahead(folder):
+    data = DataSpec(train=str(folder / "train"), image_size=16)
+    src = open_source(data, "train")
+    pulled = []
+
+    def counted():
+        for b in src.loader(transform=HostCrops(16, 3), batch_size=8, rank=0, world_size=1, seed=0, epoch=0):
+            pulled.append(b)
+            yield b
+
+    feed = DeviceFeed(counted(), torch.device("cpu"), DeviceViews(16, 3))
+    for i, _ in enumerate(feed):
+        assert len(pulled) <= i + 2
+        if i == 2:
+            break
