@@ -21,7 +21,8 @@ __all__ = ["EXIT_FAILED", "EXIT_INVALID_SPEC", "EXIT_OK", "EXIT_PEER_LOST", "mai
 
 
 class _StopFlag:
-    """Remembers the first stop signal; the loop checkpoints at its next step and exits with 128 + signum."""
+    """Remembers the first stop signal; the loop checkpoints at its next check (a step, or with several processes
+    a log or checkpoint step) and exits with 128 + signum."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
