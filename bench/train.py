@@ -9,7 +9,7 @@ In one run, for each data set:
   the first loader and the last checkpoint are left out; epoch boundaries are in);
 - the bare loop: the same model, loss, LARS and schedule on random tensors already in memory, one process, bf16
   autocast where the CPU supports it and channels-last (as the runtime does), timed before and after the
-  pipeline runs (the machine may be shared: both are reported).
+  pipeline run (the machine may be shared: each run is compared with the mean of the bare runs beside it).
 The ratio pipeline / bare loop is the number to watch (target >= 0.95x).
 
 Data sets: the demo digits (`barlow data demo`, 32 px RGB JPEGs) and a synthetic Fashion-MNIST stand-in
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,9 +118,17 @@ def bare_pairs_per_s(size: int, channels: int, steps: int, warmup: int = 3) -> d
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    float(loss)  # sync: the clock stops after the last step
+    float(loss.detach())  # sync: the clock stops after the last step
     return {"pairs_per_s": steps * BATCH / (time.perf_counter() - start), "bf16": dtype is not None,
             "threads": torch.get_num_threads()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -130,30 +139,30 @@ def main() -> None:
     ap.add_argument("--json", default="runs/bench-train/train.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="barlow-bench-train-"))
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+    results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "load_before": os.getloadavg(), "sets": {}}
     for name in args.sets:
         cfg = SETS[name]
         train = (write_digits if name == "digits" else write_fmnist_like)(work / name)
-        bare = [bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps)]
-        runs = [pipeline_pairs_per_s(train, cfg["image_size"], cfg["channels"], n, args.steps, work) for n in args.nproc]
-        bare.append(bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps))
-        reference = sum(b["pairs_per_s"] for b in bare) / len(bare)
-        for r in runs:
-            r["ratio"] = r["pairs_per_s"] / reference
+        bare, runs = [bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps)], []
+        for n in args.nproc:  # each pipeline run between two bare runs: a shared machine's load drifts
+            runs.append(pipeline_pairs_per_s(train, cfg["image_size"], cfg["channels"], n, args.steps, work))
+            bare.append(bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps))
+            runs[-1]["bare_pairs_per_s"] = (bare[-2]["pairs_per_s"] + bare[-1]["pairs_per_s"]) / 2
+            runs[-1]["ratio"] = runs[-1]["pairs_per_s"] / runs[-1]["bare_pairs_per_s"]
         results["sets"][name] = {"bare_loop": bare, "pipeline": runs, **cfg}
     results["load_after"] = os.getloadavg()
     print(f"machine: {results['machine']}; load average before {results['load_before'][0]:.1f}, "
           f"after {results['load_after'][0]:.1f}")
-    print("| data | bare loop pairs/s (before / after) | pipeline | pairs/s | ratio |")
-    print("|---|---:|---|---:|---:|")
+    print("| data | `barlow run pretrain` | pairs/s | bare loop pairs/s (mean of the runs before and after) | ratio |")
+    print("|---|---|---:|---:|---:|")
     for name, r in results["sets"].items():
-        bare = " / ".join(f"{b['pairs_per_s']:.0f}" for b in r["bare_loop"])
         for p in r["pipeline"]:
-            print(f"| {name} ({r['image_size']} px, {r['channels']} ch) | {bare} | `barlow run pretrain`, "
-                  f"{p['nproc']} proc | {p['pairs_per_s']:.0f} | {p['ratio']:.2f}x |")
+            print(f"| {name} ({r['image_size']} px, {r['channels']} ch) | {p['nproc']} process(es) | "
+                  f"{p['pairs_per_s']:.0f} | {p['bare_pairs_per_s']:.0f} | {p['ratio']:.2f}x |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
