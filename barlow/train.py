@@ -243,7 +243,7 @@ def finish(run: Run, z1: torch.Tensor | None, z2: torch.Tensor | None) -> dict:
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in run.model.backbone.state_dict().items()}, buf)
         storage.write_bytes(summary["backbone"], buf.getvalue())
-        if c is not None:
+        if c is not None:  # sync: once, at the end
             save_heatmap(c, storage.join(out, "cross_correlation.png"))
             summary["on_diag_mean"] = float(c.diagonal().mean())
             summary["off_diag_abs_mean"] = float((c - torch.diag_embed(c.diagonal())).abs().mean())
