@@ -1,4 +1,6 @@
-"""Checkpoints in any fsspec folder: save, find the latest complete one, load, keep the last K.
+"""Checkpoints in any fsspec folder: save, find the latest complete one, load, keep the last K; and the
+`Checkpointer` a run uses, which owns the cadence and the resume, while the things with state (model,
+optimizer, data position, RNG) hand it their state through `state_dict()` / `load_state_dict()`.
 
 Layout: `<output>/checkpoints/step-00000123/state.pt` plus a `_COMPLETE` marker written last, so a write
 cut short (a killed pod, a full disk) is never taken for the latest one.
@@ -8,9 +10,11 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 from barlow import storage
 
@@ -64,3 +68,52 @@ def remove_incomplete(output_url: str) -> list[str]:
             storage.remove(url)
             removed.append(url)
     return removed
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class Checkpointer:
+    """One run's checkpoints: when to write (every `every` steps and at the end), keep the newest `keep`,
+    resume from the latest complete one. `parts` are saved under their names; `run` (what an exact resume
+    depends on: world size, loader workers, per-rank batch, seed, the model spec) is stored beside them.
+    Only the main rank writes; every rank waits for the write so none exits while it is under way."""
+
+    def __init__(self, output_url: str, *, every: int, keep: int, is_main: bool, parts: dict[str, Stateful],
+                 run: dict[str, Any]):
+        self.output_url, self.every, self.keep, self.is_main = output_url, every, keep, is_main
+        self.parts, self.run = parts, run
+        self.resumed_run: dict[str, Any] | None = None  # the `run` record of the checkpoint resumed from
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step % self.every == 0 or step == last_step
+
+    def save(self, step: int) -> None:
+        if self.is_main:
+            state = {name: part.state_dict() for name, part in self.parts.items()}
+            save(self.output_url, step, {**state, "step": step, "run": self.run}, self.keep)
+        _barrier()
+
+    def resume(self, check: Callable[[dict[str, Any], str], None] = lambda run, url: None) -> int:
+        """Load the latest complete checkpoint into the parts (after `check(saved run, url)` accepts it);
+        returns its step, 0 when there is none. Partial writes of a crashed attempt are deleted first."""
+        if self.is_main:
+            remove_incomplete(self.output_url)
+        _barrier()
+        url = latest(self.output_url)
+        if url is None:
+            return 0
+        state = load(url)
+        self.resumed_run = state.get("run", {})
+        check(self.resumed_run, url)
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        return int(state["step"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from barlow.errors import WrongPlacement
 from barlow.spec import RuntimeSpec
 
 
@@ -29,11 +30,11 @@ def setup(runtime: RuntimeSpec) -> Placement:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world != runtime.world_size:
-        raise RuntimeError(f"runtime: the spec asks for {runtime.world_size} processes "
+        raise WrongPlacement(f"runtime: the spec asks for {runtime.world_size} processes "
                            f"(nodes × nproc_per_node) but torchrun started {world}")
     use_cuda = runtime.device == "cuda" or (runtime.device == "auto" and torch.cuda.is_available())
     if runtime.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device: cuda was asked for but no GPU is visible")
+        raise WrongPlacement("runtime.device: cuda was asked for but no GPU is visible")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -50,7 +51,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     else:  # oneDNN runs bf16 fast only where the CPU has AVX-512 BF16 / AMX
         supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if precision == "bf16" and not supported:
-        raise RuntimeError(f"runtime.precision: bf16 is not supported on this {device.type}")
+        raise WrongPlacement(f"runtime.precision: bf16 is not supported on this {device.type}")
     return torch.bfloat16 if supported else None
 
 
@@ -65,16 +66,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(t.item())  # sync: every rank must agree before acting
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum numbers over ranks."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def all_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Sum numbers (or 0-d tensors) over ranks."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()  # sync: the sums are read on the host
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

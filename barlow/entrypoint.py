@@ -1,7 +1,7 @@
 """What torchrun runs in every process, locally and in a pod: validate the spec again, run it, map the outcome
 to an exit code that Kubernetes' `restartPolicy: ExitCode` understands.
 
-Exit codes: 0 done; 1 permanent failure (bad data, a bug); 2 invalid spec (permanent);
+Exit codes (defined in barlow.errors): 0 done; 1 permanent failure (bad data, a bug); 2 invalid spec (permanent);
 128 + signal number when stopped by SIGTERM/SIGINT after writing a checkpoint (143, 130: retryable, the
 next attempt resumes from that checkpoint); 144 when a peer process or node went away (retryable: it is what
 the surviving pods see when one pod is preempted). The spec comes as a file path argument, or as YAML text in the
@@ -16,12 +16,14 @@ import signal
 import sys
 import traceback
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID_SPEC = 0, 1, 2
-EXIT_PEER_LOST = 144  # >= 128: retryable under restartPolicy: ExitCode
+from barlow.errors import EXIT_FAILED, EXIT_INVALID_SPEC, EXIT_OK, EXIT_PEER_LOST, RunFailed, StoppedOnSignal
+
+__all__ = ["EXIT_FAILED", "EXIT_INVALID_SPEC", "EXIT_OK", "EXIT_PEER_LOST", "main"]
 
 
 class _StopFlag:
-    """Remembers the first stop signal; the loop checkpoints at its next step and exits with 128 + signum."""
+    """Remembers the first stop signal; the loop checkpoints at its next check (a step, or with several processes
+    a log or checkpoint step) and exits with 128 + signum."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -81,7 +83,6 @@ def _run(spec) -> int:
     import torch.distributed
 
     from barlow.data.decode import CorruptImage
-    from barlow.train import DataError, Stopped
 
     try:
         if spec.kind == "pretrain":
@@ -92,10 +93,10 @@ def _run(spec) -> int:
             from barlow.evaluate import evaluate
 
             evaluate(spec, stop)
-    except Stopped as e:
+    except StoppedOnSignal as e:
         _error(str(e))
-        return 128 + e.signum
-    except (DataError, CorruptImage, FileNotFoundError) as e:
+        return e.exit_code
+    except (RunFailed, CorruptImage, FileNotFoundError) as e:
         _error(str(e))
         return EXIT_FAILED
     except torch.distributed.DistError as e:  # a peer died or the network failed: another attempt can succeed

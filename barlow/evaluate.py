@@ -1,4 +1,8 @@
-"""Evaluation of a pretrained backbone: linear probe (frozen) or fine-tuning, top-1/top-5, and a kNN monitor."""
+"""Evaluation of a pretrained backbone: linear probe (frozen) or fine-tuning, top-1/top-5, and a kNN monitor.
+
+Resumable: the head (and, when fine-tuning, the backbone), the optimizer, the lr schedule and the data position
+are checkpointed under `<output>/checkpoints/` at every epoch's end and on a stop signal, and a rerun continues there.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import io
 import json
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from barlow import checkpoint, distributed, storage
 from barlow.augment import eval_transform, train_transform
+from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
+from barlow.errors import BackboneMismatch, NothingToEvaluate, OutputHoldsAnotherRun, SplitsDisagree, StoppedOnSignal, TooFewImages
 from barlow.metrics import Metrics
 from barlow.model import build_backbone
 from barlow.spec import EvalRunSpec
-from barlow.train import DataError, Stopped
 
 
 def backbone_state(source_url: str, is_export: bool) -> dict[str, torch.Tensor]:
@@ -30,11 +37,11 @@ def backbone_state(source_url: str, is_export: bool) -> dict[str, torch.Tensor]:
         else:
             folder = source_url if storage.exists(storage.join(source_url, "state.pt")) else checkpoint.latest(source_url)
             if folder is None:
-                raise DataError(f"eval.checkpoint: no backbone.pt and no complete checkpoint under {source_url}")
+                raise NothingToEvaluate(f"eval.checkpoint: no backbone.pt and no complete checkpoint under {source_url}")
             model = checkpoint.load(folder)["model"]
             return {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
     if not storage.exists(source_url):
-        raise DataError(f"{'eval.backbone' if is_export else 'eval.checkpoint'}: {source_url} does not exist")
+        raise NothingToEvaluate(f"{'eval.backbone' if is_export else 'eval.checkpoint'}: {source_url} does not exist")
     return torch.load(io.BytesIO(storage.read_bytes(source_url)), map_location="cpu", weights_only=True)
 
 
@@ -61,14 +68,14 @@ def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: 
     e, d = spec.eval, spec.data
     train_src, val_src = open_source(d, "train"), open_source(d, "val")
     if train_src.classes != val_src.classes:
-        raise DataError("data.val: its classes differ from data.train's")
+        raise SplitsDisagree("data.val: its classes differ from data.train's")
     num_classes, per_rank = len(train_src.classes), e.batch_size // place.world_size
 
     backbone = build_backbone(spec.model.arch, spec.model.small_images, spec.model.width, d.channels)
     state = backbone_state(e.backbone or e.checkpoint, is_export=e.backbone is not None)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise DataError(f"eval: the backbone does not match model.* ({len(missing)} missing, {len(unexpected)} unexpected "
+        raise BackboneMismatch(f"eval: the backbone does not match model.* ({len(missing)} missing, {len(unexpected)} unexpected "
                         f"weights, e.g. {(missing + unexpected)[0]})")
     backbone.to(place.device)
     head = nn.Linear(backbone.feature_dim, num_classes).to(place.device)
@@ -83,19 +90,27 @@ def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: 
     optimizer = torch.optim.SGD(groups, lr=e.lr_head, momentum=0.9, weight_decay=e.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, e.epochs)
     trained = nn.Sequential(backbone, head) if not frozen else head
-    ddp = DistributedDataParallel(trained) if place.world_size > 1 else trained
+    ddp = DistributedDataParallel(trained, gradient_as_bucket_view=True, static_graph=True) if place.world_size > 1 else trained
     autocast = torch.autocast(place.device.type, dtype=place.autocast_dtype) if place.autocast_dtype else nullcontext()
-    metrics = Metrics(spec.output.url, place.is_main, e.epochs, title=f"eval ({e.mode})")
+    position = EvalPosition(device=place.device)
+    record = {"mode": e.mode, "train_percent": e.train_percent, "epochs": e.epochs, "batch_size": e.batch_size,
+              "source": e.checkpoint or e.backbone, "world_size": place.world_size, "seed": spec.runtime.seed}
+    checkpointer = Checkpointer(spec.output.url, every=1, keep=spec.output.keep, is_main=place.is_main, run=record,
+                                parts={"trained": trained, "optimizer": optimizer, "schedule": scheduler, "data": position})
+    checkpointer.resume(lambda saved, url: _check_same_eval(saved, record, url))
+    metrics = Metrics(spec.output.url, place.is_main, e.epochs, position.epoch, title=f"eval ({e.mode})")
     metrics.print(f"eval {spec.name}: {e.mode}, {e.train_percent}% of {train_src.num_samples} train images, "
-                  f"{val_src.num_samples} val images, {num_classes} classes, {e.epochs} epochs")
+                  f"{val_src.num_samples} val images, {num_classes} classes, {e.epochs} epochs"
+                  f"{f', resuming at epoch {position.epoch} step {position.in_epoch}' if checkpointer.resumed_run else ''}")
 
     t_train, t_eval = train_transform(d.image_size, d.channels), eval_transform(d.image_size, d.channels)
-    for epoch in range(e.epochs):
+    while position.epoch < e.epochs:
         trained.train()
         backbone.train(not frozen)  # a frozen backbone keeps its BN statistics: eval mode throughout
-        total_loss, steps = 0.0, 0
-        for x, y, _ in train_src.loader(transform=t_train, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
-                                        seed=spec.runtime.seed, epoch=epoch, workers=d.workers, subset_percent=e.train_percent):
+        batches = train_src.loader(transform=t_train, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
+                                   seed=spec.runtime.seed, epoch=position.epoch, start_step=position.in_epoch,
+                                   workers=d.workers, subset_percent=e.train_percent)
+        for x, y, _ in batches:
             x, y = x.to(place.device), y.to(place.device)
             with autocast:
                 if frozen:
@@ -108,14 +123,20 @@ def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss, steps = total_loss + loss.item(), steps + 1
-        if steps == 0:
-            raise DataError(f"data.train: the {e.train_percent}% subset is smaller than one batch (eval.batch_size = {e.batch_size})")
+            position.loss_sum += loss.detach()  # stays on the device until the epoch's line
+            position.in_epoch, position.batches = position.in_epoch + 1, position.batches + 1
+            if position.in_epoch % spec.runtime.log_every == 0:
+                _stop_if_asked(stop_signal, place, checkpointer, metrics, position)
+        if position.in_epoch == 0:
+            raise TooFewImages(f"data.train: the {e.train_percent}% subset is smaller than one batch "
+                               f"(eval.batch_size = {e.batch_size})")
         scheduler.step()
-        metrics.log(epoch + 1, {"epoch": epoch + 1, "loss": total_loss / steps, "lr": optimizer.param_groups[0]["lr"]})
-        if distributed.any_rank(stop_signal() is not None, place.device):
-            metrics.close()
-            raise Stopped(stop_signal() or 15, epoch + 1)
+        mean_loss = float(position.loss_sum) / position.in_epoch  # sync: once an epoch
+        position.next_epoch()
+        metrics.log(position.epoch, {"epoch": position.epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]})
+        checkpointer.save(position.batches)
+        metrics.sync()
+        _stop_if_asked(stop_signal, place, checkpointer, metrics, position, saved=True)
 
     backbone.eval()
     head.eval()
@@ -139,6 +160,51 @@ def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: 
     metrics.close()
     distributed.barrier()
     return results
+
+
+@dataclass
+class EvalPosition:
+    """Where the classifier's training is: epochs done, batches done in the current one and in all, the epoch's loss."""
+
+    device: torch.device
+    epoch: int = 0
+    in_epoch: int = 0
+    batches: int = 0  # numbers the checkpoints, so the newest is always the furthest
+    loss_sum: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.in_epoch = self.epoch + 1, 0
+        self.loss_sum.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "in_epoch": self.in_epoch, "batches": self.batches, "loss_sum": self.loss_sum.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.in_epoch, self.batches = int(state["epoch"]), int(state["in_epoch"]), int(state["batches"])
+        self.loss_sum = state["loss_sum"].to(self.device)
+
+
+def _stop_if_asked(stop_signal: Callable[[], int | None], place: distributed.Placement, checkpointer: Checkpointer,
+                   metrics: Metrics, position: EvalPosition, saved: bool = False) -> None:
+    """Checkpoint (unless just done) and raise when any rank has a stop signal."""
+    signum = stop_signal()
+    if not distributed.any_rank(signum is not None, place.device):
+        return
+    if not saved:
+        checkpointer.save(position.batches)
+        metrics.sync()
+    metrics.close()
+    raise StoppedOnSignal(signum or 15, f"epoch {position.epoch} step {position.in_epoch}")
+
+
+def _check_same_eval(saved: dict[str, Any], now: dict[str, Any], url: str) -> None:
+    fixed = ("mode", "train_percent", "epochs", "batch_size", "source")
+    if any(saved.get(k) != now[k] for k in fixed):
+        raise OutputHoldsAnotherRun(f"output.url: {url} holds an evaluation with other eval.* settings "
+                                    f"({', '.join(fixed)} must match); use a new output.url")
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """What a run reports: JSON lines, TensorBoard events, a progress bar with ETA, the cross-correlation heatmap.
 
 Only the main rank writes. Files are written in a local folder and, for a remote output URL, copied there by
-`sync()` (object stores cannot append), so `<output>/metrics.jsonl` and `<output>/tensorboard/` appear beside the checkpoints.
+`sync()` (object stores cannot append; only files changed since the last sync are uploaded), so
+`<output>/metrics.jsonl` and `<output>/tensorboard/` appear beside the checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Metrics:
         self.output_url, self.enabled = output_url, enabled
         self.console = Console(stderr=False)
         self._progress = None
+        self._synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) when last uploaded
         if not enabled:
             return
         self.local = output_url.removeprefix("file://") if storage.is_local(output_url) else tempfile.mkdtemp(prefix="barlow-")
@@ -66,16 +68,27 @@ class Metrics:
         if self.enabled:
             (self._progress.console if self._progress else self.console).print(message, highlight=False, soft_wrap=True)
 
-    def sync(self) -> None:
-        """Copy the local files to a remote output URL (no-op for local output)."""
+    def sync(self) -> list[str]:
+        """Copy the local files that changed since the last sync to a remote output URL; returns their relative
+        paths (none for local output). Event files and metrics.jsonl only grow, so size + mtime tell a change."""
         if not self.enabled:
-            return
+            return []
         self._jsonl.flush()
         self._tb.flush()
         if storage.is_local(self.output_url):
-            return
+            return []
         fs, path = storage.filesystem(self.output_url)
-        fs.put(self.local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        changed = []
+        for folder, _, names in os.walk(self.local):
+            for name in names:
+                local = os.path.join(folder, name)
+                stat = os.stat(local)
+                rel = os.path.relpath(local, self.local)
+                if self._synced.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                    fs.put_file(local, path.rstrip("/") + "/" + rel.replace(os.sep, "/"))
+                    self._synced[rel] = (stat.st_size, stat.st_mtime_ns)
+                    changed.append(rel)
+        return sorted(changed)
 
     def close(self) -> None:
         if not self.enabled:

@@ -197,7 +197,10 @@ class RuntimeSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the hardware supports it.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights, augmentation and data order.")
-    log_every: int = Field(10, ge=1, le=100_000, description="Steps between metric lines.")
+    log_every: int = Field(10, ge=1, le=100_000, description="Steps between metric lines (and, with several "
+                           "processes, between checks for a stop signal).")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model. auto: off for now "
+                                                  "(on the CPU, and on CUDA until bench/gpu.py shows it wins).")
 
     @property
     def world_size(self) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from barlow.entrypoint import EXIT_PEER_LOST
+from barlow.errors import EXIT_PEER_LOST
 
 
 def exit_code(argv: list[str]) -> int:

@@ -102,3 +102,72 @@ def test_sigkill_mid_write_leaves_a_loadable_latest(tmp_path):
         if cut_midway:
             break
     assert cut_midway, "no kill landed inside a write; the test did not exercise a partial checkpoint"
+
+
+class Counter:
+    """A stateful part that is not a module: what the data position looks like to the Checkpointer."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+def parts(seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()  # a momentum buffer to carry over
+    return {"model": model, "optimizer": optimizer, "data": Counter(seed)}
+
+
+@pytest.mark.parametrize("every, last, due_at", [
+    (4, 10, [4, 8, 10]),
+    (1, 3, [1, 2, 3]),
+    (100, 7, [7]),
+])
+def test_checkpointer_cadence(tmp_path, every, last, due_at):
+    c = checkpoint.Checkpointer(str(tmp_path), every=every, keep=2, is_main=True, parts={}, run={})
+    assert [s for s in range(1, last + 1) if c.due(s, last)] == due_at
+
+
+def test_checkpointer_hands_each_part_its_state_and_keeps_the_run_record(tmp_path):
+    out = str(tmp_path / "run")
+    saved = parts(seed=1)
+    writer = checkpoint.Checkpointer(out, every=1, keep=2, is_main=True, parts=saved, run={"world_size": 2, "seed": 7})
+    for step in (1, 2, 3):
+        saved["data"].n = step * 10
+        writer.save(step)
+    assert storage.list_names(checkpoint.folder(out)) == ["step-00000002", "step-00000003"]
+
+    fresh = parts(seed=2)
+    reader = checkpoint.Checkpointer(out, every=1, keep=2, is_main=True, parts=fresh, run={"world_size": 1, "seed": 7})
+    seen = []
+    assert reader.resume(lambda run, url: seen.append((run, url))) == 3
+    assert seen == [({"world_size": 2, "seed": 7}, checkpoint.latest(out))] and reader.resumed_run["world_size"] == 2
+    assert fresh["data"].n == 30
+    for a, b in zip(saved["model"].parameters(), fresh["model"].parameters(), strict=True):
+        assert torch.equal(a, b)
+    momentum = [s["momentum_buffer"] for s in fresh["optimizer"].state.values()]
+    assert momentum and all(torch.equal(m, s["momentum_buffer"]) for m, s in
+                            zip(momentum, saved["optimizer"].state.values(), strict=True))
+
+
+def test_checkpointer_without_a_checkpoint_starts_at_zero_and_refusal_loads_nothing(tmp_path):
+    out = str(tmp_path / "run")
+    fresh = parts(seed=2)
+    assert checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=fresh, run={}).resume() == 0
+    checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=parts(seed=1), run={}).save(5)
+
+    def refuse(run, url):
+        raise ValueError(f"{url}: another run")
+
+    before = fresh["model"].weight.clone()
+    with pytest.raises(ValueError, match="step-00000005: another run"):
+        checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=fresh, run={}).resume(refuse)
+    assert torch.equal(fresh["model"].weight, before) and fresh["data"].n == 2

@@ -1,0 +1,42 @@
+"""CUDA: the pretraining steps between log steps queue their work and never make the host wait for the GPU.
+
+Skipped without a GPU (not yet run on one: no GPU was lent when it was written).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_train_steps_between_log_steps_do_not_sync(tmp_path):
+    from barlow.data.demo import write_demo
+    from barlow.spec import parse_spec
+    from barlow.train import device_batches, log_step, set_up, train_step
+
+    write_demo(str(tmp_path / "demo"), size=16)
+    spec = parse_spec({"kind": "pretrain", "name": "syncs",
+                       "data": {"train": str(tmp_path / "demo" / "train"), "image_size": 16, "workers": 0},
+                       "model": {"arch": "resnet18", "small_images": True, "width": 8, "projector": "128-128-128"},
+                       "optim": {"epochs": 1, "batch_size": 64, "warmup_epochs": 1},
+                       "runtime": {"device": "cuda", "log_every": 1000},
+                       "output": {"url": str(tmp_path / "out")}})
+    run = set_up(spec)
+    batches = device_batches(spec, run.source, run.place, 0, run.steps_per_epoch)
+    ready = [next(batches) for _ in range(4)]
+    torch.cuda.synchronize()
+    loss_sum = torch.zeros((), device=run.place.device)
+    train_step(run, *ready[0][:2])  # the first step may allocate and pick kernels (cudnn.benchmark)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside raises
+    try:
+        for x1, x2, _ in ready[1:]:
+            loss, _, _ = train_step(run, x1, x2)
+            run.position.step += 1
+            loss_sum += loss.detach()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    log_step(run, run.position.step, loss_sum / 3, torch.zeros((), device=run.place.device), images_per_s=0.0)
+    assert torch.isfinite(loss_sum)
