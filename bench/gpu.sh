@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check kit: tests/gpu/ and bench/gpu.py on one GPU in under 8 minutes, then a report.
+# The GPU check kit: tests/gpu/, bench/gpu.py and bench/views.py on one GPU in under 8 minutes, then a report.
 #
 #   bench/gpu.sh [OUT_DIR]             on a CUDA machine, from a plain checkout (default OUT_DIR: bench/results/gpu-<time>)
 #   bench/gpu.sh --dry-run [OUT_DIR]   the CPU-checkable parts on the CPU (tests skip, tiny benchmark), about a minute
@@ -54,15 +54,15 @@ if [[ -n "$missing" ]]; then
       || echo "gpu.sh: could not install $missing (no wheels in $wheels, no package index); parts needing them report it" >&2
   fi
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"  # tests/: shared test helpers (imagesets)
 [[ -d $SITE ]] && export PYTHONPATH="$PYTHONPATH:$SITE"
 export PYTHONUNBUFFERED=1
 
 if [[ $DRY == 1 ]]; then
-  TEST_LIMIT=120; BENCH_LIMIT=240; BENCH_ARGS=(--dry-run --steps 2 --warmup 1)
+  TEST_LIMIT=120; BENCH_LIMIT=240; VIEWS_LIMIT=60; BENCH_ARGS=(--dry-run --steps 2 --warmup 1); VIEWS_ARGS=(--dry-run)
 else
-  TEST_LIMIT=180; BENCH_LIMIT=270; BENCH_ARGS=()
-fi
+  TEST_LIMIT=150; BENCH_LIMIT=240; VIEWS_LIMIT=60; BENCH_ARGS=(); VIEWS_ARGS=(--device cuda)
+fi  # 150 + 240 + 60 s: under 8 minutes with start-up
 
 # tests/gpu only: --confcutdir keeps tests/conftest.py (the S3 server fixtures, botocore) out of a bare GPU image.
 echo "== tests/gpu (limit ${TEST_LIMIT}s)" >&2
@@ -74,6 +74,10 @@ echo "== bench/gpu.py (limit ${BENCH_LIMIT}s)" >&2
 timeout "$BENCH_LIMIT" "$PY" bench/gpu.py --out "$OUT" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
+echo "== bench/views.py: device decode + both views (limit ${VIEWS_LIMIT}s)" >&2
+timeout "$VIEWS_LIMIT" "$PY" bench/views.py "${VIEWS_ARGS[@]}" 2>&1 | tee "$OUT/views.log"
+VIEWS_RC=${PIPESTATUS[0]}
+
 {
   echo "# GPU check kit report"
   echo
@@ -84,6 +88,7 @@ BENCH_RC=${PIPESTATUS[0]}
   echo "- python: $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)')"
   echo "- tests/gpu: exit $TEST_RC$([[ $TEST_RC == 124 ]] && echo ' (time limit)'): $(tail -n 1 "$OUT/tests.log")"
   echo "- bench/gpu.py: exit $BENCH_RC$([[ $BENCH_RC == 124 ]] && echo ' (time limit)')"
+  echo "- bench/views.py: exit $VIEWS_RC$([[ $VIEWS_RC == 124 ]] && echo ' (time limit)')"
   echo
   echo "## tests/gpu"
   echo
@@ -92,6 +97,12 @@ BENCH_RC=${PIPESTATUS[0]}
   echo '```'
   echo
   if [[ -f $OUT/gpu-bench.md ]]; then sed 's/^# /## /' "$OUT/gpu-bench.md"; else echo "## bench/gpu.py: no result (see bench.log)"; fi
+  echo
+  echo "## bench/views.py"
+  echo
+  echo '```'
+  tail -n 30 "$OUT/views.log"
+  echo '```'
 } > "$OUT/report.md"
 cat "$OUT/report.md"
-[[ $TEST_RC == 0 || $TEST_RC == 5 ]] && [[ $BENCH_RC == 0 ]]  # 5: pytest collected nothing to run
+[[ $TEST_RC == 0 || $TEST_RC == 5 ]] && [[ $BENCH_RC == 0 && $VIEWS_RC == 0 ]]  # 5: pytest collected nothing to run
