@@ -96,7 +96,7 @@ def _run(spec) -> int:
     except StoppedOnSignal as e:
         _error(str(e))
         return e.exit_code
-    except (RunFailed, CorruptImage, FileNotFoundError) as e:
+    except (RunFailed, CorruptImage, FileNotFoundError, PermissionError) as e:
         _error(str(e))
         return EXIT_FAILED
     except torch.distributed.DistError as e:  # a peer died or the network failed: another attempt can succeed

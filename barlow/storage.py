@@ -132,6 +132,9 @@ def retry(fn: Callable[..., T], *args: Any, what: str, s3: S3Settings | None = N
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            if type(e).__name__ == "NoCredentialsError":  # botocore's, with no URL in it: say which and where from
+                raise PermissionError(f"{what}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+                                      "AWS_SECRET_ACCESS_KEY; on a cluster, the Secret in cluster.s3_secret)") from None
             if attempt == attempts or not is_transient(e):
                 raise
             pause = min(_RETRY_CAP, _RETRY_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)

@@ -105,3 +105,14 @@ def test_range_reader_survives_server_restart_mid_file(s3, caplog):
         reader.close()
     assert bytes(got) == blob
     assert any("attempt 1 of" in r.getMessage() for r in caplog.records)  # the outage was met and retried
+
+
+def test_missing_credentials_are_one_line_naming_the_url(s3_server, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata look-up on a laptop or CI
+    url = f"s3://{s3_server.bucket}/no-credentials/index.json"
+    with pytest.raises(PermissionError, match=rf"^{url}: no S3 credentials found \(set AWS_ACCESS_KEY_ID"):
+        storage.read_bytes(url, s3=storage.S3Settings(endpoint_url=s3_server.endpoint_url, retries=2))
