@@ -4,6 +4,8 @@ turns loader batches into device views (run here on the CPU; the CUDA path is in
 from __future__ import annotations
 
 import io
+import math
+import random
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from torchvision.transforms import v2
 
 from barlow.augment import DeviceViews
 from barlow.data import open_source
-from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, decoder
+from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, crop_box, decoder
 from barlow.data.decode import decode_image
 from barlow.data.feed import DeviceFeed, TrainingFeed, resolve_decode
 from barlow.data.source import derive_seed
@@ -63,6 +65,51 @@ def test_host_crops_are_the_crop_and_flip_of_the_full_size_image():
             assert torch.equal(x, want.flip(-1) if flip else want)
             flips_seen.add(flip)
     assert flips_seen == {True, False}
+
+
+@pytest.mark.parametrize("width,height,min_scale", [(40, 30, 0.08), (64, 64, 0.3), (300, 20, 0.08), (20, 90, 0.5)])
+def test_crop_box_follows_random_resized_crop(width, height, min_scale):
+    """crop_box (Python RNG) against v2.RandomResizedCrop.make_params (torch RNG): boxes inside the image, and the
+    same distribution: means of area fraction, log aspect ratio, centre position and the centre-crop fallback rate
+    agree within 5 standard errors (wide images like 300x20 take the fallback often)."""
+    n, rng = 4000, random.Random(1)
+    torch.manual_seed(1)
+    rrc = v2.RandomResizedCrop(8, scale=(min_scale, 1.0))
+    ours = [crop_box(rng, width, height, (min_scale, 1.0)) for _ in range(n)]
+    theirs = [rrc.make_params([torch.empty(1, height, width)]) for _ in range(n)]
+    for b in ours:
+        assert 0 <= b["top"] and b["top"] + b["height"] <= height and b["height"] >= 1
+        assert 0 <= b["left"] and b["left"] + b["width"] <= width and b["width"] >= 1
+
+    def stats(boxes):
+        return np.array([[b["height"] * b["width"] / (width * height), math.log(b["width"] / b["height"]),
+                          (b["top"] + b["height"] / 2) / height, (b["left"] + b["width"] / 2) / width,
+                          b["top"] == (height - b["height"]) // 2 and b["left"] == (width - b["width"]) // 2]
+                         for b in boxes], dtype=np.float64)
+
+    a, b = stats(ours), stats(theirs)
+    se = np.sqrt(a.var(0) / n + b.var(0) / n) + 1e-9
+    assert np.all(np.abs(a.mean(0) - b.mean(0)) < 5 * se), (a.mean(0), b.mean(0), se)
+    assert np.all(np.abs(a.std(0) - b.std(0)) < 0.1 * b.std(0) + 1e-3), (a.std(0), b.std(0))
+
+
+@pytest.mark.parametrize("width,height,channels,min_scale", [(40, 30, 3, 0.08), (24, 24, 3, 1.0), (57, 33, 1, 0.2)])
+def test_host_crops_equal_v2_resized_crop_on_many_boxes(width, height, channels, min_scale):
+    """The direct uint8 bicubic kernel gives v2.functional.resized_crop's pixels exactly, on 64 boxes per image,
+    including boxes already at the output size (24x24 at scale 1: no resize at all) and grayscale."""
+    data = _jpeg(width, height)
+    crops = HostCrops(24, channels, min_scale=min_scale)
+    full = v2.functional.pil_to_tensor(decode_image(data, "x.jpg", channels))
+    crops.reseed(3)
+    for _ in range(32):
+        state = crops.rng.getstate()
+        x1, x2 = crops(data, "x.jpg")
+        crops.rng.setstate(state)
+        boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
+        for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
+            want = v2.functional.resized_crop(full, b["top"], b["left"], b["height"], b["width"], [24, 24],
+                                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+            assert x.shape == (channels, 24, 24) and torch.equal(x, want.flip(-1) if flip else want)
 
 
 def test_host_crops_decode_large_jpegs_reduced():
