@@ -105,3 +105,15 @@ def test_range_reader_survives_server_restart_mid_file(s3, caplog):
         reader.close()
     assert bytes(got) == blob
     assert any("attempt 1 of" in r.getMessage() for r in caplog.records)  # the outage was met and retried
+
+
+@pytest.mark.parametrize("form", ["plain", "file-url", "home"])
+def test_read_bytes_of_local_paths(form, tmp_path, monkeypatch):
+    """Plain local paths take a direct read (no fsspec lookup); every form reads the same bytes, and a missing file
+    is FileNotFoundError at once (not retried)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "a.bin").write_bytes(b"\x00bytes\xff")
+    url = {"plain": str(tmp_path / "a.bin"), "file-url": f"file://{tmp_path}/a.bin", "home": "~/a.bin"}[form]
+    assert storage.read_bytes(url) == b"\x00bytes\xff"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(url.replace("a.bin", "missing.bin"))
