@@ -97,9 +97,9 @@ class CropFirst:
 
     def __call__(self, data: bytes, name: str) -> Any:
         img = open_image(data, name)
-        params = [v.crop.make_params([img]) for v in self.views]  # header size only: nothing decoded yet
-        img, boxes, self.last_scale = decode_for_crops(img, name, self.channels,
-                                                       [(p, v.out_h, v.out_w) for p, v in zip(params, self.views)])
+        # boxes on the header size only: nothing decoded yet
+        crops = [(v.crop.make_params([img]), v.out_h, v.out_w) for v in self.views]
+        img, boxes, self.last_scale = decode_for_crops(img, name, self.channels, crops)
         converted = self.views[0].convert(img) if self.shared_convert else None  # e.g. one PIL -> tensor for both
         outs = [v.finish(converted if converted is not None else v.convert(img), *box)
                 for box, v in zip(boxes, self.views, strict=True)]
