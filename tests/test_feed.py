@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from barlow.augment import DeviceViews
 from barlow.data import open_source
 from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, crop_box, decoder
-from barlow.data.decode import decode_image
+from barlow.data.decode import CorruptImage, decode_image, decode_pixels, open_image
 from barlow.data.feed import DeviceFeed, TrainingFeed, resolve_decode
 from barlow.data.source import derive_seed
 from barlow.spec import DataSpec
@@ -110,6 +110,38 @@ def test_host_crops_equal_v2_resized_crop_on_many_boxes(width, height, channels,
             want = v2.functional.resized_crop(full, b["top"], b["left"], b["height"], b["width"], [24, 24],
                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
             assert x.shape == (channels, 24, 24) and torch.equal(x, want.flip(-1) if flip else want)
+
+
+def _encoded(mode: str, fmt: str, **save) -> bytes:
+    rng = np.random.default_rng(len(mode) + len(fmt))
+    img = Image.fromarray((rng.random((45, 61, 3)) * 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt,save", [
+    ("RGB", "JPEG", {"subsampling": 0}), ("RGB", "JPEG", {"subsampling": 1}), ("RGB", "JPEG", {"subsampling": 2}),
+    ("RGB", "JPEG", {"progressive": True}), ("L", "JPEG", {}), ("CMYK", "JPEG", {}),
+    ("RGB", "PNG", {}), ("RGBA", "PNG", {}), ("P", "PNG", {}), ("L", "PNG", {})])
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("min_size", [None, (30, 22)])
+def test_decode_pixels_equal_decode_image(mode, fmt, save, channels, min_size):
+    """decode_pixels (torchvision for full-size RGB/gray JPEGs, PIL otherwise) gives decode_image's pixels exactly."""
+    data = _encoded(mode, fmt, **save)
+    want = v2.functional.pil_to_tensor(decode_image(data, "x", channels, min_size))
+    got = decode_pixels(data, open_image(data, "x"), "x", channels, min_size)
+    assert got.dtype == torch.uint8 and got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("cut", [600, 1500])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_decode_pixels_of_a_truncated_jpeg_is_corrupt(cut, channels):
+    data = _encoded("RGB", "JPEG")[:cut]
+    with pytest.raises(CorruptImage, match="bad.jpg"):
+        decode_image(data, "bad.jpg", channels)  # today's decode says so
+    with pytest.raises(CorruptImage, match="bad.jpg"):
+        decode_pixels(data, open_image(data, "bad.jpg"), "bad.jpg", channels)
 
 
 def test_host_crops_decode_large_jpegs_reduced():

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.nn.functional import interpolate
 from torchvision.transforms import v2
 
-from barlow.data.decode import decode_image, draft_scale, open_image
+from barlow.data.decode import decode_image, decode_pixels, draft_scale, open_image
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
 _BEFORE_CROP_OK = {"_ToImage", "ToImage", "PILToTensor"}
@@ -106,17 +106,23 @@ class CropFirst:
         return tuple(outs) if self.pair else outs[0]
 
 
-def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[dict[str, int], int, int]]
-                     ) -> tuple[Image.Image, list[tuple[int, int, int, int]], int]:
+def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[dict[str, int], int, int]],
+                     data: bytes | None = None) -> tuple[Any, list[tuple[int, int, int, int]], int]:
     """Decode an opened image for crops `(box on the full size, out_h, out_w)`: at the largest JPEG draft reduction
-    that keeps every crop at least its output size. Returns the image, each box as (top, left, height, width)
-    scaled to the decoded size (inside it, at least 1 px), and the reduction."""
+    that keeps every crop at least its output size. Returns the image (PIL; with `data`, the bytes it was opened
+    from, a CHW uint8 tensor via decode.decode_pixels), each box as (top, left, height, width) scaled to the
+    decoded size (inside it, at least 1 px), and the reduction."""
     width, height = img.size
     room = min(min(b["width"] / out_w, b["height"] / out_h) for b, out_h, out_w in crops)
     scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
-    img = decode_image(img, name, channels, (width // scale, height // scale) if scale > 1 else None)
-    (dw, dh), boxes = img.size, []
-    sx, sy = dw / width, dh / height
+    min_size = (width // scale, height // scale) if scale > 1 else None
+    if data is None:
+        img = decode_image(img, name, channels, min_size)
+        dw, dh = img.size
+    else:
+        img = decode_pixels(data, img, name, channels, min_size)
+        dh, dw = img.shape[-2:]
+    sx, sy, boxes = dw / width, dh / height, []
     for b, _, _ in crops:
         top, left = min(round(b["top"] * sy), dh - 1), min(round(b["left"] * sx), dw - 1)
         boxes.append((top, left, max(1, min(round(b["height"] * sy), dh - top)),
@@ -207,9 +213,9 @@ class HostCrops:
         if self.decode == "gpu":
             box = [torch.tensor([b["top"], b["left"], b["height"], b["width"]]) for b in boxes]
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flips, name
-        img, crops, self.last_scale = decode_for_crops(img, name, self.channels,
-                                                       [(b, self.size, self.size) for b in boxes])
-        pixels = v2.functional.pil_to_tensor(img)[None]
+        pixels, crops, self.last_scale = decode_for_crops(img, name, self.channels,
+                                                          [(b, self.size, self.size) for b in boxes], data)
+        pixels = pixels[None]
         views = []
         for (top, left, h, w), flip in zip(crops, flips, strict=True):
             out = pixels[..., top:top + h, left:left + w]
