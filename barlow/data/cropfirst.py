@@ -133,7 +133,7 @@ def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tup
 def crop_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> dict[str, int]:
     """`v2.RandomResizedCrop.make_params`'s algorithm (10 tries of area x U(scale) at a log-uniform aspect ratio,
-    else the centre crop at the clamped ratio), drawn from a Python RNG: ~30x cheaper than its many tiny torch ops."""
+    else the centre crop at the clamped ratio), drawn from a Python RNG: ~10x cheaper than its many tiny torch ops."""
     area, log_lo, log_hi = width * height, math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
         target = area * rng.uniform(scale[0], scale[1])
