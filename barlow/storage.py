@@ -170,8 +170,15 @@ def size(url: str, s3: S3Settings | None = None) -> int:
 
 
 def read_bytes(url: str, s3: S3Settings | None = None) -> bytes:
+    if "://" not in url:  # a plain local path (the per-image hot path of image folders): no fsspec lookup
+        return retry(_read_local, url, what=url, s3=s3)
     fs, path = filesystem(url, s3)
     return retry(fs.cat_file, path, what=url, s3=s3)
+
+
+def _read_local(path: str) -> bytes:
+    with open(os.path.expanduser(path), "rb") as f:
+        return f.read()
 
 
 def find(url: str, s3: S3Settings | None = None) -> list[str]:

@@ -102,7 +102,7 @@ class ReferenceViews:
 def draft_share(folder: Path, crops, limit: int = 300) -> float:
     """Fraction of images HostCrops decodes at reduced size (both views' crops allow it)."""
     files = sorted(folder.rglob("*.JPEG"))[:limit]
-    torch.manual_seed(0)
+    crops.reseed(0)
     reduced = 0
     for f in files:
         crops(f.read_bytes(), f.name)

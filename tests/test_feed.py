@@ -4,6 +4,8 @@ turns loader batches into device views (run here on the CPU; the CUDA path is in
 from __future__ import annotations
 
 import io
+import math
+import random
 
 import numpy as np
 import pytest
@@ -14,8 +16,8 @@ from torchvision.transforms import v2
 
 from barlow.augment import DeviceViews
 from barlow.data import open_source
-from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, decoder
-from barlow.data.decode import decode_image
+from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, crop_box, decoder
+from barlow.data.decode import CorruptImage, decode_image, decode_pixels, open_image
 from barlow.data.feed import DeviceFeed, TrainingFeed, resolve_decode
 from barlow.data.source import derive_seed
 from barlow.spec import DataSpec
@@ -52,9 +54,9 @@ def test_host_crops_are_the_crop_and_flip_of_the_full_size_image():
     full = v2.functional.pil_to_tensor(decode_image(data, "x.jpg"))
     flips_seen = set()
     for seed in range(8):
-        torch.manual_seed(seed)
+        crops.reseed(seed)
         x1, x2 = crops(data, "x.jpg")
-        torch.manual_seed(seed)
+        crops.reseed(seed)
         boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
         assert crops.last_scale == 1 and x1.dtype == torch.uint8 and x1.shape == (3, 24, 24)
         for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
@@ -65,9 +67,86 @@ def test_host_crops_are_the_crop_and_flip_of_the_full_size_image():
     assert flips_seen == {True, False}
 
 
+@pytest.mark.parametrize("width,height,min_scale", [(40, 30, 0.08), (64, 64, 0.3), (300, 20, 0.08), (20, 90, 0.5)])
+def test_crop_box_follows_random_resized_crop(width, height, min_scale):
+    """crop_box (Python RNG) against v2.RandomResizedCrop.make_params (torch RNG): boxes inside the image, and the
+    same distribution: means of area fraction, log aspect ratio, centre position and the centre-crop fallback rate
+    agree within 5 standard errors (wide images like 300x20 take the fallback often)."""
+    n, rng = 4000, random.Random(1)
+    torch.manual_seed(1)
+    rrc = v2.RandomResizedCrop(8, scale=(min_scale, 1.0))
+    ours = [crop_box(rng, width, height, (min_scale, 1.0)) for _ in range(n)]
+    theirs = [rrc.make_params([torch.empty(1, height, width)]) for _ in range(n)]
+    for b in ours:
+        assert 0 <= b["top"] and b["top"] + b["height"] <= height and b["height"] >= 1
+        assert 0 <= b["left"] and b["left"] + b["width"] <= width and b["width"] >= 1
+
+    def stats(boxes):
+        return np.array([[b["height"] * b["width"] / (width * height), math.log(b["width"] / b["height"]),
+                          (b["top"] + b["height"] / 2) / height, (b["left"] + b["width"] / 2) / width,
+                          b["top"] == (height - b["height"]) // 2 and b["left"] == (width - b["width"]) // 2]
+                         for b in boxes], dtype=np.float64)
+
+    a, b = stats(ours), stats(theirs)
+    se = np.sqrt(a.var(0) / n + b.var(0) / n) + 1e-9
+    assert np.all(np.abs(a.mean(0) - b.mean(0)) < 5 * se), (a.mean(0), b.mean(0), se)
+    assert np.all(np.abs(a.std(0) - b.std(0)) < 0.1 * b.std(0) + 1e-3), (a.std(0), b.std(0))
+
+
+@pytest.mark.parametrize("width,height,channels,min_scale", [(40, 30, 3, 0.08), (24, 24, 3, 1.0), (57, 33, 1, 0.2)])
+def test_host_crops_equal_v2_resized_crop_on_many_boxes(width, height, channels, min_scale):
+    """The direct uint8 bicubic kernel gives v2.functional.resized_crop's pixels exactly, on 64 boxes per image,
+    including boxes already at the output size (24x24 at scale 1: no resize at all) and grayscale."""
+    data = _jpeg(width, height)
+    crops = HostCrops(24, channels, min_scale=min_scale)
+    full = v2.functional.pil_to_tensor(decode_image(data, "x.jpg", channels))
+    crops.reseed(3)
+    for _ in range(32):
+        state = crops.rng.getstate()
+        x1, x2 = crops(data, "x.jpg")
+        crops.rng.setstate(state)
+        boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
+        for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
+            want = v2.functional.resized_crop(full, b["top"], b["left"], b["height"], b["width"], [24, 24],
+                                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+            assert x.shape == (channels, 24, 24) and torch.equal(x, want.flip(-1) if flip else want)
+
+
+def _encoded(mode: str, fmt: str, **save) -> bytes:
+    rng = np.random.default_rng(len(mode) + len(fmt))
+    img = Image.fromarray((rng.random((45, 61, 3)) * 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt,save", [
+    ("RGB", "JPEG", {"subsampling": 0}), ("RGB", "JPEG", {"subsampling": 1}), ("RGB", "JPEG", {"subsampling": 2}),
+    ("RGB", "JPEG", {"progressive": True}), ("L", "JPEG", {}), ("CMYK", "JPEG", {}),
+    ("RGB", "PNG", {}), ("RGBA", "PNG", {}), ("P", "PNG", {}), ("L", "PNG", {})])
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("min_size", [None, (30, 22)])
+def test_decode_pixels_equal_decode_image(mode, fmt, save, channels, min_size):
+    """decode_pixels (torchvision for full-size RGB/gray JPEGs, PIL otherwise) gives decode_image's pixels exactly."""
+    data = _encoded(mode, fmt, **save)
+    want = v2.functional.pil_to_tensor(decode_image(data, "x", channels, min_size))
+    got = decode_pixels(data, open_image(data, "x"), "x", channels, min_size)
+    assert got.dtype == torch.uint8 and got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("cut", [600, 1500])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_decode_pixels_of_a_truncated_jpeg_is_corrupt(cut, channels):
+    data = _encoded("RGB", "JPEG")[:cut]
+    with pytest.raises(CorruptImage, match="bad.jpg"):
+        decode_image(data, "bad.jpg", channels)  # today's decode says so
+    with pytest.raises(CorruptImage, match="bad.jpg"):
+        decode_pixels(data, open_image(data, "bad.jpg"), "bad.jpg", channels)
+
+
 def test_host_crops_decode_large_jpegs_reduced():
     crops = HostCrops(16, 3, min_scale=0.9)
-    torch.manual_seed(0)
+    crops.reseed(0)
     x1, x2 = crops(_jpeg(640, 480), "big.jpg")
     assert crops.last_scale == 8 and x1.shape == x2.shape == (3, 16, 16)
 
@@ -83,7 +162,7 @@ def test_gpu_mode_reads_bytes_and_draws_the_boxes_and_flips_of_cpu_mode(folder):
     first = bytes(gpu.inputs.data[0].numpy())
     assert first[:2] == b"\xff\xd8"  # the JPEG as stored
     crops = HostCrops(16, 3)
-    torch.manual_seed(derive_seed("host", cpu.seed))  # the batch seed drives the draws: replay the first sample's
+    crops.reseed(derive_seed("host", cpu.seed))  # the batch seed drives the draws: replay the first sample's
     boxes, flips = crops.draw(Image.open(io.BytesIO(first)))
     for view in (0, 1):
         b = boxes[view]

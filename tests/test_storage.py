@@ -116,3 +116,15 @@ def test_missing_credentials_are_one_line_naming_the_url(s3_server, monkeypatch)
     url = f"s3://{s3_server.bucket}/no-credentials/index.json"
     with pytest.raises(PermissionError, match=rf"^{url}: no S3 credentials found \(set AWS_ACCESS_KEY_ID"):
         storage.read_bytes(url, s3=storage.S3Settings(endpoint_url=s3_server.endpoint_url, retries=2))
+
+
+@pytest.mark.parametrize("form", ["plain", "file-url", "home"])
+def test_read_bytes_of_local_paths(form, tmp_path, monkeypatch):
+    """Plain local paths take a direct read (no fsspec lookup); every form reads the same bytes, and a missing file
+    is FileNotFoundError at once (not retried)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "a.bin").write_bytes(b"\x00bytes\xff")
+    url = {"plain": str(tmp_path / "a.bin"), "file-url": f"file://{tmp_path}/a.bin", "home": "~/a.bin"}[form]
+    assert storage.read_bytes(url) == b"\x00bytes\xff"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(url.replace("a.bin", "missing.bin"))

@@ -18,15 +18,18 @@ the rest of the views runs batched on the training device (barlow.augment.Device
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from PIL import Image
+from torch.nn.functional import interpolate
 from torchvision.transforms import v2
 
-from barlow.data.decode import decode_image, draft_scale, open_image
+from barlow.data.decode import decode_image, decode_pixels, draft_scale, open_image
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
 _BEFORE_CROP_OK = {"_ToImage", "ToImage", "PILToTensor"}
@@ -94,22 +97,58 @@ class CropFirst:
 
     def __call__(self, data: bytes, name: str) -> Any:
         img = open_image(data, name)
-        width, height = img.size
-        params = [v.crop.make_params([img]) for v in self.views]  # header size only: nothing decoded yet
-        # the largest reduction that keeps every crop at least its output size
-        room = min(min(p["width"] / v.out_w, p["height"] / v.out_h) for p, v in zip(params, self.views, strict=True))
-        scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
-        self.last_scale = scale
-        img = decode_image(img, name, self.channels, (width // scale, height // scale) if scale > 1 else None)
-        sx, sy = img.size[0] / width, img.size[1] / height
+        # boxes on the header size only: nothing decoded yet
+        crops = [(v.crop.make_params([img]), v.out_h, v.out_w) for v in self.views]
+        img, boxes, self.last_scale = decode_for_crops(img, name, self.channels, crops)
         converted = self.views[0].convert(img) if self.shared_convert else None  # e.g. one PIL -> tensor for both
-        outs = []
-        for p, v in zip(params, self.views, strict=True):
-            top, left = min(round(p["top"] * sy), img.size[1] - 1), min(round(p["left"] * sx), img.size[0] - 1)
-            height = max(1, min(round(p["height"] * sy), img.size[1] - top))
-            width_ = max(1, min(round(p["width"] * sx), img.size[0] - left))
-            outs.append(v.finish(converted if converted is not None else v.convert(img), top, left, height, width_))
+        outs = [v.finish(converted if converted is not None else v.convert(img), *box)
+                for box, v in zip(boxes, self.views, strict=True)]
         return tuple(outs) if self.pair else outs[0]
+
+
+def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[dict[str, int], int, int]],
+                     data: bytes | None = None) -> tuple[Any, list[tuple[int, int, int, int]], int]:
+    """Decode an opened image for crops `(box on the full size, out_h, out_w)`: at the largest JPEG draft reduction
+    that keeps every crop at least its output size. Returns the image (PIL; with `data`, the bytes it was opened
+    from, a CHW uint8 tensor via decode.decode_pixels), each box as (top, left, height, width) scaled to the
+    decoded size (inside it, at least 1 px), and the reduction."""
+    width, height = img.size
+    room = min(min(b["width"] / out_w, b["height"] / out_h) for b, out_h, out_w in crops)
+    scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
+    min_size = (width // scale, height // scale) if scale > 1 else None
+    if data is None:
+        img = decode_image(img, name, channels, min_size)
+        dw, dh = img.size
+    else:
+        img = decode_pixels(data, img, name, channels, min_size)
+        dh, dw = img.shape[-2:]
+    sx, sy, boxes = dw / width, dh / height, []
+    for b, _, _ in crops:
+        top, left = min(round(b["top"] * sy), dh - 1), min(round(b["left"] * sx), dw - 1)
+        boxes.append((top, left, max(1, min(round(b["height"] * sy), dh - top)),
+                      max(1, min(round(b["width"] * sx), dw - left))))
+    return img, boxes, scale
+
+
+def crop_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> dict[str, int]:
+    """`v2.RandomResizedCrop.make_params`'s algorithm (10 tries of area x U(scale) at a log-uniform aspect ratio,
+    else the centre crop at the clamped ratio), drawn from a Python RNG: ~10x cheaper than its many tiny torch ops."""
+    area, log_lo, log_hi = width * height, math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return dict(top=rng.randint(0, height - h), left=rng.randint(0, width - w), height=h, width=w)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return dict(top=(height - h) // 2, left=(width - w) // 2, height=h, width=w)
 
 
 def decoder(transform: Callable, channels: int, crop_first: bool = True) -> Callable[[bytes, str], Any]:
@@ -140,8 +179,9 @@ class Encoded:
 class HostCrops:
     """The host half of BYOL's two views, as a bytes -> sample transform for the loaders.
 
-    Per view, from the per-batch seeded RNG in this order: the RandomResizedCrop box (scale (min_scale, 1), drawn on
-    the size read from the file header, nothing decoded yet), then the flip (p = flip_prob); view 1, then view 2.
+    Per view, from a Python RNG reseeded per batch (`reseed`) in this order: the crop box (RandomResizedCrop's
+    algorithm, `crop_box`, scale (min_scale, 1), drawn on the size read from the file header, nothing decoded yet),
+    then the flip (p = flip_prob); view 1, then view 2.
     decode=cpu: the crops decoded crop-first (JPEG draft at the largest reduction that keeps each crop at least
     the output size), resized (bicubic, antialiased) to size x size uint8 and flipped: `(x1, x2)` per batch.
     decode=gpu: only the bytes, boxes and flips (`Encoded`); the same seed gives the same boxes and flips as cpu.
@@ -152,16 +192,19 @@ class HostCrops:
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"decode: must be cpu or gpu (got {decode!r})")
         self.size, self.channels, self.flip_prob, self.decode = size, channels, flip_prob, decode
-        self.crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                         antialias=True)
+        self.scale = (min_scale, 1.0)
+        self.rng = random.Random(0)  # reseeded per batch (`reseed`, called by source.build_batch)
         self.last_scale = 1  # the reduction the last image was decoded at (for tests and benchmarks)
+
+    def reseed(self, seed: int) -> None:
+        self.rng.seed(seed)
 
     def draw(self, img: Image.Image) -> tuple[list[dict[str, int]], list[bool]]:
         """Both views' crop boxes and flips for an opened (not decoded) image."""
         boxes, flips = [], []
         for _ in range(2):
-            boxes.append(self.crop.make_params([img]))
-            flips.append(bool(torch.rand(()) < self.flip_prob))
+            boxes.append(crop_box(self.rng, *img.size, self.scale))
+            flips.append(self.rng.random() < self.flip_prob)
         return boxes, flips
 
     def __call__(self, data: bytes, name: str) -> Any:
@@ -170,21 +213,16 @@ class HostCrops:
         if self.decode == "gpu":
             box = [torch.tensor([b["top"], b["left"], b["height"], b["width"]]) for b in boxes]
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flips, name
-        width, height = img.size
-        room = min(min(b["width"], b["height"]) / self.size for b in boxes)
-        scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
-        self.last_scale = scale
-        img = decode_image(img, name, self.channels, (width // scale, height // scale) if scale > 1 else None)
-        sx, sy = img.size[0] / width, img.size[1] / height
-        pixels = v2.functional.pil_to_tensor(img)
+        pixels, crops, self.last_scale = decode_for_crops(img, name, self.channels,
+                                                          [(b, self.size, self.size) for b in boxes], data)
+        pixels = pixels[None]
         views = []
-        for b, flip in zip(boxes, flips, strict=True):
-            top, left = min(round(b["top"] * sy), img.size[1] - 1), min(round(b["left"] * sx), img.size[0] - 1)
-            h = max(1, min(round(b["height"] * sy), img.size[1] - top))
-            w = max(1, min(round(b["width"] * sx), img.size[0] - left))
-            out = v2.functional.resized_crop(pixels, top, left, h, w, [self.size, self.size],
-                                             interpolation=self.crop.interpolation, antialias=True)
-            views.append(out.flip(-1) if flip else out)
+        for (top, left, h, w), flip in zip(crops, flips, strict=True):
+            out = pixels[..., top:top + h, left:left + w]
+            if (h, w) != (self.size, self.size):  # v2's resized_crop kernel without its dispatch (tested equal)
+                out = interpolate(out, size=(self.size, self.size), mode="bicubic", align_corners=False,
+                                  antialias=True)
+            views.append(out[0].flip(-1) if flip else out[0])
         return tuple(views)
 
     def collate(self, samples: list[Any]) -> Any:

@@ -2,13 +2,19 @@
 
 JPEGs can be decoded at 1/2, 1/4 or 1/8 of their size (PIL's draft mode: libjpeg scales in the DCT, which
 is several times faster than decoding at full size and resizing); `min_size` says how small is still enough.
+`decode_pixels` gives the same pixels as a tensor, full-size RGB/gray JPEGs through torchvision.io (no PIL
+image, no conversion); PNG, CMYK, other modes and reduced decodes stay with PIL.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 
 class CorruptImage(Exception):
@@ -38,6 +44,26 @@ def decode_image(data: bytes | Image.Image, name: str, channels: int = 3,
         return img.convert(mode)
     except Exception as e:  # truncated data, bad Huffman tables, ...: all mean "corrupt"
         raise CorruptImage(f"{name}: cannot decode image ({e})") from None
+
+
+# (stored mode, wanted mode) pairs where torchvision's libjpeg-turbo decode gives PIL's pixels exactly (tested)
+_SAME_AS_PIL = {("RGB", "RGB"), ("L", "L"), ("L", "RGB")}
+
+
+def decode_pixels(data: bytes, img: Image.Image, name: str, channels: int = 3,
+                  min_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`decode_image(img, ...)` as a CHW uint8 tensor. A JPEG at full size whose mode needs no PIL conversion is
+    decoded from `data` (the bytes `img` was opened from) by torchvision straight to a tensor: ~4x cheaper."""
+    mode = "RGB" if channels == 3 else "L"
+    if min_size is None and img.format == "JPEG" and (img.mode, mode) in _SAME_AS_PIL:
+        try:
+            with warnings.catch_warnings():  # torchvision.io's decoders are deprecated from 0.29 (pinned here)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                   mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+        except Exception as e:  # truncated data, bad Huffman tables, ...: all mean "corrupt"
+            raise CorruptImage(f"{name}: cannot decode image ({e})") from None
+    return pil_to_tensor(decode_image(img, name, channels, min_size))
 
 
 def draft_scale(width: int, height: int, min_size: tuple[int, int]) -> int:

@@ -91,6 +91,8 @@ def build_batch(items: Sequence[tuple[bytes, str, int]], decode: Callable[[bytes
     """Decode `(bytes, name, label)` items with the batch's seed; corrupt ones are counted and refilled."""
     with torch.random.fork_rng(devices=[]):  # augmentation seeded per batch; the caller's RNG is left alone
         torch.manual_seed(derive_seed("host", seed))  # not `seed` itself: the device views draw from that one
+        if hasattr(decode, "reseed"):  # HostCrops draws from its own (cheaper) Python RNG
+            decode.reseed(derive_seed("host", seed))
         outputs, labels, good, bad = [], [], [], []
         for data, name, label in items:
             try:
