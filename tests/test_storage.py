@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import s3fs
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from s3server import SlowDownProxy
 
@@ -113,6 +114,7 @@ def test_missing_credentials_are_one_line_naming_the_url(s3_server, monkeypatch)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata look-up on a laptop or CI
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would still hold the earlier tests' credentials
     url = f"s3://{s3_server.bucket}/no-credentials/index.json"
     with pytest.raises(PermissionError, match=rf"^{url}: no S3 credentials found \(set AWS_ACCESS_KEY_ID"):
         storage.read_bytes(url, s3=storage.S3Settings(endpoint_url=s3_server.endpoint_url, retries=2))
