@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 # ---- S3 (data plane): one real SeaweedFS server on 127.0.0.1 per test session ---------------------------------
 from s3server import ACCESS_KEY, SECRET_KEY, S3Server
@@ -44,3 +45,13 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
 
 
 # ---- end S3 --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: a shared 2-core machine crawls when tiny tensor ops spread over threads.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

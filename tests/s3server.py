@@ -129,6 +129,14 @@ class S3Server:
             time.sleep(0.2)
         raise TimeoutError(f"weed mini not ready after {timeout:.0f}s ({last}); see {self.data_dir / 'weed.log'}")
 
+    def outage(self, seconds: float, record: dict[str, float]) -> None:
+        """Stop the server for `seconds`, then start it again; `record` gets the monotonic times "stopped" and "back"."""
+        self.stop()
+        record["stopped"] = time.monotonic()
+        time.sleep(seconds)
+        self.start()
+        record["back"] = time.monotonic()
+
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the process this object started (by its id), politely first."""
         p, self.process = self.process, None

@@ -89,16 +89,7 @@ def test_blur_kernel_is_about_a_tenth_of_the_size_and_odd(size, kernel):
     assert blur_kernel_size(size) == kernel
 
 
-@pytest.fixture
-def one_thread():
-    """Like a data-loader worker: tiny per-image ops on two contended threads are ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_per_view_blur_and_solarize_rates(one_thread):
+def test_per_view_blur_and_solarize_rates(one_thread):  # one thread, like a data-loader worker (tests/conftest.py)
     """Draw many view pairs of a small image whose left half shows blur and whose right half shows solarization."""
     s, n = 16, 1000
     yy, xx = np.mgrid[:s, :s]

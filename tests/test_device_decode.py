@@ -10,22 +10,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from device_decoders import DECODERS
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.data.devicedecode import decode_crops, decode_views, decoders, gpu_decodable, jpeg_frame
-
-
-def _loads(name: str) -> bool:
-    try:
-        decoders(name)
-        return True
-    except (ImportError, OSError, RuntimeError):
-        return False
-
-
-DECODERS = [pytest.param(name, marks=pytest.mark.skipif(not _loads(name), reason=f"{name} does not load here"))
-            for name in ("torchcodec", "torchvision")]
+from barlow.data.devicedecode import decode_crops, decode_views, gpu_decodable, jpeg_frame
 
 W, H = 96, 72
 

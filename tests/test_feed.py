@@ -31,13 +31,7 @@ def _jpeg(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a shared 2-core machine crawls when tiny tensor ops spread over threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

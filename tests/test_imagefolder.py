@@ -162,15 +162,8 @@ def test_s3_folder_survives_the_server_stopping_mid_epoch(tagged_folder_on_s3, c
     expected = ids_of(source.loader(**kw))
     got, outage = [], {}
 
-    def bounce():
-        s3.server.stop()
-        outage["stopped"] = time.monotonic()
-        time.sleep(4)
-        s3.server.start()
-        outage["back"] = time.monotonic()
-
     caplog.set_level(logging.WARNING, logger="barlow.storage")
-    t = threading.Thread(target=bounce)
+    t = threading.Thread(target=s3.server.outage, args=(4, outage))
     for i, batch in enumerate(source.loader(**kw)):
         got.append(batch)
         if i == 1:  # the workers have batches still to read when the server goes away

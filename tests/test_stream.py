@@ -21,13 +21,7 @@ from barlow.spec import DataSpec, S3Spec
 N = 203  # prime: no batch or world size divides it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a shared 2-core machine crawls when tiny tensor ops spread over threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -326,18 +320,11 @@ def test_s3_server_stopped_mid_epoch_and_restarted_loses_nothing(tagged_on_s3, c
     expected = ids_of(epoch(remote, **kw))
     got, outage = [], {}
 
-    def bounce():
-        s3.server.stop()
-        outage["stopped"] = time.monotonic()
-        time.sleep(3)
-        s3.server.start()
-        outage["back"] = time.monotonic()
-
     caplog.set_level(logging.WARNING, logger="barlow.storage")
     for i, batch in enumerate(remote.loader(transform=IdTag(), **kw)):
         got.append(batch)
         if i == 2:  # a few shards in: the server goes away while the rest are still to be read
-            t = threading.Thread(target=bounce)
+            t = threading.Thread(target=s3.server.outage, args=(3, outage))
             t.start()
             time.sleep(0.5)
     t.join()

@@ -9,24 +9,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from device_decoders import DECODERS
 from PIL import Image
 
 from barlow.augment import DeviceViews
-from barlow.data.devicedecode import decode_crops, decode_views, decoders, gpu_decodable
+from barlow.data.devicedecode import decode_crops, decode_views, gpu_decodable
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-def _loads(name: str) -> bool:
-    try:
-        decoders(name)
-        return True
-    except (ImportError, OSError, RuntimeError):
-        return False
-
-
-DECODERS = [pytest.param(name, marks=pytest.mark.skipif(not _loads(name), reason=f"{name} does not load here"))
-            for name in ("torchcodec", "torchvision")]
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> torch.Tensor:
