@@ -3,8 +3,8 @@
 Two forms of the same views:
 - per sample, on the host (TwoViews, byol_view): pixels stay uint8 through every random op (crop, flip, jitter,
   grayscale, blur, solarize at 128) and become float32 only for the final normalisation;
-- batched, on the training device (DeviceViews): the host only crops, resizes and flips (uint8, view_config() says
-  what to produce); DeviceViews runs the rest on a whole batch with per-sample random parameters, in float32 on
+- batched, on the training device (DeviceViews): the host only crops, resizes and flips (uint8,
+  barlow.data.cropfirst.HostCrops); DeviceViews runs the rest on a whole batch with per-sample random parameters, in float32 on
   [0, 1] (what torchvision's functional ops compute on float images), with each op written as a broadcast tensor op
   following torchvision.transforms.v2.functional and tested against it sample by sample. kornia (one ColorJitter
   order per batch, global RNG) and torchaug (needs torchvision < 0.20) did not fit; see the README.
@@ -214,27 +214,12 @@ class ViewParams:
         return ViewParams(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
 
 
-def view_config(size: int, channels: int) -> dict:
-    """What the host needs to know of the device views: it produces uint8 crops of this shape, flipped, nothing else."""
-    _check(size, channels)
-    return {"size": size, "channels": channels, "dtype": torch.uint8, "interpolation": v2.InterpolationMode.BICUBIC,
-            "antialias": True}
-
-
 def _mix(z: int) -> int:
     """splitmix64's finaliser: nearby inputs give unrelated 64-bit outputs."""
     z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return z ^ (z >> 31)
-
-
-def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
-    """A seed for DeviceViews.forward from (run seed, epoch, rank, batch index): a resumed run replays it exactly."""
-    z = 0
-    for part in (seed, epoch, rank, batch):
-        z = _mix(z ^ (part & 0xFFFFFFFFFFFFFFFF))
-    return z & 0x7FFFFFFFFFFFFFFF
 
 
 def _seed_for(seed: int, view: int) -> int:
