@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import torchvision
-from runs import barlow, kill_tree, tiny_spec, write_spec
+from runner import barlow, kill_tree, tiny_spec, write_spec
 
 from barlow import checkpoint
 

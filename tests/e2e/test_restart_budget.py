@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from runs import tiny_spec, write_spec
+from runner import tiny_spec, write_spec
 
 from barlow import storage
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from runs import barlow, tiny_spec, write_spec
+from runner import barlow, tiny_spec, write_spec
 
 from barlow import checkpoint
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from runs import barlow, tiny_spec, write_spec
+from runner import barlow, tiny_spec, write_spec
 from s3server import s3_files_contain
 
 from barlow import checkpoint, storage
