@@ -116,8 +116,11 @@ def test_missing_credentials_are_one_line_naming_the_url(s3_server, monkeypatch)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata look-up on a laptop or CI
     s3fs.S3FileSystem.clear_instance_cache()  # a cached client would still hold the earlier tests' credentials
     url = f"s3://{s3_server.bucket}/no-credentials/index.json"
-    with pytest.raises(PermissionError, match=rf"^{url}: no S3 credentials found \(set AWS_ACCESS_KEY_ID"):
-        storage.read_bytes(url, s3=storage.S3Settings(endpoint_url=s3_server.endpoint_url, retries=2))
+    try:
+        with pytest.raises(PermissionError, match=rf"^{url}: no S3 credentials found \(set AWS_ACCESS_KEY_ID"):
+            storage.read_bytes(url, s3=storage.S3Settings(endpoint_url=s3_server.endpoint_url, retries=2))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # nor may the credential-less client serve the tests after this one
 
 
 @pytest.mark.parametrize("form", ["plain", "file-url", "home"])
