@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from barlow.launch.kubernetes import build_follow_up
+from barlow.launch.kubernetes import build_follow_up, render
 from barlow.launch.manifest import RUN_AS, cli_image, to_dict
 from barlow.spec import parse_spec
 
@@ -20,7 +20,7 @@ K8S = ROOT / "k8s"
 VERSION = kubernetes_validate.latest_version()
 BIN = Path(sys.executable).parent
 RESOURCE_FILES = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
-KUSTOMIZATIONS = ["base", "overlays/example"]
+KUSTOMIZATIONS = ["base", "overlays/restricted", "overlays/baseline", "overlays/example"]
 
 
 def kustomize(folder: str) -> list[dict]:
@@ -64,6 +64,69 @@ def test_overlay_moves_everything_into_its_namespace():
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"vision"}
     (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "barlow", "namespace": "vision"}]
+
+
+@pytest.mark.parametrize("folder, enforce", [("base", None), ("overlays/restricted", "restricted"),
+                                             ("overlays/baseline", "baseline"), ("overlays/example", "restricted")])
+def test_the_pod_security_level_is_the_overlays_choice(folder, enforce):
+    (ns,) = [d for d in kustomize(folder) if d["kind"] == "Namespace"]
+    levels = {k.rsplit("/", 1)[1]: v for k, v in ns["metadata"]["labels"].items() if k.startswith("pod-security.kubernetes.io/")}
+    assert levels == {"warn": "restricted", "audit": "restricted", **({"enforce": enforce} if enforce else {})}
+
+
+def selects(selector: dict, pod_labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if any(pod_labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {"In": key in pod_labels and pod_labels[key] in values, "NotIn": pod_labels.get(key) not in values,
+              "Exists": key in pod_labels, "DoesNotExist": key not in pod_labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def admits(policy: dict, target: dict, source: dict) -> bool:
+    """Whether `policy` lets a pod labelled `source` connect to one labelled `target` (same namespace)."""
+    if not selects(policy["spec"]["podSelector"], target):
+        return True  # the policy does not isolate the target
+    return any(selects(peer["podSelector"], source) for rule in policy["spec"].get("ingress") or []
+               for peer in rule.get("from") or [] if set(peer) == {"podSelector"})
+
+
+def rendered_pod_labels(backend_name: str) -> dict[str, dict]:
+    """Labels of the pods barlow renders: a 2-node pretrain's, its pipeline follow-up's and its eval's."""
+    spec = parse_spec({"kind": "pretrain", "name": "demo", "data": {"train": "s3://b/train", "val": "s3://b/val"},
+                       "output": {"url": "s3://b/runs/demo"}, "optim": {"epochs": 10, "warmup_epochs": 1, "batch_size": 64},
+                       "runtime": {"nodes": 2, "nproc_per_node": 2, "device": "cuda"},
+                       "cluster": {"image": "registry.example.com/barlow:0.1.0", "gpus_per_node": 2, "backend": backend_name}})
+    (job, follow_up), (ev,) = render(spec, "pipeline"), render(spec, "eval")
+
+    def pod_labels(doc: dict) -> dict:
+        if doc["kind"] == "PyTorchJob":
+            return doc["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+        if doc["kind"] == "TrainJob":
+            patch = doc["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+            return patch["template"]["spec"]["template"]["metadata"]["labels"]
+        return doc["spec"]["template"]["metadata"]["labels"]
+
+    return {"pretrain": pod_labels(job), "follow-up": pod_labels(follow_up), "eval": pod_labels(ev)}
+
+
+@pytest.mark.parametrize("backend_name", ["pytorchjob", "trainjob"])
+def test_the_network_policy_admits_only_barlows_training_pods(backend_name):
+    for folder in KUSTOMIZATIONS:
+        (policy,) = [d for d in kustomize(folder) if d["kind"] == "NetworkPolicy"]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: object storage, the API server, DNS
+        pods = rendered_pod_labels(backend_name)
+        stranger = {"app": "something-else"}
+        for target in pods.values():
+            assert selects(policy["spec"]["podSelector"], target)  # every barlow pod is isolated
+            assert not admits(policy, target, stranger)
+            assert not admits(policy, target, pods["follow-up"])  # it only talks to the API server
+        assert admits(policy, pods["pretrain"], pods["pretrain"])  # rendezvous and NCCL between a job's pods
+        assert admits(policy, pods["eval"], pods["eval"])
 
 
 def test_the_base_grants_the_follow_up_exactly_what_it_uses():
