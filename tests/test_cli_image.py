@@ -142,3 +142,14 @@ def test_cluster_commands_run_without_torch(tmp_path, args):
     out = barlow_without_torch(*[a.format(spec=path) for a in args])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_plan_without_the_data_stack_says_what_it_lacks(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, "data": {"format": "shards", "train": "s3://bucket/train/index.json",
+                                                     "val": "s3://bucket/val/index.json"}}))
+    out = barlow_without_torch("plan", str(path))
+    assert out.returncode == 0, out.stderr
+    images = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.strip().startswith("images:")]
+    assert images and all(i.startswith("unknown (reading s3://bucket/train/index.json needs ") for i in images), out.stdout
+    assert all(i.endswith("which this installation lacks: pass --images N)") for i in images)
