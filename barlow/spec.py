@@ -545,7 +545,15 @@ def follow_up_eval(spec: PretrainSpec) -> EvalRunSpec:
     try:
         return spec.eval_spec()
     except ValidationError as e:
-        raise SpecError.from_validation(e, "the follow-up eval") from None
+        err = SpecError.from_validation(e, "the follow-up eval")
+        raise SpecError([_override_path(p) for p in err.problems], err.source) from None
+
+
+def _override_path(problem: str) -> str:
+    # a problem with the eval's size is fixed in the pretrain spec's eval.runtime / eval.cluster: name that field
+    section, _, rest = problem.partition(".")
+    model = {"runtime": EvalRuntimeSpec, "cluster": EvalClusterSpec}.get(section)
+    return f"eval.{problem}" if model and rest.split(":", 1)[0] in model.model_fields else problem
 
 
 def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None = None) -> list[PretrainSpec | EvalRunSpec]:

@@ -57,12 +57,20 @@ def test_bad_eval_overrides_are_one_line_naming_the_field(data, line):
     assert err.value.problems == [line]
 
 
-def test_an_eval_that_does_not_fit_its_overrides_is_refused_before_anything_runs():
-    pretrain = parse_spec(with_eval(BIG, runtime__nodes=3, runtime__nproc_per_node=1))  # 256 images on 3 processes
+@pytest.mark.parametrize("data, problem", [
+    (with_eval(BIG, runtime__nodes=3, runtime__nproc_per_node=1),  # 256 images on 3 processes
+     "eval.batch_size: must be divisible by 3 (nodes × nproc_per_node)"),
+    (with_eval(BIG, runtime__nproc_per_node=4, cluster__gpus_per_node=8),  # named where the spec sets it
+     "eval.cluster.gpus_per_node: must equal runtime.nproc_per_node (4) when GPUs are requested"),
+    (with_eval(BIG, runtime__nodes=2, cluster__gpus_per_node=0),
+     "eval.cluster.gpus_per_node: must be set when runtime.device is cuda on several nodes"),
+])
+def test_an_eval_that_does_not_fit_its_overrides_is_refused_before_anything_runs(data, problem):
+    pretrain = parse_spec(data)  # pretraining itself is fine
     with pytest.raises(SpecError) as err:
         follow_up_eval(pretrain)
     assert err.value.source == "the follow-up eval"
-    assert err.value.problems == ["eval.batch_size: must be divisible by 3 (nodes × nproc_per_node)"]
+    assert err.value.problems == [problem]
 
 
 @pytest.mark.parametrize("specs, key", [(SPECS, "pretrain-4x8gpu"), (TRAINJOB_SPECS, "pretrain-4x8gpu-kueue")])
