@@ -93,6 +93,17 @@ def _check_url(url: str, schemes: set[str]) -> str:
 ReadURL = Annotated[str, Field(min_length=1)]
 
 
+def _quantity_text(v: Any) -> Any:
+    # `cpu: 8` is a YAML int; a Kubernetes quantity is its decimal text (bool is an int too, and no quantity)
+    return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+def _check_quantity(v: str) -> str:
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(v)):
+        raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
+    return str(v)
+
+
 class S3Spec(Section):
     """How to reach an S3-compatible store. Credentials never go here: they come from the environment
     (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or, on a cluster, from the Secret named in `cluster.s3_secret`."""
@@ -220,6 +231,34 @@ class OutputSpec(Section):
         return _check_url(v, WRITABLE_SCHEMES).rstrip("/")
 
 
+class EvalRuntimeSpec(Section):
+    """Where a pretrain spec's follow-up eval runs: one node by default; unset fields are the pretrain run's."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Machines (pods) of the eval: a linear probe rarely needs more than one.")
+    nproc_per_node: int | None = Field(None, ge=1, le=64, description="Processes per machine (unset: eval.cluster.gpus_per_node "
+                                       "when set, else the pretrain spec's runtime.nproc_per_node).")
+
+
+class EvalClusterSpec(Section):
+    """The follow-up eval's pod resources; each unset field is the pretrain spec's `cluster` value."""
+
+    gpus_per_node: int | None = Field(None, ge=0, le=64, description="nvidia.com/gpu per eval pod (unset: the eval's "
+                                      "processes per node when the pretrain pods have GPUs, else 0).")
+    cpu: str | None = Field(None, description="CPU request and limit per eval pod (unset: cluster.cpu).")
+    memory: str | None = Field(None, description="Memory request and limit per eval pod (unset: cluster.memory).")
+    shm_size: str | None = Field(None, description="/dev/shm of an eval pod (unset: cluster.shm_size).")
+
+    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @classmethod
+    def _number_as_quantity(cls, v: Any) -> Any:
+        return _quantity_text(v)
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        return None if v is None else _check_quantity(v)
+
+
 class EvalSpec(Section):
     """Linear evaluation (or fine-tuning) of a pretrained backbone."""
 
@@ -240,6 +279,25 @@ class EvalSpec(Section):
         return None if v is None else _check_url(v, READABLE_SCHEMES).rstrip("/")
 
 
+class FollowUpEvalSpec(EvalSpec):
+    """A pretrain spec's `eval`: the evaluation its pipeline runs next, with that run's own size (an eval spec has
+    top-level `runtime` and `cluster` instead)."""
+
+    runtime: EvalRuntimeSpec = Field(default_factory=EvalRuntimeSpec, description="The eval's nodes and processes.")
+    cluster: EvalClusterSpec = Field(default_factory=EvalClusterSpec, description="The eval's GPUs and resources per pod.")
+
+    def placement(self, runtime: RuntimeSpec, cluster: ClusterSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The eval's `runtime` and `cluster` sections: these overrides on the pretrain run's. Nodes default to one;
+        processes per node follow eval GPUs when only those are set; GPUs follow the processes when the pretrain
+        pods have GPUs."""
+        r, c = self.runtime, self.cluster
+        nproc = r.nproc_per_node or c.gpus_per_node or runtime.nproc_per_node
+        gpus = c.gpus_per_node if c.gpus_per_node is not None else (nproc if cluster.gpus_per_node else 0)
+        resources = {k: v for k, v in c.model_dump(exclude={"gpus_per_node"}).items() if v is not None}
+        return ({**runtime.model_dump(), "nodes": r.nodes, "nproc_per_node": nproc},
+                {**cluster.model_dump(), "gpus_per_node": gpus, **resources})
+
+
 class ClusterSpec(Section):
     """How the run is placed on Kubernetes (ignored by local runs)."""
 
@@ -252,6 +310,10 @@ class ClusterSpec(Section):
                               "registry the cluster can pull from (`make image IMAGE=...`); needed to render or submit.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Kubernetes imagePullPolicy (pytorchjob; a TrainJob's runtime decides it).")
+    cli_image: str | None = Field(None, min_length=1, description="Image of the pipeline's follow-up pod: barlow without "
+                                  "torch (`make image` builds it beside the training image). Unset: cluster.image's "
+                                  "repository + '-cli' with its tag (<registry>/barlow:0.1.0 -> <registry>/barlow-cli:0.1.0; "
+                                  "an image pinned by digest gets barlow's version as the tag).")
     namespace: str = Field("barlow", description="Namespace the job is created in.")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod; when > 0 must equal runtime.nproc_per_node.")
     cpu: str = Field("8", description="CPU request and limit per pod (Kubernetes quantity; a YAML number is fine).")
@@ -282,15 +344,12 @@ class ClusterSpec(Section):
     @field_validator("cpu", "memory", "shm_size", mode="before")
     @classmethod
     def _number_as_quantity(cls, v: Any) -> Any:
-        # `cpu: 8` is a YAML int; a Kubernetes quantity is its decimal text (bool is an int too, and no quantity)
-        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        return _quantity_text(v)
 
     @field_validator("cpu", "memory", "shm_size")
     @classmethod
     def _quantity(cls, v: str) -> str:
-        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(v)):
-            raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
-        return str(v)
+        return _check_quantity(v)
 
     @field_validator("tolerations")
     @classmethod
@@ -379,7 +438,8 @@ class PretrainSpec(RunSpec):
 
     kind: Literal["pretrain"] = Field(description="Run kind.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")
-    eval: EvalSpec = Field(default_factory=EvalSpec, description="The evaluation that follows pretraining in a pipeline.")
+    eval: FollowUpEvalSpec = Field(default_factory=FollowUpEvalSpec, description="The evaluation that follows pretraining "
+                                   "in a pipeline, and its size (one node by default).")
 
     def _problems(self) -> list[tuple[str, str]]:
         problems = super()._problems()
@@ -394,10 +454,11 @@ class PretrainSpec(RunSpec):
 
     def eval_spec(self) -> EvalRunSpec:
         """The evaluation of this run's checkpoint, writing beside it (what `pipeline` runs second)."""
-        d = self.model_dump(exclude={"kind", "optim", "eval", "name", "output"})
+        d = self.model_dump(exclude={"kind", "optim", "eval", "name", "output", "runtime", "cluster"})
+        runtime, cluster = self.eval.placement(self.runtime, self.cluster)
         return EvalRunSpec.model_validate({
-            **d, "kind": "eval", "name": f"{self.name[:45]}-eval",
-            "eval": {**self.eval.model_dump(), "checkpoint": self.output.url},
+            **d, "kind": "eval", "name": f"{self.name[:45]}-eval", "runtime": runtime, "cluster": cluster,
+            "eval": {**self.eval.model_dump(exclude={"runtime", "cluster"}), "checkpoint": self.output.url},
             "output": {"url": f"{self.output.url}/eval", "keep": self.output.keep},
         })
 
@@ -484,7 +545,15 @@ def follow_up_eval(spec: PretrainSpec) -> EvalRunSpec:
     try:
         return spec.eval_spec()
     except ValidationError as e:
-        raise SpecError.from_validation(e, "the follow-up eval") from None
+        err = SpecError.from_validation(e, "the follow-up eval")
+        raise SpecError([_override_path(p) for p in err.problems], err.source) from None
+
+
+def _override_path(problem: str) -> str:
+    # a problem with the eval's size is fixed in the pretrain spec's eval.runtime / eval.cluster: name that field
+    section, _, rest = problem.partition(".")
+    model = {"runtime": EvalRuntimeSpec, "cluster": EvalClusterSpec}.get(section)
+    return f"eval.{problem}" if model and rest.split(":", 1)[0] in model.model_fields else problem
 
 
 def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None = None) -> list[PretrainSpec | EvalRunSpec]:
@@ -530,7 +599,7 @@ def json_schema() -> dict[str, Any]:
     """JSON schema of a spec file, for editors."""
     schema = _ADAPTER.json_schema()
     schema["title"] = "barlow run spec"
-    for model in (PretrainSpec, EvalRunSpec, *Section.__subclasses__()):
+    for model in (PretrainSpec, EvalRunSpec, FollowUpEvalSpec, *Section.__subclasses__()):
         props = schema["$defs"].get(model.__name__, {}).get("properties", {})
         for name, field in model.model_fields.items():  # pydantic drops descriptions beside a $ref with a default
             if field.description and name in props:

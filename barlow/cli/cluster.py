@@ -219,15 +219,11 @@ def plan(
     gpu: str = typer.Option(None, "--gpu", help="GPU model, as the node label nvidia.com/gpu.product (default: the "
                                                 "spec's cluster.node_selector)."),
 ) -> None:
-    """Print what a run will do before it is submitted: GPUs, global batch, steps, expected wall time and GPU-hours."""
-    from barlow.launch.plan import images_in, lines, make_plan
+    """Print what a run will do before it is submitted, stage by stage (a pretrain spec: pretraining, then its
+    pipeline's eval): GPUs, global batch, steps, expected wall time and GPU-hours. What it cannot know it says is
+    unknown, and why (an image folder, no S3 credentials, no measured throughput)."""
+    from barlow.launch.plan import report
 
     spec = load_or_exit(spec_path)
-    if images is None:
-        try:
-            images = images_in(spec)
-        except (OSError, ValueError, KeyError) as e:
-            raise fail(f"data.train: cannot count the images in the shard index ({type(e).__name__}: {e}); "
-                       "pass --images N") from None
-    for label, value in lines(spec, make_plan(spec, images, gpu)):
-        console.print(f"{label + ':':<14}{value}", highlight=False, soft_wrap=True)
+    for line in report(spec, images, gpu):
+        console.print(line, highlight=False, soft_wrap=True)
