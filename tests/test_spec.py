@@ -274,3 +274,9 @@ def test_overrides_resolve_like_the_file():
     as_file["eval"], as_file["cluster"] = {"epochs": 7}, {"cpu": 16}
     assert loads_spec(text, "spec.yaml", sets) == parse_spec(as_file)
 
+
+def test_starter_specs_validate_as_written():
+    from barlow.cli.starter import starter_text
+
+    assert loads_spec(starter_text(False)).runtime.device == "cpu"
+    assert loads_spec(starter_text(True)).cluster.gpus_per_node == 8
