@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import s3fs
@@ -215,6 +216,8 @@ def test_every_command_has_help_with_an_example(command, flag):
     assert result.exit_code == 0, result.output
     assert f"Usage: barlow {' '.join(command)} " in result.stdout
     assert "Example" in result.stdout and f"barlow {' '.join(command)}" in result.stdout.split("Example", 1)[1]
+    usage = result.stdout.split(f"Usage: barlow {' '.join(command)} ", 1)[1].splitlines()[0].split()
+    assert usage[0] == "[OPTIONS]" and all(re.fullmatch(r"\{[A-Z]+\}|\[[A-Z]+\]", arg) for arg in usage[1:]), usage
 
 
 def test_top_level_help_and_version():

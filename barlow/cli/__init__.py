@@ -10,7 +10,7 @@ import json
 import typer
 
 from barlow import __version__
-from barlow.cli.common import DEBUG_ENV, SET, SPEC_HELP, app, console, example, load_or_exit
+from barlow.cli.common import DEBUG_ENV, SET, SPEC, app, console, example, load_or_exit
 
 # Topic modules register their commands on `app` when imported.
 from barlow.cli import starter as _starter  # noqa: E402,F401  isort: skip
@@ -41,7 +41,7 @@ def version() -> None:
 
 
 @app.command(epilog=example("barlow validate spec.yaml --set optim.epochs=100"))
-def validate(spec: str = typer.Argument(..., help=SPEC_HELP), overrides: list[str] = SET) -> None:
+def validate(spec: str = SPEC, overrides: list[str] = SET) -> None:
     """Validate a spec and print it resolved, with every default filled in."""
     from barlow.spec import dump_spec
 

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, SET, SPEC_HELP, app, console, example, fail, invalid, load_or_exit
+from barlow.cli.common import EXIT_INVALID, JOB, SET, SPEC, app, console, example, fail, invalid, load_or_exit
 from barlow.errors import EXIT_TIMED_OUT
 from barlow.launch.backend import NAMES
 from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
@@ -20,8 +20,7 @@ DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
 EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 
 
-Target = Stage  # the stages, and their rules, are the spec's (spec.stage_runs), the same for run, render and submit
-TARGET_HELP = STAGE_HELP
+STAGE = typer.Argument(..., metavar="STAGE", help=STAGE_HELP)  # the spec's stages and rules (spec.stage_runs), as for run
 CONTEXT = typer.Option(None, "--context", help="kubeconfig context (default: its current context).")
 NAMESPACE = typer.Option(None, "--namespace", "-n", show_default=False,
                          help="Namespace of the job (default: $BARLOW_NAMESPACE, else the kubeconfig context's, else "
@@ -53,7 +52,7 @@ def _cluster_errors() -> Iterator[None]:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
 
 
-def _spec(spec_path: str | None, target: Target, namespace: str | None, overrides: list[str] | None,
+def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides: list[str] | None,
           context: str | None = None) -> PretrainSpec | EvalRunSpec:
     """The spec from its file (or from $BARLOW_SPEC) with its --set overrides, checked against the target, placed in
     its namespace (see launch.cluster.resolve_namespace)."""
@@ -77,8 +76,8 @@ def _spec(spec_path: str | None, target: Target, namespace: str | None, override
 @app.command(epilog=example("barlow render pipeline spec.yaml --set cluster.image=registry.example.com/barlow:0.1.0 "
                             "| kubectl apply -f -"))
 def render(
-    target: Target = typer.Argument(..., help=TARGET_HELP),
-    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    target: Stage = STAGE,
+    spec_path: str = SPEC,
     namespace: str = SPEC_NAMESPACE,
     context: str = typer.Option(None, "--context", help="kubeconfig context whose namespace applies (default: its "
                                                         "current context)."),
@@ -95,8 +94,8 @@ def render(
 
 @app.command(epilog=example("barlow submit pipeline spec.yaml --set optim.epochs=300"))
 def submit(
-    target: Target = typer.Argument(..., help=TARGET_HELP),
-    spec_path: str = typer.Argument(None, metavar="[SPEC]", help=f"Path to a run spec (YAML); omitted: the YAML in ${SPEC_ENV}."),
+    target: Stage = STAGE,
+    spec_path: str = typer.Argument(None, metavar="SPEC", help=f"Path to a run spec (YAML); omitted: the YAML in ${SPEC_ENV}."),
     context: str = CONTEXT,
     namespace: str = SPEC_NAMESPACE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Have the API server validate the objects without creating them."),
@@ -114,9 +113,9 @@ def submit(
     with _cluster_errors():
         api = cluster.connect(context)
         if after:
-            if target != Target.eval:
+            if target != Stage.eval:
                 raise fail("--after goes with `submit eval`", EXIT_INVALID)
-            (ev,) = stage_runs(spec, Target.eval)
+            (ev,) = stage_runs(spec, Stage.eval)
             done = cluster.submit_after(api, ev, after, poll=poll, on_change=_print_phase)
         else:
             done = cluster.submit(api, spec, target.value, dry_run=dry_run)
@@ -147,7 +146,7 @@ def _backend(name: BackendName):
 
 
 @app.command(epilog=example("barlow status my-run -n vision"))
-def status(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
+def status(name: str = JOB, namespace: str = NAMESPACE,
            context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """Show a job's phase (Queued while Kueue holds it), replicas and times."""
     from barlow.launch import cluster
@@ -165,7 +164,7 @@ def status(name: str = typer.Argument(..., help="Job name (the run name)."), nam
 
 @app.command(epilog=example("barlow logs my-run -f --replica worker-0"))
 def logs(
-    name: str = typer.Argument(..., help="Job name (the run name)."),
+    name: str = JOB,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines."),
     replica: str = typer.Option("master", "--replica",
                                 help="master; worker-N for a PyTorchJob (node rank N + 1), node-N for a TrainJob."),
@@ -188,7 +187,7 @@ def logs(
 
 @app.command(epilog=example("barlow wait my-run --timeout 3600"))
 def wait(
-    name: str = typer.Argument(..., help="Job name (the run name)."),
+    name: str = JOB,
     timeout: float = typer.Option(None, "--timeout", min=0, help="Give up after this many seconds (default: never)."),
     poll: float = typer.Option(10.0, "--poll", min=0.01, help="Seconds between status checks."),
     namespace: str = NAMESPACE,
@@ -207,7 +206,7 @@ def wait(
 
 
 @app.command(epilog=example("barlow delete my-run -n vision"))
-def delete(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
+def delete(name: str = JOB, namespace: str = NAMESPACE,
            context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """Delete a job with its pods (its output in output.url stays)."""
     from barlow.launch import cluster
@@ -239,7 +238,7 @@ def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT, backend: Backe
 
 @app.command(epilog=example("barlow plan spec.yaml --gpu NVIDIA-H100-80GB-HBM3 --set optim.epochs=300"))
 def plan(
-    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    spec_path: str = SPEC,
     overrides: list[str] = SET,
     images: int = typer.Option(None, "--images", min=1, help="Training images (default: counted from a shard index)."),
     gpu: str = typer.Option(None, "--gpu", help="GPU model, as the node label nvidia.com/gpu.product (default: the "

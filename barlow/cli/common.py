@@ -71,6 +71,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 EXIT_INVALID = 2  # a spec or argument that fails validation
 SET = typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help=OVERRIDE_HELP)
 SPEC_HELP = "Path to a run spec (YAML)."
+SPEC = typer.Argument(..., metavar="SPEC", help=SPEC_HELP)
+JOB = typer.Argument(..., metavar="NAME", help="Job name (the run name).")
 
 
 def example(*lines: str) -> str:

@@ -23,7 +23,7 @@ def _url(option: str, url: str, write: bool) -> str:
 
 @data_app.command(epilog=example("barlow data demo data/demo"))
 def demo(
-    dst: str = typer.Argument(..., help="Folder (local path or s3://...) to write train/ and val/ into."),
+    dst: str = typer.Argument(..., metavar="DST", help="Folder (local path or s3://...) to write train/ and val/ into."),
     size: int = typer.Option(32, min=8, max=256, help="Side of the images in pixels."),
 ) -> None:
     """Write a small real image set: scikit-learn's handwritten digits as JPEGs in ImageNet layout."""
@@ -44,8 +44,8 @@ def demo(
 @data_app.command(epilog=example("barlow data shard imagenet/train s3://datasets/imagenet-shards/train --endpoint-url "
                                   "https://s3.example.com"))
 def shard(
-    src: str = typer.Argument(..., help="Image folder in ImageNet layout (<class>/<image>): local path or s3://..."),
-    dst: str = typer.Argument(..., help="Folder for the shards and index.json: local path or s3://..."),
+    src: str = typer.Argument(..., metavar="SRC", help="Image folder in ImageNet layout (<class>/<image>): local path or s3://..."),
+    dst: str = typer.Argument(..., metavar="DST", help="Folder for the shards and index.json: local path or s3://..."),
     shard_size_mb: int = typer.Option(256, "--shard-size-mb", min=1, max=100_000, help="Largest shard, in MiB."),
     workers: int = typer.Option(4, min=1, max=256, help="Shards written at the same time."),
     seed: int = typer.Option(0, min=0, help="Seed of the image order (images are shuffled across shards)."),

@@ -18,7 +18,7 @@ def starter_text(cluster: bool) -> str:
 
 @app.command(epilog=example("barlow init spec.yaml", "barlow init --cluster imagenet.yaml"))
 def init(
-    path: Path = typer.Argument(Path("spec.yaml"), help="Where to write the spec."),
+    path: Path = typer.Argument(Path("spec.yaml"), metavar="PATH", help="Where to write the spec."),
     cluster: bool = typer.Option(False, "--cluster", help="A GPU cluster run (ResNet-50 on 8 GPUs, s3:// data) instead "
                                                           "of a local run on the demo digits."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing file."),
