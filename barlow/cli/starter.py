@@ -29,9 +29,12 @@ def init(
     if path.exists() and not force:
         raise fail(f"{path}: already exists; pass --force to overwrite it", EXIT_INVALID)
     text = starter_text(cluster)
+    partial = path.with_name(f".{path.name}.partial")  # renamed into place whole: never a half-written spec
     try:
-        path.write_text(text, encoding="utf-8")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
     except OSError as e:
+        partial.unlink(missing_ok=True)
         raise fail(f"{path}: cannot write ({e.strerror})") from None
     then = (f"barlow plan {path}, then barlow submit pipeline {path}" if cluster
             else f"barlow data demo data/demo, then barlow run pipeline {path}")
