@@ -96,6 +96,7 @@ BAD_INPUTS = [
      "cluster.namespace: 'Bad_NS' is not a valid Kubernetes name"),
     ("namespace-option", None, ["render", "pretrain", "spec.yaml", "-n", "Bad_NS"], 2,
      "--namespace: 'Bad_NS' is not a valid Kubernetes name"),
+    ("namespace-env", None, ["status", "demo"], 2, "BARLOW_NAMESPACE: 'Team_A' is not a valid Kubernetes name"),
     ("demo-no-credentials", None, ["data", "demo", "s3://bucket/demo"], 1,
      "s3://bucket/demo: cannot write the demo set (s3://bucket/demo/train: no S3 credentials found"),
     ("shard-gs", None, ["data", "shard", ".", "gs://bucket/shards"], 2,
@@ -114,13 +115,16 @@ def test_bad_input_is_one_line_and_writes_nothing(hermetic, monkeypatch, case_id
     if content is not None:
         (hermetic / "spec.yaml").write_bytes(content if isinstance(content, bytes) else content.encode())
     kubeconfig = hermetic / "kubeconfig"
+    if case_id == "namespace-env":
+        monkeypatch.setenv("BARLOW_NAMESPACE", "Team_A")
     if case_id in KUBECONFIGS:
         kubeconfig.write_text(KUBECONFIGS[case_id])
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     before = {p: (hermetic / p).read_bytes() for p in files_under(hermetic)}
     result = barlow(*args)
     assert result.exit_code == code, (result.exit_code, result.output)
-    assert fragment.format(kubeconfig=kubeconfig) in one_error_line(result)
+    line = one_error_line(result)
+    assert fragment.format(kubeconfig=kubeconfig) in line and not re.match(r"^(\S+): \1: ", line), line  # no doubled prefix
     assert result.stdout == ""
     assert {p: (hermetic / p).read_bytes() for p in files_under(hermetic)} == before  # nothing written or changed
 

@@ -28,8 +28,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _top(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print barlow's version."),
-    debug: bool = typer.Option(False, "--debug", envvar=DEBUG_ENV,
-                               help=f"Print the traceback of an unexpected error (also {DEBUG_ENV}=1)."),
+    debug: bool = typer.Option(False, "--debug", help=f"Print the traceback of an unexpected error (also {DEBUG_ENV}=1)."),
 ) -> None:
     """Barlow Twins self-supervised pretraining: run a spec here, or submit it to Kubernetes."""
 

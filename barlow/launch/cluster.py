@@ -166,9 +166,12 @@ def context_namespace(context: str | None = None) -> str | None:
             raise ClusterError(f"kubeconfig {path}: no context '{context}' (it has: "
                                f"{', '.join(c.get('name', '?') for c in contexts or []) or 'none'})")
         return ((chosen or {}).get("context") or {}).get("namespace") or None
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
-        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
-            return f.read().strip() or None
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+                return f.read().strip() or None
+        except OSError:  # no service account token mounted: no namespace from it
+            return None
     return None
 
 
@@ -181,8 +184,7 @@ def resolve_namespace(option: str | None, spec: RunSpec | None = None, context: 
             try:
                 return ClusterSpec(namespace=name).namespace
             except ValueError as e:  # pydantic's ValidationError is a ValueError
-                raise SpecError([f"{where}: '{name}' is not a valid Kubernetes name (lowercase letters, digits, '-')"],
-                                where) from e
+                raise SpecError([f"{where}: '{name}' is not a valid Kubernetes name (lowercase letters, digits, '-')"]) from e
     if spec is not None and "namespace" in spec.cluster.model_fields_set:
         return spec.cluster.namespace
     return context_namespace(context) or ClusterSpec.model_fields["namespace"].default
