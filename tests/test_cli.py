@@ -96,6 +96,8 @@ BAD_INPUTS = [
      "cluster.namespace: 'Bad_NS' is not a valid Kubernetes name"),
     ("namespace-option", None, ["render", "pretrain", "spec.yaml", "-n", "Bad_NS"], 2,
      "--namespace: 'Bad_NS' is not a valid Kubernetes name"),
+    ("spec-env-duplicate", None, ["submit", "eval"], 2, "BARLOW_SPEC: line 2: duplicate key 'kind' (first at line 1)"),
+    ("spec-env-field", None, ["submit", "eval"], 2, "BARLOW_SPEC: kind: must be 'pretrain' or 'eval' (got 'train')"),
     ("namespace-env", None, ["status", "demo"], 2, "BARLOW_NAMESPACE: 'Team_A' is not a valid Kubernetes name"),
     ("demo-no-credentials", None, ["data", "demo", "s3://bucket/demo"], 1,
      "s3://bucket/demo: cannot write the demo set (s3://bucket/demo/train: no S3 credentials found"),
@@ -115,6 +117,8 @@ def test_bad_input_is_one_line_and_writes_nothing(hermetic, monkeypatch, case_id
     if content is not None:
         (hermetic / "spec.yaml").write_bytes(content if isinstance(content, bytes) else content.encode())
     kubeconfig = hermetic / "kubeconfig"
+    if case_id.startswith("spec-env"):
+        monkeypatch.setenv("BARLOW_SPEC", "kind: eval\nkind: eval\n" if case_id.endswith("duplicate") else "kind: train\n")
     if case_id == "namespace-env":
         monkeypatch.setenv("BARLOW_NAMESPACE", "Team_A")
     if case_id in KUBECONFIGS:

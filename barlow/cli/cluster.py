@@ -62,7 +62,8 @@ def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides
         try:
             spec = loads_spec(os.environ[SPEC_ENV], SPEC_ENV, overrides or ())
         except SpecError as e:
-            raise fail(f"{SPEC_ENV}: " + "; ".join(e.problems), EXIT_INVALID) from None
+            named = [p if p.startswith(SPEC_ENV) else f"{SPEC_ENV}: {p}" for p in e.problems]  # YAML errors name it already
+            raise fail("; ".join(named), EXIT_INVALID) from None
     else:
         raise fail(f"give a spec file (or the spec's YAML in ${SPEC_ENV})", EXIT_INVALID)
     source = spec_path or SPEC_ENV
