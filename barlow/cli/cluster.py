@@ -10,7 +10,8 @@ from enum import StrEnum
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
+from barlow.cli.common import EXIT_INVALID, JOB, SET, SPEC, app, console, example, fail, invalid, load_or_exit
+from barlow.errors import EXIT_TIMED_OUT
 from barlow.launch.backend import NAMES
 from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
 
@@ -19,11 +20,14 @@ DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
 EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 
 
-Target = Stage  # the stages, and their rules, are the spec's (spec.stage_runs), the same for run, render and submit
-TARGET_HELP = STAGE_HELP
-SPEC_HELP = "Path to a run spec (YAML)."
+STAGE = typer.Argument(..., metavar="STAGE", help=STAGE_HELP)  # the spec's stages and rules (spec.stage_runs), as for run
 CONTEXT = typer.Option(None, "--context", help="kubeconfig context (default: its current context).")
-NAMESPACE = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", envvar="BARLOW_NAMESPACE", help="Namespace of the job.")
+NAMESPACE = typer.Option(None, "--namespace", "-n", show_default=False,
+                         help="Namespace of the job (default: $BARLOW_NAMESPACE, else the kubeconfig context's, else "
+                              f"{DEFAULT_NAMESPACE}).")
+SPEC_NAMESPACE = typer.Option(None, "--namespace", "-n", show_default=False,
+                              help="Namespace of the job (default: $BARLOW_NAMESPACE, else the spec's cluster.namespace "
+                                   f"where it is set, else the kubeconfig context's, else {DEFAULT_NAMESPACE}).")
 BackendName = StrEnum("BackendName", {name: name for name in NAMES})
 BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEND",
                        help="pytorchjob (Kubeflow training operator v1) or trainjob (Kubeflow Trainer v2).")
@@ -31,11 +35,13 @@ BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEN
 
 @contextmanager
 def _cluster_errors() -> Iterator[None]:
-    from barlow.launch.cluster import ClusterError, ClusterUnreachable
+    from barlow.launch.cluster import ClusterError, ClusterUnreachable, WaitTimedOut
     from barlow.launch.manifest import RenderError
 
     try:
         yield
+    except WaitTimedOut as e:
+        raise fail(str(e), EXIT_TIMED_OUT) from None
     except RenderError as e:
         raise fail(str(e), EXIT_INVALID) from None
     except ClusterUnreachable as e:
@@ -46,15 +52,18 @@ def _cluster_errors() -> Iterator[None]:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
 
 
-def _spec(spec_path: str | None, target: Target, namespace: str | None) -> PretrainSpec | EvalRunSpec:
-    """The spec from its file (or from $BARLOW_SPEC), checked against the target, placed in --namespace."""
+def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides: list[str] | None,
+          context: str | None = None) -> PretrainSpec | EvalRunSpec:
+    """The spec from its file (or from $BARLOW_SPEC) with its --set overrides, checked against the target, placed in
+    its namespace (see launch.cluster.resolve_namespace)."""
     if spec_path:
-        spec = load_or_exit(spec_path)
+        spec = load_or_exit(spec_path, overrides)
     elif SPEC_ENV in os.environ:
         try:
-            spec = loads_spec(os.environ[SPEC_ENV], SPEC_ENV)
+            spec = loads_spec(os.environ[SPEC_ENV], SPEC_ENV, overrides or ())
         except SpecError as e:
-            raise fail(f"{SPEC_ENV}: " + "; ".join(e.problems), EXIT_INVALID) from None
+            named = [p if p.startswith(SPEC_ENV) else f"{SPEC_ENV}: {p}" for p in e.problems]  # YAML errors name it already
+            raise fail("; ".join(named), EXIT_INVALID) from None
     else:
         raise fail(f"give a spec file (or the spec's YAML in ${SPEC_ENV})", EXIT_INVALID)
     source = spec_path or SPEC_ENV
@@ -62,47 +71,52 @@ def _spec(spec_path: str | None, target: Target, namespace: str | None) -> Pretr
 
     with _cluster_errors():
         stage_runs(spec, target, source)  # the stage fits the spec's kind, and a pipeline's eval is valid
-        return spec_namespace(spec, namespace)
+        return spec_namespace(spec, namespace, context)
 
 
-@app.command()
+@app.command(epilog=example("barlow render pipeline spec.yaml --set cluster.image=registry.example.com/barlow:0.1.0 "
+                            "| kubectl apply -f -"))
 def render(
-    target: Target = typer.Argument(..., help=TARGET_HELP),
-    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
-    namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace)."),
+    target: Stage = STAGE,
+    spec_path: str = SPEC,
+    namespace: str = SPEC_NAMESPACE,
+    context: str = typer.Option(None, "--context", help="kubeconfig context whose namespace applies (default: its "
+                                                        "current context)."),
+    overrides: list[str] = SET,
 ) -> None:
     """Print the Kubernetes manifests of a spec (YAML) for `kubectl apply -f -`."""
     from barlow.launch.kubernetes import render as render_docs
     from barlow.launch.kubernetes import to_yaml
 
-    spec = _spec(spec_path, target, namespace)
+    spec = _spec(spec_path, target, namespace, overrides, context)
     with _cluster_errors():
         typer.echo(to_yaml(render_docs(spec, target.value)), nl=False)
 
 
-@app.command()
+@app.command(epilog=example("barlow submit pipeline spec.yaml --set optim.epochs=300"))
 def submit(
-    target: Target = typer.Argument(..., help=TARGET_HELP),
-    spec_path: str = typer.Argument(None, metavar="[SPEC]", help=f"Path to a run spec (YAML); omitted: the YAML in ${SPEC_ENV}."),
+    target: Stage = STAGE,
+    spec_path: str = typer.Argument(None, metavar="SPEC", help=f"Path to a run spec (YAML); omitted: the YAML in ${SPEC_ENV}."),
     context: str = CONTEXT,
-    namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace)."),
+    namespace: str = SPEC_NAMESPACE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Have the API server validate the objects without creating them."),
     after: str = typer.Option(None, "--after", metavar="JOB",
                               help="Wait for this job (of the spec's backend) to succeed first (what the pipeline's "
                                    "follow-up runs)."),
     poll: float = typer.Option(30.0, "--poll", min=0.01, help="Seconds between status checks with --after."),
+    overrides: list[str] = SET,
 ) -> None:
     """Create the job(s) of a spec (a PyTorchJob or a TrainJob: cluster.backend); submitting the same spec again
     changes nothing."""
     from barlow.launch import cluster
 
-    spec = _spec(spec_path, target, namespace)
+    spec = _spec(spec_path, target, namespace, overrides, context)
     with _cluster_errors():
         api = cluster.connect(context)
         if after:
-            if target != Target.eval:
+            if target != Stage.eval:
                 raise fail("--after goes with `submit eval`", EXIT_INVALID)
-            (ev,) = stage_runs(spec, Target.eval)
+            (ev,) = stage_runs(spec, Stage.eval)
             done = cluster.submit_after(api, ev, after, poll=poll, on_change=_print_phase)
         else:
             done = cluster.submit(api, spec, target.value, dry_run=dry_run)
@@ -118,18 +132,27 @@ def _print_phase(st) -> None:
     console.print(f"{st.what} {st.name}: {st.phase}{' - ' + st.message if st.message else ''}", highlight=False, soft_wrap=True)
 
 
+def _namespace(option: str | None, context: str | None) -> str:
+    """The namespace of a command that names a job (see launch.cluster.resolve_namespace)."""
+    from barlow.launch.cluster import resolve_namespace
+
+    with _cluster_errors():
+        return resolve_namespace(option, None, context)
+
+
 def _backend(name: BackendName):
     from barlow.launch import backend
 
     return backend.get(name.value)
 
 
-@app.command()
-def status(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
+@app.command(epilog=example("barlow status my-run -n vision"))
+def status(name: str = JOB, namespace: str = NAMESPACE,
            context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """Show a job's phase (Queued while Kueue holds it), replicas and times."""
     from barlow.launch import cluster
 
+    namespace = _namespace(namespace, context)
     with _cluster_errors():
         st = cluster.status(cluster.connect(context), name, namespace, _backend(backend))
     replicas = "; ".join(f"{k} " + ", ".join(f"{s} {n}" for s, n in v.items()) for k, v in st.replicas.items())
@@ -140,9 +163,9 @@ def status(name: str = typer.Argument(..., help="Job name (the run name)."), nam
             console.print(f"{key + ':':<11}{value}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=example("barlow logs my-run -f --replica worker-0"))
 def logs(
-    name: str = typer.Argument(..., help="Job name (the run name)."),
+    name: str = JOB,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines."),
     replica: str = typer.Option("master", "--replica",
                                 help="master; worker-N for a PyTorchJob (node rank N + 1), node-N for a TrainJob."),
@@ -157,50 +180,52 @@ def logs(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    namespace = _namespace(namespace, context)
     with _cluster_errors():
         cluster.logs(cluster.connect(context), name, namespace, replica=replica, follow=follow, write=write,
                      b=_backend(backend))
 
 
-@app.command()
+@app.command(epilog=example("barlow wait my-run --timeout 3600"))
 def wait(
-    name: str = typer.Argument(..., help="Job name (the run name)."),
+    name: str = JOB,
     timeout: float = typer.Option(None, "--timeout", min=0, help="Give up after this many seconds (default: never)."),
     poll: float = typer.Option(10.0, "--poll", min=0.01, help="Seconds between status checks."),
     namespace: str = NAMESPACE,
     context: str = CONTEXT,
     backend: BackendName = BACKEND,
 ) -> None:
-    """Wait until a job succeeds (exit 0) or fails (exit 1), printing each phase change; a queued job is waited for."""
+    """Wait until a job succeeds (exit 0) or fails (exit 1), printing each phase change; a queued job is waited for;
+    exit 124 when --timeout runs out first."""
     from barlow.launch import cluster
 
-    b = _backend(backend)
+    b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
         st = cluster.wait(cluster.connect(context), name, namespace, timeout=timeout, poll=poll, on_change=_print_phase, b=b)
     if not st.finished_ok:
         raise fail(f"{b.what} {name} failed: {st.message or 'no message'}")
 
 
-@app.command()
-def delete(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
+@app.command(epilog=example("barlow delete my-run -n vision"))
+def delete(name: str = JOB, namespace: str = NAMESPACE,
            context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """Delete a job with its pods (its output in output.url stays)."""
     from barlow.launch import cluster
 
-    b = _backend(backend)
+    b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
         cluster.delete(cluster.connect(context), name, namespace, b)
     console.print(f"{b.what} {name} in namespace {namespace}: deleted", highlight=False, soft_wrap=True)
 
 
-@app.command("list")
+@app.command("list", epilog=example("barlow list -n vision -b trainjob"))
 def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """List barlow's jobs of one backend in a namespace."""
     from rich.table import Table
 
     from barlow.launch import cluster
 
-    b = _backend(backend)
+    b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
         jobs = cluster.list_jobs(cluster.connect(context), namespace, b)
     if not jobs:
@@ -212,9 +237,10 @@ def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT, backend: Backe
     console.print(table)
 
 
-@app.command()
+@app.command(epilog=example("barlow plan spec.yaml --gpu NVIDIA-H100-80GB-HBM3 --set optim.epochs=300"))
 def plan(
-    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    spec_path: str = SPEC,
+    overrides: list[str] = SET,
     images: int = typer.Option(None, "--images", min=1, help="Training images (default: counted from a shard index)."),
     gpu: str = typer.Option(None, "--gpu", help="GPU model, as the node label nvidia.com/gpu.product (default: the "
                                                 "spec's cluster.node_selector)."),
@@ -224,6 +250,6 @@ def plan(
     unknown, and why (an image folder, no S3 credentials, no measured throughput)."""
     from barlow.launch.plan import report
 
-    spec = load_or_exit(spec_path)
+    spec = load_or_exit(spec_path, overrides)
     for line in report(spec, images, gpu):
         console.print(line, highlight=False, soft_wrap=True)
