@@ -49,7 +49,7 @@ def test_follow_up_eval_takes_its_overrides_and_inherits_the_rest(data, want):
     (with_eval(BIG, runtime__nodes=0), "eval.runtime.nodes: Input should be greater than or equal to 1"),
     (with_eval(BIG, cluster__gpus=1), "eval.cluster.gpus: unknown field (did you mean 'gpus_per_node'?)"),
     # an eval spec is sized by its own top-level runtime and cluster
-    (set_path(SPECS["eval"], "eval.runtime", {"nodes": 2}), "eval.runtime: unknown field"),
+    (set_path(SPECS["eval"], "eval.runtime", {"nodes": 2}), "eval.runtime: unknown field (did you mean 'runtime'?)"),
 ])
 def test_bad_eval_overrides_are_one_line_naming_the_field(data, line):
     with pytest.raises(SpecError) as err:
