@@ -103,6 +103,8 @@ def _rank_main(rank: int, device: str, port: int, out: str) -> None:
             z1, z2 = forward(*mine)
             paths.append(loss_fn.chosen_path(*z1.shape))
             loss = loss_fn(z1, z2)
+            if step == 0:  # the other exact paths' collectives (all-reduce of C, all-gather of the views) on this stack
+                others = {p: BarlowTwinsLoss(LAMBD, p)(z1.detach(), z2.detach()).cpu() for p in ("direct", "lean")}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -117,7 +119,7 @@ def _rank_main(rank: int, device: str, port: int, out: str) -> None:
         step = resumed.resume()
         for p, q in zip(model.parameters(), fresh_model.parameters(), strict=True):
             q.grad = p.grad  # grads are not checkpointed; copied so _state compares the rest
-        torch.save({"losses": losses, "paths": paths, "live": live, "resumed_step": step,
+        torch.save({"losses": losses, "paths": paths, "others": others, "live": live, "resumed_step": step,
                     "resumed": _state(fresh_model, fresh_optimizer), "synced_bn": any(
                         isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())}, f"{out}/rank{rank}.pt")
     finally:
@@ -174,6 +176,8 @@ def test_two_ranks_on_one_device_take_the_one_process_steps(device, tmp_path):
     losses, ref = _one_process(device, tmp_path, per_rank_bn=not synced)
     for r in ranks:
         assert r["paths"] == ["sharded"] * STEPS
+        for path, value in r["others"].items():
+            torch.testing.assert_close(value, losses[0], rtol=1e-5, atol=0, msg=path)
         # The loss is a sum of ~4000 float32 terms whose inputs differ only in summation order: 1e-5 relative.
         torch.testing.assert_close(torch.stack(r["losses"]), torch.stack(losses), rtol=1e-5, atol=0)
         # Gradients of the last step: per-rank partial sums of float32 convolution and BN reductions, averaged by
