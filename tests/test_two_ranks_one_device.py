@@ -168,7 +168,8 @@ def _one_process(device: str, out: Path, per_rank_bn: bool) -> tuple[list[torch.
     return losses, _state(model, optimizer)
 
 
-@pytest.mark.parametrize("device", DEVICES)  # ~12 s on a busy 2-core CPU: not marked slow
+@pytest.mark.slow  # two spawned processes: 12 to 40 s on a busy 2-core CPU
+@pytest.mark.parametrize("device", DEVICES)
 def test_two_ranks_on_one_device_take_the_one_process_steps(device, tmp_path):
     ranks = _two_ranks(device, tmp_path)
     synced = ranks[0]["synced_bn"]
