@@ -97,13 +97,14 @@ else
   BENCH=(); VIEWS=(--device cuda)
 fi
 
-part preflight 45 "$PY" bench/preflight.py --out "$OUT"
-part tests 130 "${PYTEST[@]}" "${KIT_TESTS[@]}" -k "not compile" --junitxml="$OUT/tests.xml"
-part bench 150 "$PY" bench/gpu.py --out "$OUT" --compile skip "${BENCH[@]}"
-part views 45 "$PY" bench/views.py "${VIEWS[@]}"
+lim() { if [[ $DRY == 1 ]]; then echo "$2"; else echo "$1"; fi; }  # GPU limit, dry-run limit (a busy 2-core CPU)
+part preflight "$(lim 45 120)" "$PY" bench/preflight.py --out "$OUT"
+part tests "$(lim 130 400)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k "not compile" --junitxml="$OUT/tests.xml"
+part bench "$(lim 150 300)" "$PY" bench/gpu.py --out "$OUT" --compile skip "${BENCH[@]}"
+part views "$(lim 45 120)" "$PY" bench/views.py "${VIEWS[@]}"
 # Compilation last: the slowest to start, and the likeliest to meet the time limit.
-part compile-tests 50 "${PYTEST[@]}" "${KIT_TESTS[@]}" -k compile --junitxml="$OUT/tests-compile.xml"
-part compile-bench 60 "$PY" bench/gpu.py --out "$OUT" --compile only --tag compile "${BENCH[@]}"
+part compile-tests "$(lim 50 120)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k compile --junitxml="$OUT/tests-compile.xml"
+part compile-bench "$(lim 60 300)" "$PY" bench/gpu.py --out "$OUT" --compile only --tag compile "${BENCH[@]}"
 trap - INT TERM
 report
 cat "$OUT/report.md"

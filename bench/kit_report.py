@@ -154,7 +154,12 @@ def render(out: Path, dry: bool, start: float) -> str:
     for _, outcome, _ in tests:
         counts[outcome] = counts.get(outcome, 0) + 1
     lines += ["", "## Tests", "", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "(no results)", ""]
-    lines += [f"- {o}: `{n}`{' — ' + m if m else ''}" for n, o, m in tests if o != "passed"]
+    lines += [f"- {o}: `{n}`{' — ' + m if m else ''}" for n, o, m in tests if o not in ("passed", "skipped")]
+    reasons: dict[str, int] = {}
+    for _, outcome, message in tests:
+        if outcome == "skipped":
+            reasons[message] = reasons.get(message, 0) + 1
+    lines += [f"- skipped {n}: {reason or '(no reason given)'}" for reason, n in sorted(reasons.items())]
     for name in ("gpu-bench.md", "gpu-bench-compile.md"):
         f = out / name
         if f.exists():  # its title one level down
