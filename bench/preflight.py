@@ -161,10 +161,17 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     try:
-        found, missing = stack(), lacks()
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
     except ImportError as e:
         print(f"preflight: {_first_line(e)}: this Python has no torch/torchvision", file=sys.stderr)
         return 2
+    found, missing = [], []
+    for probe, into in ((stack, found), (lacks, missing)):
+        try:
+            into += probe()
+        except Exception as e:  # a probe that breaks is itself a finding; the kit goes on
+            into.append(f"the {probe.__name__} probe failed: {_first_line(e)}")
     text = "\n".join(["## Preflight", "", *(f"- {line}" for line in found), "",
                       "Lacking here:" if missing else "Lacking here: nothing barlow uses.",
                       *(f"- {line}" for line in missing)]) + "\n"

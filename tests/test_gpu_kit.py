@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import api_audit  # noqa: E402
 import kit_report  # noqa: E402
 import preflight  # noqa: E402
 
@@ -138,3 +139,29 @@ def test_a_dry_run_report_claims_no_measurement(tmp_path):
     text = kit_report.render(tmp_path, dry=True, start=time.time())
     assert "DRY RUN on the CPU: nothing here is a GPU measurement" in text
     assert "| ResNet-50 pairs/s, batch 256, bf16, synthetic | >= 1,200 | 5,000 | dry run: not a measurement | bench |" in text
+
+
+def test_api_audit_finds_a_missing_function_and_a_missing_keyword(tmp_path):
+    """bench/api_audit.py against a made-up older torch: one function and one keyword taken out of the real sources."""
+    import inspect
+
+    import torch.cuda
+    import torch.distributed._functional_collectives as funcol
+
+    old = tmp_path / "old"
+    for module, cut in ((torch.cuda, ("including_emulation", "no_such_keyword")),
+                        (funcol, ("def all_gather_single(", "def _gone_all_gather_single("))):
+        src = Path(inspect.getsourcefile(module))
+        rel = src.relative_to(Path(torch.__file__).parents[1])  # the site-packages folder
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text(src.read_text().replace(*cut))
+    (tmp_path / "uses.py").write_text("import torch\nimport torch.distributed._functional_collectives as funcol\n"
+                                      "torch.cuda.is_bf16_supported(including_emulation=False)\nfuncol.all_gather_single\n"
+                                      "funcol.all_reduce\n")
+    found = api_audit.uses(tmp_path / "uses.py")
+    problems = {n: api_audit.check(n, found[n], old) for n in found}
+    assert problems["torch.cuda.is_bf16_supported"] == ("torch.cuda.is_bf16_supported: keyword(s) including_emulation "
+                                                        "missing in torch/cuda/__init__.py")
+    assert problems["torch.distributed._functional_collectives.all_gather_single"].endswith(
+        "all_gather_single not defined in torch/distributed/_functional_collectives.py")
+    assert problems["torch.distributed._functional_collectives.all_reduce"] is None
