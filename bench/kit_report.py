@@ -134,7 +134,7 @@ def render(out: Path, dry: bool, start: float) -> str:
     views = views_rates(out / "views.log")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet"], capture_output=True, timeout=10).returncode != 0
+        dirty = bool(commit) and subprocess.run(["git", "diff", "--quiet"], capture_output=True, timeout=10).returncode == 1
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

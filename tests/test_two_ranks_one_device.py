@@ -15,6 +15,7 @@ whole batch, which is what a CPU run with two processes computes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -53,10 +54,15 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _full_fp32() -> None:
+@contextlib.contextmanager
+def _full_fp32():
     # TF32 convolutions would differ between batch 8 and batch 16 by ~1e-3; the comparison is of float32 arithmetic.
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _parts(spec, place):
@@ -93,7 +99,7 @@ def _rank_main(rank: int, device: str, port: int, out: str) -> None:
     from barlow.loss import BarlowTwinsLoss
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK="0")  # every rank on device 0
-    _full_fp32()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # as _full_fp32, for this process
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -156,24 +162,28 @@ def _one_process(device: str, out: Path, per_rank_bn: bool) -> tuple[list[torch.
     from barlow.distributed import Placement
     from barlow.loss import BarlowTwinsLoss
 
-    _full_fp32()
     spec = _spec(device, str(out))
     model, optimizer, schedule = _parts(spec, Placement(0, 1, 0, torch.device(device), None))
     loss_fn, losses = BarlowTwinsLoss(LAMBD, "direct"), []
-    for step, (x1, x2) in enumerate(_batches()):
-        x1, x2 = x1.to(device), x2.to(device)
-        schedule.apply(optimizer, step)
-        if per_rank_bn:
-            halves = [model(a, b) for a, b in zip(x1.chunk(WORLD), x2.chunk(WORLD), strict=True)]
-            z1, z2 = torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
-        else:
-            z1, z2 = model(x1, x2)
-        loss = loss_fn(z1, z2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach().cpu())
+    with _full_fp32():
+        for step, batch in enumerate(_batches()):
+            losses.append(_reference_step(model, optimizer, schedule, loss_fn, step, batch, device, per_rank_bn))
     return losses, _state(model, optimizer)
+
+
+def _reference_step(model, optimizer, schedule, loss_fn, step: int, batch, device: str, per_rank_bn: bool) -> torch.Tensor:
+    x1, x2 = (x.to(device) for x in batch)
+    schedule.apply(optimizer, step)
+    if per_rank_bn:
+        halves = [model(a, b) for a, b in zip(x1.chunk(WORLD), x2.chunk(WORLD), strict=True)]
+        z1, z2 = torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
+    else:
+        z1, z2 = model(x1, x2)
+    loss = loss_fn(z1, z2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach().cpu()
 
 
 @pytest.mark.slow  # two spawned processes: 12 to 40 s on a busy 2-core CPU
