@@ -33,7 +33,7 @@ DRY=0
 case "${1:-}" in
   --dry-run) DRY=1; shift ;;
   --fetch-wheels) fetch_wheels "${2:-.whl}"; exit $? ;;
-  -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+  -h|--help) sed -n 2,14p "$0"; exit 0 ;;
 esac
 OUT=${1:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
