@@ -5,8 +5,7 @@ torchvision 0.26; the installed ones may be newer).
 
 OLD_SITE: a folder holding the older releases' Python sources, e.g. the wheels unpacked with
 `unzip -q torch-2.11.0-*.whl '*.py' '*.pyi' -d OLD_SITE` (any platform's wheel: the Python files are the same; the
-aarch64 wheel is the smallest). FILES: default barlow/, bench/gpu.py, bench/preflight.py, tests/gpu/ and the
-two-ranks test.
+aarch64 wheel is the smallest). FILES: default barlow/ and the kit's files (bench/preflight.py's KIT_FILES).
 
 Every dotted name reached from an imported torch / torchvision module (calls, attributes, `from X import Y`) is
 resolved with the installed release; where it is a Python function or class, its definition is looked for in the
@@ -27,7 +26,10 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ["barlow", "bench/gpu.py", "bench/preflight.py", "tests/gpu", "tests/test_two_ranks_one_device.py"]
+sys.path.insert(0, str(ROOT / "bench"))
+from preflight import KIT_FILES  # noqa: E402
+
+DEFAULT = ["barlow", *KIT_FILES]
 TOP = ("torch", "torchvision")
 # Compiled classes, enum members and registered operators the static lookup cannot place, each read by hand in
 # torch 2.11.0 / torchvision 0.26.0 (where it is defined there).
