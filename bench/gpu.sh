@@ -88,7 +88,9 @@ part() {
   report
 }
 
-PYTEST=("$PY" -m pytest -q -rA -p no:cacheprovider --confcutdir=tests/gpu -o addopts="")  # no tests/conftest.py: S3 fixtures
+# -v: a line per finished test, so a part stopped at its limit still shows which ran; --confcutdir keeps
+# tests/conftest.py (the S3 fixtures) out
+PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --confcutdir=tests/gpu -o addopts="")
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout=120)  # one hung test does not eat the part
 KIT_TESTS=(tests/gpu tests/test_two_ranks_one_device.py tests/test_distributed.py)
 if [[ $DRY == 1 ]]; then

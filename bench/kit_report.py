@@ -3,7 +3,8 @@ part, so a part stopped at its time limit, or a kit killed from outside, leaves 
 
     python bench/kit_report.py OUT DRY START    # DRY: 1 for a dry run; START: the kit's start (Unix seconds)
 
-Reads OUT/parts.tsv (name, exit code, seconds, limit), preflight.md, tests.xml and tests-compile.xml (JUnit),
+Reads OUT/parts.tsv (name, exit code, seconds, limit), preflight.md, tests.xml and tests-compile.xml (JUnit; where
+pytest was stopped before writing one, its verbose log tests.log / compile-tests.log),
 gpu-bench.json / gpu-bench-compile.json (bench/gpu.py), views.log (bench/views.py); writes OUT/report.md whole
 (a temporary file renamed over it). Standard library only: it runs where a part's imports failed.
 """
@@ -62,6 +63,22 @@ def junit(path: Path) -> list[tuple[str, str, str]]:
                 message = message[0][:200] if message else ""
                 break
         out.append((name, outcome, message))
+    return out
+
+
+VERBOSE_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def tests_of(xml: Path, log: Path) -> list[tuple[str, str, str]]:
+    """The JUnit file's cases; where pytest was stopped before writing it, the tests its verbose log shows finished."""
+    if xml.exists():
+        return junit(xml)
+    out = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        m = VERBOSE_LINE.match(line)
+        if m:
+            outcome = {"PASSED": "passed", "SKIPPED": "skipped"}.get(m.group(2), m.group(2))
+            out.append((m.group(1), outcome, "from the log: the part was stopped before its summary"))
     return out
 
 
@@ -128,7 +145,7 @@ def _tail(path: Path, n: int) -> list[str]:
 
 def render(out: Path, dry: bool, start: float) -> str:
     runs = parts(out)
-    tests = junit(out / "tests.xml") + junit(out / "tests-compile.xml")
+    tests = tests_of(out / "tests.xml", out / "tests.log") + tests_of(out / "tests-compile.xml", out / "compile-tests.log")
     meta, bench = bench_rows(out / "gpu-bench.json")
     _, compiled = bench_rows(out / "gpu-bench-compile.json")
     views = views_rates(out / "views.log")

@@ -133,6 +133,20 @@ def test_report_says_what_each_part_left(tmp_path, case, parts, bench, views, sy
         assert line in text.splitlines(), f"{case}: {line!r} not in\n{text}"
 
 
+def test_tests_stopped_before_their_summary_are_read_from_the_log(tmp_path):
+    (tmp_path / "parts.tsv").write_text("tests\t124\t130\t130\n")
+    (tmp_path / "tests.log").write_text(
+        "tests/gpu/test_train_syncs.py::test_train_steps_between_log_steps_do_not_sync PASSED [ 40%]\n"
+        "tests/gpu/test_feed_cuda.py::test_cpu_decode_views_on_cuda[0] FAILED [ 60%]\n"
+        "tests/test_two_ranks_one_device.py::test_two_ranks_on_one_device_take_the_one_process_steps[cuda] \n")
+    lines = kit_report.render(tmp_path, dry=False, start=time.time()).splitlines()
+    assert "| tests | stopped at its time limit | 130 | 130 |" in lines
+    assert "| host syncs between log steps | 0 | 0 (sync debug mode raised nothing) | met | tests |" in lines
+    assert "1 FAILED, 1 passed" in lines
+    assert ("- FAILED: `tests/gpu/test_feed_cuda.py::test_cpu_decode_views_on_cuda[0]` — from the log: the part was "
+            "stopped before its summary") in lines
+
+
 def test_a_dry_run_report_claims_no_measurement(tmp_path):
     (tmp_path / "parts.tsv").write_text("bench\t0\t10\t150\n")
     _bench_json(tmp_path, "gpu-bench.json", [{"mode": "synthetic", "config": "reference", "pairs_per_s": 5000.0}])
