@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 WRITABLE_SCHEMES = {"", "file", "s3", "gs", "gcs", "az", "abfs", "memory"}
 READABLE_SCHEMES = WRITABLE_SCHEMES | {"http", "https"}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
+BACKENDS = ("pytorchjob", "trainjob")  # cluster.backend values; each names a module of barlow.launch that registers it
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
 RENDERED_BY_ENV = "BARLOW_RENDERED_BY"  # the barlow version that rendered a pod's spec (named on a version skew)
@@ -243,7 +244,7 @@ class EvalSpec(Section):
 class ClusterSpec(Section):
     """How the run is placed on Kubernetes (ignored by local runs)."""
 
-    backend: Literal["pytorchjob", "trainjob"] = Field(
+    backend: Literal[BACKENDS] = Field(  # type: ignore[valid-type]
         "pytorchjob", description="pytorchjob: Kubeflow training operator v1 (kubeflow.org/v1 PyTorchJob); "
                                   "trainjob: Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob).")
     training_runtime: str = Field("torch-distributed", min_length=1, max_length=253,

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from barlow.cli import app
 from barlow.launch import backend
-from barlow.launch.kubernetes import render
 from barlow.launch.manifest import LABEL_HASH
+from barlow.launch.render import render
 from barlow.spec import dump_spec, parse_spec
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/barlow/pytorchjobs"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from barlow.cli import app
 from barlow.launch import backend
-from barlow.launch.kubernetes import render
+from barlow.launch.render import render
 from barlow.spec import parse_spec
 
 TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/barlow/trainjobs"

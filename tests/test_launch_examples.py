@@ -12,7 +12,7 @@ from cluster_specs import strict_schema
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.launch.kubernetes import render
+from barlow.launch.render import render
 from barlow.spec import load_spec, with_fields
 
 ROOT = Path(__file__).resolve().parent.parent

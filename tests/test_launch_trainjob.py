@@ -16,8 +16,8 @@ import pytest
 import yaml
 from cluster_specs import SECRET, TRAINJOB_SPECS, check_golden, spec, strict_schema, torchrun_world
 
-from barlow.launch.kubernetes import render
 from barlow.launch.manifest import COMMAND, RENDERED_BY_ENV, S3_KEYS, to_yaml
+from barlow.launch.render import render
 from barlow.launch.trainjob import CONTAINER, REPLICATED_JOB, build_trainjob
 from barlow.spec import DNS_1035, SPEC_ENV, parse_spec
 

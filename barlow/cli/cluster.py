@@ -11,8 +11,7 @@ from enum import StrEnum
 import typer
 
 from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
-from barlow.launch.backend import NAMES
-from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
+from barlow.spec import BACKENDS, SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
@@ -24,7 +23,7 @@ TARGET_HELP = STAGE_HELP
 SPEC_HELP = "Path to a run spec (YAML)."
 CONTEXT = typer.Option(None, "--context", help="kubeconfig context (default: its current context).")
 NAMESPACE = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", envvar="BARLOW_NAMESPACE", help="Namespace of the job.")
-BackendName = StrEnum("BackendName", {name: name for name in NAMES})
+BackendName = StrEnum("BackendName", {name: name for name in BACKENDS})
 BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEND",
                        help="pytorchjob (Kubeflow training operator v1) or trainjob (Kubeflow Trainer v2).")
 
@@ -72,8 +71,8 @@ def render(
     namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace)."),
 ) -> None:
     """Print the Kubernetes manifests of a spec (YAML) for `kubectl apply -f -`."""
-    from barlow.launch.kubernetes import render as render_docs
-    from barlow.launch.kubernetes import to_yaml
+    from barlow.launch.render import render as render_docs
+    from barlow.launch.render import to_yaml
 
     spec = _spec(spec_path, target, namespace)
     with _cluster_errors():
@@ -119,7 +118,7 @@ def _print_phase(st) -> None:
 
 
 def _backend(name: BackendName):
-    from barlow.launch import backend
+    from barlow.launch import backend, render  # noqa: F401  importing render registers the built-in backends
 
     return backend.get(name.value)
 

@@ -17,7 +17,7 @@ from kubeflow.training.models import (
 )
 from kubernetes import client as k8s
 
-from barlow.launch.backend import Backend
+from barlow.launch.backend import Backend, condition_phase, counts, register
 from barlow.launch.manifest import (
     ANNOTATION_OUTPUT,
     COMMAND,
@@ -133,6 +133,18 @@ def pod_selector(name: str, replica: str) -> str:
     return f"{OPERATOR_JOB_NAME}={name},{OPERATOR_REPLICA_TYPE}={rtype},{OPERATOR_REPLICA_INDEX}={index}"
 
 
-BACKEND = Backend(name="pytorchjob", group="kubeflow.org", version="v1", plural="pytorchjobs", kind="PyTorchJob",
-                  container=CONTAINER, build=render, pod_selector=pod_selector,
-                  installs="the Kubeflow training operator v1")
+def phase(obj: dict[str, Any]) -> tuple[str, str]:
+    """The operator's latest condition (Created, Running, Restarting, Succeeded, Failed), or Queued while suspended."""
+    return condition_phase(obj, SUCCEEDED) or ("Pending", "")
+
+
+def replicas(status: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Counts per replica type (Master, Worker)."""
+    return {k: counts(v) for k, v in (status.get("replicaStatuses") or {}).items()}
+
+
+SUCCEEDED = "Succeeded"
+BACKEND = register(Backend(
+    name="pytorchjob", group="kubeflow.org", version="v1", plural="pytorchjobs", kind="PyTorchJob", container=CONTAINER,
+    build=render, pod_selector=pod_selector, phase=phase, replicas=replicas, succeeded=SUCCEEDED,
+    installs="the Kubeflow training operator v1"))

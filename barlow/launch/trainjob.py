@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from barlow.launch.backend import Backend
+from barlow.launch.backend import Backend, condition_phase, counts, register
 from barlow.launch.manifest import (
     ANNOTATION_OUTPUT,
     COMMAND,
@@ -108,6 +108,22 @@ def pod_selector(name: str, replica: str) -> str:
     return f"{JOBSET_NAME}={name},{JOBSET_REPLICATED_JOB}={REPLICATED_JOB},{COMPLETION_INDEX}={index}"
 
 
-BACKEND = Backend(name="trainjob", group=GROUP, version=VERSION, plural="trainjobs", kind="TrainJob",
-                  container=CONTAINER, build=build_trainjob, pod_selector=pod_selector,
-                  installs="Kubeflow Trainer v2 (with its torch-distributed ClusterTrainingRuntime)")
+def phase(obj: dict[str, Any]) -> tuple[str, str]:
+    """Complete or Failed, Queued while suspended; a TrainJob has no Running condition: its JobSet's jobs tell."""
+    found = condition_phase(obj, SUCCEEDED)
+    if found:
+        return found
+    running = any(j.get("active") or j.get("ready") for j in (obj.get("status") or {}).get("jobsStatus") or [])
+    return ("Running", "") if running else ("Pending", "")
+
+
+def replicas(status: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Counts per JobSet replicated job (node)."""
+    return {j.get("name", "?"): counts(j) for j in status.get("jobsStatus") or []}
+
+
+SUCCEEDED = "Complete"
+BACKEND = register(Backend(
+    name="trainjob", group=GROUP, version=VERSION, plural="trainjobs", kind="TrainJob", container=CONTAINER,
+    build=build_trainjob, pod_selector=pod_selector, phase=phase, replicas=replicas, succeeded=SUCCEEDED,
+    installs="Kubeflow Trainer v2 (with its torch-distributed ClusterTrainingRuntime)"))

@@ -1,5 +1,6 @@
 """The manifests of `barlow render`: a spec's training job, through its backend (PyTorchJob or TrainJob), and the
-pipeline's follow-up `Job` that submits the eval once pretraining has succeeded. Nothing here imports torch."""
+pipeline's follow-up `Job` that submits the eval once pretraining has succeeded. This module renders; `cluster` talks
+to the API. Nothing here imports torch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from barlow.launch import backend
+# The built-in backends register themselves (barlow.launch.backend) when imported: a new backend is one more import.
+from barlow.launch import backend, pytorchjob, trainjob  # noqa: F401
 from barlow.launch.manifest import (
     ANNOTATION_AFTER,
     ANNOTATION_OUTPUT,

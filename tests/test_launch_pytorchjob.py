@@ -1,7 +1,7 @@
 """Rendering specs as PyTorchJobs: golden YAML, the real CRD schema, the operator's admission rules, the world that
 torchrun builds from the operator's environment, the spec the pod receives, and no secrets anywhere.
 
-Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_kubernetes.py
+Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_pytorchjob.py
 (then read the diff before committing it).
 """
 
@@ -21,9 +21,9 @@ from cluster_specs import SECRET, SPECS, TRAINJOB_SPECS, check_golden, spec, str
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.launch.kubernetes import render
 from barlow.launch.manifest import COMMAND, RENDERED_BY_ENV, job_name, to_yaml
 from barlow.launch.pytorchjob import PORT_NAME, build_pytorchjob, to_dict
+from barlow.launch.render import render
 from barlow.spec import DNS_1035, SPEC_ENV, RunSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
