@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -245,14 +246,15 @@ class ClusterSpec(Section):
     """How the run is placed on Kubernetes (ignored by local runs)."""
 
     backend: Literal[BACKENDS] = Field(  # type: ignore[valid-type]
-        "pytorchjob", description="pytorchjob: Kubeflow training operator v1 (kubeflow.org/v1 PyTorchJob); "
-                                  "trainjob: Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob).")
+        "trainjob", description="trainjob: Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob; tested against "
+                                "Trainer v2.3); pytorchjob: Kubeflow training operator v1 (kubeflow.org/v1 "
+                                "PyTorchJob), in maintenance only, for clusters that still run it.")
     training_runtime: str = Field("torch-distributed", min_length=1, max_length=253,
                                   description="trainjob: the ClusterTrainingRuntime the TrainJob refers to.")
     image: str | None = Field(None, min_length=1, description="Container image with barlow installed, pushed to a "
                               "registry the cluster can pull from (`make image IMAGE=...`); needed to render or submit.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        "IfNotPresent", description="Kubernetes imagePullPolicy (pytorchjob; a TrainJob's runtime decides it).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Kubernetes imagePullPolicy (pytorchjob; unset: IfNotPresent). A TrainJob's runtime decides it.")
     namespace: str = Field("barlow", description="Namespace the job is created in.")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod; when > 0 must equal runtime.nproc_per_node.")
     cpu: str = Field("8", description="CPU request and limit per pod (Kubernetes quantity; a YAML number is fine).")
@@ -270,13 +272,15 @@ class ClusterSpec(Section):
                             "the training operator must run with the same --gang-scheduler-name.")
     service_account: str = Field("barlow", description="Pod serviceAccountName.")
     s3_secret: str | None = Field("barlow-s3", description="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pod's environment.")
-    backoff_limit: int = Field(3, ge=0, le=1000, description="Retries of retryable failures (pytorchjob runPolicy).")
+    backoff_limit: int | None = Field(None, ge=0, le=1000, description="Retries of retryable failures (pytorchjob "
+                                      "runPolicy; unset: 3). A TrainJob's runtime (its JobSet failure policy) decides it.")
     max_restarts: int = Field(
         5, ge=0, le=1000, description="Retryable failures in a row without a new checkpoint before the pod's "
                                       "entrypoint gives up with a permanent exit code (bounds ExitCode restarts).")
     ttl_seconds_after_finished: int | None = Field(86400, ge=0, description="Delete the finished job after this many seconds.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this many seconds.")
-    clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="Pods deleted when the job ends (pytorchjob).")
+    clean_pod_policy: Literal["None", "Running", "All"] | None = Field(
+        None, description="Pods deleted when the job ends (pytorchjob; unset: None). A TrainJob's runtime decides it.")
     termination_grace_seconds: int = Field(
         120, ge=30, le=86400, description="Seconds a pod gets after SIGTERM (preemption) to write a checkpoint and exit.")
 
@@ -324,11 +328,40 @@ def _cluster_problems(c: ClusterSpec) -> list[tuple[str, str]]:
         problems.append(("cluster.priority_class", "a TrainJob cannot set its pods' priorityClassName (Trainer v2.3 "
                                                    "runtimePatches has no such field): set it in the runtime, or use "
                                                    "cluster.workload_priority_class with Kueue"))
+    for name in ("image_pull_policy", "backoff_limit", "clean_pod_policy"):
+        if c.backend == "trainjob" and getattr(c, name) is not None:
+            problems.append((f"cluster.{name}", "a TrainJob cannot set it (its ClusterTrainingRuntime decides): remove it, "
+                                                "set it in the runtime, or use backend pytorchjob"))
     if c.gang != "none" and c.queue:
         problems.append(("cluster.queue", "Kueue (cluster.queue) admits a job whole already; use it or cluster.gang, not both"))
     if c.workload_priority_class and not c.queue:
         problems.append(("cluster.workload_priority_class", "is read by Kueue: set cluster.queue too"))
     return problems
+
+
+class ClusterWarning(UserWarning):
+    """A cluster run that works, but perhaps not as meant (the CLI prints it as one `warning:` line)."""
+
+
+def _cluster_run_problems(spec: RunSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(problems, warnings) of running `spec` on a cluster, beyond the rules every spec meets."""
+    problems, warns = [], []
+    c = spec.cluster
+    if c.queue and c.backend == "pytorchjob":
+        warns.append(("cluster.queue", "Kueue >= 0.19 disables its PyTorchJob (kubeflow.org/v1) integration by default: "
+                                       "the job runs unqueued unless the cluster's Kueue enables it; backend trainjob is "
+                                       "integrated by default"))
+    return problems, warns
+
+
+def check_cluster_run(spec: RunSpec, source: str | None = None) -> None:
+    """The rules for running `spec` on a cluster (render, submit, pipeline; not a local run): raises SpecError with
+    one line per problem, and warns (ClusterWarning) once per line for what runs but perhaps not as meant."""
+    problems, warns = _cluster_run_problems(spec)
+    for path, message in warns:
+        warnings.warn(f"{path}: {message}", ClusterWarning, stacklevel=2)
+    if problems:
+        raise SpecError([f"{p}: {m}" for p, m in problems], source)
 
 
 class RunSpec(Section):

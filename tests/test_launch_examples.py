@@ -15,6 +15,7 @@ from barlow.cli import app
 from barlow.launch.render import render
 from barlow.spec import load_spec, with_fields
 
+pytestmark = pytest.mark.filterwarnings("ignore::barlow.spec.ClusterWarning")  # a queued example as a PyTorchJob
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRDS = {"PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"), "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")}

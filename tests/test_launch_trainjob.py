@@ -219,3 +219,15 @@ def test_the_pipeline_follow_up_waits_for_the_trainjob():
 def test_names_fit(name):
     job = build_trainjob(parse_spec({**TRAINJOB_SPECS["eval"], "name": name}))
     assert DNS_1035.match(job["metadata"]["name"]) and len(f"{name}-node-0-1023") <= 63
+
+
+@pytest.mark.parametrize("key", IDS)
+def test_the_trainjob_keeps_trainer_v2_4_rules(key, runtime):
+    """Trainer v2.4 limits a runtime's ReplicatedJob names to 20 characters; its DRA field `resourceClaimsPerNode` is
+    alpha, so barlow does not use it (extended resources go through resourcesPerNode)."""
+    job = render(tj(key))[0]
+    patched = [rj["name"] for p in job["spec"]["runtimePatches"]
+               for rj in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    in_runtime = [rj["name"] for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]]
+    assert patched and all(len(n) <= 20 for n in patched + in_runtime), patched + in_runtime
+    assert "resourceClaimsPerNode" not in job["spec"]["trainer"]

@@ -20,14 +20,17 @@ def cluster(**fields) -> dict:
     ({"cpu": 0.5}, "cpu", "0.5"),
     ({"cpu": "500m"}, "cpu", "500m"),
     ({"memory": 64}, "memory", "64"),
-    ({}, "backend", "pytorchjob"),
-    ({"backend": "trainjob"}, "backend", "trainjob"),
+    ({}, "backend", "trainjob"),
+    ({"backend": "pytorchjob"}, "backend", "pytorchjob"),
+    ({}, "image_pull_policy", None),
+    ({"backend": "pytorchjob", "image_pull_policy": "Always", "backoff_limit": 0, "clean_pod_policy": "All"},
+     "backoff_limit", 0),
     ({}, "training_runtime", "torch-distributed"),
     ({}, "image", None),
     ({}, "max_restarts", 5),
     ({"max_restarts": 0}, "max_restarts", 0),
     ({"queue": "gpu-team", "workload_priority_class": "high"}, "queue", "gpu-team"),
-    ({"gang": "volcano", "priority_class": "high"}, "gang", "volcano"),
+    ({"backend": "pytorchjob", "gang": "volcano", "priority_class": "high"}, "gang", "volcano"),
     ({"backend": "trainjob", "queue": "q"}, "queue", "q"),
 ])
 def test_good_cluster_fields_resolve(fields, field, want):
@@ -46,7 +49,12 @@ def test_good_cluster_fields_resolve(fields, field, want):
     ({"backend": "trainjob", "gang": "volcano"}, "cluster.gang: is for backend pytorchjob"),
     ({"backend": "trainjob", "priority_class": "high"}, "cluster.priority_class: a TrainJob cannot set its pods' "
                                                         "priorityClassName"),
-    ({"gang": "volcano", "queue": "q"}, "cluster.queue: Kueue (cluster.queue) admits a job whole already"),
+    ({"backend": "pytorchjob", "gang": "volcano", "queue": "q"}, "cluster.queue: Kueue (cluster.queue) admits a job "
+                                                                 "whole already"),
+    ({"image_pull_policy": "Always"}, "cluster.image_pull_policy: a TrainJob cannot set it (its ClusterTrainingRuntime "
+                                      "decides): remove it, set it in the runtime, or use backend pytorchjob"),
+    ({"backoff_limit": 3}, "cluster.backoff_limit: a TrainJob cannot set it"),
+    ({"clean_pod_policy": "None"}, "cluster.clean_pod_policy: a TrainJob cannot set it"),
     ({"workload_priority_class": "high"}, "cluster.workload_priority_class: is read by Kueue: set cluster.queue too"),
     ({"max_restart": 3}, "cluster.max_restart: unknown field (did you mean 'max_restarts'?)"),
 ])

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
-from barlow.spec import BACKENDS, SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
+from barlow.cli.common import EXIT_INVALID, app, console, err_console, fail, invalid, load_or_exit
+from barlow.spec import (
+    BACKENDS,
+    SPEC_ENV,
+    STAGE_HELP,
+    ClusterSpec,
+    ClusterWarning,
+    EvalRunSpec,
+    PretrainSpec,
+    SpecError,
+    Stage,
+    loads_spec,
+    stage_runs,
+)
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
@@ -34,7 +47,8 @@ def _cluster_errors() -> Iterator[None]:
     from barlow.launch.manifest import RenderError
 
     try:
-        yield
+        with _cluster_warnings():
+            yield
     except RenderError as e:
         raise fail(str(e), EXIT_INVALID) from None
     except ClusterUnreachable as e:
@@ -43,6 +57,21 @@ def _cluster_errors() -> Iterator[None]:
         raise fail(str(e)) from None
     except SpecError as e:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
+
+
+@contextmanager
+def _cluster_warnings() -> Iterator[None]:
+    """Print each distinct ClusterWarning as one `warning:` line on stderr (stdout stays the manifests)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClusterWarning)
+        try:
+            yield
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ClusterWarning)):
+                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            for w in caught:
+                if not issubclass(w.category, ClusterWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _spec(spec_path: str | None, target: Target, namespace: str | None) -> PretrainSpec | EvalRunSpec:

@@ -22,9 +22,9 @@ from kubernetes.client.exceptions import ApiException
 
 from barlow.launch import backend as backends
 from barlow.launch.backend import FAILED, Backend
-from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError, to_dict
-from barlow.launch.render import build_follow_up
-from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, stage_runs, with_fields
+from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError
+from barlow.launch.render import render
+from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, with_fields
 
 REQUEST_TIMEOUT_S = 30
 
@@ -237,15 +237,15 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
     `pipeline` creates the pretrain job and a follow-up Job, owned by it, that submits the eval once pretrain succeeds.
     Resubmitting the same spec is a no-op ("already submitted").
     """
-    runs, b = stage_runs(spec, what or spec.kind), backends.of(spec)
-    if len(runs) == 2:  # the pipeline
-        job, follow = b.build(spec), to_dict(build_follow_up(spec))  # both valid before either is sent
-        first = _submit_object(api, resource(b), job, dry_run)
-        if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
-            follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
-                                                      "name": first.name, "uid": first.uid}]
-        return [first, _submit_object(api, JOBS, follow, dry_run)]
-    return [_submit_object(api, resource(b), b.build(runs[0]), dry_run)]
+    docs, b = render(spec, what), backends.of(spec)  # checked and rendered, every object, before any is sent
+    first = _submit_object(api, resource(b), docs[0], dry_run)
+    if len(docs) == 1:
+        return [first]
+    follow = docs[1]  # the pipeline's follow-up
+    if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
+        follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
+                                                  "name": first.name, "uid": first.uid}]
+    return [first, _submit_object(api, JOBS, follow, dry_run)]
 
 
 def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:

@@ -44,6 +44,8 @@ GANG_SCHEDULERS = {"volcano": "volcano", "scheduler-plugins": "scheduler-plugins
 OPERATOR_JOB_NAME = "training.kubeflow.org/job-name"
 OPERATOR_REPLICA_TYPE = "training.kubeflow.org/replica-type"
 OPERATOR_REPLICA_INDEX = "training.kubeflow.org/replica-index"
+# What the spec's unset pytorchjob-only fields render as (the operator's and Kubernetes' own defaults).
+PULL_POLICY, BACKOFF_LIMIT, CLEAN_POD_POLICY = "IfNotPresent", 3, "None"
 
 
 def _env_from(spec: RunSpec) -> list[k8s.V1EnvFromSource] | None:
@@ -60,7 +62,7 @@ def _pod_template(spec: RunSpec) -> k8s.V1PodTemplateSpec:
     container = k8s.V1Container(
         name=CONTAINER,
         image=image(spec),
-        image_pull_policy=c.image_pull_policy,
+        image_pull_policy=c.image_pull_policy or PULL_POLICY,
         command=COMMAND,
         env=training_env(spec),
         env_from=_env_from(spec),
@@ -107,10 +109,10 @@ def build_pytorchjob(spec: RunSpec) -> KubeflowOrgV1PyTorchJob:
             nproc_per_node=str(spec.runtime.nproc_per_node),  # the CRD types it as a string; never "auto"
             pytorch_replica_specs=replicas,
             run_policy=KubeflowOrgV1RunPolicy(
-                backoff_limit=c.backoff_limit,
+                backoff_limit=BACKOFF_LIMIT if c.backoff_limit is None else c.backoff_limit,
                 ttl_seconds_after_finished=c.ttl_seconds_after_finished,
                 active_deadline_seconds=c.active_deadline_seconds,
-                clean_pod_policy=c.clean_pod_policy,
+                clean_pod_policy=c.clean_pod_policy or CLEAN_POD_POLICY,
                 scheduling_policy=gang,
             ),
         ),

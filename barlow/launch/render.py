@@ -21,7 +21,7 @@ from barlow.launch.manifest import (
     to_dict,
     to_yaml,
 )
-from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec, follow_up_eval, stage_runs
+from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, check_cluster_run, dump_spec, follow_up_eval, stage_runs
 
 __all__ = ["RenderError", "build_follow_up", "follow_up_name", "render", "to_yaml"]
 
@@ -84,8 +84,12 @@ def render(spec: PretrainSpec | EvalRunSpec, what: str | None = None) -> list[di
     """The manifests for `barlow render STAGE`: pretrain or eval (one job of the spec's backend), pipeline (the
     pretrain job + the follow-up Job that submits the eval). `what` defaults to the spec's kind; `eval` of a pretrain
     spec renders the eval of its checkpoint. Raises SpecError or RenderError (one line) before rendering anything.
+    Every cluster entry point (render, submit, the pipeline's follow-up) comes through here, so each run gets the
+    cluster-only checks (spec.check_cluster_run) that a local run does not.
     """
     runs = stage_runs(spec, what or spec.kind)
+    for run in runs:
+        check_cluster_run(run, "the follow-up eval" if run is not spec and run.kind == "eval" else None)
     build = backend.of(spec).build
     if len(runs) == 2:  # the pipeline: the eval job itself is created later, by the follow-up
         return [build(runs[0]), to_dict(build_follow_up(spec))]
