@@ -22,16 +22,22 @@ from barlow.launch.manifest import (
     ANNOTATION_OUTPUT,
     COMMAND,
     RenderError,
+    check_affinity,
+    check_pod_template,
     image,
     job_labels,
     job_name,
-    labels,
+    pod_labels,
+    pull_secrets,
     quantities,
     security,
     shm,
+    strategic_merge,
     to_dict,
     tolerations,
     training_env,
+    user_env,
+    user_volumes,
 )
 from barlow.spec import RunSpec
 
@@ -55,29 +61,35 @@ def _env_from(spec: RunSpec) -> list[k8s.V1EnvFromSource] | None:
     return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=spec.cluster.s3_secret))]
 
 
-def _pod_template(spec: RunSpec) -> k8s.V1PodTemplateSpec:
+def _pod_template(spec: RunSpec) -> dict[str, Any]:
+    """The pod template of every replica, with cluster.pod_patch applied and the result checked."""
     c = spec.cluster
+    check_affinity(spec)
     pod_security, container_security = security()
     volume, mount = shm(spec)
+    volumes, mounts = user_volumes(spec)
     container = k8s.V1Container(
         name=CONTAINER,
         image=image(spec),
         image_pull_policy=c.image_pull_policy or PULL_POLICY,
         command=COMMAND,
-        env=training_env(spec),
+        env=[*training_env(spec), *user_env(spec)],
         env_from=_env_from(spec),
         ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=PORT, protocol="TCP")],
         resources=k8s.V1ResourceRequirements(requests=quantities(spec), limits=quantities(spec)),
-        volume_mounts=[mount],
+        volume_mounts=[mount, *mounts],
         security_context=container_security,
     )
-    return k8s.V1PodTemplateSpec(
-        metadata=k8s.V1ObjectMeta(labels=labels(spec), annotations={"kubectl.kubernetes.io/default-container": CONTAINER}),
+    template = to_dict(k8s.V1PodTemplateSpec(
+        metadata=k8s.V1ObjectMeta(labels=pod_labels(spec), annotations={
+            **c.annotations, "kubectl.kubernetes.io/default-container": CONTAINER}),
         spec=k8s.V1PodSpec(
             containers=[container],
-            volumes=[volume],
+            volumes=[volume, *volumes],
             node_selector=c.node_selector or None,
             tolerations=tolerations(spec),
+            affinity=c.affinity or None,
+            image_pull_secrets=pull_secrets(spec),
             priority_class_name=c.priority_class,
             scheduler_name=GANG_SCHEDULERS.get(c.gang),
             service_account_name=c.service_account,
@@ -85,7 +97,11 @@ def _pod_template(spec: RunSpec) -> k8s.V1PodTemplateSpec:
             termination_grace_period_seconds=c.termination_grace_seconds,
             security_context=pod_security,
         ),
-    )
+    ))
+    if c.pod_patch:
+        template = strategic_merge(template, c.pod_patch)
+        check_pod_template(template, "cluster.pod_patch")
+    return template
 
 
 def build_pytorchjob(spec: RunSpec) -> KubeflowOrgV1PyTorchJob:

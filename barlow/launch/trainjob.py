@@ -20,16 +20,22 @@ from barlow.launch.manifest import (
     COMMAND,
     S3_KEYS,
     RenderError,
+    check_affinity,
+    check_pod_template,
     image,
     job_labels,
     job_name,
-    labels,
+    pod_labels,
+    pull_secrets,
     quantities,
     security,
     shm,
+    strategic_merge,
     to_dict,
     tolerations,
     training_env,
+    user_env,
+    user_volumes,
 )
 from barlow.spec import RunSpec
 
@@ -48,28 +54,63 @@ def _env(spec: RunSpec) -> list[dict[str, Any]]:
     if spec.cluster.s3_secret:  # credentials only by reference: the trainer has env, not envFrom
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": spec.cluster.s3_secret, "key": key}}}
                 for key in S3_KEYS]
-    return env
+    return env + user_env(spec)
+
+
+# What Trainer v2.3's runtimePatches can set in a replicated job's pod template (the CRD's schema; held to it by
+# tests/test_launch_trainjob.py): cluster.pod_patch may touch only these on a TrainJob.
+PATCHABLE = {
+    "metadata": {"annotations", "finalizers", "labels", "name", "namespace"},
+    "spec": {"affinity", "containers", "imagePullSecrets", "initContainers", "nodeSelector", "schedulingGates",
+             "securityContext", "serviceAccountName", "terminationGracePeriodSeconds", "tolerations", "volumes"},
+    "containers": {"env", "name", "securityContext", "volumeMounts"},
+}
+
+
+def _unpatchable(pod: dict[str, Any]) -> list[str]:
+    """The fields of a patched pod template that a TrainJob's runtimePatches cannot carry."""
+    out = [f"{part}.{k}" for part in ("metadata", "spec") for k in pod.get(part) or {} if k not in PATCHABLE[part]]
+    for kind in ("containers", "initContainers"):
+        for c in (pod.get("spec") or {}).get(kind) or []:
+            out += [f"spec.{kind}[{c.get('name', '?')}].{k}" for k in c if k not in PATCHABLE["containers"]]
+    return out
 
 
 def _pod_patch(spec: RunSpec) -> dict[str, Any]:
+    """Our runtime patch of the node pod template, with cluster.pod_patch merged in and the result checked."""
     c = spec.cluster
     pod_security, container_security = security()
     volume, mount = shm(spec)
+    volumes, mounts = user_volumes(spec)
     pod = {
-        "containers": [{"name": CONTAINER, "volumeMounts": to_dict([mount]), "securityContext": to_dict(container_security)}],
-        "volumes": to_dict([volume]),
+        "containers": [{"name": CONTAINER, "volumeMounts": [*to_dict([mount]), *mounts],
+                        "securityContext": to_dict(container_security)}],
+        "volumes": [*to_dict([volume]), *volumes],
         "nodeSelector": c.node_selector or None,
         "tolerations": to_dict(tolerations(spec)),
+        "affinity": c.affinity or None,
+        "imagePullSecrets": pull_secrets(spec),
         "serviceAccountName": c.service_account,
         "terminationGracePeriodSeconds": c.termination_grace_seconds,
         "securityContext": to_dict(pod_security),
     }
-    return {"metadata": {"labels": labels(spec)}, "spec": {k: v for k, v in pod.items() if v is not None}}
+    metadata = {"labels": pod_labels(spec), **({"annotations": dict(c.annotations)} if c.annotations else {})}
+    patch = {"metadata": metadata, "spec": {k: v for k, v in pod.items() if v is not None}}
+    if c.pod_patch:
+        patch = strategic_merge(patch, c.pod_patch)
+        check_pod_template(patch, "cluster.pod_patch")
+        refused = _unpatchable(patch)
+        if refused:
+            raise RenderError(f"cluster.pod_patch: {', '.join(refused)} cannot be set through a TrainJob's runtimePatches "
+                              "(Trainer v2.3): set it in the ClusterTrainingRuntime (cluster.training_runtime), use "
+                              "cluster.extra_resources for resources, or use backend pytorchjob")
+    return patch
 
 
 def build_trainjob(spec: RunSpec) -> dict[str, Any]:
     """The TrainJob that runs `spec` (pretrain or eval): numNodes pods of the runtime, each one torchrun."""
     c, r = spec.cluster, spec.runtime
+    check_affinity(spec)
     trainer = {
         "image": image(spec),
         "command": COMMAND,
