@@ -441,8 +441,24 @@ class ClusterSpec(Section):
 
     @field_validator("env", mode="before")
     @classmethod
-    def _env_values_as_text(cls, v: Any) -> Any:
-        return {k: _quantity_text(x) if not isinstance(x, dict) else x for k, x in v.items()} if isinstance(v, dict) else v
+    def _env_values(cls, v: Any) -> Any:
+        # one line per bad value (a plain union would report both of its branches)
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for name, value in v.items():
+            if isinstance(value, dict):
+                try:
+                    value = KeyRef.model_validate(value)
+                except ValidationError as e:
+                    first = e.errors(include_url=False)[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    text = "required field is missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{name}: {where + ': ' if where else ''}{text}") from None
+            elif isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError(f"{name}: must be a value or {{secret: NAME, key: KEY}} / {{config_map: NAME, key: KEY}}")
+            out[name] = _quantity_text(value)
+        return out
 
     @field_validator("env")
     @classmethod

@@ -128,7 +128,8 @@ def pod_of(job: dict, runtime: dict) -> dict:
     base = copy.deepcopy(runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"])
     patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     pt = patch["template"]["spec"]["template"]
-    base.setdefault("metadata", {}).setdefault("labels", {}).update(pt["metadata"]["labels"])
+    for key, values in pt["metadata"].items():  # labels, annotations
+        base.setdefault("metadata", {}).setdefault(key, {}).update(values)
     containers = {c["name"]: c for c in base["spec"]["containers"]}
     for c in pt["spec"]["containers"]:
         containers[c["name"]].update(c)

@@ -167,6 +167,7 @@ MERGE_KEYS = {
     "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "volumes": "name", "env": "name",
     "imagePullSecrets": "name", "volumeMounts": "mountPath", "volumeDevices": "devicePath", "ports": "containerPort",
     "hostAliases": "ip", "resourceClaims": "name", "schedulingGates": "name", "topologySpreadConstraints": "topologyKey",
+    "evictionResponders": "name",
 }
 PATCH = "$patch"  # a strategic-merge directive: `$patch: delete` removes a list item or a map, `replace` replaces it
 
