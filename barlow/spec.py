@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import json
 import re
-import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -392,6 +391,8 @@ class ClusterSpec(Section):
         None, description="Pods deleted when the job ends (pytorchjob; unset: None). A TrainJob's runtime decides it.")
     termination_grace_seconds: int = Field(
         120, ge=30, le=86400, description="Seconds a pod gets after SIGTERM (preemption) to write a checkpoint and exit.")
+    cpu_only: bool = Field(False, description="A pretrain on pods without GPUs is meant (a demo or a CI cluster); "
+                           "without it a cluster pretrain that requests no GPU is refused (it would take years).")
     env: dict[str, str | KeyRef] = Field(
         default_factory=dict, description="Environment of the training container: NAME: value, or NAME: {secret: S, "
         "key: K} / {config_map: C, key: K} (valueFrom); e.g. NCCL_IB_HCA: mlx5. Credentials only from a Secret.")
@@ -565,31 +566,6 @@ def _cluster_problems(c: ClusterSpec) -> list[tuple[str, str]]:
     if c.workload_priority_class and not c.queue:
         problems.append(("cluster.workload_priority_class", "is read by Kueue: set cluster.queue too"))
     return problems
-
-
-class ClusterWarning(UserWarning):
-    """A cluster run that works, but perhaps not as meant (the CLI prints it as one `warning:` line)."""
-
-
-def _cluster_run_problems(spec: RunSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(problems, warnings) of running `spec` on a cluster, beyond the rules every spec meets."""
-    problems, warns = [], []
-    c = spec.cluster
-    if c.queue and c.backend == "pytorchjob":
-        warns.append(("cluster.queue", "Kueue >= 0.19 disables its PyTorchJob (kubeflow.org/v1) integration by default: "
-                                       "the job runs unqueued unless the cluster's Kueue enables it; backend trainjob is "
-                                       "integrated by default"))
-    return problems, warns
-
-
-def check_cluster_run(spec: RunSpec, source: str | None = None) -> None:
-    """The rules for running `spec` on a cluster (render, submit, pipeline; not a local run): raises SpecError with
-    one line per problem, and warns (ClusterWarning) once per line for what runs but perhaps not as meant."""
-    problems, warns = _cluster_run_problems(spec)
-    for path, message in warns:
-        warnings.warn(f"{path}: {message}", ClusterWarning, stacklevel=2)
-    if problems:
-        raise SpecError([f"{p}: {m}" for p, m in problems], source)
 
 
 class RunSpec(Section):

@@ -21,7 +21,7 @@ SPECS = {
         "runtime": {"nproc_per_node": 2, "device": "cpu"},
         "output": {"url": "s3://runs/digits-cpu"},
         "cluster": {"backend": "pytorchjob", "image": "registry.example.com/barlow:0.1.0", "cpu": "4", "memory": "8Gi",
-                    "shm_size": "1Gi"},
+                    "shm_size": "1Gi", "cpu_only": True},
     },
     "pretrain-4x8gpu": {
         "kind": "pretrain", "name": "imagenet-r50",

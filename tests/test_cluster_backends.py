@@ -170,7 +170,7 @@ def test_a_missing_trainer_crd_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_submit_without_an_image_says_how_to_set_one(kube, tmp_path):
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({**SPEC, "cluster": {"backend": "trainjob"}}))
+    path.write_text(yaml.safe_dump({**SPEC, "cluster": {k: v for k, v in SPEC["cluster"].items() if k != "image"}}))
     result = barlow("submit", "pretrain", path)
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error: cluster.image is not set: build and push the training image (make image")

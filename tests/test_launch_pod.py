@@ -31,7 +31,7 @@ SCHEMAS = ROOT.parent / "shared" / "schemas"
 EXAMPLE = ROOT / "examples" / "imagenet-4x8-infiniband.yaml"
 K8S_VERSION = kubernetes_validate.latest_version()
 CRDS = {"PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"), "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")}
-pytestmark = pytest.mark.filterwarnings("ignore::barlow.spec.ClusterWarning")  # the example's queue as a PyTorchJob
+pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")  # the example's queue as a PyTorchJob
 
 
 def schema_file(name: str) -> dict:

@@ -27,7 +27,7 @@ from barlow.launch.render import render
 from barlow.spec import DNS_1035, SPEC_ENV, RunSpec, parse_spec, set_path
 
 # eval-kueue warns that Kueue >= 0.19 leaves PyTorchJobs alone by default (test_a_queue_on_a_pytorchjob_warns_once)
-pytestmark = pytest.mark.filterwarnings("ignore::barlow.spec.ClusterWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "pytorchjob"
 CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"

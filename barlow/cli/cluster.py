@@ -17,7 +17,6 @@ from barlow.spec import (
     SPEC_ENV,
     STAGE_HELP,
     ClusterSpec,
-    ClusterWarning,
     EvalRunSpec,
     PretrainSpec,
     SpecError,
@@ -62,6 +61,8 @@ def _cluster_errors() -> Iterator[None]:
 @contextmanager
 def _cluster_warnings() -> Iterator[None]:
     """Print each distinct ClusterWarning as one `warning:` line on stderr (stdout stays the manifests)."""
+    from barlow.launch.checks import ClusterWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ClusterWarning)
         try:

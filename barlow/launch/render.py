@@ -10,6 +10,7 @@ from kubernetes import client as k8s
 
 # The built-in backends register themselves (barlow.launch.backend) when imported: a new backend is one more import.
 from barlow.launch import backend, pytorchjob, trainjob  # noqa: F401
+from barlow.launch.checks import check_cluster_run
 from barlow.launch.manifest import (
     ANNOTATION_AFTER,
     ANNOTATION_OUTPUT,
@@ -21,7 +22,7 @@ from barlow.launch.manifest import (
     to_dict,
     to_yaml,
 )
-from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, check_cluster_run, dump_spec, follow_up_eval, stage_runs
+from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec, follow_up_eval, stage_runs
 
 __all__ = ["RenderError", "build_follow_up", "follow_up_name", "render", "to_yaml"]
 
@@ -85,7 +86,7 @@ def render(spec: PretrainSpec | EvalRunSpec, what: str | None = None) -> list[di
     pretrain job + the follow-up Job that submits the eval). `what` defaults to the spec's kind; `eval` of a pretrain
     spec renders the eval of its checkpoint. Raises SpecError or RenderError (one line) before rendering anything.
     Every cluster entry point (render, submit, the pipeline's follow-up) comes through here, so each run gets the
-    cluster-only checks (spec.check_cluster_run) that a local run does not.
+    cluster-only checks (launch/checks.py) that a local run does not.
     """
     runs = stage_runs(spec, what or spec.kind)
     for run in runs:
