@@ -69,3 +69,14 @@ def test_the_local_quickstart_is_refused_on_a_cluster_with_each_reason():
     assert result.exit_code == 2 and result.stdout == ""
     assert [line.split(":", 2)[1].strip() for line in result.stderr.splitlines()] == [
         "data.train", "data.val", "output.url", "cluster.gpus_per_node"]
+
+
+def test_the_readmes_minimal_spec_is_a_gpu_spec_that_renders(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("a minimal spec for a\nGPU cluster", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "minimal.yaml"
+    path.write_text(block)
+    result = CliRunner().invoke(app, ["render", "pretrain", str(path)])
+    assert result.exit_code == 0, result.stderr
+    (job,) = yaml.safe_load_all(result.stdout)
+    assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
