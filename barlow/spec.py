@@ -248,6 +248,7 @@ QUALIFIED_NAME = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # Environment names that look like credentials: they may only come from a Secret, never as a value in the spec.
 SECRET_LIKE = re.compile(r".*(SECRET|PASSWORD|PASSWD|TOKEN|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL).*", re.IGNORECASE)
 
@@ -343,7 +344,6 @@ class VolumeSpec(Section):
         return next(f for f in ("pvc", "nfs", "config_map", "empty_dir") if getattr(self, f) is not None)
 
 
-DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # Names barlow sets on the training container; PET_* are the operators' (a TrainJob that sets one is rejected).
 RESERVED_ENV = (SPEC_ENV, RENDERED_BY_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 RESERVED_MOUNTS = {"dshm": "/dev/shm"}  # the memory-backed /dev/shm barlow mounts (cluster.shm_size)
@@ -417,13 +417,12 @@ class ClusterSpec(Section):
     @field_validator("cpu", "memory", "shm_size", mode="before")
     @classmethod
     def _number_as_quantity(cls, v: Any) -> Any:
-        # `cpu: 8` is a YAML int; a Kubernetes quantity is its decimal text (bool is an int too, and no quantity)
-        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        return _quantity_text(v)
 
     @field_validator("cpu", "memory", "shm_size")
     @classmethod
     def _quantity(cls, v: str) -> str:
-        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(v)):
+        if not QUANTITY.fullmatch(str(v)):
             raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
         return str(v)
 
@@ -543,7 +542,7 @@ class ClusterSpec(Section):
                      "training_runtime")
     @classmethod
     def _dns(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v):
+        if v is not None and not K8S_NAME.fullmatch(v):
             raise ValueError(f"'{v}' is not a valid Kubernetes name (lowercase letters, digits, '-')")
         return v
 

@@ -189,6 +189,8 @@ def test_each_field_reaches_the_training_pod_on_both_backends(backend, fields, h
      "cluster.pod_patch: spec.initContainers[warm].image cannot be set through a TrainJob's runtimePatches"),
     ("pytorchjob", {"spec": {"affinity": {"nodeAffinity": {"required": []}}}},
      "cluster.pod_patch.spec.affinity.nodeAffinity.required: unknown field"),
+    ("trainjob", {"spec": {"containers": [{"name": "node", "env": [{"name": "HF_TOKEN", "value": "hf_x"}]}]}},
+     "cluster.pod_patch: containers[node].env HF_TOKEN looks like a credential: take it from a Secret"),
 ])
 def test_a_patch_that_does_not_fit_is_refused_before_rendering(backend, patch, line):
     with pytest.raises(RenderError) as err:

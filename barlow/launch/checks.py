@@ -61,13 +61,11 @@ def _path_problem(field: str, url: str, volumes: list[VolumeSpec], writes: bool)
 def cluster_run_problems(spec: RunSpec) -> tuple[list[str], list[str]]:
     """(problems, warnings) of running `spec` on a cluster, one `field: message` line each."""
     c, r = spec.cluster, spec.runtime
-    problems: list[str] = []
     reads = {"data.train": spec.data.train, "data.val": spec.data.val}
     if isinstance(spec, EvalRunSpec):
         reads |= {"eval.checkpoint": spec.eval.checkpoint, "eval.backbone": spec.eval.backbone}
-    for field, url in reads.items():
-        problems.append(_path_problem(field, url, c.volumes, writes=False) if url else None)
-    problems.append(_path_problem("output.url", spec.output.url, c.volumes, writes=True))
+    paths = [_path_problem(field, url, c.volumes, writes=False) for field, url in reads.items() if url]
+    problems = [p for p in [*paths, _path_problem("output.url", spec.output.url, c.volumes, writes=True)] if p]
     if r.device == "cuda" and not c.gpus_per_node:
         problems.append(f"cluster.gpus_per_node: runtime.device is cuda but the pods request no GPU: set "
                         f"cluster.gpus_per_node: {r.nproc_per_node} (= runtime.nproc_per_node)")
@@ -84,7 +82,7 @@ def cluster_run_problems(spec: RunSpec) -> tuple[list[str], list[str]]:
     if c.queue and c.backend == "pytorchjob":
         warns.append("cluster.queue: Kueue >= 0.19 disables its PyTorchJob (kubeflow.org/v1) integration by default: "
                      "the job runs unqueued unless the cluster's Kueue enables it; backend trainjob is integrated by default")
-    return [p for p in problems if p], warns
+    return problems, warns
 
 
 def check_cluster_run(spec: RunSpec, source: str | None = None) -> None:

@@ -9,7 +9,7 @@ import yaml
 from kubernetes import client as k8s
 
 from barlow import __version__
-from barlow.spec import RENDERED_BY_ENV, SPEC_ENV, RunSpec, dump_spec
+from barlow.spec import RENDERED_BY_ENV, SECRET_LIKE, SPEC_ENV, RunSpec, dump_spec
 
 # torchrun with the worker's exit code passed through (plain torchrun exits 1 for every failure, see barlow/torchrun.py).
 COMMAND = ["python", "-m", "barlow.torchrun", "-m", "barlow.entrypoint"]
@@ -242,8 +242,15 @@ def schema_problems(data: Any, model: str, path: str) -> list[str]:
 
 
 def check_pod_template(template: dict[str, Any], field: str) -> None:
-    """Raise RenderError (one line, the first problem) where the pod template does not fit the Pod schema."""
+    """Raise RenderError (one line, the first problem) where the pod template does not fit the Pod schema, or gives a
+    credential-like variable a plain value (credentials reach a pod only from a Secret)."""
     problems = schema_problems(template, "V1PodTemplateSpec", field)
+    for kind in ("containers", "initContainers"):
+        for c in (template.get("spec") or {}).get(kind) or []:
+            problems += [f"{field}: {kind}[{c.get('name', '?')}].env {e['name']} looks like a credential: take it from "
+                         "a Secret (valueFrom.secretKeyRef), never as a value in the spec"
+                         for e in c.get("env") or [] if isinstance(e, dict) and "value" in e
+                         and SECRET_LIKE.fullmatch(str(e.get("name", "")))]
     if problems:
         raise RenderError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 

@@ -2,9 +2,10 @@
 
 The TrainJob names a ClusterTrainingRuntime (`cluster.training_runtime`, default `torch-distributed`: one JobSet
 replicated job `node`, container `node`) and fills in the trainer; what the runtime's pod template lacks (/dev/shm,
-placement, service account, security context) goes in through `runtimePatches`. The torch plugin injects PET_NNODES,
-PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (and rejects a TrainJob that sets them), from
-which `barlow.torchrun` builds the same world as under a PyTorchJob.
+placement, service account, security context, the spec's volumes, pull secrets, annotations and cluster.pod_patch)
+goes in through `runtimePatches`, within what Trainer v2.3 lets a patch carry (PATCHABLE). The torch plugin injects
+PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (and rejects a TrainJob that sets
+them), from which `barlow.torchrun` builds the same world as under a PyTorchJob.
 
 Plain dicts, not the `kubeflow-trainer-api` models: see README "Run on a cluster" for why. The tests hold them to the
 real CRD, strictly (tests/test_launch_trainjob.py).
