@@ -20,7 +20,8 @@ SPECS = {
         "optim": {"epochs": 25, "batch_size": 128, "warmup_epochs": 2},
         "runtime": {"nproc_per_node": 2, "device": "cpu"},
         "output": {"url": "s3://runs/digits-cpu"},
-        "cluster": {"image": "registry.example.com/barlow:0.1.0", "cpu": "4", "memory": "8Gi", "shm_size": "1Gi"},
+        "cluster": {"backend": "pytorchjob", "image": "registry.example.com/barlow:0.1.0", "cpu": "4", "memory": "8Gi",
+                    "shm_size": "1Gi", "cpu_only": True},
     },
     "pretrain-4x8gpu": {
         "kind": "pretrain", "name": "imagenet-r50",
@@ -29,7 +30,7 @@ SPECS = {
         "runtime": {"nodes": 4, "nproc_per_node": 8, "device": "cuda", "precision": "bf16"},
         "output": {"url": "s3://runs/imagenet-r50", "checkpoint_every": 1000},
         "cluster": {
-            "image": "registry.example.com/barlow@sha256:" + "0" * 64, "image_pull_policy": "Always", "namespace": "vision",
+            "backend": "pytorchjob", "image": "registry.example.com/barlow@sha256:" + "0" * 64, "image_pull_policy": "Always", "namespace": "vision",
             "gpus_per_node": 8, "cpu": "64", "memory": "480Gi", "shm_size": "64Gi",
             "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -43,7 +44,8 @@ SPECS = {
         "runtime": {"nproc_per_node": 1, "device": "cuda"},
         "eval": {"checkpoint": "s3://runs/imagenet-r50", "epochs": 100, "batch_size": 256},
         "output": {"url": "s3://runs/imagenet-r50/eval"},
-        "cluster": {"image": "registry.example.com/barlow:0.1.0", "namespace": "vision", "gpus_per_node": 1, "cpu": 16,
+        "cluster": {"backend": "pytorchjob", "image": "registry.example.com/barlow:0.1.0", "namespace": "vision",
+                    "gpus_per_node": 1, "cpu": 16,
                     "memory": "64Gi", "shm_size": "8Gi", "s3_secret": None},
     },
 }
@@ -53,7 +55,9 @@ SPECS["eval-kueue"] = set_path(set_path(SPECS["eval"], "name", "queued-linear"),
 
 
 def _trainjob(key: str, **changes) -> dict:
-    data = set_path(SPECS[key], "cluster.backend", "trainjob")
+    data = set_path(SPECS[key], "cluster.backend", REMOVE)  # the default
+    for field in ("image_pull_policy", "backoff_limit", "clean_pod_policy"):  # a TrainJob's runtime decides them
+        data = set_path(data, f"cluster.{field}", REMOVE)
     for path, value in changes.items():
         data = set_path(data, path.replace("__", "."), value)
     return data

@@ -18,14 +18,14 @@ from fake_kube import FakeKube
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.launch.kubernetes import render
+from barlow.launch.render import render
 from barlow.spec import dump_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"kind": "pretrain", "name": "demo", "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
         "output": {"url": "s3://bucket/runs/demo"}, "runtime": {"nodes": 2, "nproc_per_node": 4},
         "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},
-        "cluster": {"gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"}}
+        "cluster": {"backend": "pytorchjob", "gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"}}
 
 
 def requirements(lines: list[str]) -> list[str]:

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from barlow.cli import app
 from barlow.errors import EXIT_TIMED_OUT
 from barlow.launch import backend
-from barlow.launch.kubernetes import render
 from barlow.launch.manifest import LABEL_HASH
+from barlow.launch.render import render
 from barlow.spec import dump_spec, parse_spec
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/barlow/pytorchjobs"
@@ -28,7 +28,7 @@ SPEC = {
     "output": {"url": "s3://bucket/runs/demo"},
     "runtime": {"nodes": 2, "nproc_per_node": 4},
     "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},
-    "cluster": {"gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"},
+    "cluster": {"backend": "pytorchjob", "gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"},
 }
 
 
@@ -39,6 +39,7 @@ def kube(tmp_path, monkeypatch):
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         monkeypatch.delenv("BARLOW_SPEC", raising=False)
         monkeypatch.delenv("BARLOW_NAMESPACE", raising=False)
+        monkeypatch.setenv("BARLOW_BACKEND", "pytorchjob")  # status, wait, logs, delete, list: this file's backend
         yield fake
 
 

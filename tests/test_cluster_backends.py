@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from barlow.cli import app
 from barlow.launch import backend
-from barlow.launch.kubernetes import render
+from barlow.launch.render import render
 from barlow.spec import parse_spec
 
 TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/barlow/trainjobs"
@@ -63,7 +63,7 @@ def test_submit_creates_the_rendered_trainjob_with_the_queue_label(kube, tmp_pat
     result = barlow("submit", "pretrain", spec_file(tmp_path))
     assert result.exit_code == 0, result.stderr
     assert "trainjob demo in namespace barlow: created" in result.stdout
-    assert "barlow status demo -n barlow -b trainjob" in result.stdout
+    assert "watch it: barlow status demo -n barlow   (" in result.stdout  # trainjob is the default backend: no -b
     assert [(r.method, r.path) for r in kube.requests] == [
         ("GET", f"{TRAINJOBS}/demo"), ("GET", "/apis/trainer.kubeflow.org/v1alpha1"), ("POST", TRAINJOBS)]
     body = kube.requests[-1].body
@@ -134,7 +134,7 @@ def test_list_and_delete_trainjobs(kube, tmp_path):
     listed = barlow("list", "-b", "trainjob")
     assert listed.exit_code == 0 and listed.stdout.splitlines()[1].split()[:3] == ["demo", "pretrain", "Pending"]
     assert kube.requests[-1].query["labelSelector"] == "app.kubernetes.io/managed-by=barlow"
-    assert "no barlow pytorchjobs in namespace barlow" in barlow("list").stdout  # the other backend's jobs
+    assert "no barlow pytorchjobs in namespace barlow" in barlow("list", "-b", "pytorchjob").stdout  # the other backend's
     deleted = barlow("delete", "demo", "-b", "trainjob")
     assert deleted.exit_code == 0 and "trainjob demo in namespace barlow: deleted" in deleted.stdout
     assert (kube.requests[-1].method, kube.requests[-1].path) == ("DELETE", f"{TRAINJOBS}/demo")
@@ -170,7 +170,7 @@ def test_a_missing_trainer_crd_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_submit_without_an_image_says_how_to_set_one(kube, tmp_path):
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({**SPEC, "cluster": {"backend": "trainjob"}}))
+    path.write_text(yaml.safe_dump({**SPEC, "cluster": {k: v for k, v in SPEC["cluster"].items() if k != "image"}}))
     result = barlow("submit", "pretrain", path)
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error: cluster.image is not set: build and push the training image (make image")

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from cluster_specs import SPECS, TRAINJOB_SPECS
 
-from barlow.launch.kubernetes import build_follow_up, render
 from barlow.launch.manifest import cli_image, to_dict
+from barlow.launch.render import build_follow_up, render
 from barlow.spec import SpecError, follow_up_eval, parse_spec, set_path
 
 BIG = SPECS["pretrain-4x8gpu"]  # 4 nodes x 8 GPUs, 64 CPUs, 480Gi, 64Gi /dev/shm

@@ -11,8 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from barlow.launch.kubernetes import build_follow_up, render
 from barlow.launch.manifest import RUN_AS, cli_image, to_dict
+from barlow.launch.render import build_follow_up, render
 from barlow.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,11 +12,14 @@ from cluster_specs import strict_schema
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.launch.kubernetes import render
+from barlow.launch.render import render
 from barlow.spec import load_spec, with_fields
 
+pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")  # a queued example as a PyTorchJob
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# The cluster examples (they name an image); the others are local runs, which a cluster refuses (last test).
+CLUSTER_EXAMPLES = [p for p in EXAMPLES if load_spec(p).cluster.image]
 CRDS = {"PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"), "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")}
 
 
@@ -36,16 +39,15 @@ def validators():
 def as_backend(path: Path, backend: str):
     spec = load_spec(path)
     changes = {"cluster.backend": backend}
-    if not spec.cluster.image:  # a local example: the README's step sets it before submitting
-        changes["cluster.image"] = "registry.example.com/barlow:0.1.0"
-    if backend == "trainjob":  # a TrainJob has no pod priority class; a PyTorchJob takes no Kueue priority alone
-        changes.update({"cluster.priority_class": None})
+    if backend == "trainjob":  # a TrainJob cannot set these: its runtime decides them
+        changes.update({f"cluster.{f}": None for f in ("priority_class", "image_pull_policy", "backoff_limit",
+                                                         "clean_pod_policy")})
     return with_fields(spec, changes, str(path))
 
 
 @pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_every_example_renders_for_both_backends(validators, path, backend):
+@pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=[p.stem for p in CLUSTER_EXAMPLES])
+def test_every_cluster_example_renders_for_both_backends(validators, path, backend):
     spec = as_backend(path, backend)
     for what in (["pretrain", "eval", "pipeline"] if spec.kind == "pretrain" else ["eval"]):
         docs = render(spec, what)
@@ -60,3 +62,21 @@ def test_plan_prints_every_example(path):
     result = CliRunner().invoke(app, ["plan", str(path), "--images", "1281167"])
     assert result.exit_code == 0, result.stderr
     assert "global batch:" in result.stdout and "total steps:" in result.stdout
+
+
+def test_the_local_quickstart_is_refused_on_a_cluster_with_each_reason():
+    result = CliRunner().invoke(app, ["render", "pretrain", str(ROOT / "examples" / "quickstart.yaml")])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert [line.split(":", 2)[1].strip() for line in result.stderr.splitlines()] == [
+        "data.train", "data.val", "output.url", "cluster.gpus_per_node"]
+
+
+def test_the_readmes_minimal_spec_is_a_gpu_spec_that_renders(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("a minimal spec for a\nGPU cluster", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "minimal.yaml"
+    path.write_text(block)
+    result = CliRunner().invoke(app, ["render", "pretrain", str(path)])
+    assert result.exit_code == 0, result.stderr
+    (job,) = yaml.safe_load_all(result.stdout)
+    assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"

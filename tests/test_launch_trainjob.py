@@ -16,8 +16,8 @@ import pytest
 import yaml
 from cluster_specs import SECRET, TRAINJOB_SPECS, check_golden, spec, strict_schema, torchrun_world
 
-from barlow.launch.kubernetes import render
 from barlow.launch.manifest import COMMAND, RENDERED_BY_ENV, S3_KEYS, to_yaml
+from barlow.launch.render import render
 from barlow.launch.trainjob import CONTAINER, REPLICATED_JOB, build_trainjob
 from barlow.spec import DNS_1035, SPEC_ENV, parse_spec
 
@@ -129,7 +129,8 @@ def pod_of(job: dict, runtime: dict) -> dict:
     base = copy.deepcopy(runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"])
     patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     pt = patch["template"]["spec"]["template"]
-    base.setdefault("metadata", {}).setdefault("labels", {}).update(pt["metadata"]["labels"])
+    for key, values in pt["metadata"].items():  # labels, annotations
+        base.setdefault("metadata", {}).setdefault(key, {}).update(values)
     containers = {c["name"]: c for c in base["spec"]["containers"]}
     for c in pt["spec"]["containers"]:
         containers[c["name"]].update(c)
@@ -220,3 +221,15 @@ def test_the_pipeline_follow_up_waits_for_the_trainjob():
 def test_names_fit(name):
     job = build_trainjob(parse_spec({**TRAINJOB_SPECS["eval"], "name": name}))
     assert DNS_1035.match(job["metadata"]["name"]) and len(f"{name}-node-0-1023") <= 63
+
+
+@pytest.mark.parametrize("key", IDS)
+def test_the_trainjob_keeps_trainer_v2_4_rules(key, runtime):
+    """Trainer v2.4 limits a runtime's ReplicatedJob names to 20 characters; its DRA field `resourceClaimsPerNode` is
+    alpha, so barlow does not use it (extended resources go through resourcesPerNode)."""
+    job = render(tj(key))[0]
+    patched = [rj["name"] for p in job["spec"]["runtimePatches"]
+               for rj in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    in_runtime = [rj["name"] for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]]
+    assert patched and all(len(n) <= 20 for n in patched + in_runtime), patched + in_runtime
+    assert "resourceClaimsPerNode" not in job["spec"]["trainer"]

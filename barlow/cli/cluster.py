@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, JOB, SET, SPEC, app, console, example, fail, invalid, load_or_exit
+from barlow.cli.common import EXIT_INVALID, JOB, SET, SPEC, app, console, err_console, example, fail, invalid, load_or_exit
 from barlow.errors import EXIT_TIMED_OUT
-from barlow.launch.backend import NAMES
-from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
+from barlow.spec import (
+    BACKENDS,
+    SPEC_ENV,
+    STAGE_HELP,
+    ClusterSpec,
+    EvalRunSpec,
+    PretrainSpec,
+    SpecError,
+    Stage,
+    loads_spec,
+    stage_runs,
+)
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
@@ -28,7 +39,7 @@ NAMESPACE = typer.Option(None, "--namespace", "-n", show_default=False,
 SPEC_NAMESPACE = typer.Option(None, "--namespace", "-n", show_default=False,
                               help="Namespace of the job (default: $BARLOW_NAMESPACE, else the spec's cluster.namespace "
                                    f"where it is set, else the kubeconfig context's, else {DEFAULT_NAMESPACE}).")
-BackendName = StrEnum("BackendName", {name: name for name in NAMES})
+BackendName = StrEnum("BackendName", {name: name for name in BACKENDS})
 BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEND",
                        help="pytorchjob (Kubeflow training operator v1) or trainjob (Kubeflow Trainer v2).")
 
@@ -39,7 +50,8 @@ def _cluster_errors() -> Iterator[None]:
     from barlow.launch.manifest import RenderError
 
     try:
-        yield
+        with _cluster_warnings():
+            yield
     except WaitTimedOut as e:
         raise fail(str(e), EXIT_TIMED_OUT) from None
     except RenderError as e:
@@ -50,6 +62,23 @@ def _cluster_errors() -> Iterator[None]:
         raise fail(str(e)) from None
     except SpecError as e:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
+
+
+@contextmanager
+def _cluster_warnings() -> Iterator[None]:
+    """Print each distinct ClusterWarning as one `warning:` line on stderr (stdout stays the manifests)."""
+    from barlow.launch.checks import ClusterWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClusterWarning)
+        try:
+            yield
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ClusterWarning)):
+                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            for w in caught:
+                if not issubclass(w.category, ClusterWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides: list[str] | None,
@@ -85,8 +114,8 @@ def render(
     overrides: list[str] = SET,
 ) -> None:
     """Print the Kubernetes manifests of a spec (YAML) for `kubectl apply -f -`."""
-    from barlow.launch.kubernetes import render as render_docs
-    from barlow.launch.kubernetes import to_yaml
+    from barlow.launch.render import render as render_docs
+    from barlow.launch.render import to_yaml
 
     spec = _spec(spec_path, target, namespace, overrides, context)
     with _cluster_errors():
@@ -141,7 +170,7 @@ def _namespace(option: str | None, context: str | None) -> str:
 
 
 def _backend(name: BackendName):
-    from barlow.launch import backend
+    from barlow.launch import backend, render  # noqa: F401  importing render registers the built-in backends
 
     return backend.get(name.value)
 

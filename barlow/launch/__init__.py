@@ -1,1 +1,2 @@
-"""Who starts torchrun: this machine (`local`), or Kubernetes (`kubernetes` renders, `cluster` submits and watches)."""
+"""Who starts torchrun: this machine (`local`), or Kubernetes (`render` renders the manifests, `cluster` talks to the
+API: submits and watches)."""

@@ -1,9 +1,10 @@
-"""Submit, watch, read the logs of and delete barlow's jobs (PyTorchJob or TrainJob: see launch/backend.py) with the
-kubernetes client.
+"""Submit, watch, read the logs of and delete barlow's jobs with the kubernetes client: this module talks to the API
+(`render` renders). What differs between a PyTorchJob and a TrainJob is asked of their `Backend` (launch/backend.py).
 
 The client is configured from the kubeconfig ($KUBECONFIG or ~/.kube/config, `--context` picks a context) or, inside
-a pod, from the in-cluster service account. Everything a user can act on becomes one `ClusterError` line: no cluster
-configured, a missing namespace, the job's CRD not installed, forbidden, another job under the same name.
+a pod, from the in-cluster service account. Every API call goes through `_call`, and every failure a user can act on
+becomes one `ClusterError` line there: no cluster configured, a missing namespace, the job's CRD not installed,
+forbidden, another job under the same name.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from barlow.launch import backend as backends
-from barlow.launch.backend import Backend
-from barlow.launch.kubernetes import build_follow_up
-from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError, to_dict
-from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, RunSpec, SpecError, stage_runs, with_fields
+from barlow.launch.backend import FAILED, Backend
+from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError
+from barlow.launch.render import render
+from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, RunSpec, SpecError, with_fields
 
-SUCCEEDED = ("Succeeded", "Complete")  # PyTorchJob's condition, TrainJob's condition
-FINISHED = (*SUCCEEDED, "Failed")
-QUEUED = "Queued"  # suspended (by Kueue until the queue admits it): waiting, not failed
 REQUEST_TIMEOUT_S = 30
 
 
@@ -38,6 +36,14 @@ class ClusterError(Exception):
 
 class ClusterUnreachable(ClusterError):
     """The API server could not be reached (transient: waiting loops retry)."""
+
+
+class NotFound(ClusterError):
+    """The object does not exist (its namespace and its CRD do)."""
+
+
+class AlreadyExists(ClusterError):
+    """An object of that name exists already (409 on create)."""
 
 
 class WaitTimedOut(ClusterError):
@@ -83,7 +89,7 @@ class JobStatus:
     name: str
     namespace: str
     kind: str
-    phase: str  # Pending, Queued, or the latest true condition: Created, Running, Restarting, Succeeded|Complete, Failed
+    phase: str  # Pending, Queued, or the backend's latest true condition (Running, Succeeded|Complete, Failed, ...)
     message: str = ""
     replicas: dict[str, dict[str, int]] = field(default_factory=dict)
     created: str = ""
@@ -91,14 +97,15 @@ class JobStatus:
     finished: str = ""
     spec_hash: str = ""
     what: str = "pytorchjob"
+    succeeded: str = "Succeeded"  # the backend's phase of success
 
     @property
     def finished_ok(self) -> bool:
-        return self.phase in SUCCEEDED
+        return self.phase == self.succeeded
 
     @property
     def done(self) -> bool:
-        return self.phase in FINISHED
+        return self.phase in (self.succeeded, FAILED)
 
 
 def _one_line(text: Any) -> str:
@@ -199,57 +206,59 @@ def _body(e: ApiException) -> dict[str, Any]:
 
 
 def _crd_installed(api: client.ApiClient, res: Resource) -> bool:
+    objects = client.CustomObjectsApi(api)
     try:
-        found = client.CustomObjectsApi(api).get_api_resources(res.group, res.version, _request_timeout=REQUEST_TIMEOUT_S)
-    except ApiException as e:
-        if e.status == 404:
-            return False
-        raise _translate(api, e, "") from None
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, "") from None
+        found = _call(api, "", objects.get_api_resources, res.group, res.version, _request_timeout=REQUEST_TIMEOUT_S)
+    except NotFound:
+        return False
     return any(r.name == res.plural for r in found.resources or [])
 
 
-def _translate(api: client.ApiClient, e: Exception, namespace: str, res: Resource | None = None) -> ClusterError:
-    """One line for an API or connection error."""
+def _translate(api: client.ApiClient, e: Exception, namespace: str, res: Resource | None, name: str) -> ClusterError:
+    """One line for an API or connection error: the one place that reads HTTP statuses."""
     if not isinstance(e, ApiException):
         reason = getattr(e, "reason", None) or e
         return ClusterUnreachable(f"cannot reach the Kubernetes API at {api.configuration.host}: {_one_line(reason)}")
-    message = _one_line(_body(e).get("message") or e.reason or "")
+    body = _body(e)
+    message = _one_line(body.get("message") or e.reason or "")
     if e.status == 401:
         return ClusterError(f"unauthorized: the API server at {api.configuration.host} rejected the kubeconfig's credentials")
     if e.status == 403:
         return ClusterError(f"forbidden: {message} (ask a cluster admin to bind the Role in k8s/base/role-submitter.yaml "
                             f"in namespace '{namespace}')")
-    if e.status == 404 and (_body(e).get("details") or {}).get("kind") == "namespaces":
+    if e.status == 404 and (body.get("details") or {}).get("kind") == "namespaces":
         return ClusterError(f"namespace '{namespace}' does not exist: create it (kubectl apply -k k8s/base) or pass --namespace")
     if e.status == 404 and res is not None and res.missing and not _crd_installed(api, res):
         return ClusterError(res.missing)
+    if e.status == 404:
+        found = f"no {res.what} {name} in namespace '{namespace}'" if res is not None and name else None
+        return NotFound(found or f"the Kubernetes API answered 404 {e.reason}: {message}")
+    if e.status == 409:
+        return AlreadyExists(f"{res.what if res else 'object'} {name} already exists in namespace '{namespace}'")
+    if e.status == 422:
+        return ClusterError(f"the API server rejected {res.what if res else 'object'} {name}: {message}")
     if e.status is not None and e.status >= 500:
         return ClusterUnreachable(f"the Kubernetes API answered {e.status} {e.reason}: {message}")
     return ClusterError(f"the Kubernetes API answered {e.status} {e.reason}: {message}")
 
 
 def _call(api: client.ApiClient, namespace: str, fn: Callable[..., Any], *args: Any, res: Resource | None = None,
-          **kwargs: Any) -> Any:
+          name: str = "", **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, an API call on `res` (object `name`) in `namespace`; failures raise ClusterError."""
     try:
         return fn(*args, **kwargs)
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, namespace, res) from None
+        raise _translate(api, e, namespace, res, name) from None
 
 
 def _read(api: client.ApiClient, res: Resource, name: str, namespace: str) -> dict[str, Any] | None:
-    """The object, or None where there is none (raises ClusterError where the CRD itself is missing)."""
+    """The object, or None where there is none (raises ClusterError where the namespace or the CRD is missing)."""
     objects = client.CustomObjectsApi(api)
     try:
-        return objects.get_namespaced_custom_object(*res.args(namespace), name, _request_timeout=REQUEST_TIMEOUT_S)
-    except ApiException as e:
-        missing_namespace = (_body(e).get("details") or {}).get("kind") == "namespaces"
-        if e.status == 404 and not missing_namespace and (not res.missing or _crd_installed(api, res)):
-            return None
-        raise _translate(api, e, namespace, res) from None
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, namespace, res) from None
+        return _call(api, namespace, objects.get_namespaced_custom_object, *res.args(namespace), name, res=res, name=name,
+                     _request_timeout=REQUEST_TIMEOUT_S)
+    except NotFound:
+        return None
 
 
 def _same_or_conflict(res: Resource, existing: dict[str, Any], body: dict[str, Any]) -> Submitted:
@@ -273,17 +282,10 @@ def _submit_object(api: client.ApiClient, res: Resource, body: dict[str, Any], d
         return _same_or_conflict(res, existing, body)
     objects = client.CustomObjectsApi(api)
     try:
-        created = objects.create_namespaced_custom_object(
-            *res.args(ns), body, dry_run="All" if dry_run else None, _request_timeout=REQUEST_TIMEOUT_S)
-    except ApiException as e:
-        if e.status == 409:  # created by someone else between our read and our create
-            return _same_or_conflict(res, _read(api, res, name, ns) or {}, body)
-        if e.status == 422:
-            reason = _one_line(_body(e).get("message") or e.reason)
-            raise ClusterError(f"the API server rejected {res.what} {name}: {reason}") from None
-        raise _translate(api, e, ns, res) from None
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, ns, res) from None
+        created = _call(api, ns, objects.create_namespaced_custom_object, *res.args(ns), body, res=res, name=name,
+                        dry_run="All" if dry_run else None, _request_timeout=REQUEST_TIMEOUT_S)
+    except AlreadyExists:  # created by someone else between our read and our create
+        return _same_or_conflict(res, _read(api, res, name, ns) or {}, body)
     outcome = "valid (server dry run; nothing created)" if dry_run else "created"
     return Submitted(res.what, name, ns, outcome, (created.get("metadata") or {}).get("uid"))
 
@@ -303,67 +305,38 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
     `pipeline` creates the pretrain job and a follow-up Job, owned by it, that submits the eval once pretrain succeeds.
     Resubmitting the same spec is a no-op ("already submitted").
     """
-    runs, b = stage_runs(spec, what or spec.kind), backends.of(spec)
-    if len(runs) == 2:  # the pipeline
-        job, follow = b.build(spec), to_dict(build_follow_up(spec))  # both valid before either is sent
-        first = _submit_object(api, resource(b), job, dry_run)
-        if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
-            follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
-                                                      "name": first.name, "uid": first.uid}]
-        return [first, _submit_object(api, JOBS, follow, dry_run)]
-    return [_submit_object(api, resource(b), b.build(runs[0]), dry_run)]
-
-
-def _suspended(obj: dict[str, Any]) -> bool:
-    spec = obj.get("spec") or {}
-    return bool(spec.get("suspend") or (spec.get("runPolicy") or {}).get("suspend"))
-
-
-def _replicas(st: dict[str, Any]) -> dict[str, dict[str, int]]:
-    if "jobsStatus" in st:  # TrainJob: one entry per JobSet replicated job
-        return {j.get("name", "?"): {k: n for k, n in j.items() if isinstance(n, int)} for j in st.get("jobsStatus") or []}
-    return {k: {s: n for s, n in (v or {}).items() if isinstance(n, int)}
-            for k, v in (st.get("replicaStatuses") or {}).items()}
-
-
-def _phase(obj: dict[str, Any]) -> tuple[str, str]:
-    """(phase, message): a final condition wins; a suspended job (Kueue holds it) is Queued; else the latest true one."""
-    true = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
-    by_type = {c.get("type"): c for c in true}
-    for final in FINISHED:
-        if final in by_type:
-            return final, _one_line(by_type[final].get("message", ""))
-    if "Suspended" in by_type or _suspended(obj):
-        held = by_type.get("Suspended") or {}
-        return QUEUED, _one_line(held.get("message", "") or "suspended until its queue admits it")
-    if true:
-        return true[-1].get("type", "Pending"), _one_line(true[-1].get("message", ""))
-    # A TrainJob has no Running condition: its JobSet's jobs tell whether pods are running
-    running = any(j.get("active") or j.get("ready") for j in (obj.get("status") or {}).get("jobsStatus") or [])
-    return ("Running", "") if running else ("Pending", "")
+    docs, b = render(spec, what), backends.of(spec)  # checked and rendered, every object, before any is sent
+    first = _submit_object(api, resource(b), docs[0], dry_run)
+    if len(docs) == 1:
+        return [first]
+    follow = docs[1]  # the pipeline's follow-up
+    if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
+        follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
+                                                  "name": first.name, "uid": first.uid}]
+    return [first, _submit_object(api, JOBS, follow, dry_run)]
 
 
 def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
     meta, st = obj.get("metadata") or {}, obj.get("status") or {}
     labels = meta.get("labels") or {}
-    phase, message = _phase(obj)
+    phase, message = b.phase(obj)
     return JobStatus(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
         kind=labels.get("barlow.dev/kind", ""),
         phase=phase,
         message=message,
-        replicas=_replicas(st),
+        replicas=b.replicas(st),
         created=meta.get("creationTimestamp", ""),
         started=st.get("startTime", ""),
         finished=st.get("completionTime", ""),
         spec_hash=labels.get(LABEL_HASH, ""),
         what=b.what,
+        succeeded=b.succeeded,
     )
 
 
-def status(api: client.ApiClient, name: str, namespace: str, b: Backend | None = None) -> JobStatus:
-    b = b or backends.get("pytorchjob")
+def status(api: client.ApiClient, name: str, namespace: str, b: Backend) -> JobStatus:
     obj = _read(api, resource(b), name, namespace)
     if obj is None:
         raise ClusterError(f"no {b.what} {name} in namespace '{namespace}' (see `barlow list -n {namespace}`)")
@@ -372,10 +345,9 @@ def status(api: client.ApiClient, name: str, namespace: str, b: Backend | None =
 
 def wait(api: client.ApiClient, name: str, namespace: str, timeout: float | None = None, poll: float = 10.0,
          on_change: Callable[[JobStatus], None] | None = None, sleep: Callable[[float], None] = time.sleep,
-         b: Backend | None = None) -> JobStatus:
+         *, b: Backend) -> JobStatus:
     """Poll until the job succeeds or fails (a queued job is still waited for); returns its last status. Once the API
     server has answered, later connection failures are retried rather than ending the wait."""
-    b = b or backends.get("pytorchjob")
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
     while True:
@@ -409,9 +381,8 @@ def submit_after(api: client.ApiClient, spec: EvalRunSpec, after: str, poll: flo
 
 
 def logs(api: client.ApiClient, name: str, namespace: str, replica: str = "master", follow: bool = False,
-         write: Callable[[str], Any] = print, b: Backend | None = None) -> None:
+         write: Callable[[str], Any] = print, *, b: Backend) -> None:
     """Stream the training container's log of one replica (master; worker-N for a PyTorchJob, node-N for a TrainJob)."""
-    b = b or backends.get("pytorchjob")
     selector = _rendered(b.pod_selector, name, replica)
     core = client.CoreV1Api(api)
     pods = _call(api, namespace, core.list_namespaced_pod, namespace, label_selector=selector,
@@ -429,24 +400,15 @@ def logs(api: client.ApiClient, name: str, namespace: str, replica: str = "maste
         resp.release_conn()
 
 
-def delete(api: client.ApiClient, name: str, namespace: str, b: Backend | None = None) -> None:
+def delete(api: client.ApiClient, name: str, namespace: str, b: Backend) -> None:
     """Delete the job; the garbage collector removes its pods, services and a pipeline's follow-up Job."""
-    b = b or backends.get("pytorchjob")
     res, objects = resource(b), client.CustomObjectsApi(api)
-    try:
-        objects.delete_namespaced_custom_object(*res.args(namespace), name, propagation_policy="Background",
-                                                _request_timeout=REQUEST_TIMEOUT_S)
-    except ApiException as e:
-        if e.status == 404 and _crd_installed(api, res):
-            raise ClusterError(f"no {b.what} {name} in namespace '{namespace}'") from None
-        raise _translate(api, e, namespace, res) from None
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(api, e, namespace, res) from None
+    _call(api, namespace, objects.delete_namespaced_custom_object, *res.args(namespace), name, res=res, name=name,
+          propagation_policy="Background", _request_timeout=REQUEST_TIMEOUT_S)
 
 
-def list_jobs(api: client.ApiClient, namespace: str, b: Backend | None = None) -> list[JobStatus]:
+def list_jobs(api: client.ApiClient, namespace: str, b: Backend) -> list[JobStatus]:
     """barlow's jobs of one backend in the namespace, oldest first."""
-    b = b or backends.get("pytorchjob")
     selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
     res, objects = resource(b), client.CustomObjectsApi(api)
     found = _call(api, namespace, objects.list_namespaced_custom_object, *res.args(namespace), res=res,

@@ -9,7 +9,7 @@ import yaml
 from kubernetes import client as k8s
 
 from barlow import __version__
-from barlow.spec import RENDERED_BY_ENV, SPEC_ENV, RunSpec, dump_spec
+from barlow.spec import RENDERED_BY_ENV, SECRET_LIKE, SPEC_ENV, RunSpec, dump_spec
 
 # torchrun with the worker's exit code passed through (plain torchrun exits 1 for every failure, see barlow/torchrun.py).
 COMMAND = ["python", "-m", "barlow.torchrun", "-m", "barlow.entrypoint"]
@@ -88,7 +88,8 @@ def security() -> tuple[k8s.V1PodSecurityContext, k8s.V1SecurityContext]:
 def quantities(spec: RunSpec) -> dict[str, str]:
     """Requests and limits of one pod (equal: Guaranteed QoS, the last class the kubelet evicts)."""
     c = spec.cluster
-    return {"cpu": c.cpu, "memory": c.memory, **({"nvidia.com/gpu": str(c.gpus_per_node)} if c.gpus_per_node else {})}
+    return {"cpu": c.cpu, "memory": c.memory, **({"nvidia.com/gpu": str(c.gpus_per_node)} if c.gpus_per_node else {}),
+            **c.extra_resources}
 
 
 def training_env(spec: RunSpec) -> list[k8s.V1EnvVar]:
@@ -131,3 +132,145 @@ _Dumper.add_representer(str, _str)
 def to_yaml(docs: list[dict[str, Any]]) -> str:
     """Documents as one YAML stream for `kubectl apply -f -`."""
     return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, explicit_start=True)
+
+
+def user_env(spec: RunSpec) -> list[dict[str, Any]]:
+    """cluster.env in Kubernetes form: a value, or valueFrom a Secret's or ConfigMap's key."""
+    out = []
+    for name, value in spec.cluster.env.items():
+        if isinstance(value, str):
+            out.append({"name": name, "value": value})
+        elif value.secret:
+            out.append({"name": name, "valueFrom": {"secretKeyRef": {"name": value.secret, "key": value.key}}})
+        else:
+            out.append({"name": name, "valueFrom": {"configMapKeyRef": {"name": value.config_map, "key": value.key}}})
+    return out
+
+
+def user_volumes(spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, the training container's mounts) of cluster.volumes, in Kubernetes form."""
+    volumes, mounts = [], []
+    for v in spec.cluster.volumes:
+        read_only = {"readOnly": True} if v.read_only else {}
+        if v.pvc:
+            source = {"persistentVolumeClaim": {"claimName": v.pvc, **read_only}}
+        elif v.nfs:
+            source = {"nfs": {"server": v.nfs.server, "path": v.nfs.path, **read_only}}
+        elif v.config_map:
+            source = {"configMap": {"name": v.config_map}}
+        else:
+            source = {"emptyDir": {"sizeLimit": v.empty_dir.size_limit} if v.empty_dir.size_limit else {}}
+        volumes.append({"name": v.name, **source})
+        mounts.append({"name": v.name, "mountPath": v.mount_path, **read_only})
+    return volumes, mounts
+
+
+def pull_secrets(spec: RunSpec) -> list[dict[str, str]] | None:
+    return [{"name": n} for n in spec.cluster.image_pull_secrets] or None
+
+
+def pod_labels(spec: RunSpec) -> dict[str, str]:
+    """The training pods' labels: the spec's cluster.pod_labels, then barlow's (which they may not override)."""
+    return {**spec.cluster.pod_labels, **labels(spec)}
+
+
+# Strategic merge: the lists of a pod template that merge item by item, and the key that matches items (Kubernetes'
+# x-kubernetes-patch-merge-key; tests/test_launch_podpatch.py holds this table to the Pod schema). Other lists are
+# replaced whole, as Kubernetes does.
+MERGE_KEYS = {
+    "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "volumes": "name", "env": "name",
+    "imagePullSecrets": "name", "volumeMounts": "mountPath", "volumeDevices": "devicePath", "ports": "containerPort",
+    "hostAliases": "ip", "resourceClaims": "name", "schedulingGates": "name", "topologySpreadConstraints": "topologyKey",
+    "evictionResponders": "name",
+}
+PATCH = "$patch"  # a strategic-merge directive: `$patch: delete` removes a list item or a map, `replace` replaces it
+
+
+def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
+    """`patch` applied to `base` as a Kubernetes strategic-merge patch of a pod template: maps merge (a null value
+    deletes the key), lists in MERGE_KEYS merge by their key, other lists and scalars are replaced."""
+    if isinstance(patch, dict) and isinstance(base, dict):
+        if patch.get(PATCH) == "replace":
+            return {k: v for k, v in patch.items() if k != PATCH}
+        out = dict(base)
+        for key, value in patch.items():
+            if key == PATCH:
+                continue
+            if value is None:
+                out.pop(key, None)
+            elif isinstance(value, dict) and value.get(PATCH) == "delete":
+                out.pop(key, None)
+            else:
+                out[key] = strategic_merge(base.get(key), value, key)
+        return out
+    if isinstance(patch, list) and isinstance(base, list) and field in MERGE_KEYS:
+        key, out = MERGE_KEYS[field], list(base)
+        for item in patch:
+            match = next((i for i, b in enumerate(out) if isinstance(item, dict) and isinstance(b, dict)
+                          and key in item and b.get(key) == item[key]), None)
+            if isinstance(item, dict) and item.get(PATCH) == "delete":
+                if match is not None:
+                    del out[match]
+            elif match is not None:
+                out[match] = strategic_merge(out[match], item, "")
+            else:
+                out.append(strategic_merge({}, item, "") if isinstance(item, dict) else item)
+        return out
+    if isinstance(patch, dict):
+        return strategic_merge({}, patch, field)
+    return patch
+
+
+def schema_problems(data: Any, model: str, path: str) -> list[str]:
+    """Where `data` (Kubernetes form) does not fit the kubernetes client's model `model` (e.g. V1PodTemplateSpec):
+    unknown fields and wrong types, one `path: message` each. Required fields are left to the API server."""
+    if data is None or model == "object":
+        return []
+    if model.startswith("list["):
+        if not isinstance(data, list):
+            return [f"{path}: must be a list"]
+        return [p for i, item in enumerate(data) for p in schema_problems(item, model[5:-1], f"{path}[{i}]")]
+    if model.startswith("dict("):
+        if not isinstance(data, dict):
+            return [f"{path}: must be a mapping"]
+        inner = model[5:-1].split(", ", 1)[1]
+        return [p for k, v in data.items() for p in schema_problems(v, inner, f"{path}.{k}")]
+    primitive = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str, "date": str}.get(model)
+    if primitive is not None:
+        ok = isinstance(data, primitive) and not (model in ("int", "float") and isinstance(data, bool))
+        return [] if ok else [f"{path}: must be {'a string' if primitive is str else 'a ' + model}"]
+    cls = getattr(k8s, model)
+    if not isinstance(data, dict):
+        return [f"{path}: must be a mapping ({model[2:]})"]
+    fields = {cls.attribute_map[a]: t for a, t in cls.openapi_types.items()}
+    problems = []
+    for key, value in data.items():
+        if key == PATCH:
+            continue
+        if key not in fields:
+            close = [f for f in fields if f.lower() == key.lower()]
+            problems.append(f"{path}.{key}: unknown field" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        else:
+            problems += schema_problems(value, fields[key], f"{path}.{key}")
+    return problems
+
+
+def check_pod_template(template: dict[str, Any], field: str) -> None:
+    """Raise RenderError (one line, the first problem) where the pod template does not fit the Pod schema, or gives a
+    credential-like variable a plain value (credentials reach a pod only from a Secret)."""
+    problems = schema_problems(template, "V1PodTemplateSpec", field)
+    for kind in ("containers", "initContainers"):
+        for c in (template.get("spec") or {}).get(kind) or []:
+            problems += [f"{field}: {kind}[{c.get('name', '?')}].env {e['name']} looks like a credential: take it from "
+                         "a Secret (valueFrom.secretKeyRef), never as a value in the spec"
+                         for e in c.get("env") or [] if isinstance(e, dict) and "value" in e
+                         and SECRET_LIKE.fullmatch(str(e.get("name", "")))]
+    if problems:
+        raise RenderError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def check_affinity(spec: RunSpec) -> None:
+    """Raise RenderError (one line) where cluster.affinity does not fit the Kubernetes Affinity schema."""
+    problems = schema_problems(spec.cluster.affinity, "V1Affinity", "cluster.affinity")
+    if problems:
+        raise RenderError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))

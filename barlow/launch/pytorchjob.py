@@ -17,21 +17,27 @@ from kubeflow.training.models import (
 )
 from kubernetes import client as k8s
 
-from barlow.launch.backend import Backend
+from barlow.launch.backend import Backend, condition_phase, counts, register
 from barlow.launch.manifest import (
     ANNOTATION_OUTPUT,
     COMMAND,
     RenderError,
+    check_affinity,
+    check_pod_template,
     image,
     job_labels,
     job_name,
-    labels,
+    pod_labels,
+    pull_secrets,
     quantities,
     security,
     shm,
+    strategic_merge,
     to_dict,
     tolerations,
     training_env,
+    user_env,
+    user_volumes,
 )
 from barlow.spec import RunSpec
 
@@ -44,6 +50,8 @@ GANG_SCHEDULERS = {"volcano": "volcano", "scheduler-plugins": "scheduler-plugins
 OPERATOR_JOB_NAME = "training.kubeflow.org/job-name"
 OPERATOR_REPLICA_TYPE = "training.kubeflow.org/replica-type"
 OPERATOR_REPLICA_INDEX = "training.kubeflow.org/replica-index"
+# What the spec's unset pytorchjob-only fields render as (the operator's and Kubernetes' own defaults).
+PULL_POLICY, BACKOFF_LIMIT, CLEAN_POD_POLICY = "IfNotPresent", 3, "None"
 
 
 def _env_from(spec: RunSpec) -> list[k8s.V1EnvFromSource] | None:
@@ -53,29 +61,35 @@ def _env_from(spec: RunSpec) -> list[k8s.V1EnvFromSource] | None:
     return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=spec.cluster.s3_secret))]
 
 
-def _pod_template(spec: RunSpec) -> k8s.V1PodTemplateSpec:
+def _pod_template(spec: RunSpec) -> dict[str, Any]:
+    """The pod template of every replica, with cluster.pod_patch applied and the result checked."""
     c = spec.cluster
+    check_affinity(spec)
     pod_security, container_security = security()
     volume, mount = shm(spec)
+    volumes, mounts = user_volumes(spec)
     container = k8s.V1Container(
         name=CONTAINER,
         image=image(spec),
-        image_pull_policy=c.image_pull_policy,
+        image_pull_policy=c.image_pull_policy or PULL_POLICY,
         command=COMMAND,
-        env=training_env(spec),
+        env=[*training_env(spec), *user_env(spec)],
         env_from=_env_from(spec),
         ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=PORT, protocol="TCP")],
         resources=k8s.V1ResourceRequirements(requests=quantities(spec), limits=quantities(spec)),
-        volume_mounts=[mount],
+        volume_mounts=[mount, *mounts],
         security_context=container_security,
     )
-    return k8s.V1PodTemplateSpec(
-        metadata=k8s.V1ObjectMeta(labels=labels(spec), annotations={"kubectl.kubernetes.io/default-container": CONTAINER}),
+    template = to_dict(k8s.V1PodTemplateSpec(
+        metadata=k8s.V1ObjectMeta(labels=pod_labels(spec), annotations={
+            **c.annotations, "kubectl.kubernetes.io/default-container": CONTAINER}),
         spec=k8s.V1PodSpec(
             containers=[container],
-            volumes=[volume],
+            volumes=[volume, *volumes],
             node_selector=c.node_selector or None,
             tolerations=tolerations(spec),
+            affinity=c.affinity or None,
+            image_pull_secrets=pull_secrets(spec),
             priority_class_name=c.priority_class,
             scheduler_name=GANG_SCHEDULERS.get(c.gang),
             service_account_name=c.service_account,
@@ -83,7 +97,11 @@ def _pod_template(spec: RunSpec) -> k8s.V1PodTemplateSpec:
             termination_grace_period_seconds=c.termination_grace_seconds,
             security_context=pod_security,
         ),
-    )
+    ))
+    if c.pod_patch:
+        template = strategic_merge(template, c.pod_patch)
+        check_pod_template(template, "cluster.pod_patch")
+    return template
 
 
 def build_pytorchjob(spec: RunSpec) -> KubeflowOrgV1PyTorchJob:
@@ -107,10 +125,10 @@ def build_pytorchjob(spec: RunSpec) -> KubeflowOrgV1PyTorchJob:
             nproc_per_node=str(spec.runtime.nproc_per_node),  # the CRD types it as a string; never "auto"
             pytorch_replica_specs=replicas,
             run_policy=KubeflowOrgV1RunPolicy(
-                backoff_limit=c.backoff_limit,
+                backoff_limit=BACKOFF_LIMIT if c.backoff_limit is None else c.backoff_limit,
                 ttl_seconds_after_finished=c.ttl_seconds_after_finished,
                 active_deadline_seconds=c.active_deadline_seconds,
-                clean_pod_policy=c.clean_pod_policy,
+                clean_pod_policy=c.clean_pod_policy or CLEAN_POD_POLICY,
                 scheduling_policy=gang,
             ),
         ),
@@ -133,6 +151,18 @@ def pod_selector(name: str, replica: str) -> str:
     return f"{OPERATOR_JOB_NAME}={name},{OPERATOR_REPLICA_TYPE}={rtype},{OPERATOR_REPLICA_INDEX}={index}"
 
 
-BACKEND = Backend(name="pytorchjob", group="kubeflow.org", version="v1", plural="pytorchjobs", kind="PyTorchJob",
-                  container=CONTAINER, build=render, pod_selector=pod_selector,
-                  installs="the Kubeflow training operator v1")
+def phase(obj: dict[str, Any]) -> tuple[str, str]:
+    """The operator's latest condition (Created, Running, Restarting, Succeeded, Failed), or Queued while suspended."""
+    return condition_phase(obj, SUCCEEDED) or ("Pending", "")
+
+
+def replicas(status: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Counts per replica type (Master, Worker)."""
+    return {k: counts(v) for k, v in (status.get("replicaStatuses") or {}).items()}
+
+
+SUCCEEDED = "Succeeded"
+BACKEND = register(Backend(
+    name="pytorchjob", group="kubeflow.org", version="v1", plural="pytorchjobs", kind="PyTorchJob", container=CONTAINER,
+    build=render, pod_selector=pod_selector, phase=phase, replicas=replicas, succeeded=SUCCEEDED,
+    installs="the Kubeflow training operator v1"))

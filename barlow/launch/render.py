@@ -1,5 +1,6 @@
 """The manifests of `barlow render`: a spec's training job, through its backend (PyTorchJob or TrainJob), and the
-pipeline's follow-up `Job` that submits the eval once pretraining has succeeded. Nothing here imports torch."""
+pipeline's follow-up `Job` that submits the eval once pretraining has succeeded. This module renders; `cluster` talks
+to the API. Nothing here imports torch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from barlow.launch import backend
+# The built-in backends register themselves (barlow.launch.backend) when imported: a new backend is one more import.
+from barlow.launch import backend, pytorchjob, trainjob  # noqa: F401
+from barlow.launch.checks import check_cluster_run
 from barlow.launch.manifest import (
     ANNOTATION_AFTER,
     ANNOTATION_OUTPUT,
@@ -82,8 +85,12 @@ def render(spec: PretrainSpec | EvalRunSpec, what: str | None = None) -> list[di
     """The manifests for `barlow render STAGE`: pretrain or eval (one job of the spec's backend), pipeline (the
     pretrain job + the follow-up Job that submits the eval). `what` defaults to the spec's kind; `eval` of a pretrain
     spec renders the eval of its checkpoint. Raises SpecError or RenderError (one line) before rendering anything.
+    Every cluster entry point (render, submit, the pipeline's follow-up) comes through here, so each run gets the
+    cluster-only checks (launch/checks.py) that a local run does not.
     """
     runs = stage_runs(spec, what or spec.kind)
+    for run in runs:
+        check_cluster_run(run, "the follow-up eval" if run is not spec and run.kind == "eval" else None)
     build = backend.of(spec).build
     if len(runs) == 2:  # the pipeline: the eval job itself is created later, by the follow-up
         return [build(runs[0]), to_dict(build_follow_up(spec))]

@@ -1,7 +1,7 @@
 """Rendering specs as PyTorchJobs: golden YAML, the real CRD schema, the operator's admission rules, the world that
 torchrun builds from the operator's environment, the spec the pod receives, and no secrets anywhere.
 
-Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_kubernetes.py
+Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_pytorchjob.py
 (then read the diff before committing it).
 """
 
@@ -21,11 +21,13 @@ from cluster_specs import SECRET, SPECS, TRAINJOB_SPECS, check_golden, spec, str
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.launch.kubernetes import render
 from barlow.launch.manifest import COMMAND, RENDERED_BY_ENV, job_name, to_yaml
 from barlow.launch.pytorchjob import PORT_NAME, build_pytorchjob, to_dict
-from barlow.spec import DNS_1035, SPEC_ENV, RunSpec, parse_spec
+from barlow.launch.render import render
+from barlow.spec import DNS_1035, SPEC_ENV, RunSpec, parse_spec, set_path
 
+# eval-kueue warns that Kueue >= 0.19 leaves PyTorchJobs alone by default (test_a_queue_on_a_pytorchjob_warns_once)
+pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "pytorchjob"
 CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
@@ -221,8 +223,8 @@ def test_job_resources_policy_and_identity_come_from_the_spec(key):
     assert job["metadata"]["labels"]["barlow.dev/spec-hash"] == s.spec_hash()
     assert job["spec"]["nprocPerNode"] == str(s.runtime.nproc_per_node)
     assert job["spec"]["runPolicy"] == {k: v for k, v in {
-        "backoffLimit": c.backoff_limit, "ttlSecondsAfterFinished": c.ttl_seconds_after_finished,
-        "activeDeadlineSeconds": c.active_deadline_seconds, "cleanPodPolicy": c.clean_pod_policy,
+        "backoffLimit": 3 if c.backoff_limit is None else c.backoff_limit, "ttlSecondsAfterFinished": c.ttl_seconds_after_finished,
+        "activeDeadlineSeconds": c.active_deadline_seconds, "cleanPodPolicy": c.clean_pod_policy or "None",
         "schedulingPolicy": {"minAvailable": s.runtime.nodes, "priorityClass": c.priority_class} if c.gang != "none"
         else None}.items() if v is not None}
     assert job["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == c.queue
@@ -230,7 +232,7 @@ def test_job_resources_policy_and_identity_come_from_the_spec(key):
     (container,) = pod["containers"]
     want = {"cpu": c.cpu, "memory": c.memory, **({"nvidia.com/gpu": str(c.gpus_per_node)} if c.gpus_per_node else {})}
     assert container["resources"] == {"requests": want, "limits": want}
-    assert (container["image"], container["imagePullPolicy"]) == (c.image, c.image_pull_policy)
+    assert (container["image"], container["imagePullPolicy"]) == (c.image, c.image_pull_policy or "IfNotPresent")
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": c.shm_size}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert pod.get("nodeSelector", {}) == c.node_selector and pod.get("tolerations", []) == c.tolerations
@@ -298,3 +300,17 @@ def test_a_pipeline_whose_eval_cannot_run_is_refused_before_rendering(tmp_path):
     result = CliRunner().invoke(app, ["render", "pipeline", str(path)])
     assert result.exit_code == 2
     assert "error: the follow-up eval: data.val: an eval needs validation images" in result.stderr
+
+
+@pytest.mark.parametrize("backend, warned", [("pytorchjob", True), ("trainjob", False)])
+def test_a_queue_on_a_pytorchjob_warns_once(tmp_path, backend, warned):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(set_path(set_path(SPECS["pretrain-1node-cpu"], "cluster.queue", "gpu-team"),
+                                            "cluster.backend", backend)))
+    result = CliRunner().invoke(app, ["render", "pipeline", str(path)])
+    assert result.exit_code == 0, result.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(result.stdout)] == [{"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[
+        backend], "Job"]
+    want = ["warning: cluster.queue: Kueue >= 0.19 disables its PyTorchJob (kubeflow.org/v1) integration by default: "
+            "the job runs unqueued unless the cluster's Kueue enables it; backend trainjob is integrated by default"]
+    assert result.stderr.splitlines() == (want if warned else [])
