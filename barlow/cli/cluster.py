@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import typer
 
 from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
 from barlow.launch.backend import NAMES
 from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `barlow --help` stays fast
+    from barlow.launch.pods import JobView
+    from barlow.progress import Progress
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
@@ -124,20 +131,157 @@ def _backend(name: BackendName):
     return backend.get(name.value)
 
 
-@app.command()
-def status(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
-           context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
-    """Show a job's phase (Queued while Kueue holds it), replicas and times."""
-    from barlow.launch import cluster
+OutputFormat = StrEnum("OutputFormat", {"text": "text", "json": "json"})
+STATUS_SCHEMA = "barlow.status/v1"  # the `-o json` document's version: fields are only added within it
 
-    with _cluster_errors():
-        st = cluster.status(cluster.connect(context), name, namespace, _backend(backend))
+
+@app.command()
+def status(
+    target: str = typer.Argument(None, metavar="[NAME|OUTPUT]",
+                                 help="A job name, or a run's output folder or URL: anything with a '/' (runs/quickstart, "
+                                      "./out, s3://bucket/runs/x) is read as the run's files. Default: the -f spec's name."),
+    spec_path: str = typer.Option(None, "--file", "-f", metavar="SPEC",
+                                  help="The run's spec: the job's name, namespace and backend, and its output.url, whose "
+                                       "files give the progress."),
+    namespace: str = typer.Option(None, "--namespace", "-n", envvar="BARLOW_NAMESPACE",
+                                  help=f"Namespace of the job (default: the -f spec's, else {DEFAULT_NAMESPACE})."),
+    context: str = CONTEXT,
+    backend: BackendName = typer.Option(None, "--backend", "-b", envvar="BARLOW_BACKEND",
+                                        help=f"pytorchjob or trainjob (default: the -f spec's, else {DEFAULT_BACKEND})."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every --interval seconds until Ctrl-C."),
+    interval: float = typer.Option(10.0, "--interval", min=0.0, help="Seconds between refreshes with --watch."),
+    count: int = typer.Option(None, "--count", min=1, help="With --watch: stop after this many refreshes."),
+    output: OutputFormat = typer.Option(OutputFormat.text, "--output", "-o",
+                                        help="text, or json for scripts (with --watch: one JSON object per line)."),
+) -> None:
+    """How far, how fast, is it healthy: a job's phase, why its pods are not running, Kueue's admission; and from the
+    run's files (an output folder or URL, or -f SPEC), step of total, loss, probe top-1, images/s, ETA, the latest
+    checkpoint and the restarts used.
+
+    Examples: barlow status runs/quickstart; barlow status imagenet-r50 -n vision; barlow status -f spec.yaml -w
+    """
+    from barlow import progress, storage
+
+    spec = load_or_exit(spec_path) if spec_path else None
+    is_output = target is not None and "/" in target  # a Kubernetes name never holds a '/'
+    if target is None and spec is None:
+        raise fail("give a job name, an output folder or URL, or -f SPEC", EXIT_INVALID)
+    if is_output and spec is not None:
+        raise fail("give an output folder or -f SPEC, not both (the spec's output.url is the run's folder)", EXIT_INVALID)
+    name = target or spec.name
+    if spec is not None:  # the status reads the output as the run writes it: the spec's S3 endpoint, few retries
+        storage.configure_s3(storage.S3Settings(**{**spec.data.s3.model_dump(), "retries": 2}))
+    job_args = None
+    if not is_output:
+        ns = namespace or (spec.cluster.namespace if spec else DEFAULT_NAMESPACE)
+        job_args = (name, ns, _backend(backend or BackendName(spec.cluster.backend if spec else DEFAULT_BACKEND)))
+
+    def report() -> _Report:
+        from barlow.launch import cluster, pods
+
+        found = _Report(time.time())
+        if job_args is not None:
+            with _cluster_errors():
+                found.job = pods.view(cluster.connect(context), *job_args)
+        url = target if is_output else (spec.output.url if spec else "")
+        if url:
+            try:
+                found.progress = progress.read(url, spec.cluster.max_restarts if spec else None, found.time)
+            except FileNotFoundError as e:
+                if is_output:
+                    raise fail(str(e), EXIT_INVALID) from None
+                found.progress_error = str(e)
+            except Exception as e:  # the job's status stands without its files (no credentials, a store down)
+                if is_output:
+                    raise fail(f"{url}: {type(e).__name__}: {e}") from None
+                found.progress_error = f"{url}: {type(e).__name__}: {e}"
+        return found
+
+    _refresh(report, output, watch, interval, count)
+
+
+@dataclass
+class _Report:
+    """One refresh of `barlow status`."""
+
+    time: float
+    job: JobView | None = None
+    progress: Progress | None = None
+    progress_error: str = ""
+
+    def as_dict(self) -> dict:
+        """The `-o json` document (README: `barlow status -o json`)."""
+        job = self.job.as_dict() if self.job else {"job": None, "admission": "", "pods": []}
+        return {"schema": STATUS_SCHEMA, "time": round(self.time, 3), **job,
+                "progress": self.progress.as_dict() if self.progress else None, "progress_error": self.progress_error}
+
+    def lines(self) -> list[str]:
+        from barlow.progress import lines
+
+        rows: list[tuple[str, str]] = []
+        if self.job is not None:
+            rows += _job_rows(self.job)
+            if self.progress is None and not self.progress_error and self.job.output:
+                rows.append(("output", f"{self.job.output}   (its progress: barlow status {self.job.output}, or -f SPEC)"))
+        if self.progress is not None:
+            rows += lines(self.progress, self.time)
+        if self.progress_error:
+            rows.append(("progress", f"unavailable: {self.progress_error}"))
+        return [f"{label + ':':<13}{value}" for label, value in rows]
+
+
+def _job_rows(view: JobView) -> list[tuple[str, str]]:
+    st = view.status
     replicas = "; ".join(f"{k} " + ", ".join(f"{s} {n}" for s, n in v.items()) for k, v in st.replicas.items())
-    for key, value in [("name", st.name), ("namespace", st.namespace), ("kind", st.kind), ("phase", st.phase),
-                       ("message", st.message), ("replicas", replicas), ("created", st.created), ("started", st.started),
-                       ("finished", st.finished), ("spec hash", st.spec_hash)]:
-        if value:
-            console.print(f"{key + ':':<11}{value}", highlight=False, soft_wrap=True)
+    rows = [(k, v) for k, v in [("name", st.name), ("namespace", st.namespace), ("kind", st.kind), ("phase", st.phase),
+                                ("message", st.message), ("admission", view.admission), ("replicas", replicas),
+                                ("created", st.created), ("started", st.started), ("finished", st.finished),
+                                ("spec hash", st.spec_hash)] if v]
+    for pod in view.pods:
+        state = pod.phase + (", not ready" if pod.phase == "Running" and not pod.ready else "")
+        state += f", {pod.restarts} restarts" if pod.restarts else ""
+        why = f"{pod.reason}: {pod.message}" if pod.reason and pod.message else pod.reason or pod.message
+        if pod.exit_code is not None and f"exit code {pod.exit_code}" not in why:
+            why += f" (exit code {pod.exit_code})"
+        rows.append((f"pod {pod.name}", state + (f" - {why}" if why else "")))
+    return rows
+
+
+def _refresh(report: Callable[[], _Report], output: OutputFormat, watch: bool, interval: float,
+             count: int | None) -> None:
+    """Show `report()` once, or every `interval` seconds: rich Live in a terminal, one screen after another (or one
+    JSON line each) otherwise."""
+    import json
+
+    from rich.live import Live
+    from rich.text import Text
+
+    def show(r: _Report, indent: int | None = None) -> str:
+        return json.dumps(r.as_dict(), indent=indent) if output == OutputFormat.json else "\n".join(r.lines())
+
+    if not watch:
+        typer.echo(show(report(), indent=2))
+        return
+    live = Live(console=console, auto_refresh=False) if console.is_terminal and output == OutputFormat.text else None
+    done = 0
+    try:
+        if live is not None:
+            live.start()
+        while True:
+            screen = show(report())
+            if live is not None:
+                live.update(Text(screen), refresh=True)
+            else:
+                typer.echo(screen if output == OutputFormat.json or not done else "\n" + screen)
+            done += 1
+            if count is not None and done >= count:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @app.command()
