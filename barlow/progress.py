@@ -254,9 +254,9 @@ def lines(p: Progress, now: float | None = None) -> list[tuple[str, str]]:
     if p.loss is not None:
         rows.append(("loss", _number(p.loss)))
     if p.probe_top1 is not None:
-        rows.append(("probe top-1", f"{p.probe_top1:.1f} %"))
+        rows.append(("probe", f"top-1 {p.probe_top1:.1f} % (online linear probe)"))
     if p.knn_top1 is not None:
-        rows.append(("kNN top-1", f"{p.knn_top1:.1f} %"))
+        rows.append(("kNN", f"top-1 {p.knn_top1:.1f} %"))
     if p.images_per_s is not None or p.steps_per_s is not None:
         speed = [f"{p.images_per_s:,.0f} images/s" if p.images_per_s is not None else "",
                  f"{p.steps_per_s:.3g} steps/s" if p.steps_per_s is not None else ""]

@@ -227,7 +227,7 @@ class _Report:
             rows += lines(self.progress, self.time)
         if self.progress_error:
             rows.append(("progress", f"unavailable: {self.progress_error}"))
-        return [f"{label + ':':<13}{value}" for label, value in rows]
+        return [f"{label + ':':<10} {value}" for label, value in rows]
 
 
 def _job_rows(view: JobView) -> list[tuple[str, str]]:
@@ -243,7 +243,7 @@ def _job_rows(view: JobView) -> list[tuple[str, str]]:
         why = f"{pod.reason}: {pod.message}" if pod.reason and pod.message else pod.reason or pod.message
         if pod.exit_code is not None and f"exit code {pod.exit_code}" not in why:
             why += f" (exit code {pod.exit_code})"
-        rows.append((f"pod {pod.name}", state + (f" - {why}" if why else "")))
+        rows.append(("pod", f"{pod.name} {state}" + (f" - {why}" if why else "")))
     return rows
 
 
