@@ -382,3 +382,31 @@ def test_status_with_the_spec_joins_the_job_and_its_files(kube, s3, tmp_path, mo
     assert (shown["name"], shown["namespace"], shown["output"], shown["step"]) == (
         "demo", "vision", s3.url, "20 / 100 (20.0 %)   epoch 2.00 of 10")
     assert kube.calls("GET", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/vision/trainjobs/demo")
+
+
+@pytest.mark.slow
+def test_status_of_a_real_local_run(tmp_path):
+    """A real pretraining run (one CPU process) writes run.json, metrics and checkpoints; `barlow status` in a fresh
+    process reads them."""
+    from barlow.data.demo import write_demo
+
+    images = write_demo(str(tmp_path / "demo"), size=16)["train"]
+    out = tmp_path / "run"
+    spec = {"kind": "pretrain", "name": "tiny",
+            "data": {"train": str(tmp_path / "demo" / "train"), "val": str(tmp_path / "demo" / "val"), "image_size": 16,
+                     "workers": 0},
+            "model": {"arch": "resnet18", "small_images": True, "width": 8, "projector": "128-128-128"},
+            "optim": {"epochs": 2, "batch_size": 128, "warmup_epochs": 1},
+            "runtime": {"nproc_per_node": 1, "device": "cpu", "log_every": 2, "seed": 7},
+            "output": {"url": str(out), "checkpoint_every": 4, "keep": 2}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    cli = [sys.executable, "-m", "barlow.cli"]
+    trained = subprocess.run([*cli, "run", "pretrain", str(tmp_path / "spec.yaml")], capture_output=True, text=True,
+                             timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    shown = subprocess.run([*cli, "status", str(out), "-o", "json"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    p = json.loads(shown.stdout)["progress"]
+    assert (p["state"], p["name"], p["kind"], p["epochs"]) == ("finished", "tiny", "pretrain", 2)
+    assert p["step"] == p["total_steps"] == 2 * (images // 128)
+    assert p["checkpoint"]["step"] == p["total_steps"] and p["images_per_s"] > 0 and p["healthy"]

@@ -23,6 +23,7 @@ from barlow.launch.manifest import ANNOTATION_OUTPUT, KUEUE_QUEUE
 KUEUE_GROUP = "kueue.x-k8s.io"
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # newest first: Kueue serves v1beta2 from 0.15 on, v1beta1 before
 KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # the label that ties a Workload to its job
+QUEUED = "Queued"  # the JobStatus phase of a job suspended until its queue admits it (launch.cluster's)
 STARTING = ("ContainerCreating", "PodInitializing")  # waiting reasons of a pod on its way up: no problem
 
 
@@ -46,7 +47,7 @@ class JobView:
     status: cluster.JobStatus
     output: str = ""  # output.url, from the job's annotation
     queue: str = ""  # the Kueue LocalQueue it was submitted to ("" without Kueue)
-    admission: str = ""  # Kueue's message about the job's Workload ("" when not queued with Kueue)
+    admission: str = ""  # Kueue's message about the job's Workload while it holds the job ("" otherwise)
     pods: list[PodState] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def view(api: client.ApiClient, name: str, namespace: str, b: Backend) -> JobVie
     meta = obj.get("metadata") or {}
     found = JobView(st, (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT, ""),
                     (meta.get("labels") or {}).get(KUEUE_QUEUE, ""))
-    if found.queue and not st.done:
+    if found.queue and st.phase == QUEUED:
         found.admission = admission(api, namespace, meta.get("uid", ""), found.queue)
     found.pods = pods(api, name, namespace, b)
     return found
