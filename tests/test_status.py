@@ -410,3 +410,15 @@ def test_status_of_a_real_local_run(tmp_path):
     assert (p["state"], p["name"], p["kind"], p["epochs"]) == ("finished", "tiny", "pretrain", 2)
     assert p["step"] == p["total_steps"] == 2 * (images // 128)
     assert p["checkpoint"]["step"] == p["total_steps"] and p["images_per_s"] > 0 and p["healthy"]
+
+
+def test_watch_rides_out_an_api_server_that_stops_answering(kube, tmp_path):
+    submit(tmp_path, "pytorchjob")
+    kube.drops = [False, True, True, True, True]  # refresh 2: one request and the client's 3 retries hang up
+    result = barlow("status", "demo", "--watch", "--interval", "0", "--count", "3")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(f"error: cannot reach the Kubernetes API at {kube.url}: ")
+    assert [fields(s)["phase"] for s in result.stdout.split("\n\n")] == ["Pending", "Pending"]  # refreshes 1 and 3
+    first = barlow("status", "demo", "--context", "nope", "--watch", "--interval", "0", "--count", "2")
+    assert first.exit_code == 1 and first.stdout == ""  # a first refresh that fails ends the watch
+    assert len(first.stderr.strip().splitlines()) == 1 and "nope" in first.stderr

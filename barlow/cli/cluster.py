@@ -268,10 +268,15 @@ def _refresh(report: Callable[[], _Report], output: OutputFormat, watch: bool, i
         if live is not None:
             live.start()
         while True:
-            screen = show(report())
-            if live is not None:
+            try:
+                screen = show(report())
+            except typer.Exit:  # its line is printed; after a first answer, a blip (API server, store) ends no watch
+                if not done:
+                    raise
+                screen = None
+            if screen is not None and live is not None:
                 live.update(Text(screen), refresh=True)
-            else:
+            elif screen is not None:
                 typer.echo(screen if output == OutputFormat.json or not done else "\n" + screen)
             done += 1
             if count is not None and done >= count:
