@@ -169,7 +169,7 @@ def status(
     if is_output and spec is not None:
         raise fail("give an output folder or -f SPEC, not both (the spec's output.url is the run's folder)", EXIT_INVALID)
     name = target or spec.name
-    if spec is not None:  # the status reads the output as the run writes it: the spec's S3 endpoint, few retries
+    if spec is not None:  # the output is read as the run writes it (the spec's S3 endpoint), with few retries
         storage.configure_s3(storage.S3Settings(**{**spec.data.s3.model_dump(), "retries": 2}))
     job_args = None
     if not is_output:
