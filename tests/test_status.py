@@ -385,9 +385,9 @@ def test_status_with_the_spec_joins_the_job_and_its_files(kube, s3, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_status_of_a_real_local_run(tmp_path):
-    """A real pretraining run (one CPU process) writes run.json, metrics and checkpoints; `barlow status` in a fresh
-    process reads them."""
+def test_status_of_a_real_local_pipeline(tmp_path):
+    """A real pretraining run and its linear eval (one CPU process) write run.json, metrics and checkpoints;
+    `barlow status` in a fresh process reads both outputs."""
     from barlow.data.demo import write_demo
 
     images = write_demo(str(tmp_path / "demo"), size=16)["train"]
@@ -398,18 +398,26 @@ def test_status_of_a_real_local_run(tmp_path):
             "model": {"arch": "resnet18", "small_images": True, "width": 8, "projector": "128-128-128"},
             "optim": {"epochs": 2, "batch_size": 128, "warmup_epochs": 1},
             "runtime": {"nproc_per_node": 1, "device": "cpu", "log_every": 2, "seed": 7},
-            "output": {"url": str(out), "checkpoint_every": 4, "keep": 2}}
+            "output": {"url": str(out), "checkpoint_every": 4, "keep": 2},
+            "eval": {"epochs": 2, "batch_size": 128, "lr_head": 0.5}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     cli = [sys.executable, "-m", "barlow.cli"]
-    trained = subprocess.run([*cli, "run", "pretrain", str(tmp_path / "spec.yaml")], capture_output=True, text=True,
-                             timeout=600)
+    trained = subprocess.run([*cli, "run", "pipeline", str(tmp_path / "spec.yaml")], capture_output=True, text=True,
+                             timeout=900)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    shown = subprocess.run([*cli, "status", str(out), "-o", "json"], capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0, shown.stderr
-    p = json.loads(shown.stdout)["progress"]
+
+    def status(folder) -> dict:
+        shown = subprocess.run([*cli, "status", str(folder), "-o", "json"], capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)["progress"]
+
+    p = status(out)
     assert (p["state"], p["name"], p["kind"], p["epochs"]) == ("finished", "tiny", "pretrain", 2)
     assert p["step"] == p["total_steps"] == 2 * (images // 128)
     assert p["checkpoint"]["step"] == p["total_steps"] and p["images_per_s"] > 0 and p["healthy"]
+    e = status(out / "eval")  # the eval's metrics lines count epochs
+    assert (e["state"], e["kind"], e["step"], e["total_steps"], e["epochs"]) == ("finished", "eval", 2, 2, 2)
+    assert e["knn_top1"] is not None and e["healthy"]
 
 
 def test_watch_rides_out_an_api_server_that_stops_answering(kube, tmp_path):
