@@ -26,9 +26,9 @@ demo: $(STAMP)  ## the README's first command: demo images, pretrain, linear eva
 
 lint: $(STAMP)
 	$(BIN)/ruff check barlow tests bench cli.py
-	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cli
 
-image:  ## the training image, tagged barlow:<version> (IMAGE=<registry>/barlow:<version> to name it for a push; BASE_IMAGE=...)
+image:  ## the training image barlow:<version> and the CLI image barlow-cli:<version> (IMAGE=<registry>/barlow:<version> names both for a push: the CLI one <registry>/barlow-cli:<version>; CLI_IMAGE=, BASE_IMAGE=, CLI_BASE_IMAGE=)
 	docker/build.sh
 
 clean:

@@ -9,6 +9,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILED = 1  # permanent: bad data, a mismatched output folder, a bug
 EXIT_INVALID_SPEC = 2  # permanent: the spec fails validation
+EXIT_TIMED_OUT = 124  # `barlow wait --timeout`: the job had not finished in time (the code timeout(1) exits with)
 EXIT_PEER_LOST = 144  # retryable: a peer process or node went away, or the rendezvous timed out
 
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,8 +21,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-# fsspec protocols a run may read from or write to; others are rejected early with a clear message.
-WRITABLE_SCHEMES = {"", "file", "s3", "gs", "gcs", "az", "abfs", "memory"}
+# fsspec protocols a run may read from or write to, those the installed filesystems serve (GCS and Azure through
+# their S3-compatible endpoints); others are rejected early with a clear message.
+WRITABLE_SCHEMES = {"", "file", "s3", "memory"}
 READABLE_SCHEMES = WRITABLE_SCHEMES | {"http", "https"}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -39,7 +41,8 @@ class SpecError(Exception):
 
     @classmethod
     def from_validation(cls, err: ValidationError, source: str | None = None) -> SpecError:
-        return cls([_format_error(e) for e in err.errors(include_url=False)], source)
+        # a cross-field rule carries all its problems in one error, a line each
+        return cls([line for e in err.errors(include_url=False) for line in _format_error(e).split("\n")], source)
 
 
 def _format_error(e: dict[str, Any]) -> str:
@@ -62,13 +65,32 @@ def _format_error(e: dict[str, Any]) -> str:
 
 
 def _did_you_mean(root: type[BaseModel] | None, loc: list[str]) -> str:
+    """A field name for an unknown key: the same name in another section (`data.batch_size` -> `optim.batch_size`),
+    else a close name in its own section."""
+    elsewhere = [p for p in _field_paths(root) if p.rsplit(".", 1)[-1] == loc[-1] and p != ".".join(loc)]
+    if elsewhere:
+        return f" (did you mean '{elsewhere[0]}'?)"
     model = root
     for part in loc[:-1]:  # walk down to the section that holds the unknown key
         field = model.model_fields.get(part) if model else None
-        model = field.annotation if field and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        model = _section_of(field.annotation) if field else None
     names = list(model.model_fields) if model else []
     close = difflib.get_close_matches(loc[-1], names, n=1) or [n for n in names if n.startswith(loc[-1])][:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _field_paths(model: type[BaseModel] | None, prefix: str = "") -> list[str]:
+    """Every dotted field path of a spec model, sections included, shallowest first."""
+    if model is None:
+        return []
+    paths = [prefix + name for name in model.model_fields]
+    for name, field in model.model_fields.items():
+        paths += _field_paths(_section_of(field.annotation), f"{prefix}{name}.")
+    return paths
 
 
 class Section(BaseModel):
@@ -90,7 +112,23 @@ def _check_url(url: str, schemes: set[str]) -> str:
     return url
 
 
+def check_url(url: str, *, write: bool) -> str:
+    """A URL as the spec accepts it for reading (data.*) or writing (output.url); raises ValueError naming the problem."""
+    return _check_url(url, WRITABLE_SCHEMES if write else READABLE_SCHEMES)
+
+
 ReadURL = Annotated[str, Field(min_length=1)]
+
+
+def _quantity_text(v: Any) -> Any:
+    # `cpu: 8` is a YAML int; a Kubernetes quantity is its decimal text (bool is an int too, and no quantity)
+    return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+def _check_quantity(v: str) -> str:
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(v)):
+        raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
+    return str(v)
 
 
 class S3Spec(Section):
@@ -220,6 +258,34 @@ class OutputSpec(Section):
         return _check_url(v, WRITABLE_SCHEMES).rstrip("/")
 
 
+class EvalRuntimeSpec(Section):
+    """Where a pretrain spec's follow-up eval runs: one node by default; unset fields are the pretrain run's."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Machines (pods) of the eval: a linear probe rarely needs more than one.")
+    nproc_per_node: int | None = Field(None, ge=1, le=64, description="Processes per machine (unset: eval.cluster.gpus_per_node "
+                                       "when set, else the pretrain spec's runtime.nproc_per_node).")
+
+
+class EvalClusterSpec(Section):
+    """The follow-up eval's pod resources; each unset field is the pretrain spec's `cluster` value."""
+
+    gpus_per_node: int | None = Field(None, ge=0, le=64, description="nvidia.com/gpu per eval pod (unset: the eval's "
+                                      "processes per node when the pretrain pods have GPUs, else 0).")
+    cpu: str | None = Field(None, description="CPU request and limit per eval pod (unset: cluster.cpu).")
+    memory: str | None = Field(None, description="Memory request and limit per eval pod (unset: cluster.memory).")
+    shm_size: str | None = Field(None, description="/dev/shm of an eval pod (unset: cluster.shm_size).")
+
+    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @classmethod
+    def _number_as_quantity(cls, v: Any) -> Any:
+        return _quantity_text(v)
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        return None if v is None else _check_quantity(v)
+
+
 class EvalSpec(Section):
     """Linear evaluation (or fine-tuning) of a pretrained backbone."""
 
@@ -240,6 +306,25 @@ class EvalSpec(Section):
         return None if v is None else _check_url(v, READABLE_SCHEMES).rstrip("/")
 
 
+class FollowUpEvalSpec(EvalSpec):
+    """A pretrain spec's `eval`: the evaluation its pipeline runs next, with that run's own size (an eval spec has
+    top-level `runtime` and `cluster` instead)."""
+
+    runtime: EvalRuntimeSpec = Field(default_factory=EvalRuntimeSpec, description="The eval's nodes and processes.")
+    cluster: EvalClusterSpec = Field(default_factory=EvalClusterSpec, description="The eval's GPUs and resources per pod.")
+
+    def placement(self, runtime: RuntimeSpec, cluster: ClusterSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The eval's `runtime` and `cluster` sections: these overrides on the pretrain run's. Nodes default to one;
+        processes per node follow eval GPUs when only those are set; GPUs follow the processes when the pretrain
+        pods have GPUs."""
+        r, c = self.runtime, self.cluster
+        nproc = r.nproc_per_node or c.gpus_per_node or runtime.nproc_per_node
+        gpus = c.gpus_per_node if c.gpus_per_node is not None else (nproc if cluster.gpus_per_node else 0)
+        resources = {k: v for k, v in c.model_dump(exclude={"gpus_per_node"}).items() if v is not None}
+        return ({**runtime.model_dump(), "nodes": r.nodes, "nproc_per_node": nproc},
+                {**cluster.model_dump(), "gpus_per_node": gpus, **resources})
+
+
 class ClusterSpec(Section):
     """How the run is placed on Kubernetes (ignored by local runs)."""
 
@@ -252,6 +337,10 @@ class ClusterSpec(Section):
                               "registry the cluster can pull from (`make image IMAGE=...`); needed to render or submit.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Kubernetes imagePullPolicy (pytorchjob; a TrainJob's runtime decides it).")
+    cli_image: str | None = Field(None, min_length=1, description="Image of the pipeline's follow-up pod: barlow without "
+                                  "torch (`make image` builds it beside the training image). Unset: cluster.image's "
+                                  "repository + '-cli' with its tag (<registry>/barlow:0.1.0 -> <registry>/barlow-cli:0.1.0; "
+                                  "an image pinned by digest gets barlow's version as the tag).")
     namespace: str = Field("barlow", description="Namespace the job is created in.")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod; when > 0 must equal runtime.nproc_per_node.")
     cpu: str = Field("8", description="CPU request and limit per pod (Kubernetes quantity; a YAML number is fine).")
@@ -282,15 +371,12 @@ class ClusterSpec(Section):
     @field_validator("cpu", "memory", "shm_size", mode="before")
     @classmethod
     def _number_as_quantity(cls, v: Any) -> Any:
-        # `cpu: 8` is a YAML int; a Kubernetes quantity is its decimal text (bool is an int too, and no quantity)
-        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        return _quantity_text(v)
 
     @field_validator("cpu", "memory", "shm_size")
     @classmethod
     def _quantity(cls, v: str) -> str:
-        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(v)):
-            raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
-        return str(v)
+        return _check_quantity(v)
 
     @field_validator("tolerations")
     @classmethod
@@ -379,7 +465,8 @@ class PretrainSpec(RunSpec):
 
     kind: Literal["pretrain"] = Field(description="Run kind.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")
-    eval: EvalSpec = Field(default_factory=EvalSpec, description="The evaluation that follows pretraining in a pipeline.")
+    eval: FollowUpEvalSpec = Field(default_factory=FollowUpEvalSpec, description="The evaluation that follows pretraining "
+                                   "in a pipeline, and its size (one node by default).")
 
     def _problems(self) -> list[tuple[str, str]]:
         problems = super()._problems()
@@ -394,10 +481,11 @@ class PretrainSpec(RunSpec):
 
     def eval_spec(self) -> EvalRunSpec:
         """The evaluation of this run's checkpoint, writing beside it (what `pipeline` runs second)."""
-        d = self.model_dump(exclude={"kind", "optim", "eval", "name", "output"})
+        d = self.model_dump(exclude={"kind", "optim", "eval", "name", "output", "runtime", "cluster"})
+        runtime, cluster = self.eval.placement(self.runtime, self.cluster)
         return EvalRunSpec.model_validate({
-            **d, "kind": "eval", "name": f"{self.name[:45]}-eval",
-            "eval": {**self.eval.model_dump(), "checkpoint": self.output.url},
+            **d, "kind": "eval", "name": f"{self.name[:45]}-eval", "runtime": runtime, "cluster": cluster,
+            "eval": {**self.eval.model_dump(exclude={"runtime", "cluster"}), "checkpoint": self.output.url},
             "output": {"url": f"{self.output.url}/eval", "keep": self.output.keep},
         })
 
@@ -440,27 +528,114 @@ def parse_spec(data: Any, source: str | None = None) -> PretrainSpec | EvalRunSp
         raise SpecError.from_validation(err, source) from None
 
 
-def load_spec(path: str | Path) -> PretrainSpec | EvalRunSpec:
-    """Read and validate a spec file; raises SpecError naming the file or the fields."""
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> PretrainSpec | EvalRunSpec:
+    """Read and validate a spec file (UTF-8 YAML), with `--set key.path=value` overrides; raises SpecError naming the
+    file or the fields."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError([f"{path}: no such file"], str(path)) from None
+    except IsADirectoryError:
+        raise SpecError([f"{path}: is a folder, not a spec file"], str(path)) from None
     except OSError as e:
         raise SpecError([f"{path}: cannot read ({e.strerror})"], str(path)) from None
-    return loads_spec(text, str(path))
-
-
-def loads_spec(text: str, source: str = "spec") -> PretrainSpec | EvalRunSpec:
-    """Validate a spec given as YAML text (a file's content, or BARLOW_SPEC in a pod)."""
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the spec "
+                         "as UTF-8"], str(path)) from None
+    return loads_spec(text, str(path), overrides)
+
+
+def loads_spec(text: str, source: str = "spec", overrides: Sequence[str] = ()) -> PretrainSpec | EvalRunSpec:
+    """Validate a spec given as YAML text (a file's content, or BARLOW_SPEC in a pod), with `--set` overrides."""
+    data = _yaml_load(text, source)
+    if not overrides:
+        return parse_spec(data, source)
+    if not isinstance(data, dict):
+        return parse_spec(data, source)  # the one-line "must be a mapping" error
+    changed = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        try:
+            data = set_path(data, key, value)
+        except SpecError as e:
+            raise SpecError([f"--set {item}: {e.problems[0]}"], source) from None
+        changed[key] = item
+    try:
+        return parse_spec(data, source)
+    except SpecError as e:
+        raise SpecError([_from_override(line, changed) for line in e.problems], source) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, [], set())
+        return super().construct_document(node)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, path: str, line: int, first: int):
+        super().__init__(f"duplicate key '{path}' (first at line {first}); a key may appear once")
+        self.path, self.line, self.first = path, line, first
+
+
+def _check_unique_keys(node: yaml.Node, path: list[str], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias repeats a node already checked (and may point back at its parent)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                _check_unique_keys(value, path, seen)
+                continue
+            here = key.start_mark.line + 1
+            if (key.tag, key.value) in first:
+                raise DuplicateKey(".".join([*path, key.value]), here, first[(key.tag, key.value)])
+            first[(key.tag, key.value)] = here
+            _check_unique_keys(value, [*path, key.value], seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, [*path, str(i)], seen)
+
+
+def _yaml_load(text: str, source: str) -> Any:
+    """YAML text as Python data; any YAML problem (duplicate keys included) is one SpecError line with its line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except DuplicateKey as e:
+        raise SpecError([f"{source}: line {e.line}: {e}"], source) from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}:" if where else ""
         raise SpecError([f"{source}:{line} not valid YAML ({getattr(e, 'problem', None) or e})"], source) from None
-    return parse_spec(data, source)
+
+
+OVERRIDE_HELP = "Set a spec field, as in the file: key.path=value (repeatable; the value is YAML: 4, true, [1.0, 0.1])."
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key.path=value` as (key path, the value parsed as YAML); raises SpecError naming the item."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError([f"--set {item}: must be key.path=value (e.g. --set optim.epochs=100)"])
+    try:
+        value = _yaml_load(text, f"--set {key}")  # empty: null, as in a YAML file
+    except SpecError as e:
+        raise SpecError([e.problems[0]]) from None
+    return key, value
+
+
+def _from_override(line: str, changed: dict[str, str]) -> str:
+    """A validation line about a field that `--set` gave says so."""
+    field = line.split(": ", 1)[0]
+    item = changed.get(field)
+    return f"{line} (from --set {item})" if item else line
 
 
 def dump_spec(spec: RunSpec) -> str:
@@ -484,7 +659,15 @@ def follow_up_eval(spec: PretrainSpec) -> EvalRunSpec:
     try:
         return spec.eval_spec()
     except ValidationError as e:
-        raise SpecError.from_validation(e, "the follow-up eval") from None
+        err = SpecError.from_validation(e, "the follow-up eval")
+        raise SpecError([_override_path(p) for p in err.problems], err.source) from None
+
+
+def _override_path(problem: str) -> str:
+    # a problem with the eval's size is fixed in the pretrain spec's eval.runtime / eval.cluster: name that field
+    section, _, rest = problem.partition(".")
+    model = {"runtime": EvalRuntimeSpec, "cluster": EvalClusterSpec}.get(section)
+    return f"eval.{problem}" if model and rest.split(":", 1)[0] in model.model_fields else problem
 
 
 def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None = None) -> list[PretrainSpec | EvalRunSpec]:
@@ -505,12 +688,18 @@ REMOVE = object()  # a value for set_path: delete the field instead of setting i
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A deep copy of a spec's dict with the dotted `path` set to `value` (REMOVE deletes it)."""
+    """A deep copy of a spec's dict with the dotted `path` set to `value` (REMOVE deletes it); raises SpecError
+    where the path runs through a value that is not a section."""
     out = copy.deepcopy(data)
     *parents, last = path.split(".")
     node = out
-    for p in parents:
-        node = node.setdefault(p, {})
+    for i, p in enumerate(parents):
+        if node.get(p) is None:  # an absent section, or one written empty (`eval:`)
+            node[p] = {}
+        node = node[p]
+        if not isinstance(node, dict):
+            raise SpecError([f"{'.'.join(parents[:i + 1])}: is a value, not a section (it has no field "
+                             f"'{'.'.join([*parents[i + 1:], last])}')"])
     if value is REMOVE:
         node.pop(last, None)
     else:
@@ -530,7 +719,7 @@ def json_schema() -> dict[str, Any]:
     """JSON schema of a spec file, for editors."""
     schema = _ADAPTER.json_schema()
     schema["title"] = "barlow run spec"
-    for model in (PretrainSpec, EvalRunSpec, *Section.__subclasses__()):
+    for model in (PretrainSpec, EvalRunSpec, FollowUpEvalSpec, *Section.__subclasses__()):
         props = schema["$defs"].get(model.__name__, {}).get("properties", {})
         for name, field in model.model_fields.items():  # pydantic drops descriptions beside a $ref with a default
             if field.description and name in props:

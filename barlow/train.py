@@ -223,9 +223,12 @@ def run_record(spec: PretrainSpec, place: distributed.Placement) -> dict[str, An
 
 def check_same_run(saved: dict[str, Any], now: dict[str, Any], url: str) -> None:
     """A checkpoint resumes only the same model at the same global batch (world size and workers may change)."""
-    if saved.get("model") != now["model"] or saved.get("batch_size") != now["batch_size"]:
-        raise OutputHoldsAnotherRun(f"output.url: {url} holds a run with another model or global batch "
-                                    f"(optim.batch_size); use a new output.url")
+    theirs = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    differ = [f"model.{k} ({theirs.get(k)!r} there, {v!r} here)" for k, v in now["model"].items() if theirs.get(k) != v]
+    if saved.get("batch_size") != now["batch_size"]:
+        differ.append(f"optim.batch_size ({saved.get('batch_size')!r} there, {now['batch_size']!r} here)")
+    if differ:
+        raise OutputHoldsAnotherRun(f"output.url: {url} holds a run with another {', '.join(differ)}; use a new output.url")
 
 
 def resume_note(saved: dict[str, Any] | None, place: distributed.Placement, step: int) -> str:

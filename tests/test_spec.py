@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.spec import REMOVE, EvalRunSpec, PretrainSpec, SpecError, dump_spec, json_schema, load_spec, parse_spec, set_path
+from barlow.spec import REMOVE, EvalRunSpec, PretrainSpec, SpecError, dump_spec, json_schema, load_spec, loads_spec, parse_spec, set_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +107,11 @@ BAD = [
     ("eval-linear-backbone-lr", with_(GOOD_EVAL, "eval.lr_backbone", 0.01), "eval.lr_backbone", "must be 0 in linear mode"),
     ("eval-batch-divisible", with_(GOOD_EVAL, "runtime.nproc_per_node", 3), "eval.batch_size", "must be divisible by 3"),
     ("eval-optim-section", with_(GOOD_EVAL, "optim", {}), "optim", "unknown field"),
+    ("cross-section-data", with_(GOOD, "data.batch_size", 4), "data.batch_size", "did you mean 'optim.batch_size'"),
+    ("cross-section-optim", with_(GOOD, "optim.image_size", 64), "optim.image_size", "did you mean 'data.image_size'"),
+    ("cross-section-top", with_(GOOD, "epochs", 4), "epochs", "did you mean 'optim.epochs'"),
+    ("gs-not-served", with_(GOOD, "data.train", "gs://bucket/train"), "data.train", "unsupported URL scheme 'gs://'"),
+    ("az-output", with_(GOOD, "output.url", "az://container/run"), "output.url", "unsupported URL scheme 'az://'"),
 ]
 
 
@@ -202,3 +207,76 @@ def test_examples_validate():
 def test_root_cli_entry_runs():
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("barlow ")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("kind: pretrain\nkind: eval\n", "line 2: duplicate key 'kind' (first at line 1)"),
+    ("kind: pretrain\noptim: {epochs: 3}\nname: x\noptim:\n  lr_weights: 0.1\n", "line 4: duplicate key 'optim' (first at line 2)"),
+    ("kind: pretrain\ndata:\n  train: a\n  augment:\n    blur_prob: [1, 0]\n    blur_prob: [0, 1]\n",
+     "line 6: duplicate key 'data.augment.blur_prob' (first at line 5)"),
+    ("kind: pretrain\ncluster:\n  tolerations:\n    - {key: a, key: b}\n", "line 4: duplicate key 'cluster.tolerations.0.key' (first at line 4)"),
+    ("kind: pretrain\n'1': a\n1: b\n\"1\": c\n", "line 4: duplicate key '1' (first at line 2)"),  # quoting does not make it another key
+])
+def test_duplicate_keys_are_refused_with_their_line(text, problem):
+    with pytest.raises(SpecError) as info:
+        loads_spec(text, "spec.yaml")
+    assert info.value.problems == [f"spec.yaml: {problem}; a key may appear once"]
+
+
+def test_anchors_aliases_and_merge_keys_are_not_duplicates():
+    text = yaml.safe_dump(GOOD) + "x-defaults: &d {epochs: 5, warmup_epochs: 1}\noptim:\n  <<: *d\n  epochs: 6\n"
+    with pytest.raises(SpecError) as info:  # x-defaults is unknown; the merge key and its override are no duplicate
+        loads_spec(text, "spec.yaml")
+    assert info.value.problems == ["x-defaults: unknown field"]
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16", "utf-16-le", "cp1252"])
+def test_a_spec_not_in_utf8_is_one_line(tmp_path, encoding):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(("# déjà vu\n" + yaml.safe_dump(GOOD)).encode(encoding))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: not UTF-8 text (byte 0x") and line.endswith("save the spec as UTF-8")
+
+
+def test_a_utf8_spec_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(("# déjà vu\n" + yaml.safe_dump(GOOD)).encode("utf-8-sig"))
+    assert load_spec(path) == parse_spec(GOOD)
+
+
+@pytest.mark.parametrize("sets, problem", [
+    (["optim.epochs"], "--set optim.epochs: must be key.path=value (e.g. --set optim.epochs=100)"),
+    (["=3"], "--set =3: must be key.path=value"),
+    (["optim.=3"], "--set optim.=3: must be key.path=value"),
+    (["name.x=1"], "--set name.x=1: name: is a value, not a section (it has no field 'x')"),
+    (["optim.epochs={a"], "--set optim.epochs: line 1: not valid YAML"),
+    (["optim.epochs=ten"], "optim.epochs: Input should be a valid integer, unable to parse string as an integer "
+                            "(from --set optim.epochs=ten)"),
+    (["optim.batch_size=100", "runtime.nproc_per_node=3"],
+     "optim.batch_size: must be divisible by 3 (nodes × nproc_per_node) (from --set optim.batch_size=100)"),
+    (["data.batch_size=4"], "data.batch_size: unknown field (did you mean 'optim.batch_size'?) (from --set data.batch_size=4)"),
+    (["optimm.epochs=4"], "optimm: unknown field (did you mean 'optim'?)"),
+])
+def test_bad_overrides_name_the_key_path(sets, problem):
+    with pytest.raises(SpecError) as info:
+        loads_spec(yaml.safe_dump(GOOD), "spec.yaml", sets)
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith(problem), info.value.problems
+
+
+def test_overrides_resolve_like_the_file():
+    text = yaml.safe_dump(GOOD)
+    sets = ["optim.epochs=30", "data.augment.blur_prob=[0.5, 0.2]", "eval.epochs=7", "cluster.cpu=16", "data.val="]
+    as_file = copy.deepcopy(GOOD)
+    as_file["optim"] = {"epochs": 30}
+    as_file["data"] = {**GOOD["data"], "augment": {"blur_prob": [0.5, 0.2]}, "val": None}
+    as_file["eval"], as_file["cluster"] = {"epochs": 7}, {"cpu": 16}
+    assert loads_spec(text, "spec.yaml", sets) == parse_spec(as_file)
+
+
+def test_starter_specs_validate_as_written():
+    from barlow.cli.starter import starter_text
+
+    assert loads_spec(starter_text(False)).runtime.device == "cpu"
+    assert loads_spec(starter_text(True)).cluster.gpus_per_node == 8

@@ -430,3 +430,25 @@ def test_watch_rides_out_an_api_server_that_stops_answering(kube, tmp_path):
     first = barlow("status", "demo", "--context", "nope", "--watch", "--interval", "0", "--count", "2")
     assert first.exit_code == 1 and first.stdout == ""  # a first refresh that fails ends the watch
     assert len(first.stderr.strip().splitlines()) == 1 and "nope" in first.stderr
+
+
+def test_status_in_the_cli_image_shows_the_job_and_says_what_it_lacks_for_the_files(kube, tmp_path, monkeypatch):
+    """The CLI image (no torch, no fsspec): a job's status and its pods' reasons; the run's files need the training
+    image, and say so in one line."""
+    from test_cli_image import barlow_without_torch
+
+    b = backend.get("pytorchjob")
+    submit(tmp_path, "pytorchjob")
+    pod = add_pod(kube, b, "master", fake_kube.oom_killed(b.container, IMAGE))
+    env = {"KUBECONFIG": os.environ["KUBECONFIG"]}
+    out = barlow_without_torch("status", "demo", env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"pod:       {pod} Failed - OOMKilled (exit code 137)" in out.stdout.splitlines()
+    joined = barlow_without_torch("status", "-f", str(tmp_path / "spec.yaml"), env=env)
+    assert joined.returncode == 0, joined.stderr
+    assert ("progress:  unavailable: reading s3://bucket/runs/demo needs fsspec, which this installation lacks (the "
+            "training image has it)") in joined.stdout.splitlines()
+    folder = barlow_without_torch("status", str(tmp_path))
+    assert folder.returncode == 1
+    assert folder.stderr.strip() == (f"error: reading {tmp_path} needs fsspec, which this installation lacks (the "
+                                     "training image has it)")

@@ -28,6 +28,20 @@ def test_which_checkpoints_resume(change, accepted):
             check_same_run(saved, NOW, "out/checkpoints/step-00000004")
 
 
+@pytest.mark.parametrize("change, named", [
+    ({"batch_size": 256}, "another optim.batch_size (256 there, 128 here); use a new output.url"),
+    ({"model": {"arch": "resnet50", "width": 8}}, "another model.arch ('resnet50' there, 'resnet18' here); use"),
+    ({"model": {"arch": "resnet18", "width": 16}, "batch_size": 64},
+     "another model.width (16 there, 8 here), optim.batch_size (64 there, 128 here); use"),
+    ({"model": None}, "another model.arch (None there, 'resnet18' here), model.width (None there, 8 here); use"),
+])
+def test_another_run_names_the_fields_that_differ(change, named):
+    with pytest.raises(errors.OutputHoldsAnotherRun) as info:
+        check_same_run({**NOW, **change}, NOW, "out/checkpoints/step-00000004")
+    assert str(info.value).startswith(f"output.url: out/checkpoints/step-00000004 holds a run with {named}")
+    assert str(info.value).endswith("use a new output.url")
+
+
 @pytest.mark.parametrize("saved, note", [
     (None, ""),
     ({"world_size": 1}, ", resuming at step 12"),

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
+from barlow.cli.common import EXIT_INVALID, JOB, SET, SPEC, app, console, example, fail, invalid, load_or_exit
+from barlow.errors import EXIT_TIMED_OUT
 from barlow.launch.backend import NAMES
 from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
 
@@ -26,11 +27,14 @@ DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
 EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 
 
-Target = Stage  # the stages, and their rules, are the spec's (spec.stage_runs), the same for run, render and submit
-TARGET_HELP = STAGE_HELP
-SPEC_HELP = "Path to a run spec (YAML)."
+STAGE = typer.Argument(..., metavar="STAGE", help=STAGE_HELP)  # the spec's stages and rules (spec.stage_runs), as for run
 CONTEXT = typer.Option(None, "--context", help="kubeconfig context (default: its current context).")
-NAMESPACE = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", envvar="BARLOW_NAMESPACE", help="Namespace of the job.")
+NAMESPACE = typer.Option(None, "--namespace", "-n", show_default=False,
+                         help="Namespace of the job (default: $BARLOW_NAMESPACE, else the kubeconfig context's, else "
+                              f"{DEFAULT_NAMESPACE}).")
+SPEC_NAMESPACE = typer.Option(None, "--namespace", "-n", show_default=False,
+                              help="Namespace of the job (default: $BARLOW_NAMESPACE, else the spec's cluster.namespace "
+                                   f"where it is set, else the kubeconfig context's, else {DEFAULT_NAMESPACE}).")
 BackendName = StrEnum("BackendName", {name: name for name in NAMES})
 BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEND",
                        help="pytorchjob (Kubeflow training operator v1) or trainjob (Kubeflow Trainer v2).")
@@ -38,11 +42,13 @@ BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEN
 
 @contextmanager
 def _cluster_errors() -> Iterator[None]:
-    from barlow.launch.cluster import ClusterError, ClusterUnreachable
+    from barlow.launch.cluster import ClusterError, ClusterUnreachable, WaitTimedOut
     from barlow.launch.manifest import RenderError
 
     try:
         yield
+    except WaitTimedOut as e:
+        raise fail(str(e), EXIT_TIMED_OUT) from None
     except RenderError as e:
         raise fail(str(e), EXIT_INVALID) from None
     except ClusterUnreachable as e:
@@ -53,15 +59,18 @@ def _cluster_errors() -> Iterator[None]:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
 
 
-def _spec(spec_path: str | None, target: Target, namespace: str | None) -> PretrainSpec | EvalRunSpec:
-    """The spec from its file (or from $BARLOW_SPEC), checked against the target, placed in --namespace."""
+def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides: list[str] | None,
+          context: str | None = None) -> PretrainSpec | EvalRunSpec:
+    """The spec from its file (or from $BARLOW_SPEC) with its --set overrides, checked against the target, placed in
+    its namespace (see launch.cluster.resolve_namespace)."""
     if spec_path:
-        spec = load_or_exit(spec_path)
+        spec = load_or_exit(spec_path, overrides)
     elif SPEC_ENV in os.environ:
         try:
-            spec = loads_spec(os.environ[SPEC_ENV], SPEC_ENV)
+            spec = loads_spec(os.environ[SPEC_ENV], SPEC_ENV, overrides or ())
         except SpecError as e:
-            raise fail(f"{SPEC_ENV}: " + "; ".join(e.problems), EXIT_INVALID) from None
+            named = [p if p.startswith(SPEC_ENV) else f"{SPEC_ENV}: {p}" for p in e.problems]  # YAML errors name it already
+            raise fail("; ".join(named), EXIT_INVALID) from None
     else:
         raise fail(f"give a spec file (or the spec's YAML in ${SPEC_ENV})", EXIT_INVALID)
     source = spec_path or SPEC_ENV
@@ -69,47 +78,52 @@ def _spec(spec_path: str | None, target: Target, namespace: str | None) -> Pretr
 
     with _cluster_errors():
         stage_runs(spec, target, source)  # the stage fits the spec's kind, and a pipeline's eval is valid
-        return spec_namespace(spec, namespace)
+        return spec_namespace(spec, namespace, context)
 
 
-@app.command()
+@app.command(epilog=example("barlow render pipeline spec.yaml --set cluster.image=registry.example.com/barlow:0.1.0 "
+                            "| kubectl apply -f -"))
 def render(
-    target: Target = typer.Argument(..., help=TARGET_HELP),
-    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
-    namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace)."),
+    target: Stage = STAGE,
+    spec_path: str = SPEC,
+    namespace: str = SPEC_NAMESPACE,
+    context: str = typer.Option(None, "--context", help="kubeconfig context whose namespace applies (default: its "
+                                                        "current context)."),
+    overrides: list[str] = SET,
 ) -> None:
     """Print the Kubernetes manifests of a spec (YAML) for `kubectl apply -f -`."""
     from barlow.launch.kubernetes import render as render_docs
     from barlow.launch.kubernetes import to_yaml
 
-    spec = _spec(spec_path, target, namespace)
+    spec = _spec(spec_path, target, namespace, overrides, context)
     with _cluster_errors():
         typer.echo(to_yaml(render_docs(spec, target.value)), nl=False)
 
 
-@app.command()
+@app.command(epilog=example("barlow submit pipeline spec.yaml --set optim.epochs=300"))
 def submit(
-    target: Target = typer.Argument(..., help=TARGET_HELP),
-    spec_path: str = typer.Argument(None, metavar="[SPEC]", help=f"Path to a run spec (YAML); omitted: the YAML in ${SPEC_ENV}."),
+    target: Stage = STAGE,
+    spec_path: str = typer.Argument(None, metavar="SPEC", help=f"Path to a run spec (YAML); omitted: the YAML in ${SPEC_ENV}."),
     context: str = CONTEXT,
-    namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace)."),
+    namespace: str = SPEC_NAMESPACE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Have the API server validate the objects without creating them."),
     after: str = typer.Option(None, "--after", metavar="JOB",
                               help="Wait for this job (of the spec's backend) to succeed first (what the pipeline's "
                                    "follow-up runs)."),
     poll: float = typer.Option(30.0, "--poll", min=0.01, help="Seconds between status checks with --after."),
+    overrides: list[str] = SET,
 ) -> None:
     """Create the job(s) of a spec (a PyTorchJob or a TrainJob: cluster.backend); submitting the same spec again
     changes nothing."""
     from barlow.launch import cluster
 
-    spec = _spec(spec_path, target, namespace)
+    spec = _spec(spec_path, target, namespace, overrides, context)
     with _cluster_errors():
         api = cluster.connect(context)
         if after:
-            if target != Target.eval:
+            if target != Stage.eval:
                 raise fail("--after goes with `submit eval`", EXIT_INVALID)
-            (ev,) = stage_runs(spec, Target.eval)
+            (ev,) = stage_runs(spec, Stage.eval)
             done = cluster.submit_after(api, ev, after, poll=poll, on_change=_print_phase)
         else:
             done = cluster.submit(api, spec, target.value, dry_run=dry_run)
@@ -125,6 +139,14 @@ def _print_phase(st) -> None:
     console.print(f"{st.what} {st.name}: {st.phase}{' - ' + st.message if st.message else ''}", highlight=False, soft_wrap=True)
 
 
+def _namespace(option: str | None, context: str | None) -> str:
+    """The namespace of a command that names a job (see launch.cluster.resolve_namespace)."""
+    from barlow.launch.cluster import resolve_namespace
+
+    with _cluster_errors():
+        return resolve_namespace(option, None, context)
+
+
 def _backend(name: BackendName):
     from barlow.launch import backend
 
@@ -135,18 +157,19 @@ OutputFormat = StrEnum("OutputFormat", {"text": "text", "json": "json"})
 STATUS_SCHEMA = "barlow.status/v1"  # the `-o json` document's version: fields are only added within it
 
 
-@app.command()
+@app.command(epilog=example("barlow status runs/quickstart", "barlow status my-run -n vision -b trainjob",
+                            "barlow status -f spec.yaml --watch", "barlow status my-run -o json"))
 def status(
-    target: str = typer.Argument(None, metavar="[NAME|OUTPUT]",
+    target: str = typer.Argument(None, metavar="TARGET",
                                  help="A job name, or a run's output folder or URL: anything with a '/' (runs/quickstart, "
                                       "./out, s3://bucket/runs/x) is read as the run's files. Default: the -f spec's name."),
     spec_path: str = typer.Option(None, "--file", "-f", metavar="SPEC",
                                   help="The run's spec: the job's name, namespace and backend, and its output.url, whose "
                                        "files give the progress."),
-    namespace: str = typer.Option(None, "--namespace", "-n", envvar="BARLOW_NAMESPACE",
-                                  help=f"Namespace of the job (default: the -f spec's, else {DEFAULT_NAMESPACE})."),
+    overrides: list[str] = SET,
+    namespace: str = SPEC_NAMESPACE,
     context: str = CONTEXT,
-    backend: BackendName = typer.Option(None, "--backend", "-b", envvar="BARLOW_BACKEND",
+    backend: BackendName = typer.Option(None, "--backend", "-b", envvar="BARLOW_BACKEND", show_default=False,
                                         help=f"pytorchjob or trainjob (default: the -f spec's, else {DEFAULT_BACKEND})."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every --interval seconds until Ctrl-C."),
     interval: float = typer.Option(10.0, "--interval", min=0.0, help="Seconds between refreshes with --watch."),
@@ -156,24 +179,20 @@ def status(
 ) -> None:
     """How far, how fast, is it healthy: a job's phase, why its pods are not running, Kueue's admission; and from the
     run's files (an output folder or URL, or -f SPEC), step of total, loss, probe top-1, images/s, ETA, the latest
-    checkpoint and the restarts used.
-
-    Examples: barlow status runs/quickstart; barlow status imagenet-r50 -n vision; barlow status -f spec.yaml -w
-    """
-    from barlow import progress, storage
-
-    spec = load_or_exit(spec_path) if spec_path else None
+    checkpoint and the restarts used."""
+    spec = load_or_exit(spec_path, overrides) if spec_path else None
     is_output = target is not None and "/" in target  # a Kubernetes name never holds a '/'
     if target is None and spec is None:
         raise fail("give a job name, an output folder or URL, or -f SPEC", EXIT_INVALID)
     if is_output and spec is not None:
         raise fail("give an output folder or -f SPEC, not both (the spec's output.url is the run's folder)", EXIT_INVALID)
     name = target or spec.name
-    if spec is not None:  # the output is read as the run writes it (the spec's S3 endpoint), with few retries
-        storage.configure_s3(storage.S3Settings(**{**spec.data.s3.model_dump(), "retries": 2}))
     job_args = None
     if not is_output:
-        ns = namespace or (spec.cluster.namespace if spec else DEFAULT_NAMESPACE)
+        from barlow.launch.cluster import resolve_namespace
+
+        with _cluster_errors():
+            ns = resolve_namespace(namespace, spec, context)
         job_args = (name, ns, _backend(backend or BackendName(spec.cluster.backend if spec else DEFAULT_BACKEND)))
 
     def report() -> _Report:
@@ -186,7 +205,12 @@ def status(
         url = target if is_output else (spec.output.url if spec else "")
         if url:
             try:
-                found.progress = progress.read(url, spec.cluster.max_restarts if spec else None, found.time)
+                found.progress = _read_progress(url, spec, found.time)
+            except ImportError as e:  # the CLI image has no fsspec: a job's status stands without its files
+                why = f"reading {url} needs {e.name or 'fsspec'}, which this installation lacks (the training image has it)"
+                if is_output:
+                    raise fail(why) from None
+                found.progress_error = why
             except FileNotFoundError as e:
                 if is_output:
                     raise fail(str(e), EXIT_INVALID) from None
@@ -198,6 +222,14 @@ def status(
         return found
 
     _refresh(report, output, watch, interval, count)
+
+
+def _read_progress(url: str, spec: PretrainSpec | EvalRunSpec | None, now: float) -> Progress:
+    from barlow import progress, storage
+
+    if spec is not None:  # the output is read as the run writes it (the spec's S3 endpoint), with few retries
+        storage.configure_s3(storage.S3Settings(**{**spec.data.s3.model_dump(), "retries": 2}))
+    return progress.read(url, spec.cluster.max_restarts if spec else None, now)
 
 
 @dataclass
@@ -216,14 +248,14 @@ class _Report:
                 "progress": self.progress.as_dict() if self.progress else None, "progress_error": self.progress_error}
 
     def lines(self) -> list[str]:
-        from barlow.progress import lines
-
         rows: list[tuple[str, str]] = []
         if self.job is not None:
             rows += _job_rows(self.job)
             if self.progress is None and not self.progress_error and self.job.output:
                 rows.append(("output", f"{self.job.output}   (its progress: barlow status {self.job.output}, or -f SPEC)"))
         if self.progress is not None:
+            from barlow.progress import lines  # needs fsspec, which the CLI image lacks (no progress there)
+
             rows += lines(self.progress, self.time)
         if self.progress_error:
             rows.append(("progress", f"unavailable: {self.progress_error}"))
@@ -289,9 +321,9 @@ def _refresh(report: Callable[[], _Report], output: OutputFormat, watch: bool, i
             live.stop()
 
 
-@app.command()
+@app.command(epilog=example("barlow logs my-run -f --replica worker-0"))
 def logs(
-    name: str = typer.Argument(..., help="Job name (the run name)."),
+    name: str = JOB,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines."),
     replica: str = typer.Option("master", "--replica",
                                 help="master; worker-N for a PyTorchJob (node rank N + 1), node-N for a TrainJob."),
@@ -306,50 +338,52 @@ def logs(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    namespace = _namespace(namespace, context)
     with _cluster_errors():
         cluster.logs(cluster.connect(context), name, namespace, replica=replica, follow=follow, write=write,
                      b=_backend(backend))
 
 
-@app.command()
+@app.command(epilog=example("barlow wait my-run --timeout 3600"))
 def wait(
-    name: str = typer.Argument(..., help="Job name (the run name)."),
+    name: str = JOB,
     timeout: float = typer.Option(None, "--timeout", min=0, help="Give up after this many seconds (default: never)."),
     poll: float = typer.Option(10.0, "--poll", min=0.01, help="Seconds between status checks."),
     namespace: str = NAMESPACE,
     context: str = CONTEXT,
     backend: BackendName = BACKEND,
 ) -> None:
-    """Wait until a job succeeds (exit 0) or fails (exit 1), printing each phase change; a queued job is waited for."""
+    """Wait until a job succeeds (exit 0) or fails (exit 1), printing each phase change; a queued job is waited for;
+    exit 124 when --timeout runs out first."""
     from barlow.launch import cluster
 
-    b = _backend(backend)
+    b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
         st = cluster.wait(cluster.connect(context), name, namespace, timeout=timeout, poll=poll, on_change=_print_phase, b=b)
     if not st.finished_ok:
         raise fail(f"{b.what} {name} failed: {st.message or 'no message'}")
 
 
-@app.command()
-def delete(name: str = typer.Argument(..., help="Job name (the run name)."), namespace: str = NAMESPACE,
+@app.command(epilog=example("barlow delete my-run -n vision"))
+def delete(name: str = JOB, namespace: str = NAMESPACE,
            context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """Delete a job with its pods (its output in output.url stays)."""
     from barlow.launch import cluster
 
-    b = _backend(backend)
+    b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
         cluster.delete(cluster.connect(context), name, namespace, b)
     console.print(f"{b.what} {name} in namespace {namespace}: deleted", highlight=False, soft_wrap=True)
 
 
-@app.command("list")
+@app.command("list", epilog=example("barlow list -n vision -b trainjob"))
 def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """List barlow's jobs of one backend in a namespace."""
     from rich.table import Table
 
     from barlow.launch import cluster
 
-    b = _backend(backend)
+    b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
         jobs = cluster.list_jobs(cluster.connect(context), namespace, b)
     if not jobs:
@@ -361,22 +395,19 @@ def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT, backend: Backe
     console.print(table)
 
 
-@app.command()
+@app.command(epilog=example("barlow plan spec.yaml --gpu NVIDIA-H100-80GB-HBM3 --set optim.epochs=300"))
 def plan(
-    spec_path: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    spec_path: str = SPEC,
+    overrides: list[str] = SET,
     images: int = typer.Option(None, "--images", min=1, help="Training images (default: counted from a shard index)."),
     gpu: str = typer.Option(None, "--gpu", help="GPU model, as the node label nvidia.com/gpu.product (default: the "
                                                 "spec's cluster.node_selector)."),
 ) -> None:
-    """Print what a run will do before it is submitted: GPUs, global batch, steps, expected wall time and GPU-hours."""
-    from barlow.launch.plan import images_in, lines, make_plan
+    """Print what a run will do before it is submitted, stage by stage (a pretrain spec: pretraining, then its
+    pipeline's eval): GPUs, global batch, steps, expected wall time and GPU-hours. What it cannot know it says is
+    unknown, and why (an image folder, no S3 credentials, no measured throughput)."""
+    from barlow.launch.plan import report
 
-    spec = load_or_exit(spec_path)
-    if images is None:
-        try:
-            images = images_in(spec)
-        except (OSError, ValueError, KeyError) as e:
-            raise fail(f"data.train: cannot count the images in the shard index ({type(e).__name__}: {e}); "
-                       "pass --images N") from None
-    for label, value in lines(spec, make_plan(spec, images, gpu)):
-        console.print(f"{label + ':':<14}{value}", highlight=False, soft_wrap=True)
+    spec = load_or_exit(spec_path, overrides)
+    for line in report(spec, images, gpu):
+        console.print(line, highlight=False, soft_wrap=True)

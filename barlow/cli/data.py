@@ -4,35 +4,48 @@ from __future__ import annotations
 
 import typer
 
-from barlow.cli.common import app, console, fail
+from barlow.cli.common import EXIT_INVALID, app, console, example, fail
 
-data_app = typer.Typer(help="Image sets: make the demo set, convert folders to shards.", no_args_is_help=True)
+data_app = typer.Typer(help="Image sets: make the demo set, convert folders to shards.", no_args_is_help=True,
+                       epilog=example("barlow data demo data/demo"))
 app.add_typer(data_app, name="data")
 
 
-@data_app.command()
+def _url(option: str, url: str, write: bool) -> str:
+    """The URL, checked as the spec checks data.* (read) and output.url (write)."""
+    from barlow.spec import check_url
+
+    try:
+        return check_url(url, write=write)
+    except ValueError as e:
+        raise fail(f"{option} {url}: {e}", EXIT_INVALID) from None
+
+
+@data_app.command(epilog=example("barlow data demo data/demo"))
 def demo(
-    dst: str = typer.Argument(..., help="Folder (local path or s3://...) to write train/ and val/ into."),
+    dst: str = typer.Argument(..., metavar="DST", help="Folder (local path or s3://...) to write train/ and val/ into."),
     size: int = typer.Option(32, min=8, max=256, help="Side of the images in pixels."),
 ) -> None:
     """Write a small real image set: scikit-learn's handwritten digits as JPEGs in ImageNet layout."""
     from barlow import storage
     from barlow.data.demo import write_demo
 
-    if storage.exists(storage.join(dst, "train")) and storage.list_names(storage.join(dst, "train")):
-        console.print(f"{dst}: demo set already there, nothing to do")
-        return
+    dst = _url("DST", dst, write=True)
     try:
+        if storage.exists(storage.join(dst, "train")) and storage.list_names(storage.join(dst, "train")):
+            console.print(f"{dst}: demo set already there, nothing to do")
+            return
         counts = write_demo(dst, size)
     except OSError as e:
         raise fail(f"{dst}: cannot write the demo set ({e})") from None
     console.print(f"wrote {counts['train']} train and {counts['val']} val images ({size} px, 10 classes) to {dst}")
 
 
-@data_app.command()
+@data_app.command(epilog=example("barlow data shard imagenet/train s3://datasets/imagenet-shards/train --endpoint-url "
+                                  "https://s3.example.com"))
 def shard(
-    src: str = typer.Argument(..., help="Image folder in ImageNet layout (<class>/<image>): local path or s3://..."),
-    dst: str = typer.Argument(..., help="Folder for the shards and index.json: local path or s3://..."),
+    src: str = typer.Argument(..., metavar="SRC", help="Image folder in ImageNet layout (<class>/<image>): local path or s3://..."),
+    dst: str = typer.Argument(..., metavar="DST", help="Folder for the shards and index.json: local path or s3://..."),
     shard_size_mb: int = typer.Option(256, "--shard-size-mb", min=1, max=100_000, help="Largest shard, in MiB."),
     workers: int = typer.Option(4, min=1, max=256, help="Shards written at the same time."),
     seed: int = typer.Option(0, min=0, help="Seed of the image order (images are shuffled across shards)."),
@@ -46,6 +59,7 @@ def shard(
 
     if addressing_style not in ("auto", "virtual", "path"):
         raise fail(f"--addressing-style: must be auto, virtual or path (got {addressing_style})", 2)
+    src, dst = _url("SRC", src, write=False), _url("DST", dst, write=True)
     storage.configure_s3(storage.S3Settings(endpoint_url, region, addressing_style))
     try:
         done = write_shards(src, dst, shard_size=shard_size_mb << 20, workers=workers, seed=seed)

@@ -6,20 +6,21 @@ import json
 
 import typer
 
-from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
+from barlow.cli.common import EXIT_INVALID, SET, SPEC, app, console, example, fail, invalid, load_or_exit
 from barlow.spec import STAGE_HELP, EvalRunSpec, PretrainSpec, SpecError, Stage, stage_runs, with_fields
 
 
-@app.command()
+@app.command(epilog=example("barlow run pipeline spec.yaml --set optim.epochs=5"))
 def run(
-    stage: Stage = typer.Argument(..., help=STAGE_HELP),
-    spec_path: str = typer.Argument(..., metavar="SPEC", help="Path to a run spec (YAML)."),
+    stage: Stage = typer.Argument(..., metavar="STAGE", help=STAGE_HELP),
+    spec_path: str = SPEC,
     nproc: int = typer.Option(None, "--nproc", min=1, max=64, help="Override runtime.nproc_per_node."),
+    overrides: list[str] = SET,
 ) -> None:
     """Run a spec on this machine with torchrun (Ctrl-C stops cleanly after a checkpoint; rerun to resume)."""
     from barlow.launch.local import run_local
 
-    spec = load_or_exit(spec_path)
+    spec = load_or_exit(spec_path, overrides)
     if nproc is not None:
         spec = _with_nproc(spec, nproc, spec_path)
     try:

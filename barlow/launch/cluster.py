@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -23,7 +24,7 @@ from barlow.launch import backend as backends
 from barlow.launch.backend import Backend
 from barlow.launch.kubernetes import build_follow_up
 from barlow.launch.manifest import LABEL_HASH, MANAGED_BY, RenderError, to_dict
-from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, stage_runs, with_fields
+from barlow.spec import ClusterSpec, EvalRunSpec, PretrainSpec, RunSpec, SpecError, stage_runs, with_fields
 
 SUCCEEDED = ("Succeeded", "Complete")  # PyTorchJob's condition, TrainJob's condition
 FINISHED = (*SUCCEEDED, "Failed")
@@ -37,6 +38,10 @@ class ClusterError(Exception):
 
 class ClusterUnreachable(ClusterError):
     """The API server could not be reached (transient: waiting loops retry)."""
+
+
+class WaitTimedOut(ClusterError):
+    """`wait` gave up after its timeout while the job was still unfinished."""
 
 
 @dataclass(frozen=True)
@@ -100,15 +105,40 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
+NAMESPACE_ENV = "BARLOW_NAMESPACE"
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+# what a kubeconfig that cannot be read raises: the client's own errors, and its YAML parser's on a malformed file
+_KUBECONFIG_ERRORS = (config.ConfigException, OSError, ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError)
+
+
+def _kubeconfig_path() -> str:
+    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+def _kubeconfig_exists(path: str) -> bool:
+    return any(p and os.path.exists(os.path.expanduser(p)) for p in path.split(os.pathsep))
+
+
+def _kubeconfig_problem(path: str, e: Exception) -> ClusterError:
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        return ClusterError(f"kubeconfig {path}: not valid YAML (line {e.problem_mark.line + 1}: {e.problem})")
+    if isinstance(e, yaml.YAMLError):
+        return ClusterError(f"kubeconfig {path}: not valid YAML ({_one_line(e)})")
+    if isinstance(e, TypeError | AttributeError | KeyError):
+        return ClusterError(f"kubeconfig {path}: not a kubeconfig (clusters, contexts, users and current-context "
+                            f"as `kubectl config view` prints them)")
+    return ClusterError(f"kubeconfig {path}: {_one_line(e)}")
+
+
 def connect(context: str | None = None) -> client.ApiClient:
     """An API client from the kubeconfig (KUBECONFIG or ~/.kube/config) or, inside a pod, the in-cluster config."""
     cfg = client.Configuration()
-    path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    if any(p and os.path.exists(os.path.expanduser(p)) for p in path.split(os.pathsep)):
+    path = _kubeconfig_path()
+    if _kubeconfig_exists(path):
         try:
             config.load_kube_config(config_file=path, context=context, client_configuration=cfg, persist_config=False)
-        except (config.ConfigException, OSError, ValueError, TypeError) as e:
-            raise ClusterError(f"kubeconfig {path}: {_one_line(e)}") from None
+        except _KUBECONFIG_ERRORS as e:
+            raise _kubeconfig_problem(path, e) from None
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         if context:
             raise ClusterError("--context needs a kubeconfig; inside a pod there is only the in-cluster config")
@@ -120,6 +150,44 @@ def connect(context: str | None = None) -> client.ApiClient:
         raise ClusterError(f"no cluster configured: no kubeconfig at {path} and not running in a pod "
                            "(point KUBECONFIG at your cluster's config)")
     return client.ApiClient(cfg)
+
+
+def context_namespace(context: str | None = None) -> str | None:
+    """The namespace of the kubeconfig's context (`--context`, else its current one), or inside a pod its service
+    account's; None where neither names one."""
+    path = _kubeconfig_path()
+    if _kubeconfig_exists(path):
+        try:
+            contexts, current = config.list_kube_config_contexts(config_file=path)
+        except _KUBECONFIG_ERRORS as e:
+            raise _kubeconfig_problem(path, e) from None
+        chosen = next((c for c in contexts or [] if c.get("name") == context), None) if context else current
+        if context and chosen is None:
+            raise ClusterError(f"kubeconfig {path}: no context '{context}' (it has: "
+                               f"{', '.join(c.get('name', '?') for c in contexts or []) or 'none'})")
+        return ((chosen or {}).get("context") or {}).get("namespace") or None
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+                return f.read().strip() or None
+        except OSError:  # no service account token mounted: no namespace from it
+            return None
+    return None
+
+
+def resolve_namespace(option: str | None, spec: RunSpec | None = None, context: str | None = None) -> str:
+    """The namespace every command acts in: --namespace, then $BARLOW_NAMESPACE, then the spec's cluster.namespace
+    where the spec sets it, then the kubeconfig context's namespace, then cluster.namespace's default.
+    Raises SpecError for a name Kubernetes would refuse, ClusterError for an unreadable kubeconfig."""
+    for where, name in (("--namespace", option), (NAMESPACE_ENV, os.environ.get(NAMESPACE_ENV))):
+        if name:
+            try:
+                return ClusterSpec(namespace=name).namespace
+            except ValueError as e:  # pydantic's ValidationError is a ValueError
+                raise SpecError([f"{where}: '{name}' is not a valid Kubernetes name (lowercase letters, digits, '-')"]) from e
+    if spec is not None and "namespace" in spec.cluster.model_fields_set:
+        return spec.cluster.namespace
+    return context_namespace(context) or ClusterSpec.model_fields["namespace"].default
 
 
 def _body(e: ApiException) -> dict[str, Any]:
@@ -325,7 +393,7 @@ def wait(api: client.ApiClient, name: str, namespace: str, timeout: float | None
             return st
         if deadline is not None and time.monotonic() >= deadline:
             phase = last.phase if last else "unknown"
-            raise ClusterError(f"timed out after {timeout:g}s waiting for {b.what} {name} (phase {phase})")
+            raise WaitTimedOut(f"timed out after {timeout:g}s waiting for {b.what} {name} (phase {phase})")
         sleep(poll)
 
 
@@ -386,8 +454,9 @@ def list_jobs(api: client.ApiClient, namespace: str, b: Backend | None = None) -
     return sorted((_status_of(o, b) for o in found.get("items") or []), key=lambda s: (s.created, s.name))
 
 
-def spec_namespace(spec: RunSpec, namespace: str | None) -> RunSpec:
-    """The spec placed in `namespace` (the --namespace option), so the manifest and the pod's spec agree."""
-    if not namespace or namespace == spec.cluster.namespace:
+def spec_namespace(spec: RunSpec, option: str | None, context: str | None = None) -> RunSpec:
+    """The spec placed in the namespace `resolve_namespace` picks, so the manifest and the pod's spec agree."""
+    namespace = resolve_namespace(option, spec, context)
+    if namespace == spec.cluster.namespace:
         return spec
     return with_fields(spec, {"cluster.namespace": namespace}, "--namespace")

@@ -12,7 +12,7 @@ from barlow.launch.manifest import (
     ANNOTATION_AFTER,
     ANNOTATION_OUTPUT,
     RenderError,
-    image,
+    cli_image,
     job_name,
     labels,
     security,
@@ -32,14 +32,14 @@ def follow_up_name(spec: PretrainSpec) -> str:
 def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
     """A small CPU Job that waits for `spec`'s job (PyTorchJob or TrainJob) and, once it succeeds, submits the eval.
 
-    It runs `barlow submit eval --after <pretrain job>` with the eval spec in BARLOW_SPEC, under the namespace's
-    `barlow` service account (k8s/base grants it get/create on pytorchjobs and trainjobs).
-    """
+    It runs `barlow submit eval --after <pretrain job>` from the CLI image (`cluster.cli_image`) with the eval spec in
+    BARLOW_SPEC, under the namespace's `barlow` service account (k8s/base grants it get/create on pytorchjobs and
+    trainjobs)."""
     ev, c = follow_up_eval(spec), spec.cluster
     pod_security, container_security = security()
     container = k8s.V1Container(
         name="follow-up",
-        image=image(spec),
+        image=cli_image(spec),  # barlow without torch: the pod only polls the API and submits
         image_pull_policy=c.image_pull_policy,
         command=["barlow", "submit", "eval", "--after", job_name(spec), "--poll", str(poll_seconds)],
         env=[k8s.V1EnvVar(name=SPEC_ENV, value=dump_spec(ev))],

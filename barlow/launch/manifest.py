@@ -14,6 +14,7 @@ from barlow.spec import RENDERED_BY_ENV, SPEC_ENV, RunSpec, dump_spec
 # torchrun with the worker's exit code passed through (plain torchrun exits 1 for every failure, see barlow/torchrun.py).
 COMMAND = ["python", "-m", "barlow.torchrun", "-m", "barlow.entrypoint"]
 SHUTDOWN_MARGIN_S = 10  # torchrun must give up on its workers before the kubelet's SIGKILL ends the pod
+RUN_AS = 1000  # uid and gid of every pod's processes: the user both images create (docker/Dockerfile*)
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the keys of k8s/base/s3-secret.template.yaml
 
 LABEL_RUN = "barlow.dev/run"
@@ -44,6 +45,17 @@ def image(spec: RunSpec) -> str:
     return spec.cluster.image
 
 
+def cli_image(spec: RunSpec) -> str:
+    """The follow-up's image: cluster.cli_image, else the training image's repository + `-cli`, same tag (what
+    `make image` tags the pair; a digest names one image's content, so a pinned image gets barlow's version)."""
+    if spec.cluster.cli_image:
+        return spec.cluster.cli_image
+    ref, _, digest = image(spec).partition("@")
+    repo, tag = ref.rsplit(":", 1) if ":" in ref.rsplit("/", 1)[-1] else (ref, None)  # a registry's :port is no tag
+    tag = tag or (__version__ if digest else None)
+    return f"{repo}-cli" + (f":{tag}" if tag else "")
+
+
 def labels(spec: RunSpec, component: str | None = None) -> dict[str, str]:
     """Labels of everything rendered for `spec`: the recommended `app.kubernetes.io/*` set, run and spec hash."""
     return {
@@ -65,8 +77,10 @@ def job_labels(spec: RunSpec) -> dict[str, str]:
 
 
 def security() -> tuple[k8s.V1PodSecurityContext, k8s.V1SecurityContext]:
-    # The Pod Security "restricted" profile: the training needs no privileges (the image's user is uid 1000).
-    pod = k8s.V1PodSecurityContext(run_as_non_root=True, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+    """The pod's and each container's security context: the Pod Security "restricted" profile (barlow needs no
+    privilege), with the ids set here so that an image declaring another user (or root) cannot change them."""
+    pod = k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=RUN_AS, run_as_group=RUN_AS,
+                                   seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
     container = k8s.V1SecurityContext(allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]))
     return pod, container
 

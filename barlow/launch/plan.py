@@ -1,12 +1,14 @@
-"""`barlow plan SPEC`: what a run will do before anything is submitted: processes and GPUs, global batch, steps per
-epoch, total steps, and the expected wall time and GPU-hours from the measured-throughput table. No torch here."""
+"""`barlow plan SPEC`: what a run will do before anything is submitted, for each of its stages (a pretrain spec's
+pretraining and the eval its pipeline runs next): processes and GPUs, global batch, steps per epoch, total steps, and
+the expected wall time and GPU-hours from the measured-throughput table. It always answers: what it cannot know (the
+images of an index it cannot read, a throughput nobody measured) it says is unknown, and why. No torch here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from barlow.launch.throughput import lookup
-from barlow.spec import EvalRunSpec, PretrainSpec
+from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, SpecError, stage_runs
 
 GPU_LABEL = "nvidia.com/gpu.product"
 
@@ -52,6 +54,32 @@ def images_in(spec: PretrainSpec | EvalRunSpec) -> int | None:
     return sum(s.samples for s in index.shards)
 
 
+def _has_s3_credentials() -> bool:
+    # the chain s3fs reads (environment, shared files, instance metadata), asked once a read was refused
+    import botocore.session
+
+    return botocore.session.get_session().get_credentials() is not None
+
+
+def count_images(spec: PretrainSpec | EvalRunSpec, given: int | None = None) -> tuple[int | None, str]:
+    """(training images, why unknown): `given` (--images), else counted from a shard index; never raises."""
+    url = spec.data.train
+    if given is not None:
+        return given, ""
+    if spec.data.format != "shards":
+        return None, "an image folder is not counted: pass --images N"
+    try:
+        return images_in(spec), ""
+    except ImportError as e:  # the CLI image has no data stack
+        return None, f"reading {url} needs {e.name or 'the data stack'}, which this installation lacks: pass --images N"
+    except PermissionError as e:
+        if url.startswith("s3://") and not _has_s3_credentials():
+            return None, f"no credentials for {url}"
+        return None, f"{e}: pass --images N"
+    except (OSError, ValueError, KeyError) as e:
+        return None, f"cannot read the shard index ({type(e).__name__}: {e}): pass --images N"
+
+
 def make_plan(spec: PretrainSpec | EvalRunSpec, images: int | None, gpu: str | None = None) -> Plan:
     r, c = spec.runtime, spec.cluster
     gpus = r.nodes * c.gpus_per_node if c.gpus_per_node else (r.world_size if r.device == "cuda" else 0)
@@ -66,22 +94,51 @@ def make_plan(spec: PretrainSpec | EvalRunSpec, images: int | None, gpu: str | N
                 row.source if row else "")
 
 
-def lines(spec: PretrainSpec | EvalRunSpec, plan: Plan) -> list[tuple[str, str]]:
-    """(label, value) rows that `barlow plan` prints."""
+def lines(spec: PretrainSpec | EvalRunSpec, plan: Plan, unknown: str = "pass --images N") -> list[tuple[str, str]]:
+    """(label, value) rows of one stage; `unknown` says why its images are not known."""
     r, c = spec.runtime, spec.cluster
-    unknown = "unknown: pass --images N (an image folder is not counted)"
     measured = f"{plan.images_per_s_per_gpu:g} images/s per GPU ({plan.measured_by})" if plan.images_per_s_per_gpu else (
         f"not measured for ({plan.gpu_model or 'GPU model unknown: pass --gpu'}, {spec.model.arch}, "
         f"{spec.data.image_size} px): see barlow/launch/throughput.py")
+    if isinstance(spec, EvalRunSpec):
+        measured = "not measured (barlow/launch/throughput.py holds pretraining rows)"
+    if isinstance(spec, EvalRunSpec) and spec.eval.train_percent != 100:
+        images = f"{plan.images} ({spec.eval.train_percent} % of the labelled images)"
+    else:
+        images = f"{plan.images}"
     return [
         ("run", f"{spec.name} ({spec.kind}; on a cluster: {c.backend} in namespace {c.namespace})"),
         ("processes", f"{r.nodes} node(s) × {r.nproc_per_node} = {r.world_size}"),
         ("GPUs", f"{plan.gpus}" + (f" × {plan.gpu_model}" if plan.gpu_model and plan.gpus else "")),
         ("global batch", f"{plan.global_batch} ({plan.global_batch // r.world_size} per process)"),
-        ("images", f"{plan.images}" if plan.images is not None else unknown),
+        ("images", images if plan.images is not None else f"unknown ({unknown})"),
         ("steps/epoch", f"{plan.steps_per_epoch}" if plan.steps_per_epoch is not None else "unknown"),
         ("total steps", f"{plan.total_steps} ({plan.epochs} epochs)" if plan.total_steps is not None else "unknown"),
         ("throughput", measured),
         ("wall time", f"{plan.wall_hours:.1f} h" if plan.wall_hours is not None else "not measured"),
         ("GPU-hours", f"{plan.gpu_hours:.0f}" if plan.gpu_hours is not None else "not measured"),
     ]
+
+
+def stages(spec: PretrainSpec | EvalRunSpec) -> tuple[list[tuple[str, RunSpec]], list[str]]:
+    """The stages `barlow plan` shows, titled, and the problems of a pipeline's eval that cannot run (its pretraining
+    is still shown): an eval spec is one eval; a pretrain spec is its pretraining and its pipeline's eval."""
+    if isinstance(spec, EvalRunSpec):
+        return [("eval", spec)], []
+    try:
+        _, ev = stage_runs(spec, "pipeline")
+    except SpecError as e:
+        return [("pretrain", spec)], e.problems
+    return [("pretrain", spec), (f"eval (the pipeline's, after pretrain: {ev.name})", ev)], []
+
+
+def report(spec: PretrainSpec | EvalRunSpec, images: int | None = None, gpu: str | None = None) -> list[str]:
+    """What `barlow plan` prints: each stage's rows under its title; never raises on what it cannot know."""
+    count, unknown = count_images(spec, images)
+    runs, problems = stages(spec)
+    out = []
+    for title, run in runs:
+        out.append(f"{title}:")
+        out += [f"  {label + ':':<14}{value}" for label, value in lines(run, make_plan(run, count, gpu), unknown)]
+    out += [f"eval (the pipeline's): cannot run: {p}" for p in problems]
+    return out
