@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from barlow import storage
 
 # torch is imported only where state is saved or loaded: finding checkpoints (barlow status, the restart budget)
-# runs in the CLI image, which has no torch
+# needs no torch
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 

@@ -4,7 +4,7 @@ The files: `run.json` (what the run set out to do: total steps, global batch, re
 rank at the start of every attempt), `metrics.jsonl` (one line per log step), the checkpoints folder (the latest
 complete one and when its marker was written), `attempts/` (the restart record, barlow.restarts) and the file a run
 writes last (`summary.json` after pretraining, `results.json` after an eval). The same reads work on a local folder
-and on S3. No torch here: `barlow status` runs in the CLI image, which has none.
+and on S3. No torch here: reading a run's progress needs fsspec (s3fs for s3://), not the training stack.
 """
 
 from __future__ import annotations
