@@ -23,8 +23,9 @@ from barlow.spec import RunSpec
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"  # as barlow.metrics writes it
 DONE_FILES = ("summary.json", "results.json")  # the last file of pretraining (train.finish) and of an eval
-PROBE_KEYS = ("probe_top1", "online_top1")  # the online linear probe's running top-1, where the run logs one
+PROBE_KEYS = ("probe_top1",)  # the online linear probe's running top-1, where the run logs one
 KNN_KEYS = ("knn_top1",)  # the periodic kNN monitor's top-1 (and the eval's final kNN)
+STEP_KEY = "loss"  # the lines of training steps carry it; a kNN line or an eval's result line does not
 TAIL_BYTES = 1 << 20  # the end of metrics.jsonl that is read: thousands of lines, far more than the rate needs
 RATE_WINDOW = 20  # log lines the step rate is measured over
 STALL_INTERVALS, STALL_MIN_S = 10, 600.0  # no new line for 10 log intervals, and 10 minutes at least: stalled
@@ -148,7 +149,8 @@ def _latest(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> float | None:
 
 
 def _attempt(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The lines of the current attempt: a resumed run starts again from its checkpoint's step."""
+    """The step lines of the current attempt: a resumed run starts again from its checkpoint's step."""
+    rows = [r for r in rows if STEP_KEY in r and isinstance(r.get("time"), int | float)]
     start = 0
     for i in range(1, len(rows)):
         if rows[i]["step"] <= rows[i - 1]["step"]:
@@ -162,10 +164,10 @@ def _from_metrics(p: Progress, rows: list[dict[str, Any]], batch_size: int | Non
     p.epoch = float(last["epoch"]) if isinstance(last.get("epoch"), int | float) else None
     p.loss = _latest(rows, ("loss",))
     p.probe_top1, p.knn_top1 = _latest(rows, PROBE_KEYS), _latest(rows, KNN_KEYS)
-    p.images_per_s = float(last["images_per_s"]) if isinstance(last.get("images_per_s"), int | float) else None
+    p.images_per_s = _latest(rows, ("images_per_s",))
     if isinstance(last.get("time"), int | float):
         p.updated_age_s = max(0.0, now - float(last["time"]))
-    window = [r for r in _attempt(rows) if isinstance(r.get("time"), int | float)][-RATE_WINDOW:]
+    window = _attempt(rows)[-RATE_WINDOW:]
     if len(window) >= 2 and window[-1]["time"] > window[0]["time"]:
         p.steps_per_s = (window[-1]["step"] - window[0]["step"]) / (window[-1]["time"] - window[0]["time"])
     elif p.images_per_s and batch_size:
@@ -175,7 +177,7 @@ def _from_metrics(p: Progress, rows: list[dict[str, Any]], batch_size: int | Non
 
 
 def _running_or_stalled(p: Progress, rows: list[dict[str, Any]]) -> str:
-    window = [r for r in _attempt(rows) if isinstance(r.get("time"), int | float)][-RATE_WINDOW:]
+    window = _attempt(rows)[-RATE_WINDOW:]
     if p.updated_age_s is None or len(window) < 2:
         return RUNNING
     interval = (window[-1]["time"] - window[0]["time"]) / (len(window) - 1)

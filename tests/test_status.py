@@ -108,6 +108,15 @@ def test_the_rate_is_measured_on_the_current_attempt_only(tmp_path, monkeypatch)
     assert p.eta_s == pytest.approx(20.0)
 
 
+def test_a_knn_line_is_no_step(tmp_path, monkeypatch):
+    # the kNN monitor logs its own line at a step already logged, without the loss: no new attempt, no rate change
+    out = str(tmp_path / "run")
+    clock = write_run(out, monkeypatch, [*steps(10, 20), (20, {"knn_top1": 55.5}), *steps(30, 40)])
+    p = progress.read(out, now=clock.t)
+    assert (p.step, p.knn_top1, p.loss, p.images_per_s) == (40, 55.5, 60.0, 1280.0)
+    assert p.steps_per_s == pytest.approx(30 / 8)  # steps 10 to 40 over the 8 s from the first line to the last
+
+
 @pytest.mark.parametrize("rows, now_after, state, warning", [
     (steps(10, 20), 1.0, "running", None),
     (steps(10, 20), 3600.0, "stalled", "no metrics line for 1 h (one came every 2 s): the run is stopped or stuck"),
