@@ -159,6 +159,7 @@ def test_restarts_used_count_retryable_failures_since_the_latest_checkpoint(tmp_
     restarts.Budget.read(out, 2).at_start()  # the third attempt is running: not counted until it ends
     p = progress.read(out, now=clock.t)
     assert p.restarts == progress.Restarts(used=2, max=2, attempts=3)
+    assert dict(progress.lines(p))["restarts"] == "2 of 2 since the latest checkpoint (3 attempts)"
     assert p.warnings == ["restart budget spent: 2 of cluster.max_restarts 2 restarts since the latest checkpoint; "
                           "the next retryable failure ends the run"]
     checkpoint.save(out, 20, {"w": torch.zeros(1)}, keep=2)  # a new checkpoint ends the streak

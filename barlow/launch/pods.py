@@ -112,7 +112,7 @@ def _terminated(state: Any) -> Any:
 def explain(pod: Any, events: Any, container: str) -> PodState:
     """Why `pod` (a V1Pod) is not running well, or no reason where it is; `events(pod name)` is asked only when
     the pod's status says nothing. The training container is looked at first."""
-    status = pod.status
+    status = pod.status or client.V1PodStatus()  # a pod just created may have no status yet
     name, phase = pod.metadata.name, status.phase or "Unknown"
     statuses = sorted(status.container_statuses or [], key=lambda c: c.name != container)
     ready = bool(statuses) and all(c.ready for c in statuses)
