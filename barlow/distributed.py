@@ -47,12 +47,24 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
+        native = torch.cuda.is_bf16_supported(including_emulation=False)  # compute capability >= 8 (Ampere on)
+        computes = native or torch.cuda.is_bf16_supported(including_emulation=True)
     else:  # oneDNN runs bf16 fast only where the CPU has AVX-512 BF16 / AMX
-        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise WrongPlacement(f"runtime.precision: bf16 is not supported on this {device.type}")
-    return torch.bfloat16 if supported else None
+        native = computes = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return choose_autocast_dtype(precision, device.type, native=native, computes=computes)
+
+
+def choose_autocast_dtype(precision: str, device_type: str, *, native: bool, computes: bool) -> torch.dtype | None:
+    """runtime.precision -> the autocast dtype. `native`: the device has bf16 arithmetic units; `computes`: it can
+    run bf16 at all (emulated on V100 and T4, where bf16 is slower than fp32). auto takes bf16 only where native;
+    an explicit bf16 is honoured wherever it computes."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if not computes:
+            raise WrongPlacement(f"runtime.precision: bf16 is not supported on this {device_type}")
+        return torch.bfloat16
+    return torch.bfloat16 if native else None
 
 
 def teardown() -> None:

@@ -38,6 +38,10 @@ EPS = 1e-5
 PATHS = ("auto", "direct", "lean", "sharded")
 
 
+# torch >= 2.14 names it all_gather_single (and deprecates all_gather_tensor); torch 2.11 has only all_gather_tensor.
+_all_gather_single = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -78,7 +82,7 @@ class _ReplicatedGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.rows = x.shape[0]
-        return _waited(funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD))
+        return _waited(_all_gather_single(x.contiguous(), 0, dist.group.WORLD))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:

@@ -233,7 +233,8 @@ class RuntimeSpec(Section):
     nodes: int = Field(1, ge=1, le=1024, description="Machines (pods); 1 for a local run.")
     nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per machine (GPUs per node on a cluster).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the hardware supports it.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the hardware has it "
+                                                       "natively (not where it is emulated, as on V100 and T4).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights, augmentation and data order.")
     log_every: int = Field(10, ge=1, le=100_000, description="Steps between metric lines (and, with several "
                            "processes, between checks for a stop signal).")

@@ -9,13 +9,18 @@ steps), the split of a step into data wait, forward (model + loss), backward and
 phases, i.e. GPU time; on the CPU wall time; medians over the timed steps), the peak GPU memory allocated, and the
 first step's time (compilation, cuDNN autotuning). Configurations: the reference (bf16 autocast, channels_last,
 cudnn.benchmark, LARS foreach, eager), each of those four switched off alone, and the reference plus torch.compile.
+"bf16 off" is what `runtime.precision: fp32` runs: float32 with cuDNN's TF32 convolutions (torch's default) and
+float32 matrix products; the TF32 switches are set explicitly for every configuration.
+The GPU batch is 256 pairs, the batch of issue 16's first milestone (>= 1,200 pairs/s on one H100/H200).
 
 Mode "shards": synthetic JPEGs (about ImageNet's size) written as tar shards with barlow's writer, read through the
 device data path (barlow.data.feed.TrainingFeed: loader workers read bytes and pick crops, the device decodes and
 augments), the reference configuration; the data column is then the time the GPU waited for a batch. Where the
 device data path is missing from this tree it prints 'device data path not available' and skips the mode.
 
-Writes gpu-bench.json and gpu-bench.md (a markdown report) under --out.
+Writes gpu-bench.json and gpu-bench.md (a markdown report) under --out, after every configuration (a run stopped
+at its time limit keeps what it measured); --tag NAME writes gpu-bench-NAME.* instead. --compile skip|only picks
+the eager configurations and the shards, or the compiled configuration alone (bench/gpu.sh runs it last).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class Sizes:
     width: int
 
 
-GPU_SIZES = Sizes("resnet50", "8192-8192-8192", 224, 128, False, 64)  # the paper's per-GPU batch: 2048 / 16
+GPU_SIZES = Sizes("resnet50", "8192-8192-8192", 224, 256, False, 64)  # issue 16's milestone batch
 DRY_SIZES = Sizes("resnet18", "64-64", 32, 8, True, 8)
 
 
@@ -69,12 +74,13 @@ class Config:
     cudnn_benchmark: bool = True
     lars_foreach: bool = True
     compile: bool = False
+    tf32_conv: bool = True  # cuDNN's default; matrix products stay float32 (torch's default) in every row
 
 
 REFERENCE = Config("reference")
 CONFIGS = [
     REFERENCE,
-    dataclasses.replace(REFERENCE, name="bf16 off (float32)", bf16=False),
+    dataclasses.replace(REFERENCE, name="bf16 off (float32, TF32 convolutions)", bf16=False),
     dataclasses.replace(REFERENCE, name="channels_last off", channels_last=False),
     dataclasses.replace(REFERENCE, name="cudnn.benchmark off", cudnn_benchmark=False),
     dataclasses.replace(REFERENCE, name="LARS foreach off (loop)", lars_foreach=False),
@@ -118,6 +124,8 @@ def run_config(cfg: Config, sizes: Sizes, device: torch.device, batches: Iterato
     """Train `warmup + steps` steps of a fresh model under `cfg`; timings of the last `steps`."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.allow_tf32 = cfg.tf32_conv
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
@@ -253,11 +261,14 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny model and sizes on the CPU: checks the script")
     ap.add_argument("--modes", nargs="+", choices=["synthetic", "shards"], default=["synthetic", "shards"])
     ap.add_argument("--configs", nargs="+", help="configuration names to run (default: all)")
-    ap.add_argument("--batch", type=int, help="pairs per step (default: 128 on a GPU, 8 in a dry run)")
+    ap.add_argument("--batch", type=int, help="pairs per step (default: 256 on a GPU, 8 in a dry run)")
     ap.add_argument("--steps", type=int, help="timed steps per configuration (default 20; dry run 3)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default 5; dry run 1)")
     ap.add_argument("--images", type=int, help="synthetic JPEGs for the shards mode (default 4096; dry run 64)")
     ap.add_argument("--workers", type=int, help="loader workers in the shards mode (default: CPU cores - 2)")
+    ap.add_argument("--compile", choices=["all", "skip", "only"], default="all",
+                    help="skip: eager configurations and shards only; only: the compiled configuration only")
+    ap.add_argument("--tag", help="write gpu-bench-TAG.json / .md (default gpu-bench.json / .md)")
     args = ap.parse_args()
 
     dry = args.dry_run
@@ -273,7 +284,10 @@ def main() -> int:
     meta = {"device_name": "CPU (dry run)" if dry else torch.cuda.get_device_name(device), "torch": torch.__version__,
             "cuda": torch.version.cuda, "host": f"{os.cpu_count()} CPU cores, {platform.machine()}", "dry_run": dry,
             "sizes": dataclasses.asdict(sizes), "steps": steps, "warmup": warmup, "notes": []}
-    configs = [c for c in CONFIGS if not args.configs or c.name in args.configs]
+    configs = [c for c in CONFIGS if (not args.configs or c.name in args.configs)
+               and (args.compile == "all" or c.compile == (args.compile == "only"))]
+    modes = [m for m in args.modes if args.compile != "only" or m == "synthetic"]
+    stem = f"gpu-bench-{args.tag}" if args.tag else "gpu-bench"
     rows: list[dict] = []
 
     def attempt(mode: str, cfg: Config, batches: Iterator) -> None:
@@ -290,16 +304,17 @@ def main() -> int:
         write()  # after every configuration: a run stopped at its time limit keeps what it measured
 
     def write() -> str:
-        (out / "gpu-bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         text = report(meta, rows)
-        (out / "gpu-bench.md").write_text(text)
+        (out / f"{stem}.md").write_text(text)
         return text
 
     # Eager configurations, then the shards, then compilation (the slowest to start) last.
-    if "synthetic" in args.modes:
+    write()  # the meta alone: a run killed in its first configuration still says what it was
+    if "synthetic" in modes:
         for cfg in (c for c in configs if not c.compile):
             attempt("synthetic", cfg, synthetic_batches(sizes, device, cfg.channels_last))
-    if "shards" in args.modes:
+    if "shards" in modes:
         with tempfile.TemporaryDirectory(prefix="barlow-gpu-bench-") as tmp:
             try:
                 t = time.perf_counter()
@@ -318,7 +333,7 @@ def main() -> int:
                     attempt("shards", REFERENCE, batches)
                 finally:
                     batches.close()  # stops the loader's workers before the shards' folder goes
-    if "synthetic" in args.modes:
+    if "synthetic" in modes:
         for cfg in (c for c in configs if c.compile):
             attempt("synthetic", cfg, synthetic_batches(sizes, device, cfg.channels_last))
     print(write())

@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
-# The GPU check kit: tests/gpu/, bench/gpu.py and bench/views.py on one GPU in under 8 minutes, then a report.
+# The GPU check kit: a preflight, then tests/gpu/ with the two-ranks test, bench/gpu.py, bench/views.py, and the
+# compile tests and benchmark last, on one GPU in under 8 minutes; report.md is written after every part.
 #
 #   bench/gpu.sh [OUT_DIR]             on a CUDA machine, from a plain checkout (default OUT_DIR: bench/results/gpu-<time>)
-#   bench/gpu.sh --dry-run [OUT_DIR]   the CPU-checkable parts on the CPU (tests skip, tiny benchmark), about a minute
-#   bench/gpu.sh --fetch-wheels [DIR]  where there is network: download the pure-Python packages a bare GPU image
-#                                      lacks (pydantic & co., for the shards mode) into DIR (default .whl) to carry
+#   bench/gpu.sh --dry-run [OUT_DIR]   every part on the CPU (CUDA tests skip, tiny benchmark): checks the kit here
+#   bench/gpu.sh --fetch-wheels [DIR]  where there is network: the wheels the GPU test machine's image lacks for the
+#                                      kit (bench/preflight.py --wheels: pydantic and its needs) into DIR (default .whl)
 #
-# Python: $PYTHON, else ./.venv/bin/python, else python3; it must already hold torch and torchvision (a GPU image's
-# own, never replaced here: pinning torch would download gigabytes). Other missing packages are installed into
-# /tmp/barlow-site from $BARLOW_WHEELS (default .whl) when that folder has wheels, else from the package index
-# when it answers within a minute; a part that still lacks one reports it and the rest runs.
-# Writes OUT_DIR/report.md (everything), gpu-bench.md / gpu-bench.json (the benchmark), tests.xml, and logs.
+# Python: $PYTHON, else ./.venv/bin/python, else python3; it must already hold torch and torchvision (the GPU image's
+# own, never replaced here: torch's wheels are gigabytes). Wheels in $BARLOW_WHEELS (default .whl) are installed into
+# /tmp/barlow-site and put first on the path; without them the package index is tried for 30 s.
+# Each part runs under its own time limit inside the kit's 470 s (dry run: 1500 s); a part that fails or is stopped
+# loses no other part's results. Writes OUT_DIR/report.md, preflight.md, tests*.xml, gpu-bench*.{md,json}, *.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+fetch_wheels() {  # DIR: the pinned wheels of bench/preflight.py --wheels for CPython 3.12 on x86-64 Linux
+  local dir=$1 reqs total
+  mkdir -p "$dir" && rm -f "$dir"/*.whl
+  mapfile -t reqs < <(python3 bench/preflight.py --wheels)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$dir" "${reqs[@]}" || return 1
+  ls -l "$dir"/*.whl
+  total=$(du -cb "$dir"/*.whl | tail -n 1 | cut -f1)
+  echo "gpu.sh: $(ls "$dir"/*.whl | wc -l) wheels for ${#reqs[@]} requirements, $(( total / 1024 )) KiB in $dir" \
+    "(a device run carries at most 64 MiB)"
+  (( total < 64 * 1024 * 1024 ))
+}
 
 DRY=0
 case "${1:-}" in
   --dry-run) DRY=1; shift ;;
-  --fetch-wheels)
-    dir=${2:-.whl}; mkdir -p "$dir"
-    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dir" \
-      'pydantic>=2.7,<3' pydantic-core annotated-types typing-inspection ;;
+  --fetch-wheels) fetch_wheels "${2:-.whl}"; exit $? ;;
   -h|--help) sed -n 2,14p "$0"; exit 0 ;;
 esac
 OUT=${1:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 START=$(date +%s)
+if [[ $DRY == 1 ]]; then BUDGET=1500; else BUDGET=470; fi  # 470 s: under 8 minutes with the report
+DEADLINE=$(( START + BUDGET ))
 
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
@@ -36,73 +49,66 @@ if ! "$PY" -c 'import torch, torchvision' 2>/dev/null; then
   exit 2
 fi
 
-# Light dependencies barlow imports (the model, loss and optimizer need none of them; the shards mode does).
-missing=$("$PY" - <<'EOF'
-import importlib.util
-need = {"pydantic": "pydantic", "yaml": "pyyaml", "fsspec": "fsspec", "PIL": "pillow", "numpy": "numpy", "pytest": "pytest"}
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
-EOF
-)
 SITE=/tmp/barlow-site
-if [[ -n "$missing" ]]; then
-  wheels=${BARLOW_WHEELS:-.whl}
-  echo "gpu.sh: missing: $missing" >&2
-  if compgen -G "$wheels/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$wheels"/*.whl
-  else
-    timeout 60 "$PY" -m pip install -q --retries 0 --timeout 5 --no-compile --target "$SITE" $missing \
-      || echo "gpu.sh: could not install $missing (no wheels in $wheels, no package index); parts needing them report it" >&2
-  fi
+wheels=${BARLOW_WHEELS:-.whl}
+missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("pydantic", "yaml", "fsspec", "PIL", "numpy", "pytest") if u.find_spec(m) is None))')
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheels"/*.whl \
+    || echo "gpu.sh: the wheels in $wheels did not install; parts needing them report it" >&2
+elif [[ -n "$missing" ]]; then
+  echo "gpu.sh: missing $missing and no wheels in $wheels; trying the package index for 30 s" >&2
+  timeout 30 "$PY" -m pip install -q --retries 0 --timeout 5 --no-compile --target "$SITE" $missing \
+    || echo "gpu.sh: could not install $missing; parts needing them report it (bench/gpu.sh --fetch-wheels)" >&2
 fi
-export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"  # tests/: shared test helpers (imagesets)
-[[ -d $SITE ]] && export PYTHONPATH="$PYTHONPATH:$SITE"
+# tests/: shared test helpers (imagesets, device_decoders); the carried wheels first, before the image's own
+export PYTHONPATH="${SITE}:$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
+: > "$OUT/parts.tsv"
+report() {  # report.md from what the parts left; kit_report.py writes it whole or not at all
+  "$PY" bench/kit_report.py "$OUT" "$DRY" "$START" 2>"$OUT/report.err" && return 0
+  { echo "# GPU check kit report (bench/kit_report.py failed: see report.err)"; echo; cat "$OUT/parts.tsv"; } > "$OUT/report.md"
+}
+trap 'echo "gpu.sh: stopped" >&2; report; exit 130' INT TERM
+
+# part NAME LIMIT_S COMMAND...: runs under min(LIMIT_S, time left), logs to OUT/NAME.log, records, rewrites report.md
+part() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  (( limit > left )) && limit=$left
+  if (( limit < 10 )); then
+    printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$OUT/parts.tsv"; report; return
+  fi
+  echo "== $name (limit ${limit}s)" >&2
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 5 "$OUT/$name.log" >&2
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" >> "$OUT/parts.tsv"
+  report
+}
+
+# -v: a line per finished test, so a part stopped at its limit still shows which ran; --confcutdir keeps
+# tests/conftest.py (the S3 fixtures) out
+PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --confcutdir=tests/gpu -o addopts="")
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout=120)  # one hung test does not eat the part
+KIT_TESTS=(tests/gpu tests/test_two_ranks_one_device.py tests/test_distributed.py)
 if [[ $DRY == 1 ]]; then
-  TEST_LIMIT=120; BENCH_LIMIT=240; VIEWS_LIMIT=60; BENCH_ARGS=(--dry-run --steps 2 --warmup 1); VIEWS_ARGS=(--dry-run)
+  BENCH=(--dry-run --steps 1 --warmup 1 --configs reference "torch.compile on"); VIEWS=(--dry-run)
 else
-  TEST_LIMIT=150; BENCH_LIMIT=240; VIEWS_LIMIT=60; BENCH_ARGS=(); VIEWS_ARGS=(--device cuda)
-fi  # 150 + 240 + 60 s: under 8 minutes with start-up
+  BENCH=(); VIEWS=(--device cuda)
+fi
 
-# tests/gpu only: --confcutdir keeps tests/conftest.py (the S3 server fixtures, botocore) out of a bare GPU image.
-echo "== tests/gpu (limit ${TEST_LIMIT}s)" >&2
-timeout "$TEST_LIMIT" "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider --confcutdir=tests/gpu \
-  --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
-TEST_RC=${PIPESTATUS[0]}
-
-echo "== bench/gpu.py (limit ${BENCH_LIMIT}s)" >&2
-timeout "$BENCH_LIMIT" "$PY" bench/gpu.py --out "$OUT" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
-BENCH_RC=${PIPESTATUS[0]}
-
-echo "== bench/views.py: device decode + both views (limit ${VIEWS_LIMIT}s)" >&2
-timeout "$VIEWS_LIMIT" "$PY" bench/views.py "${VIEWS_ARGS[@]}" 2>&1 | tee "$OUT/views.log"
-VIEWS_RC=${PIPESTATUS[0]}
-
-{
-  echo "# GPU check kit report"
-  echo
-  echo "- date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ); wall time: $(( $(date +%s) - START )) s; dry run: $([[ $DRY == 1 ]] && echo yes || echo no)"
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
-  gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | paste -sd ';')
-  echo "- GPU: ${gpu:-none}"
-  echo "- python: $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)')"
-  echo "- tests/gpu: exit $TEST_RC$([[ $TEST_RC == 124 ]] && echo ' (time limit)'): $(tail -n 1 "$OUT/tests.log")"
-  echo "- bench/gpu.py: exit $BENCH_RC$([[ $BENCH_RC == 124 ]] && echo ' (time limit)')"
-  echo "- bench/views.py: exit $VIEWS_RC$([[ $VIEWS_RC == 124 ]] && echo ' (time limit)')"
-  echo
-  echo "## tests/gpu"
-  echo
-  echo '```'
-  grep -E '^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error' "$OUT/tests.log" | tail -n 40
-  echo '```'
-  echo
-  if [[ -f $OUT/gpu-bench.md ]]; then sed 's/^# /## /' "$OUT/gpu-bench.md"; else echo "## bench/gpu.py: no result (see bench.log)"; fi
-  echo
-  echo "## bench/views.py"
-  echo
-  echo '```'
-  tail -n 30 "$OUT/views.log"
-  echo '```'
-} > "$OUT/report.md"
+lim() { if [[ $DRY == 1 ]]; then echo "$2"; else echo "$1"; fi; }  # GPU limit, dry-run limit (a busy 2-core CPU)
+part preflight "$(lim 45 120)" "$PY" bench/preflight.py --out "$OUT"
+part tests "$(lim 130 400)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k "not compile" --junitxml="$OUT/tests.xml"
+part bench "$(lim 150 300)" "$PY" bench/gpu.py --out "$OUT" --compile skip "${BENCH[@]}"
+part views "$(lim 45 120)" "$PY" bench/views.py "${VIEWS[@]}"
+# Compilation last: the slowest to start, and the likeliest to meet the time limit.
+part compile-tests "$(lim 50 120)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k compile --junitxml="$OUT/tests-compile.xml"
+part compile-bench "$(lim 60 300)" "$PY" bench/gpu.py --out "$OUT" --compile only --tag compile "${BENCH[@]}"
+trap - INT TERM
+report
 cat "$OUT/report.md"
-[[ $TEST_RC == 0 || $TEST_RC == 5 ]] && [[ $BENCH_RC == 0 && $VIEWS_RC == 0 ]]  # 5: pytest collected nothing to run
+# exit 0 only when every part passed (5: pytest collected nothing, as a dry run's CUDA-only selection may)
+! awk -F'\t' '$2 != "0" && $2 != "5"' "$OUT/parts.tsv" | grep -q .

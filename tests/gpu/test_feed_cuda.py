@@ -46,11 +46,21 @@ def test_gpu_decode_matches_cpu_decode_closely(folder):
         assert (a1 - b1).abs().mean() < 0.1  # normalised units; JPEG decoders differ in IDCT and upsampling
 
 
-def test_gpu_decode_counts_and_refills_a_corrupt_image(tmp_path):
+def _headers_only(data: bytes) -> bytes:
+    """The JPEG up to its first scan: the frame header says baseline (so it goes into nvJPEG's batch), and no decoder
+    has pixels to produce. A JPEG merely cut short is no test: nvJPEG may decode a truncated scan without an error."""
+    return data[: data.index(b"\xff\xda")]
+
+
+@pytest.mark.parametrize("corrupt", [_headers_only, lambda data: b"not an image " * 20], ids=["headers-only", "junk"])
+def test_gpu_decode_counts_and_refills_a_corrupt_image(tmp_path, corrupt):
     pytest.importorskip("barlow.data.devicedecode")
+    from barlow.data.devicedecode import gpu_decodable
+
     write_jpeg_folder(tmp_path / "train", 24)
     bad = sorted((tmp_path / "train" / "class_1").iterdir())[0]
-    data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) // 3])  # a truncated JPEG: its header still reads, its body does not decode
+    broken = corrupt(bad.read_bytes())
+    assert gpu_decodable(broken) == (corrupt is _headers_only)
+    bad.write_bytes(broken)
     got = _views(tmp_path, "gpu", 0)
     assert sum(n for *_, n in got) == 1 and all(len(x1) == 8 for x1, _, _ in got)

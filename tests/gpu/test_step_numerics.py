@@ -1,4 +1,5 @@
-"""CUDA numerics of the training step: the loss under bf16 autocast, torch.compile against eager, SyncBatchNorm.
+"""CUDA numerics of the training step: the loss under bf16 autocast, torch.compile against eager, SyncBatchNorm's
+conversion (its numerics across two ranks: tests/test_two_ranks_one_device.py).
 
 Skipped without a GPU. Run on a lent GPU by bench/gpu.sh (with the rest of tests/gpu/).
 """
@@ -95,32 +96,25 @@ def test_compiled_model_equals_eager():
     compiled_base = copy.deepcopy(eager)
     compiled = torch.compile(compiled_base)
     x1, x2 = pair()
-    for _ in range(2):  # the first call compiles, the second reuses the graph
-        loss_e, grads_e = _step(eager, x1, x2, bf16=False)
-        loss_c, grads_c = _step(compiled, x1, x2, bf16=False)
-        torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=0)
-        for a, b in zip(grads_c, grads_e, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-7)
+    # float32 throughout: TF32 convolutions (cuDNN's default) would leave ~1e-3 between two algorithm choices
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for _ in range(2):  # the first call compiles, the second reuses the graph
+            loss_e, grads_e = _step(eager, x1, x2, bf16=False)
+            loss_c, grads_c = _step(compiled, x1, x2, bf16=False)
+            torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=0)
+            for a, b in zip(grads_c, grads_e, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-7)
     for a, b in zip(compiled_base.buffers(), eager.buffers(), strict=True):  # BN running statistics, after 2 steps each
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_sync_batchnorm_conversion_keeps_every_bn_and_the_checkpoint_keys():
+    # Conversion only: SyncBatchNorm's numerics need a real group of two ranks (with one process, or a group of one,
+    # it is plain BatchNorm and no comparison can fail); tests/test_two_ranks_one_device.py runs them on cuda:0.
     model = small_model()
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).cuda()
     assert bns and sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == len(bns)
     assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in synced.modules())
     assert list(synced.state_dict()) == list(model.state_dict())  # checkpoints load either way
-    # Without a process group (one process) SyncBatchNorm is BatchNorm: same step, same running statistics.
-    plain = model.cuda()
-    x1, x2 = pair()
-    loss_p, grads_p = _step(plain, x1, x2, bf16=False)
-    loss_s, grads_s = _step(synced, x1, x2, bf16=False)
-    torch.testing.assert_close(loss_s, loss_p, rtol=1e-5, atol=0)
-    for a, b in zip(grads_s, grads_p, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) + 1e-7)
-    for (name, a), b in zip(synced.state_dict().items(), plain.state_dict().values(), strict=True):
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
