@@ -69,8 +69,7 @@ def view(api: client.ApiClient, name: str, namespace: str, b: Backend) -> JobVie
     """The job, its pods and Kueue's admission; raises ClusterError where the job cannot be read."""
     obj = cluster._read(api, cluster.resource(b), name, namespace)
     if obj is None:
-        cluster.status(api, name, namespace, b)  # raises the error that names the missing job
-        raise cluster.ClusterError(f"no {b.what} {name} in namespace '{namespace}'")
+        return JobView(cluster.status(api, name, namespace, b))  # raises the error that names the missing job
     st = cluster._status_of(obj, b)
     meta = obj.get("metadata") or {}
     found = JobView(st, (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT, ""),
