@@ -250,7 +250,9 @@ class _Report:
     def lines(self) -> list[str]:
         rows: list[tuple[str, str]] = []
         if self.job is not None:
-            rows += _job_rows(self.job)
+            from barlow.launch.pods import lines as job_lines
+
+            rows += job_lines(self.job)
             if self.progress is None and not self.progress_error and self.job.output:
                 rows.append(("output", f"{self.job.output}   (its progress: barlow status {self.job.output}, or -f SPEC)"))
         if self.progress is not None:
@@ -260,23 +262,6 @@ class _Report:
         if self.progress_error:
             rows.append(("progress", f"unavailable: {self.progress_error}"))
         return [f"{label + ':':<10} {value}" for label, value in rows]
-
-
-def _job_rows(view: JobView) -> list[tuple[str, str]]:
-    st = view.status
-    replicas = "; ".join(f"{k} " + ", ".join(f"{s} {n}" for s, n in v.items()) for k, v in st.replicas.items())
-    rows = [(k, v) for k, v in [("name", st.name), ("namespace", st.namespace), ("kind", st.kind), ("phase", st.phase),
-                                ("message", st.message), ("admission", view.admission), ("replicas", replicas),
-                                ("created", st.created), ("started", st.started), ("finished", st.finished),
-                                ("spec hash", st.spec_hash)] if v]
-    for pod in view.pods:
-        state = pod.phase + (", not ready" if pod.phase == "Running" and not pod.ready else "")
-        state += f", {pod.restarts} restarts" if pod.restarts else ""
-        why = f"{pod.reason}: {pod.message}" if pod.reason and pod.message else pod.reason or pod.message
-        if pod.exit_code is not None and f"exit code {pod.exit_code}" not in why:
-            why += f" (exit code {pod.exit_code})"
-        rows.append(("pod", f"{pod.name} {state}" + (f" - {why}" if why else "")))
-    return rows
 
 
 def _refresh(report: Callable[[], _Report], output: OutputFormat, watch: bool, interval: float,

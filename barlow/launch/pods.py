@@ -58,6 +58,24 @@ class JobView:
                 "admission": self.admission, "pods": [asdict(p) for p in self.pods]}
 
 
+def lines(view: JobView) -> list[tuple[str, str]]:
+    """(label, value) rows that `barlow status` prints for a job: its status, Kueue's admission, one row a pod."""
+    st = view.status
+    replicas = "; ".join(f"{k} " + ", ".join(f"{s} {n}" for s, n in v.items()) for k, v in st.replicas.items())
+    rows = [(k, v) for k, v in [("name", st.name), ("namespace", st.namespace), ("kind", st.kind), ("phase", st.phase),
+                                ("message", st.message), ("admission", view.admission), ("replicas", replicas),
+                                ("created", st.created), ("started", st.started), ("finished", st.finished),
+                                ("spec hash", st.spec_hash)] if v]
+    for pod in view.pods:
+        state = pod.phase + (", not ready" if pod.phase == "Running" and not pod.ready else "")
+        state += f", {pod.restarts} restarts" if pod.restarts else ""
+        why = f"{pod.reason}: {pod.message}" if pod.reason and pod.message else pod.reason or pod.message
+        if pod.exit_code is not None and f"exit code {pod.exit_code}" not in why:
+            why += f" (exit code {pod.exit_code})"
+        rows.append(("pod", f"{pod.name} {state}" + (f" - {why}" if why else "")))
+    return rows
+
+
 def job_selector(b: Backend, name: str) -> str:
     """The label selector of every pod of job `name`: the terms of its master's selector that name the job (the
     others pick one replica)."""
