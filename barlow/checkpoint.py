@@ -13,10 +13,10 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import torch
-import torch.distributed as dist
-
 from barlow import storage
+
+# torch is imported only where state is saved or loaded: finding checkpoints (barlow status, the restart budget)
+# needs no torch
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
@@ -34,6 +34,8 @@ def save(output_url: str, step: int, state: dict[str, Any], keep: int) -> str:
     """Write a checkpoint, mark it complete, then delete all but the newest `keep` complete ones."""
     url = storage.join(folder(output_url), f"step-{step:08d}")
     storage.remove(url)  # a leftover partial write of the same step
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     storage.write_bytes(storage.join(url, "state.pt"), buf.getvalue())
@@ -53,8 +55,18 @@ def latest(output_url: str) -> str | None:
     return None
 
 
+def step_of(url: str) -> int:
+    """The step a checkpoint folder holds, read from its name."""
+    m = _STEP_DIR.match(url.rstrip("/").rsplit("/", 1)[-1])
+    if m is None:
+        raise ValueError(f"{url}: not a checkpoint folder (step-NNNNNNNN)")
+    return int(m.group(1))
+
+
 def load(url: str) -> dict[str, Any]:
     """Load a checkpoint folder (or its state.pt) safely: tensors and plain containers only."""
+    import torch
+
     path = url if url.endswith(".pt") else storage.join(url, "state.pt")
     return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
 
@@ -115,5 +127,7 @@ class Checkpointer:
 
 
 def _barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()

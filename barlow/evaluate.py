@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from barlow import checkpoint, distributed, storage
+from barlow import checkpoint, distributed, progress, storage
 from barlow.augment import eval_transform, train_transform
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
@@ -99,6 +99,8 @@ def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: 
                                 parts={"trained": trained, "optimizer": optimizer, "schedule": scheduler, "data": position})
     checkpointer.resume(lambda saved, url: _check_same_eval(saved, record, url))
     metrics = Metrics(spec.output.url, place.is_main, e.epochs, position.epoch, title=f"eval ({e.mode})")
+    if place.is_main:  # `barlow status` counts what the metrics lines count: epochs
+        progress.record_run(spec, e.epochs, 1, e.batch_size)
     metrics.print(f"eval {spec.name}: {e.mode}, {e.train_percent}% of {train_src.num_samples} train images, "
                   f"{val_src.num_samples} val images, {num_classes} classes, {e.epochs} epochs"
                   f"{f', resuming at epoch {position.epoch} step {position.in_epoch}' if checkpointer.resumed_run else ''}")

@@ -77,10 +77,21 @@ class Budget:
     @classmethod
     def open(cls, spec: RunSpec) -> Budget:
         storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))  # the output's default, as in train
-        url = storage.join(spec.output.url, FOLDER)
+        return cls.read(spec.output.url, spec.cluster.max_restarts)
+
+    @classmethod
+    def read(cls, output_url: str, max_restarts: int) -> Budget:
+        """The record under an output URL, with the storage's current S3 settings."""
+        url = storage.join(output_url, FOLDER)
         names = sorted(n for n in storage.list_names(url) if n.endswith(".json"))
         records = [json.loads(storage.read_text(storage.join(url, n))) for n in names]
-        return cls(spec.output.url, spec.cluster.max_restarts, records)
+        return cls(output_url, max_restarts, records)
+
+    def used(self) -> int:
+        """Restarts spent of `max_restarts`: the retryable failures in a row since the latest complete checkpoint,
+        the newest attempt not counted while it has no end (it may be running)."""
+        ended = self.records[:-1] if self.records and "ended" not in self.records[-1] else self.records
+        return Budget(self.output_url, self.max_restarts, ended)._streak(self._latest())
 
     def _latest(self) -> str | None:
         found = checkpoint.latest(self.output_url)

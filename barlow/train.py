@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from barlow import distributed, storage
+from barlow import distributed, progress, storage
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.feed import TrainingFeed
@@ -141,6 +141,8 @@ def set_up(spec: PretrainSpec) -> Run:
                                 parts={"model": model, "optimizer": optimizer, "data": position, "rng": RNG(place.device)})
     checkpointer.resume(lambda saved, url: check_same_run(saved, run_record(spec, place), url))
     metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step)
+    if place.is_main:
+        progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size)  # what `barlow status` reads
     metrics.print(f"pretrain {spec.name}: {source.num_samples} images, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
                   f"{place.world_size} process(es) on {place.device.type}{', bf16' if place.autocast_dtype else ''}"
                   f"{resume_note(checkpointer.resumed_run, place, position.step)}")

@@ -1,7 +1,8 @@
 """A stand-in for the slice of the Kubernetes REST API that barlow's cluster commands use.
 
 A real HTTP server on 127.0.0.1 (http.server in a thread) that stores namespaced objects under /apis
-(PyTorchJobs, TrainJobs, batch Jobs), lists pods and serves their logs under /api/v1, and answers errors the way
+(PyTorchJobs, TrainJobs, batch Jobs, Kueue Workloads), lists pods (with the statuses kubelet and the scheduler
+write: see the pod status builders at the end), their events and their logs under /api/v1, and answers errors the way
 kube-apiserver does: a Status body with reason and details (404 for an unknown object, a missing namespace or
 an API group that is not installed; 403 when forbidden; 409 when the name is taken). Every request is recorded.
 The kubernetes client reaches it through a kubeconfig written by `kubeconfig()`.
@@ -27,6 +28,8 @@ NAMESPACED = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/
                         r"(?:/(?P<name>[^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$")
 POD_LOG = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$")
+EVENTS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/events$")
+KUEUE = re.compile(r"^/apis/kueue\.x-k8s\.io/(?P<version>[^/]+)(?:/|$)")
 
 
 @dataclass
@@ -46,7 +49,9 @@ class FakeKube:
     forbidden: bool = False  # every request answered 403, as for a user without RBAC
     # (group/version, namespace, plural) -> name -> object
     objects: dict[tuple[str, str, str], dict[str, dict]] = field(default_factory=dict)
+    kueue: str | None = "v1beta1"  # the kueue.x-k8s.io version served (None: Kueue not installed)
     pods: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
     pod_logs: dict[tuple[str, str], str] = field(default_factory=dict)
     phases: dict[str, list[str]] = field(default_factory=dict)  # job name -> conditions revealed one per GET
     # job name -> {"status": ..., "spec": {...}} changes applied one per GET (a TrainJob's, or Kueue's suspend/resume)
@@ -92,10 +97,34 @@ class FakeKube:
     def stored(self, plural: str = "pytorchjobs", ns: str = "barlow", group: str = "kubeflow.org/v1") -> dict[str, dict]:
         return self.objects.get((group, ns, plural), {})
 
-    def add_pod(self, ns: str, name: str, labels: dict[str, str], log: str, created: str = "2026-01-01T00:00:00Z") -> None:
+    def add_pod(self, ns: str, name: str, labels: dict[str, str], log: str = "", created: str = "2026-01-01T00:00:00Z",
+                status: dict | None = None) -> None:
         self.pods.append({"metadata": {"name": name, "namespace": ns, "labels": labels, "creationTimestamp": created,
-                                       "uid": str(uuid.uuid4())}, "status": {"phase": "Running"}})
+                                       "uid": str(uuid.uuid4())}, "status": status or {"phase": "Running"}})
         self.pod_logs[(ns, name)] = log
+
+    def add_event(self, ns: str, pod: str, reason: str, message: str, type: str = "Warning",
+                  at: str = "2026-01-01T00:01:00Z") -> None:
+        """An event about a pod, as the scheduler or kubelet records it."""
+        self.events.append({"metadata": {"name": f"{pod}.{uuid.uuid4().hex[:16]}", "namespace": ns},
+                            "involvedObject": {"kind": "Pod", "name": pod, "namespace": ns}, "reason": reason,
+                            "message": message, "type": type, "lastTimestamp": at, "count": 1})
+
+    def add_workload(self, ns: str, job: dict, conditions: list[dict], cluster_queue: str = "") -> None:
+        """Kueue's Workload for a stored job: labelled with the job's uid and owned by it, as Kueue creates it."""
+        meta = job["metadata"]
+        name = f"{job['kind'].lower()}-{meta['name']}-{uuid.uuid4().hex[:5]}"
+        status: dict = {"conditions": conditions}
+        if cluster_queue:
+            status["admission"] = {"clusterQueue": cluster_queue, "podSetAssignments": []}
+        self.objects.setdefault((f"kueue.x-k8s.io/{self.kueue}", ns, "workloads"), {})[name] = {
+            "apiVersion": f"kueue.x-k8s.io/{self.kueue}", "kind": "Workload",
+            "metadata": {"name": name, "namespace": ns, "labels": {"kueue.x-k8s.io/job-uid": meta["uid"]},
+                         "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "ownerReferences": [{"apiVersion": job["apiVersion"], "kind": job["kind"], "name": meta["name"],
+                                              "uid": meta["uid"], "controller": True}]},
+            "spec": {"queueName": meta["labels"].get("kueue.x-k8s.io/queue-name", "")},
+            "status": status}
 
     def set_conditions(self, name: str, ns: str, *types: str, message: str = "") -> None:
         obj = self.stored(ns=ns)[name]
@@ -176,12 +205,19 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 return self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubeflow.org/v1",
                                         "resources": [{"name": "pytorchjobs", "singularName": "pytorchjob", "namespaced": True,
                                                        "kind": "PyTorchJob", "verbs": ["create", "delete", "get", "list"]}]})
+            if (m := KUEUE.match(path)) and m["version"] != fake.kueue:
+                return self._send(404, _status_body(404, "NotFound", "the server could not find the requested resource"))
             if m := NAMESPACED.match(path):
                 return self._objects(method, f"{m['group']}/{m['version']}", m["ns"], m["plural"], m["name"], query, body)
             if (m := PODS.match(path)) and method == "GET":
                 items = [p for p in fake.pods
                          if p["metadata"]["namespace"] == m["ns"] and _match_labels(p, query.get("labelSelector"))]
                 return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+            if (m := EVENTS.match(path)) and method == "GET":
+                about = dict(p.split("=", 1) for p in (query.get("fieldSelector") or "").split(",") if p)
+                items = [e for e in fake.events if e["metadata"]["namespace"] == m["ns"]
+                         and all(e["involvedObject"].get(k.removeprefix("involvedObject.")) == v for k, v in about.items())]
+                return self._send(200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": items})
             if (m := POD_LOG.match(path)) and method == "GET":
                 log = fake.pod_logs.get((m["ns"], m["name"]))
                 if log is None:
@@ -243,3 +279,59 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             self._handle("DELETE")
 
     return Handler
+
+
+# -- pod statuses as kubelet and the scheduler write them ------------------------------------------------------------
+
+def _container(name: str, image: str, state: dict, last: dict | None = None, restarts: int = 0,
+               ready: bool = False) -> dict:
+    return {"name": name, "image": image, "imageID": "", "ready": ready, "restartCount": restarts, "started": ready,
+            "state": state, "lastState": last or {}}
+
+
+def _condition(kind: str, status: bool, reason: str = "", message: str = "") -> dict:
+    cond = {"type": kind, "status": "True" if status else "False", "lastTransitionTime": "2026-01-01T00:00:05Z"}
+    return {**cond, **({"reason": reason} if reason else {}), **({"message": message} if message else {})}
+
+
+def unschedulable(message: str) -> dict:
+    """Pending: the scheduler found no node (its message on the PodScheduled condition)."""
+    return {"phase": "Pending", "qosClass": "Guaranteed",
+            "conditions": [_condition("PodScheduled", False, "Unschedulable", message)]}
+
+
+def pending_without_message() -> dict:
+    """Pending and not scheduled, with the reason only in the pod's events (FailedScheduling)."""
+    return {"phase": "Pending", "conditions": [_condition("PodScheduled", False, "Unschedulable")]}
+
+
+def image_pull(container: str, image: str, reason: str = "ImagePullBackOff") -> dict:
+    """Scheduled, the image cannot be pulled (ErrImagePull, then ImagePullBackOff)."""
+    message = (f'Back-off pulling image "{image}"' if reason == "ImagePullBackOff" else
+               f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": not found')
+    return {"phase": "Pending", "conditions": [_condition("PodScheduled", True), _condition("Ready", False, "ContainersNotReady")],
+            "containerStatuses": [_container(container, image, {"waiting": {"reason": reason, "message": message}})]}
+
+
+def oom_killed(container: str, image: str, exit_code: int = 137) -> dict:
+    """The training container killed by the kernel for passing its memory limit (restartPolicy Never: the pod fails)."""
+    ended = {"terminated": {"exitCode": exit_code, "reason": "OOMKilled", "startedAt": "2026-01-01T00:02:00Z",
+                            "finishedAt": "2026-01-01T00:09:00Z", "containerID": "containerd://1"}}
+    return {"phase": "Failed", "conditions": [_condition("PodScheduled", True), _condition("Ready", False, "PodFailed")],
+            "containerStatuses": [_container(container, image, ended)]}
+
+
+def crash_loop(container: str, image: str, last_reason: str = "OOMKilled", exit_code: int = 137) -> dict:
+    """Restarted in place and crashing again: waiting in CrashLoopBackOff, the last run's end in lastState."""
+    message = f"back-off 5m0s restarting failed container={container} pod=x"
+    last = {"terminated": {"exitCode": exit_code, "reason": last_reason, "startedAt": "2026-01-01T00:02:00Z",
+                           "finishedAt": "2026-01-01T00:09:00Z", "containerID": "containerd://2"}}
+    return {"phase": "Running", "conditions": [_condition("PodScheduled", True), _condition("Ready", False, "ContainersNotReady")],
+            "containerStatuses": [_container(container, image, {"waiting": {"reason": "CrashLoopBackOff", "message": message}},
+                                             last, restarts=4)]}
+
+
+def running(container: str, image: str) -> dict:
+    return {"phase": "Running", "conditions": [_condition("PodScheduled", True), _condition("Ready", True)],
+            "containerStatuses": [_container(container, image, {"running": {"startedAt": "2026-01-01T00:02:00Z"}},
+                                             ready=True)]}

@@ -169,7 +169,7 @@ def test_status_shows_phase_replicas_and_hash(kube, spec_file):
     assert {k: v.strip() for k, v in fields.items() if k in ("name", "phase", "kind", "replicas", "spec hash", "message")} == {
         "name": "demo", "phase": "Running", "kind": "pretrain", "replicas": "Master active 1",
         "spec hash": parse_spec(SPEC).spec_hash(), "message": "PyTorchJob demo is running."}
-    assert kube.requests[-1].method == "GET" and kube.requests[-1].path == f"{JOBS}/demo"
+    assert [(r.method, r.path) for r in kube.requests[-2:]] == [("GET", f"{JOBS}/demo"), ("GET", "/api/v1/namespaces/barlow/pods")]
 
 
 @pytest.mark.parametrize("final, code", [("Succeeded", 0), ("Failed", 1)])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -25,6 +28,10 @@ from barlow.spec import (
     loads_spec,
     stage_runs,
 )
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `barlow --help` stays fast
+    from barlow.launch.pods import JobView
+    from barlow.progress import Progress
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
@@ -175,21 +182,157 @@ def _backend(name: BackendName):
     return backend.get(name.value)
 
 
-@app.command(epilog=example("barlow status my-run -n vision"))
-def status(name: str = JOB, namespace: str = NAMESPACE,
-           context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
-    """Show a job's phase (Queued while Kueue holds it), replicas and times."""
-    from barlow.launch import cluster
+OutputFormat = StrEnum("OutputFormat", {"text": "text", "json": "json"})
+STATUS_SCHEMA = "barlow.status/v1"  # the `-o json` document's version: fields are only added within it
 
-    namespace = _namespace(namespace, context)
-    with _cluster_errors():
-        st = cluster.status(cluster.connect(context), name, namespace, _backend(backend))
-    replicas = "; ".join(f"{k} " + ", ".join(f"{s} {n}" for s, n in v.items()) for k, v in st.replicas.items())
-    for key, value in [("name", st.name), ("namespace", st.namespace), ("kind", st.kind), ("phase", st.phase),
-                       ("message", st.message), ("replicas", replicas), ("created", st.created), ("started", st.started),
-                       ("finished", st.finished), ("spec hash", st.spec_hash)]:
-        if value:
-            console.print(f"{key + ':':<11}{value}", highlight=False, soft_wrap=True)
+
+@app.command(epilog=example("barlow status runs/quickstart", "barlow status my-run -n vision -b trainjob",
+                            "barlow status -f spec.yaml --watch", "barlow status my-run -o json"))
+def status(
+    target: str = typer.Argument(None, metavar="TARGET",
+                                 help="A job name, or a run's output folder or URL: anything with a '/' (runs/quickstart, "
+                                      "./out, s3://bucket/runs/x) is read as the run's files. Default: the -f spec's name."),
+    spec_path: str = typer.Option(None, "--file", "-f", metavar="SPEC",
+                                  help="The run's spec: the job's name, namespace and backend, and its output.url, whose "
+                                       "files give the progress."),
+    overrides: list[str] = SET,
+    namespace: str = SPEC_NAMESPACE,
+    context: str = CONTEXT,
+    backend: BackendName = typer.Option(None, "--backend", "-b", envvar="BARLOW_BACKEND", show_default=False,
+                                        help=f"pytorchjob or trainjob (default: the -f spec's, else {DEFAULT_BACKEND})."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every --interval seconds until Ctrl-C."),
+    interval: float = typer.Option(10.0, "--interval", min=0.0, help="Seconds between refreshes with --watch."),
+    count: int = typer.Option(None, "--count", min=1, help="With --watch: stop after this many refreshes."),
+    output: OutputFormat = typer.Option(OutputFormat.text, "--output", "-o",
+                                        help="text, or json for scripts (with --watch: one JSON object per line)."),
+) -> None:
+    """How far, how fast, is it healthy: a job's phase, why its pods are not running, Kueue's admission; and from the
+    run's files (an output folder or URL, or -f SPEC), step of total, loss, probe top-1, images/s, ETA, the latest
+    checkpoint and the restarts used."""
+    spec = load_or_exit(spec_path, overrides) if spec_path else None
+    is_output = target is not None and "/" in target  # a Kubernetes name never holds a '/'
+    if target is None and spec is None:
+        raise fail("give a job name, an output folder or URL, or -f SPEC", EXIT_INVALID)
+    if is_output and spec is not None:
+        raise fail("give an output folder or -f SPEC, not both (the spec's output.url is the run's folder)", EXIT_INVALID)
+    name = target or spec.name
+    job_args = None
+    if not is_output:
+        from barlow.launch.cluster import resolve_namespace
+
+        with _cluster_errors():
+            ns = resolve_namespace(namespace, spec, context)
+        job_args = (name, ns, _backend(backend or BackendName(spec.cluster.backend if spec else DEFAULT_BACKEND)))
+
+    def report() -> _Report:
+        from barlow.launch import cluster, pods
+
+        found = _Report(time.time())
+        if job_args is not None:
+            with _cluster_errors():
+                found.job = pods.view(cluster.connect(context), *job_args)
+        url = target if is_output else (spec.output.url if spec else "")
+        if url:
+            try:
+                found.progress = _read_progress(url, spec, found.time)
+            except ImportError as e:  # the CLI image has no fsspec: a job's status stands without its files
+                why = f"reading {url} needs {e.name or 'fsspec'}, which this installation lacks (the training image has it)"
+                if is_output:
+                    raise fail(why) from None
+                found.progress_error = why
+            except FileNotFoundError as e:
+                if is_output:
+                    raise fail(str(e), EXIT_INVALID) from None
+                found.progress_error = str(e)
+            except Exception as e:  # the job's status stands without its files (no credentials, a store down)
+                if is_output:
+                    raise fail(f"{url}: {type(e).__name__}: {e}") from None
+                found.progress_error = f"{url}: {type(e).__name__}: {e}"
+        return found
+
+    _refresh(report, output, watch, interval, count)
+
+
+def _read_progress(url: str, spec: PretrainSpec | EvalRunSpec | None, now: float) -> Progress:
+    from barlow import progress, storage
+
+    if spec is not None:  # the output is read as the run writes it (the spec's S3 endpoint), with few retries
+        storage.configure_s3(storage.S3Settings(**{**spec.data.s3.model_dump(), "retries": 2}))
+    return progress.read(url, spec.cluster.max_restarts if spec else None, now)
+
+
+@dataclass
+class _Report:
+    """One refresh of `barlow status`."""
+
+    time: float
+    job: JobView | None = None
+    progress: Progress | None = None
+    progress_error: str = ""
+
+    def as_dict(self) -> dict:
+        """The `-o json` document (README: `barlow status -o json`)."""
+        job = self.job.as_dict() if self.job else {"job": None, "admission": "", "pods": []}
+        return {"schema": STATUS_SCHEMA, "time": round(self.time, 3), **job,
+                "progress": self.progress.as_dict() if self.progress else None, "progress_error": self.progress_error}
+
+    def lines(self) -> list[str]:
+        rows: list[tuple[str, str]] = []
+        if self.job is not None:
+            from barlow.launch.pods import lines as job_lines
+
+            rows += job_lines(self.job)
+            if self.progress is None and not self.progress_error and self.job.output:
+                rows.append(("output", f"{self.job.output}   (its progress: barlow status {self.job.output}, or -f SPEC)"))
+        if self.progress is not None:
+            from barlow.progress import lines  # needs fsspec, which the CLI image lacks (no progress there)
+
+            rows += lines(self.progress, self.time)
+        if self.progress_error:
+            rows.append(("progress", f"unavailable: {self.progress_error}"))
+        return [f"{label + ':':<10} {value}" for label, value in rows]
+
+
+def _refresh(report: Callable[[], _Report], output: OutputFormat, watch: bool, interval: float,
+             count: int | None) -> None:
+    """Show `report()` once, or every `interval` seconds: rich Live in a terminal, one screen after another (or one
+    JSON line each) otherwise."""
+    import json
+
+    from rich.live import Live
+    from rich.text import Text
+
+    def show(r: _Report, indent: int | None = None) -> str:
+        return json.dumps(r.as_dict(), indent=indent) if output == OutputFormat.json else "\n".join(r.lines())
+
+    if not watch:
+        typer.echo(show(report(), indent=2))
+        return
+    live = Live(console=console, auto_refresh=False) if console.is_terminal and output == OutputFormat.text else None
+    done = 0
+    try:
+        if live is not None:
+            live.start()
+        while True:
+            try:
+                screen = show(report())
+            except typer.Exit:  # its line is printed; after a first answer, a blip (API server, store) ends no watch
+                if not done:
+                    raise
+                screen = None
+            if screen is not None and live is not None:
+                live.update(Text(screen), refresh=True)
+            elif screen is not None:
+                typer.echo(screen if output == OutputFormat.json or not done else "\n" + screen)
+            done += 1
+            if count is not None and done >= count:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @app.command(epilog=example("barlow logs my-run -f --replica worker-0"))
