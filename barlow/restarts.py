@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from barlow import checkpoint, storage
+from barlow.errors import EXIT_FAILED as PERMANENT  # what a spent budget exits with
+from barlow.errors import is_retryable
 from barlow.spec import RunSpec
 
-RETRYABLE_FROM = 128  # restartPolicy: ExitCode retries exit codes >= 128; 1-127 fail the job
-PERMANENT = 1  # what a spent budget exits with (the entrypoint's permanent failure)
 FOLDER = "attempts"
 
 
@@ -62,7 +62,7 @@ def bounded(spec: RunSpec, run: Callable[[], int], say: Callable[[str], None]) -
 
 def _retryable(record: dict[str, Any]) -> bool:
     code = record.get("code")
-    return code is None or code >= RETRYABLE_FROM  # no code: the attempt died without recording its end
+    return code is None or is_retryable(code)  # no code: the attempt died without recording its end
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Budget:
     def at_end(self, code: int) -> tuple[int, str | None]:
         """(the exit code to use, why it was changed or None), recording the attempt's end."""
         latest = self._latest()
-        streak = self._streak(latest) + 1 if code >= RETRYABLE_FROM else 0
+        streak = self._streak(latest) + 1 if is_retryable(code) else 0
         why = self._why(streak, latest) if streak > self.max_restarts else None
         if self.started is not None:
             self._write({**self.started, "ended": time.time(), "checkpoint": latest, "code": code,

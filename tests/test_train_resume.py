@@ -56,3 +56,36 @@ def test_entrypoint_keeps_its_exit_code_names():
     from barlow import entrypoint
 
     assert (entrypoint.EXIT_OK, entrypoint.EXIT_FAILED, entrypoint.EXIT_INVALID_SPEC, entrypoint.EXIT_PEER_LOST) == (0, 1, 2, 144)
+
+
+@pytest.mark.parametrize("worker_code, code, retryable", [
+    (0, 0, False),
+    (1, 1, False),
+    (2, 2, False),
+    (144, 144, True),
+    (-6, 134, True),  # SIGABRT: NCCL's watchdog aborted a collective that hung past runtime.collective_timeout_s
+    (-9, 137, True),  # SIGKILL: the OOM killer or a node drain
+    (-15, 143, True),
+])
+def test_torchrun_passes_worker_codes_on_with_their_meaning(worker_code, code, retryable):
+    from barlow.torchrun import worker_exit_code
+
+    assert worker_exit_code(worker_code) == code
+    assert errors.is_retryable(code) is retryable
+
+
+def test_every_exit_code_is_defined_once_in_errors():
+    """The CLI, the restart budget and the follow-up Job use errors' constants, not numbers of their own."""
+    from barlow import restarts
+    from barlow.cli import cluster, common
+    from barlow.launch.kubernetes import build_follow_up
+    from barlow.spec import parse_spec
+
+    assert common.EXIT_INVALID is errors.EXIT_INVALID_SPEC and cluster.EXIT_UNREACHABLE is errors.EXIT_UNREACHABLE
+    assert restarts.PERMANENT == errors.EXIT_FAILED and errors.EXIT_WATCHDOG_ABORT == 134
+    spec = parse_spec({"kind": "pretrain", "name": "p", "data": {"train": "d/train", "val": "d/val"},
+                       "optim": {"epochs": 2, "warmup_epochs": 1, "batch_size": 64}, "output": {"url": "s3://b/o"},
+                       "cluster": {"image": "registry.example/barlow:1"}})
+    rules = build_follow_up(spec).spec.pod_failure_policy.rules
+    assert rules[0].on_exit_codes.values == list(errors.FOLLOW_UP_PERMANENT) == [1, 2]
+    assert not any(errors.is_retryable(c) for c in errors.FOLLOW_UP_PERMANENT)

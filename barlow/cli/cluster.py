@@ -11,12 +11,12 @@ from enum import StrEnum
 import typer
 
 from barlow.cli.common import EXIT_INVALID, app, console, fail, invalid, load_or_exit
+from barlow.errors import EXIT_UNREACHABLE
 from barlow.launch.backend import NAMES
 from barlow.spec import SPEC_ENV, STAGE_HELP, ClusterSpec, EvalRunSpec, PretrainSpec, SpecError, Stage, loads_spec, stage_runs
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
-EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 
 
 Target = Stage  # the stages, and their rules, are the spec's (spec.stage_runs), the same for run, render and submit

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+from barlow.errors import EXIT_FAILED
+from barlow.errors import EXIT_INVALID_SPEC as EXIT_INVALID  # a spec or argument that fails validation
 from barlow.spec import EvalRunSpec, PretrainSpec, SpecError, load_spec
 
 app = typer.Typer(
@@ -17,10 +19,8 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
-EXIT_INVALID = 2  # a spec or argument that fails validation
 
-
-def fail(message: str, code: int = 1) -> typer.Exit:
+def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     """Print a one-line error to stderr and return the Exit to raise."""
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
