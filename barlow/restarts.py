@@ -26,6 +26,7 @@ from typing import Any
 from barlow import checkpoint, storage
 from barlow.errors import EXIT_FAILED as PERMANENT  # what a spent budget exits with
 from barlow.errors import is_retryable
+from barlow.runsetup import s3_settings
 from barlow.spec import RunSpec
 
 FOLDER = "attempts"
@@ -73,17 +74,18 @@ class Budget:
     max_restarts: int
     records: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts, oldest first
     started: dict[str, Any] | None = None  # this attempt's record
+    s3: storage.S3Settings | None = None
 
     @classmethod
     def open(cls, spec: RunSpec) -> Budget:
-        storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))  # the output's default, as in train
+        s3 = s3_settings(spec)
         url = storage.join(spec.output.url, FOLDER)
-        names = sorted(n for n in storage.list_names(url) if n.endswith(".json"))
-        records = [json.loads(storage.read_text(storage.join(url, n))) for n in names]
-        return cls(spec.output.url, spec.cluster.max_restarts, records)
+        names = sorted(n for n in storage.list_names(url, s3) if n.endswith(".json"))
+        records = [json.loads(storage.read_text(storage.join(url, n), s3)) for n in names]
+        return cls(spec.output.url, spec.cluster.max_restarts, records, s3=s3)
 
     def _latest(self) -> str | None:
-        found = checkpoint.latest(self.output_url)
+        found = checkpoint.latest(self.output_url, self.s3)
         return found.rstrip("/").rsplit("/", 1)[-1] if found else None
 
     def _streak(self, latest: str | None) -> int:
@@ -122,4 +124,4 @@ class Budget:
 
     def _write(self, record: dict[str, Any]) -> None:
         name = f"attempt-{record['attempt']:06d}.json"
-        storage.write_text(storage.join(self.output_url, FOLDER, name), json.dumps(record, sort_keys=True) + "\n")
+        storage.write_text(storage.join(self.output_url, FOLDER, name), json.dumps(record, sort_keys=True) + "\n", self.s3)

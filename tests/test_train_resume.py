@@ -3,42 +3,70 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from barlow import errors
 from barlow.distributed import Placement
-from barlow.train import check_same_run, resume_note
+from barlow.evaluate import eval_record
+from barlow.spec import parse_spec
+from barlow.train import resume_note, run_record
 
-NOW = {"model": {"arch": "resnet18", "width": 8}, "batch_size": 128, "world_size": 1, "workers": 0, "seed": 7}
+PRETRAIN = {"kind": "pretrain", "name": "p", "data": {"train": "d/train", "val": "d/val", "workers": 0},
+            "model": {"arch": "resnet18", "width": 8}, "optim": {"epochs": 2, "warmup_epochs": 1, "batch_size": 128},
+            "runtime": {"seed": 7}, "output": {"url": "out"}}
+URL = "out/checkpoints/step-00000004"
 
 
-@pytest.mark.parametrize("change, accepted", [
-    ({}, True),
-    ({"world_size": 2, "per_rank_batch": 64}, True),  # another world size, same global batch: resumable
-    ({"workers": 4, "seed": 8}, True),
-    ({"batch_size": 256}, False),
-    ({"model": {"arch": "resnet50", "width": 8}}, False),
-    ({"model": None}, False),  # a checkpoint without a run record
+def place(world_size: int) -> Placement:
+    return Placement(0, world_size, 0, torch.device("cpu"), None)
+
+
+def saved_record(world_size: int = 1, **change) -> dict:
+    return {**run_record(parse_spec(PRETRAIN), place(world_size)).as_dict(), **change}
+
+
+@pytest.mark.parametrize("saved, refused", [
+    (saved_record(), None),
+    (saved_record(world_size=2), None),  # another world size, same global batch: resumable
+    (saved_record(workers=4, seed=8), None),
+    (saved_record(batch_size=256), "(optim.batch_size 256 -> 128)"),
+    (saved_record(model={**saved_record()["model"], "arch": "resnet50"}), "(model.arch resnet50 -> resnet18)"),
+    ({"world_size": 1}, "model (not recorded) -> "),  # a checkpoint without a run record
 ])
-def test_which_checkpoints_resume(change, accepted):
-    saved = {**NOW, **change}
-    if accepted:
-        check_same_run(saved, NOW, "out/checkpoints/step-00000004")
+def test_which_checkpoints_resume(saved, refused):
+    record = run_record(parse_spec(PRETRAIN), place(1))
+    if refused is None:
+        record.check(saved, URL)
     else:
-        with pytest.raises(errors.OutputHoldsAnotherRun, match="out/checkpoints/step-00000004 holds a run with another"):
-            check_same_run(saved, NOW, "out/checkpoints/step-00000004")
+        with pytest.raises(errors.OutputHoldsAnotherRun, match=rf"^output.url: {URL} holds a run with other settings") as e:
+            record.check(saved, URL)
+        assert refused in str(e.value) and str(e.value).endswith("; use a new output.url")
+
+
+def test_the_record_keeps_what_is_checked_or_noted_and_nothing_else():
+    assert set(saved_record()) == {"model", "batch_size", "world_size", "workers", "seed"}
 
 
 @pytest.mark.parametrize("saved, note", [
     (None, ""),
-    ({"world_size": 1}, ", resuming at step 12"),
-    ({"world_size": 2}, ", resuming at step 12 (world_size 2 -> 1: same global batch and schedule; "),
+    (saved_record(1), ", resuming at step 12"),
+    (saved_record(2), ", resuming at step 12 (world_size 2 -> 1: same global batch and schedule; "),
+    (saved_record(1, workers=4), ", resuming at step 12 (workers 4 -> 0: "),
 ])
 def test_resume_note(saved, note):
-    import torch
-
-    place = Placement(0, 1, 0, torch.device("cpu"), None)
-    got = resume_note(saved, place, 12)
+    got = resume_note(run_record(parse_spec(PRETRAIN), place(1)), saved, 12)
     assert got.startswith(note) and (note != "" or got == "")
+    assert ("(" in got) == ("->" in note)
+
+
+def test_an_eval_names_the_eval_field_that_differs():
+    spec = parse_spec({**PRETRAIN, "eval": {"epochs": 6}}).eval_spec()
+    record = eval_record(spec, place(1))
+    with pytest.raises(errors.OutputHoldsAnotherRun, match=r"holds an evaluation with other settings"):
+        record.check({**record.as_dict(), "epochs": 9}, URL)
+    with pytest.raises(errors.OutputHoldsAnotherRun, match=r"\(eval.epochs 9 -> 6\)"):
+        record.check({**record.as_dict(), "epochs": 9}, URL)
+    record.check({**record.as_dict(), "world_size": 4, "seed": 3}, URL)
 
 
 @pytest.mark.parametrize("exc, code", [
