@@ -16,7 +16,7 @@ from barlow import runsetup
 from barlow.distributed import Placement
 from barlow.evaluate import knn_correct, knn_top1
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # real processes
 
 
 def _spawn(fn, tmp_path, *args, world: int = 2) -> None:
