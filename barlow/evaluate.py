@@ -2,7 +2,7 @@
 
 Shaped like pretraining: `set_up` (the shared scaffolding of barlow.runsetup, then the backbone, the protocol's
 classifier and optimizer, and a resume), a loop of `eval_step`, `measure` (validation top-1/top-5 and kNN top-1)
-and `finish`. An eval protocol (`eval.mode`) is a `Protocol` class registered in `PROTOCOLS`.
+and `finish`. An eval protocol (`eval.mode`) is an `EvalProtocol` class registered in `PROTOCOLS`.
 
 Resumable: the head (and, when fine-tuning, the backbone), the optimizer, the lr schedule and the data position
 are checkpointed under `<output>/checkpoints/` at every epoch's end and on a stop signal, and a rerun continues there.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -65,32 +66,35 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
-class Protocol:
-    """How the classifier learns on the backbone: which modules train, with which lr, in which mode."""
+class EvalProtocol(ABC):
+    """How the classifier learns on the backbone (one per `eval.mode`): which modules train, with which lr, in which
+    mode, and what must hold afterwards."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear):
         self.backbone, self.head = backbone, head
 
     @property
+    @abstractmethod
     def trained(self) -> nn.Module:
         """What the optimizer updates, DDP wraps and checkpoints hold."""
-        raise NotImplementedError
 
+    @abstractmethod
     def param_groups(self, e: EvalSpec) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The optimizer's parameter groups, with their lr."""
 
+    @abstractmethod
     def train_mode(self) -> None:
-        raise NotImplementedError
+        """Put backbone and head in the mode their training needs."""
 
+    @abstractmethod
     def logits(self, forward: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The class scores of a batch; `forward` is `trained`, wrapped for several processes."""
-        raise NotImplementedError
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 (optional: most protocols promise nothing to check)
         """After training: raise if the protocol's promise was broken."""
 
 
-class LinearProbe(Protocol):
+class LinearProbe(EvalProtocol):
     """The backbone frozen (its weights and its BN statistics: eval mode throughout); only the linear head learns,
     on features computed without a graph."""
 
@@ -120,7 +124,7 @@ class LinearProbe(Protocol):
             raise RuntimeError("linear eval changed the frozen backbone (a bug: it must stay untouched)")
 
 
-class Finetune(Protocol):
+class Finetune(EvalProtocol):
     """Backbone and head learn together, the backbone at eval.lr_backbone."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear):
@@ -142,7 +146,7 @@ class Finetune(Protocol):
         return forward(x)
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {"linear": LinearProbe, "finetune": Finetune}  # by eval.mode
+PROTOCOLS: dict[str, type[EvalProtocol]] = {"linear": LinearProbe, "finetune": Finetune}  # by eval.mode
 
 
 @dataclass
@@ -157,7 +161,7 @@ class EvalRun:
     per_rank: int  # this process's share of eval.batch_size
     backbone: nn.Module
     head: nn.Linear
-    protocol: Protocol
+    protocol: EvalProtocol
     forward: nn.Module  # protocol.trained, wrapped in DDP for several processes
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
