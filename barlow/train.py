@@ -81,6 +81,11 @@ class Run:
     checkpointer: Checkpointer
     metrics: Metrics
 
+    @property
+    def proc(self) -> runsetup.Process:
+        """The process's placement and S3 settings, as evaluation's helpers (`evaluate.features_of`) take them."""
+        return runsetup.Process(self.place, self.s3)
+
 
 class Interval:
     """The steps since the last log step and when that log step's work was done; `images_per_s()` is called after
