@@ -9,6 +9,7 @@ cut short (a killed pod, a full disk) is never taken for the latest one.
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -60,6 +61,8 @@ def latest(output_url: str, s3: S3Settings | None = None) -> str | None:
 def load(url: str, s3: S3Settings | None = None) -> dict[str, Any]:
     """Load a checkpoint folder (or its state.pt) safely: tensors and plain containers only."""
     path = url if url.endswith(".pt") else storage.join(url, "state.pt")
+    if storage.is_local(path):  # read from the file: no copy of its bytes beside the tensors
+        return torch.load(os.path.expanduser(path.removeprefix("file://")), map_location="cpu", weights_only=True)
     return torch.load(io.BytesIO(storage.read_bytes(path, s3)), map_location="cpu", weights_only=True)
 
 
