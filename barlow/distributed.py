@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,11 @@ def setup(runtime: RuntimeSpec) -> Placement:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        # A generous timeout: the other ranks wait in a barrier while rank 0 writes a checkpoint of gigabytes.
+        # device_id binds NCCL's communicator to this GPU (no guessing, and collectives start at once).
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=runtime.collective_timeout_s),
+                                device_id=device if use_cuda else None)
     return Placement(rank, world, local_rank, device, _autocast_dtype(runtime.precision, device))
 
 
@@ -89,20 +94,14 @@ def all_sum(values: list[float | torch.Tensor], device: torch.device) -> list[fl
     return t.tolist()  # sync: the sums are read on the host
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (row counts may differ), in rank order."""
+def row_counts(n: int, device: torch.device) -> list[int]:
+    """Every rank's `n`, in rank order."""
     if not dist.is_initialized():
-        return x
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+        return [n]
+    mine = torch.tensor([n], device=device)
+    counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, mine)
+    return [int(c) for c in torch.cat(counts).tolist()]  # sync: the counts size what follows
 
 
 def barrier() -> None:

@@ -3,8 +3,9 @@ to an exit code that Kubernetes' `restartPolicy: ExitCode` understands.
 
 Exit codes (defined in barlow.errors): 0 done; 1 permanent failure (bad data, a bug); 2 invalid spec (permanent);
 128 + signal number when stopped by SIGTERM/SIGINT after writing a checkpoint (143, 130: retryable, the
-next attempt resumes from that checkpoint); 144 when a peer process or node went away (retryable: it is what
-the surviving pods see when one pod is preempted). The spec comes as a file path argument, or as YAML text in the
+next attempt resumes from that checkpoint); 134 when NCCL's watchdog aborted a stuck collective (SIGABRT, passed
+on by barlow.torchrun; retryable); 144 when a peer process or node went away (retryable: it is what the surviving
+pods see when one pod is preempted). The spec comes as a file path argument, or as YAML text in the
 environment variable BARLOW_SPEC (how a PyTorchJob passes it). In a pod, `barlow.restarts` bounds the retryable
 failures without progress (cluster.max_restarts).
 """

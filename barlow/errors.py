@@ -1,4 +1,5 @@
-"""The runtime's exceptions, named for what happened, and the exit codes they map to.
+"""The runtime's exceptions, named for what happened, and every exit code barlow uses (runtime, torchrun, the
+restart budget, the CLI and the pipeline's follow-up Job).
 
 Exit codes follow Kubernetes' `restartPolicy: ExitCode`: 1-127 are permanent (a retry would fail the same way),
 >= 128 are retried (the next attempt resumes from the latest complete checkpoint).
@@ -6,11 +7,26 @@ Exit codes follow Kubernetes' `restartPolicy: ExitCode`: 1-127 are permanent (a 
 
 from __future__ import annotations
 
+import signal
+
 EXIT_OK = 0
-EXIT_FAILED = 1  # permanent: bad data, a mismatched output folder, a bug
-EXIT_INVALID_SPEC = 2  # permanent: the spec fails validation
-EXIT_TIMED_OUT = 124  # `barlow wait --timeout`: the job had not finished in time (the code timeout(1) exits with)
+EXIT_FAILED = 1  # permanent: bad data, a mismatched output folder, a bug, a spent restart budget, a failed job
+EXIT_INVALID_SPEC = 2  # permanent: the spec (or a CLI argument) fails validation
+EXIT_UNREACHABLE = 3  # the CLI could not reach the Kubernetes API server: worth retrying (the follow-up Job does)
+EXIT_WAIT_TIMEOUT = 124  # `barlow wait --timeout` gave up before the job finished (timeout(1)'s code)
+RETRYABLE_FROM = 128  # restartPolicy: ExitCode retries codes >= 128; 1-127 fail the job
+EXIT_WATCHDOG_ABORT = RETRYABLE_FROM + signal.SIGABRT  # 134, retryable: NCCL's watchdog aborted a stuck collective
 EXIT_PEER_LOST = 144  # retryable: a peer process or node went away, or the rendezvous timed out
+FOLLOW_UP_PERMANENT = (EXIT_FAILED, EXIT_INVALID_SPEC)  # the follow-up Job fails at once on these, retries others
+
+
+def exit_on_signal(signum: int) -> int:
+    """The exit code of a process stopped by a signal: 128 + its number (143 SIGTERM, 130 SIGINT, 134 SIGABRT)."""
+    return RETRYABLE_FROM + int(signum)
+
+
+def is_retryable(code: int) -> bool:
+    return code >= RETRYABLE_FROM
 
 
 class RunFailed(Exception):
@@ -52,4 +68,4 @@ class StoppedOnSignal(Exception):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # 143 for SIGTERM, 130 for SIGINT: retryable
+        return exit_on_signal(self.signum)  # 143 for SIGTERM, 130 for SIGINT: retryable

@@ -1,5 +1,9 @@
 """Evaluation of a pretrained backbone: linear probe (frozen) or fine-tuning, top-1/top-5, and a kNN monitor.
 
+Shaped like pretraining: `set_up` (the shared scaffolding of barlow.runsetup, then the backbone, the protocol's
+classifier and optimizer, and a resume), a loop of `eval_step`, `measure` (validation top-1/top-5 and kNN top-1)
+and `finish`. An eval protocol (`eval.mode`) is an `EvalProtocol` class registered in `PROTOCOLS`.
+
 Resumable: the head (and, when fine-tuning, the backbone), the optimizer, the lr schedule and the data position
 are checkpointed under `<output>/checkpoints/` at every epoch's end and on a stop signal, and a rerun continues there.
 """
@@ -9,40 +13,41 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable
-from contextlib import nullcontext
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from barlow import checkpoint, distributed, progress, storage
+from barlow import checkpoint, distributed, progress, runsetup, storage
 from barlow.augment import eval_transform, train_transform
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
-from barlow.errors import BackboneMismatch, NothingToEvaluate, OutputHoldsAnotherRun, SplitsDisagree, StoppedOnSignal, TooFewImages
+from barlow.errors import BackboneMismatch, NothingToEvaluate, SplitsDisagree, StoppedOnSignal, TooFewImages
 from barlow.metrics import Metrics
 from barlow.model import build_backbone
-from barlow.spec import EvalRunSpec
+from barlow.spec import EvalRunSpec, EvalSpec
 
 
-def backbone_state(source_url: str, is_export: bool) -> dict[str, torch.Tensor]:
+def backbone_state(source_url: str, is_export: bool, s3: storage.S3Settings | None = None) -> dict[str, torch.Tensor]:
     """The backbone weights at a URL: an exported backbone.pt, a pretrain output folder, or a checkpoint folder."""
     if not is_export:
-        if storage.exists(storage.join(source_url, "backbone.pt")):
+        if storage.exists(storage.join(source_url, "backbone.pt"), s3):
             source_url = storage.join(source_url, "backbone.pt")
         else:
-            folder = source_url if storage.exists(storage.join(source_url, "state.pt")) else checkpoint.latest(source_url)
+            found = storage.exists(storage.join(source_url, "state.pt"), s3)
+            folder = source_url if found else checkpoint.latest(source_url, s3)
             if folder is None:
                 raise NothingToEvaluate(f"eval.checkpoint: no backbone.pt and no complete checkpoint under {source_url}")
-            model = checkpoint.load(folder)["model"]
+            model = checkpoint.load(folder, s3)["model"]
             return {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
-    if not storage.exists(source_url):
+    if not storage.exists(source_url, s3):
         raise NothingToEvaluate(f"{'eval.backbone' if is_export else 'eval.checkpoint'}: {source_url} does not exist")
-    return torch.load(io.BytesIO(storage.read_bytes(source_url)), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(storage.read_bytes(source_url, s3)), map_location="cpu", weights_only=True)
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -54,112 +59,268 @@ def fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
+    """Correct predictions among the top k, for each k (0-d tensors on the logits' device)."""
     top = logits.topk(max(ks), dim=1).indices
     hits = top.eq(labels[:, None])
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
-def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: None) -> dict:
+class EvalProtocol(ABC):
+    """How the classifier learns on the backbone (one per `eval.mode`): which modules train, with which lr, in which
+    mode, and what must hold afterwards."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        self.backbone, self.head = backbone, head
+
+    @property
+    @abstractmethod
+    def trained(self) -> nn.Module:
+        """What the optimizer updates, DDP wraps and checkpoints hold."""
+
+    @abstractmethod
+    def param_groups(self, e: EvalSpec) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, with their lr."""
+
+    @abstractmethod
+    def train_mode(self) -> None:
+        """Put backbone and head in the mode their training needs."""
+
+    @abstractmethod
+    def logits(self, forward: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The class scores of a batch; `forward` is `trained`, wrapped for several processes."""
+
+    def check(self) -> None:  # noqa: B027 (optional: most protocols promise nothing to check)
+        """After training: raise if the protocol's promise was broken."""
+
+
+class LinearProbe(EvalProtocol):
+    """The backbone frozen (its weights and its BN statistics: eval mode throughout); only the linear head learns,
+    on features computed without a graph."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__(backbone, head)
+        backbone.requires_grad_(False)
+        self.before = fingerprint(backbone)
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.head
+
+    def param_groups(self, e: EvalSpec) -> list[dict[str, Any]]:
+        return [{"params": self.head.parameters(), "lr": e.lr_head}]
+
+    def train_mode(self) -> None:
+        self.head.train()
+        self.backbone.eval()
+
+    def logits(self, forward: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.backbone(x)
+        return forward(features)
+
+    def check(self) -> None:
+        if fingerprint(self.backbone) != self.before:
+            raise RuntimeError("linear eval changed the frozen backbone (a bug: it must stay untouched)")
+
+
+class Finetune(EvalProtocol):
+    """Backbone and head learn together, the backbone at eval.lr_backbone."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__(backbone, head)
+        self._trained = nn.Sequential(backbone, head)
+
+    @property
+    def trained(self) -> nn.Module:
+        return self._trained
+
+    def param_groups(self, e: EvalSpec) -> list[dict[str, Any]]:
+        return [{"params": self.head.parameters(), "lr": e.lr_head},
+                {"params": self.backbone.parameters(), "lr": e.lr_backbone}]
+
+    def train_mode(self) -> None:
+        self._trained.train()
+
+    def logits(self, forward: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return forward(x)
+
+
+PROTOCOLS: dict[str, type[EvalProtocol]] = {"linear": LinearProbe, "finetune": Finetune}  # by eval.mode
+
+
+@dataclass
+class EvalRun:
+    """Everything set-up builds and the loop and `measure` use."""
+
+    spec: EvalRunSpec
+    proc: runsetup.Process
+    train_src: Any
+    val_src: Any
+    num_classes: int
+    per_rank: int  # this process's share of eval.batch_size
+    backbone: nn.Module
+    head: nn.Linear
+    protocol: EvalProtocol
+    forward: nn.Module  # protocol.trained, wrapped in DDP for several processes
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    autocast: AbstractContextManager
+    position: EvalPosition
+    checkpointer: Checkpointer
+    metrics: Metrics
+
+    @property
+    def place(self) -> distributed.Placement:
+        return self.proc.place
+
+
+def evaluate(spec: EvalRunSpec, stop_signal: runsetup.StopSignal = lambda: None) -> dict:
     """Train a linear head (or fine-tune) on the train images, then report val top-1/top-5 and kNN top-1."""
-    place = distributed.setup(spec.runtime)
-    storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))
-    torch.manual_seed(spec.runtime.seed)
-    e, d = spec.eval, spec.data
+    run = set_up(spec)
+    position, log_every = run.position, spec.runtime.log_every
+    while position.epoch < spec.eval.epochs:
+        run.protocol.train_mode()
+        for x, y in train_batches(run):
+            eval_step(run, x, y)
+            if position.in_epoch % log_every == 0:
+                _stop_if_asked(run, stop_signal)
+        end_epoch(run)
+        _stop_if_asked(run, stop_signal, saved=True)
+    return finish(run, measure(run))
+
+
+def set_up(spec: EvalRunSpec) -> EvalRun:
+    """The shared scaffolding (process group, device, S3 settings, seed, numerics), the data, the backbone, the
+    protocol's classifier and optimizer, and a resume from the latest complete checkpoint."""
+    proc = runsetup.start(spec)
+    place, e, d = proc.place, spec.eval, spec.data
     train_src, val_src = open_source(d, "train"), open_source(d, "val")
     if train_src.classes != val_src.classes:
         raise SplitsDisagree("data.val: its classes differ from data.train's")
-    num_classes, per_rank = len(train_src.classes), e.batch_size // place.world_size
+    num_classes = len(train_src.classes)
 
     backbone = build_backbone(spec.model.arch, spec.model.small_images, spec.model.width, d.channels)
-    state = backbone_state(e.backbone or e.checkpoint, is_export=e.backbone is not None)
+    state = backbone_state(e.backbone or e.checkpoint, is_export=e.backbone is not None, s3=proc.s3)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BackboneMismatch(f"eval: the backbone does not match model.* ({len(missing)} missing, {len(unexpected)} unexpected "
-                        f"weights, e.g. {(missing + unexpected)[0]})")
+                               f"weights, e.g. {(missing + unexpected)[0]})")
     backbone.to(place.device)
+    if proc.channels_last:
+        backbone.to(memory_format=torch.channels_last)
     head = nn.Linear(backbone.feature_dim, num_classes).to(place.device)
     head.weight.data.normal_(0, 0.01)
     head.bias.data.zero_()
-    frozen = e.mode == "linear"
-    backbone.requires_grad_(not frozen)
-    before = fingerprint(backbone) if frozen else None
-    groups = [{"params": head.parameters(), "lr": e.lr_head}]
-    if not frozen:
-        groups.append({"params": backbone.parameters(), "lr": e.lr_backbone})
-    optimizer = torch.optim.SGD(groups, lr=e.lr_head, momentum=0.9, weight_decay=e.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, e.epochs)
-    trained = nn.Sequential(backbone, head) if not frozen else head
-    ddp = DistributedDataParallel(trained, gradient_as_bucket_view=True, static_graph=True) if place.world_size > 1 else trained
-    autocast = torch.autocast(place.device.type, dtype=place.autocast_dtype) if place.autocast_dtype else nullcontext()
+    protocol = PROTOCOLS[e.mode](backbone, head)
+    optimizer = torch.optim.SGD(protocol.param_groups(e), lr=e.lr_head, momentum=0.9, weight_decay=e.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, e.epochs)
     position = EvalPosition(device=place.device)
-    record = {"mode": e.mode, "train_percent": e.train_percent, "epochs": e.epochs, "batch_size": e.batch_size,
-              "source": e.checkpoint or e.backbone, "world_size": place.world_size, "seed": spec.runtime.seed}
-    checkpointer = Checkpointer(spec.output.url, every=1, keep=spec.output.keep, is_main=place.is_main, run=record,
-                                parts={"trained": trained, "optimizer": optimizer, "schedule": scheduler, "data": position})
-    checkpointer.resume(lambda saved, url: _check_same_eval(saved, record, url))
-    metrics = Metrics(spec.output.url, place.is_main, e.epochs, position.epoch, title=f"eval ({e.mode})")
+    record = eval_record(spec, place)
+    checkpointer = Checkpointer(spec.output.url, every=1, keep=spec.output.keep, is_main=place.is_main,
+                                run=record.as_dict(), s3=proc.s3,
+                                parts={"trained": protocol.trained, "optimizer": optimizer, "schedule": schedule,
+                                       "data": position})
+    checkpointer.resume(record.check)
+    metrics = Metrics(spec.output.url, place.is_main, e.epochs, position.epoch, title=f"eval ({e.mode})", s3=proc.s3)
     if place.is_main:  # `barlow status` counts what the metrics lines count: epochs
-        progress.record_run(spec, e.epochs, 1, e.batch_size)
+        progress.record_run(spec, e.epochs, 1, e.batch_size, proc.s3)
     metrics.print(f"eval {spec.name}: {e.mode}, {e.train_percent}% of {train_src.num_samples} train images, "
                   f"{val_src.num_samples} val images, {num_classes} classes, {e.epochs} epochs"
                   f"{f', resuming at epoch {position.epoch} step {position.in_epoch}' if checkpointer.resumed_run else ''}")
+    return EvalRun(spec, proc, train_src, val_src, num_classes, e.batch_size // place.world_size, backbone, head,
+                   protocol, runsetup.wrap_ddp(protocol.trained, place), optimizer, schedule, proc.autocast(), position,
+                   checkpointer, metrics)
 
-    t_train, t_eval = train_transform(d.image_size, d.channels), eval_transform(d.image_size, d.channels)
-    while position.epoch < e.epochs:
-        trained.train()
-        backbone.train(not frozen)  # a frozen backbone keeps its BN statistics: eval mode throughout
-        batches = train_src.loader(transform=t_train, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
-                                   seed=spec.runtime.seed, epoch=position.epoch, start_step=position.in_epoch,
-                                   workers=d.workers, subset_percent=e.train_percent)
-        for x, y, _ in batches:
-            x, y = x.to(place.device), y.to(place.device)
-            with autocast:
-                if frozen:
-                    with torch.no_grad():
-                        features = backbone(x)
-                    logits = ddp(features)
-                else:
-                    logits = ddp(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            position.loss_sum += loss.detach()  # stays on the device until the epoch's line
-            position.in_epoch, position.batches = position.in_epoch + 1, position.batches + 1
-            if position.in_epoch % spec.runtime.log_every == 0:
-                _stop_if_asked(stop_signal, place, checkpointer, metrics, position)
-        if position.in_epoch == 0:
-            raise TooFewImages(f"data.train: the {e.train_percent}% subset is smaller than one batch "
-                               f"(eval.batch_size = {e.batch_size})")
-        scheduler.step()
-        mean_loss = float(position.loss_sum) / position.in_epoch  # sync: once an epoch
-        position.next_epoch()
-        metrics.log(position.epoch, {"epoch": position.epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]})
-        checkpointer.save(position.batches)
-        metrics.sync()
-        _stop_if_asked(stop_signal, place, checkpointer, metrics, position, saved=True)
 
-    backbone.eval()
-    head.eval()
-    val_feats, val_labels = features_of(backbone, val_src, t_eval, per_rank, place, autocast, d.workers)
-    k = min(5, num_classes)
-    top1, top5 = distributed.all_sum(topk_correct(head(val_feats.to(head.weight.dtype)), val_labels, (1, k)), place.device)
-    train_feats, train_labels = features_of(backbone, train_src, t_eval, per_rank, place, autocast, d.workers, e.train_percent)
-    knn_hits = knn_correct(distributed.gather_rows(train_feats), distributed.gather_rows(train_labels),
-                           val_feats, val_labels, e.knn_k, num_classes)
-    knn_top1 = distributed.all_sum([knn_hits], place.device)[0]
-    if frozen and fingerprint(backbone) != before:
-        raise RuntimeError("linear eval changed the frozen backbone (a bug: it must stay untouched)")
+def eval_record(spec: EvalRunSpec, place: distributed.Placement) -> runsetup.RunRecord:
+    """A resume continues only the same evaluation; the world size and seed may change (the data order changes)."""
+    e = spec.eval
+    return runsetup.RunRecord(
+        fixed={"mode": e.mode, "train_percent": e.train_percent, "epochs": e.epochs, "batch_size": e.batch_size,
+               "source": e.checkpoint or e.backbone},
+        noted={"world_size": place.world_size, "seed": spec.runtime.seed}, what="an evaluation",
+        fields={"mode": "eval.mode", "train_percent": "eval.train_percent", "epochs": "eval.epochs",
+                "batch_size": "eval.batch_size", "source": "eval.backbone" if e.backbone else "eval.checkpoint"})
 
-    n_val = val_src.num_samples
+
+def to_device(proc: runsetup.Process, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the device: asynchronous from pinned memory (the host allocator keeps a pinned block until its
+    copy is done), in the layout the backbone runs fastest on."""
+    layout = torch.channels_last if proc.channels_last else torch.preserve_format
+    device = proc.place.device
+    return x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
+
+
+def train_batches(run: EvalRun):
+    """This rank's labelled batches of the current epoch, from the data position on, on the device."""
+    spec, place, position = run.spec, run.place, run.position
+    d = spec.data
+    batches = run.train_src.loader(transform=train_transform(d.image_size, d.channels), batch_size=run.per_rank,
+                                   rank=place.rank, world_size=place.world_size, seed=spec.runtime.seed,
+                                   epoch=position.epoch, start_step=position.in_epoch, workers=d.workers,
+                                   subset_percent=spec.eval.train_percent, pin_memory=place.device.type == "cuda")
+    for x, y, _ in batches:
+        yield to_device(run.proc, x, y)
+
+
+def eval_step(run: EvalRun, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of the classifier; the loss stays on the device."""
+    with run.autocast:
+        logits = run.protocol.logits(run.forward, x)
+    loss = F.cross_entropy(logits.float(), y)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    position = run.position
+    position.loss_sum += loss.detach()  # stays on the device until the epoch's line
+    position.in_epoch, position.batches = position.in_epoch + 1, position.batches + 1
+    return loss.detach()
+
+
+def end_epoch(run: EvalRun) -> None:
+    """The epoch's line, the lr schedule's step and a checkpoint."""
+    position, e = run.position, run.spec.eval
+    if position.in_epoch == 0:
+        raise TooFewImages(f"data.train: the {e.train_percent}% subset is smaller than one batch "
+                           f"(eval.batch_size = {e.batch_size})")
+    run.schedule.step()
+    mean_loss = float(position.loss_sum) / position.in_epoch  # sync: once an epoch
+    position.next_epoch()
+    run.metrics.log(position.epoch, {"epoch": position.epoch, "loss": mean_loss, "lr": run.optimizer.param_groups[0]["lr"]})
+    run.checkpointer.save(position.batches)
+    run.metrics.sync()
+
+
+def measure(run: EvalRun) -> dict[str, float]:
+    """Validation top-1 and top-k (k = min(5, classes)) of backbone + head, and kNN top-1 of the backbone's features
+    against the labelled train subset, in % of the validation images of all ranks."""
+    e, d, place = run.spec.eval, run.spec.data, run.place
+    run.backbone.eval()
+    run.head.eval()
+    t_eval = eval_transform(d.image_size, d.channels)
+    val_feats, val_labels = features_of(run.backbone, run.val_src, t_eval, run.per_rank, run.proc, d.workers)
+    k = min(5, run.num_classes)
+    with torch.no_grad():
+        hits = topk_correct(run.head(val_feats.to(run.head.weight.dtype)), val_labels, (1, k))
+    top1, topk, n_val = distributed.all_sum([*hits, len(val_labels)], place.device)
+    train_feats, train_labels = features_of(run.backbone, run.train_src, t_eval, run.per_rank, run.proc, d.workers,
+                                            e.train_percent, dtype=knn_dtype(place.device))
+    knn = knn_top1(train_feats, train_labels, val_feats, val_labels, e.knn_k, run.num_classes)
+    run.protocol.check()
+    return {"top1": 100 * top1 / n_val, f"top{k}": 100 * topk / n_val, "knn_top1": knn}
+
+
+def finish(run: EvalRun, measured: dict[str, float]) -> dict:
+    """results.json and the last metrics line; every rank returns the results."""
+    spec, e = run.spec, run.spec.eval
     results = {"name": spec.name, "mode": e.mode, "train_percent": e.train_percent, "epochs": e.epochs,
-               "classes": num_classes, "val_images": n_val, "top1": 100 * top1 / n_val, f"top{k}": 100 * top5 / n_val,
-               "knn_top1": 100 * knn_top1 / n_val, "knn_k": e.knn_k, "checkpoint": e.checkpoint or e.backbone}
-    if place.is_main:
-        storage.write_text(storage.join(spec.output.url, "results.json"), json.dumps(results, indent=2))
-    metrics.log(e.epochs, {"top1": results["top1"], f"top{k}": results[f"top{k}"], "knn_top1": results["knn_top1"]})
-    metrics.close()
+               "classes": run.num_classes, "val_images": run.val_src.num_samples, **measured, "knn_k": e.knn_k,
+               "checkpoint": e.checkpoint or e.backbone}
+    if run.place.is_main:
+        storage.write_text(storage.join(spec.output.url, "results.json"), json.dumps(results, indent=2), run.proc.s3)
+    run.metrics.log(e.epochs, measured)
+    run.metrics.close()
     distributed.barrier()
     return results
 
@@ -189,53 +350,104 @@ class EvalPosition:
         self.loss_sum = state["loss_sum"].to(self.device)
 
 
-def _stop_if_asked(stop_signal: Callable[[], int | None], place: distributed.Placement, checkpointer: Checkpointer,
-                   metrics: Metrics, position: EvalPosition, saved: bool = False) -> None:
-    """Checkpoint (unless just done) and raise when any rank has a stop signal."""
-    signum = stop_signal()
-    if not distributed.any_rank(signum is not None, place.device):
+def _stop_if_asked(run: EvalRun, stop_signal: runsetup.StopSignal, saved: bool = False) -> None:
+    """Checkpoint (unless just done) and raise when any rank has a stop signal (a collective: every rank calls it
+    at the same batch)."""
+    signum = runsetup.agreed_stop(stop_signal, run.place)
+    if signum is None:
         return
     if not saved:
-        checkpointer.save(position.batches)
-        metrics.sync()
-    metrics.close()
-    raise StoppedOnSignal(signum or 15, f"epoch {position.epoch} step {position.in_epoch}")
+        run.checkpointer.save(run.position.batches)
+        run.metrics.sync()
+    run.metrics.close()
+    raise StoppedOnSignal(signum, f"epoch {run.position.epoch} step {run.position.in_epoch}")
 
 
-def _check_same_eval(saved: dict[str, Any], now: dict[str, Any], url: str) -> None:
-    fixed = ("mode", "train_percent", "epochs", "batch_size", "source")
-    if any(saved.get(k) != now[k] for k in fixed):
-        raise OutputHoldsAnotherRun(f"output.url: {url} holds an evaluation with other eval.* settings "
-                                    f"({', '.join(fixed)} must match); use a new output.url")
+def knn_dtype(device: torch.device) -> torch.dtype:
+    """bf16 kNN features on CUDA: 1.28M x 2048 of them are 5 GB, not 10 (float32 on the CPU, where bf16 is slow)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 @torch.no_grad()
-def features_of(backbone: nn.Module, source, transform, per_rank: int, place: distributed.Placement, autocast, workers: int,
-                subset_percent: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features of this rank's share of a source (every image once across ranks)."""
+def features_of(backbone: nn.Module, source, transform, per_rank: int, proc: runsetup.Process, workers: int,
+                subset_percent: int = 100, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of this rank's share of a source (every image once across ranks), stored as `dtype`."""
+    place = proc.place
     feats, labels = [], []
     for x, y, _ in source.loader(transform=transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
                                  seed=0, epoch=0, workers=workers, shuffle=False, drop_last=False,
-                                 subset_percent=subset_percent):
-        with autocast:
-            feats.append(backbone(x.to(place.device)).float())
-        labels.append(y.to(place.device))
+                                 subset_percent=subset_percent, pin_memory=place.device.type == "cuda"):
+        x, y = to_device(proc, x, y)
+        with proc.autocast():
+            feats.append(backbone(x).to(dtype))
+        labels.append(y)
     dim = backbone.feature_dim
-    return (torch.cat(feats) if feats else torch.zeros(0, dim, device=place.device),
+    return (torch.cat(feats) if feats else torch.zeros(0, dim, dtype=dtype, device=place.device),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=place.device))
 
 
+def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
+             k: int, num_classes: int, temperature: float = 0.07) -> float:
+    """kNN top-1 in % of the validation rows of all ranks (each rank passes its own shard of both sets; with a process
+    group this is a collective). See `knn_correct`."""
+    hits = knn_correct(train_feats, train_labels, val_feats, val_labels, k, num_classes, temperature)
+    total_hits, n_val = distributed.all_sum([hits, len(val_labels)], val_feats.device)
+    return 100 * total_hits / n_val if n_val else 0.0
+
+
 def knn_correct(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
-                k: int, num_classes: int, temperature: float = 0.07) -> int:
-    """Correct predictions of a weighted kNN vote on cosine similarity (k neighbours, weights exp(sim / T))."""
-    if len(val_feats) == 0:
+                k: int, num_classes: int, temperature: float = 0.07, chunk: int = 1024) -> int:
+    """This rank's correct predictions of a weighted kNN vote (cosine similarity, k neighbours among the train rows of
+    all ranks, weights exp(sim / T)).
+
+    Sharded: no rank holds more than its own train rows. The validation rows travel instead, a chunk at a time from
+    the rank that holds them; every rank answers with its own top k (similarity and label), and the holder merges
+    the world's candidates into the global top k, which the union of per-shard top k always contains. Features may
+    be bf16 (similarities are accumulated and compared in float32 either way).
+    """
+    device, dim = val_feats.device, val_feats.shape[1]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    train = _normalized(train_feats)
+    val = _normalized(val_feats).to(train.dtype)
+    val_sizes = distributed.row_counts(len(val), device)
+    k = min(k, int(sum(distributed.row_counts(len(train), device))))
+    hits = torch.zeros((), dtype=torch.long, device=device)
+    if k == 0:
         return 0
-    train_feats, val_feats = F.normalize(train_feats, dim=1), F.normalize(val_feats, dim=1)
-    hits = 0
-    for start in range(0, len(val_feats), 1024):  # chunks keep the similarity matrix small
-        sims = val_feats[start:start + 1024] @ train_feats.T
-        top_sims, top_idx = sims.topk(min(k, len(train_feats)), dim=1)
-        votes = torch.zeros(len(sims), num_classes, device=sims.device)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sims / temperature).exp())
-        hits += int((votes.argmax(dim=1) == val_labels[start:start + 1024]).sum())
-    return hits
+    for owner in range(world):
+        for start in range(0, val_sizes[owner], chunk):
+            n = min(chunk, val_sizes[owner] - start)
+            queries = val[start:start + n] if rank == owner else torch.empty(n, dim, dtype=train.dtype, device=device)
+            if world > 1:
+                dist.broadcast(queries, owner)
+            sims = torch.mm(queries, train.T).float()
+            local_k = min(k, len(train))
+            top_sims, top_idx = sims.topk(local_k, dim=1)
+            cand_sims = torch.full((n, k), float("-inf"), device=device)
+            cand_labels = torch.zeros((n, k), dtype=torch.long, device=device)
+            cand_sims[:, :local_k], cand_labels[:, :local_k] = top_sims, train_labels[top_idx]
+            if world > 1:
+                cand_sims, cand_labels = (_all_gather_cols(cand_sims), _all_gather_cols(cand_labels))
+            if rank != owner:
+                continue
+            best_sims, best = cand_sims.topk(k, dim=1)
+            votes = torch.zeros(n, num_classes, device=device)
+            votes.scatter_add_(1, cand_labels.gather(1, best), (best_sims / temperature).exp())
+            hits += (votes.argmax(dim=1) == val_labels[start:start + n]).sum()
+    return int(hits)  # sync: once, after every chunk
+
+
+def _normalized(x: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+    """Unit-length rows in x's dtype, normalised in float32 a block of rows at a time (no float32 copy of all)."""
+    out = torch.empty_like(x)
+    for start in range(0, len(x), rows):
+        out[start:start + rows] = F.normalize(x[start:start + rows].float(), dim=1).to(x.dtype)
+    return out
+
+
+def _all_gather_cols(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (same shape on all ranks), side by side along dim 1, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=1)

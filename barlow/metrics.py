@@ -24,8 +24,9 @@ from barlow import storage
 class Metrics:
     """Per-step scalars to metrics.jsonl and TensorBoard, and a progress display, on the main rank only."""
 
-    def __init__(self, output_url: str, enabled: bool, total_steps: int, start_step: int = 0, title: str = "pretrain"):
-        self.output_url, self.enabled = output_url, enabled
+    def __init__(self, output_url: str, enabled: bool, total_steps: int, start_step: int = 0, title: str = "pretrain",
+                 s3: storage.S3Settings | None = None):
+        self.output_url, self.enabled, self.s3 = output_url, enabled, s3
         self.console = Console(stderr=False)
         self._progress = None
         self._synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) when last uploaded
@@ -33,9 +34,9 @@ class Metrics:
             return
         self.local = output_url.removeprefix("file://") if storage.is_local(output_url) else tempfile.mkdtemp(prefix="barlow-")
         os.makedirs(self.local, exist_ok=True)
-        if not storage.is_local(output_url) and storage.exists(storage.join(output_url, "metrics.jsonl")):
+        if not storage.is_local(output_url) and storage.exists(storage.join(output_url, "metrics.jsonl"), s3):
             with open(os.path.join(self.local, "metrics.jsonl"), "wb") as f:  # keep the lines of earlier attempts
-                f.write(storage.read_bytes(storage.join(output_url, "metrics.jsonl")))
+                f.write(storage.read_bytes(storage.join(output_url, "metrics.jsonl"), s3))
         self._jsonl = open(os.path.join(self.local, "metrics.jsonl"), "a")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -77,7 +78,7 @@ class Metrics:
         self._tb.flush()
         if storage.is_local(self.output_url):
             return []
-        fs, path = storage.filesystem(self.output_url)
+        fs, path = storage.filesystem(self.output_url, self.s3)
         changed = []
         for folder, _, names in os.walk(self.local):
             for name in names:
@@ -85,7 +86,8 @@ class Metrics:
                 stat = os.stat(local)
                 rel = os.path.relpath(local, self.local)
                 if self._synced.get(rel) != (stat.st_size, stat.st_mtime_ns):
-                    fs.put_file(local, path.rstrip("/") + "/" + rel.replace(os.sep, "/"))
+                    storage.retry(fs.put_file, local, path.rstrip("/") + "/" + rel.replace(os.sep, "/"), what=self.output_url,
+                                  s3=self.s3)
                     self._synced[rel] = (stat.st_size, stat.st_mtime_ns)
                     changed.append(rel)
         return sorted(changed)
@@ -108,7 +110,7 @@ def _short(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def save_heatmap(c: torch.Tensor, url: str, max_dims: int = 128) -> None:
+def save_heatmap(c: torch.Tensor, url: str, max_dims: int = 128, s3: storage.S3Settings | None = None) -> None:
     """A PNG of the cross-correlation matrix's top-left block: Barlow Twins drives it toward the identity."""
     import io
 
@@ -125,4 +127,4 @@ def save_heatmap(c: torch.Tensor, url: str, max_dims: int = 128) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
-    storage.write_bytes(url, buf.getvalue())
+    storage.write_bytes(url, buf.getvalue(), s3)

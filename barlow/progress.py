@@ -33,12 +33,13 @@ STALL_INTERVALS, STALL_MIN_S = 10, 600.0  # no new line for 10 log intervals, an
 NOT_STARTED, RUNNING, FINISHED, STALLED = "not started", "running", "finished", "stalled"
 
 
-def record_run(spec: RunSpec, total_steps: int, steps_per_epoch: int, batch_size: int) -> None:
+def record_run(spec: RunSpec, total_steps: int, steps_per_epoch: int, batch_size: int,
+               s3: storage.S3Settings | None = None) -> None:
     """Write `run.json`: what `status` needs that the metrics do not say (main rank, at the start of an attempt)."""
     record = {"name": spec.name, "kind": spec.kind, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "epochs": total_steps // steps_per_epoch if steps_per_epoch else None, "batch_size": batch_size,
               "max_restarts": spec.cluster.max_restarts, "spec_hash": spec.spec_hash()}
-    storage.write_text(storage.join(spec.output.url, RUN_FILE), json.dumps(record, indent=2) + "\n")
+    storage.write_text(storage.join(spec.output.url, RUN_FILE), json.dumps(record, indent=2) + "\n", s3)
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from barlow import checkpoint, storage
+from barlow.errors import EXIT_FAILED as PERMANENT  # what a spent budget exits with
+from barlow.errors import is_retryable
 from barlow.spec import RunSpec
 
-RETRYABLE_FROM = 128  # restartPolicy: ExitCode retries exit codes >= 128; 1-127 fail the job
-PERMANENT = 1  # what a spent budget exits with (the entrypoint's permanent failure)
 FOLDER = "attempts"
 
 
@@ -62,7 +62,7 @@ def bounded(spec: RunSpec, run: Callable[[], int], say: Callable[[str], None]) -
 
 def _retryable(record: dict[str, Any]) -> bool:
     code = record.get("code")
-    return code is None or code >= RETRYABLE_FROM  # no code: the attempt died without recording its end
+    return code is None or is_retryable(code)  # no code: the attempt died without recording its end
 
 
 @dataclass
@@ -73,28 +73,28 @@ class Budget:
     max_restarts: int
     records: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts, oldest first
     started: dict[str, Any] | None = None  # this attempt's record
+    s3: storage.S3Settings | None = None
 
     @classmethod
     def open(cls, spec: RunSpec) -> Budget:
-        storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))  # the output's default, as in train
-        return cls.read(spec.output.url, spec.cluster.max_restarts)
+        return cls.read(spec.output.url, spec.cluster.max_restarts, storage.S3Settings.of_spec(spec))
 
     @classmethod
-    def read(cls, output_url: str, max_restarts: int) -> Budget:
-        """The record under an output URL, with the storage's current S3 settings."""
+    def read(cls, output_url: str, max_restarts: int, s3: storage.S3Settings | None = None) -> Budget:
+        """The record under an output URL."""
         url = storage.join(output_url, FOLDER)
-        names = sorted(n for n in storage.list_names(url) if n.endswith(".json"))
-        records = [json.loads(storage.read_text(storage.join(url, n))) for n in names]
-        return cls(output_url, max_restarts, records)
+        names = sorted(n for n in storage.list_names(url, s3) if n.endswith(".json"))
+        records = [json.loads(storage.read_text(storage.join(url, n), s3)) for n in names]
+        return cls(output_url, max_restarts, records, s3=s3)
 
     def used(self) -> int:
         """Restarts spent of `max_restarts`: the retryable failures in a row since the latest complete checkpoint,
         the newest attempt not counted while it has no end (it may be running)."""
         ended = self.records[:-1] if self.records and "ended" not in self.records[-1] else self.records
-        return Budget(self.output_url, self.max_restarts, ended)._streak(self._latest())
+        return Budget(self.output_url, self.max_restarts, ended, s3=self.s3)._streak(self._latest())
 
     def _latest(self) -> str | None:
-        found = checkpoint.latest(self.output_url)
+        found = checkpoint.latest(self.output_url, self.s3)
         return found.rstrip("/").rsplit("/", 1)[-1] if found else None
 
     def _streak(self, latest: str | None) -> int:
@@ -124,7 +124,7 @@ class Budget:
     def at_end(self, code: int) -> tuple[int, str | None]:
         """(the exit code to use, why it was changed or None), recording the attempt's end."""
         latest = self._latest()
-        streak = self._streak(latest) + 1 if code >= RETRYABLE_FROM else 0
+        streak = self._streak(latest) + 1 if is_retryable(code) else 0
         why = self._why(streak, latest) if streak > self.max_restarts else None
         if self.started is not None:
             self._write({**self.started, "ended": time.time(), "checkpoint": latest, "code": code,
@@ -133,4 +133,4 @@ class Budget:
 
     def _write(self, record: dict[str, Any]) -> None:
         name = f"attempt-{record['attempt']:06d}.json"
-        storage.write_text(storage.join(self.output_url, FOLDER, name), json.dumps(record, sort_keys=True) + "\n")
+        storage.write_text(storage.join(self.output_url, FOLDER, name), json.dumps(record, sort_keys=True) + "\n", self.s3)

@@ -244,6 +244,8 @@ class RuntimeSpec(Section):
                            "processes, between checks for a stop signal).")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model. auto: off for now "
                                                   "(on the CPU, and on CUDA until bench/gpu.py shows it wins).")
+    collective_timeout_s: int = Field(1800, ge=60, le=86_400, description="Seconds a collective (or the barrier while "
+                                      "rank 0 writes a checkpoint) may wait before the run fails and is retried.")
 
     @property
     def world_size(self) -> int:

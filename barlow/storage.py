@@ -53,6 +53,11 @@ class S3Settings:
     addressing_style: str = "auto"
     retries: int = 10
 
+    @classmethod
+    def of_spec(cls, spec: Any) -> S3Settings:
+        """The one conversion of a run spec's `data.s3` into the settings every storage call of the run is given."""
+        return cls(**spec.data.s3.model_dump())
+
     @property
     def attempts(self) -> int:
         return max(self.retries, 1)
@@ -70,13 +75,14 @@ class S3Settings:
         return {"client_kwargs": client_kwargs, "config_kwargs": config}
 
 
-_process_default = [S3Settings()]  # what calls without an explicit `s3=` use; set once per process by configure_s3
+_process_default = [S3Settings()]  # what calls without an explicit `s3=` use; set only by configure_s3
 
 
 def configure_s3(settings: S3Settings | None = None) -> None:
-    """Make `settings` the default of calls that pass no `s3=` (a run's outputs: checkpoints, metrics).
+    """Make `settings` the default of calls that pass no `s3=`: for the CLI's data tools (`barlow data`).
 
-    The data path passes its settings explicitly (`s3=`), so loader workers never depend on this default.
+    A run (pretrain, eval, the restart budget) builds its settings once from the spec and passes them to every
+    call, its data, checkpoints and metrics alike, so it never depends on this default.
     """
     _process_default[0] = settings or S3Settings()
     fsspec.config.conf.pop("s3", None)
@@ -206,22 +212,28 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
-def write_bytes(url: str, data: bytes) -> None:
+def write_bytes(url: str, data: bytes, s3: S3Settings | None = None) -> None:
     """Write a whole file; readers see the old file or the new one, never a part (S3 PUT, local rename)."""
+    write_with(url, lambda f: f.write(data), s3)
+
+
+def write_with(url: str, write: Callable[[IO[bytes]], Any], s3: S3Settings | None = None) -> None:
+    """`write(f)` into a file that appears at `url` only once complete (`open_atomic`), all of it again after a
+    transient error: the data streams out as `write` produces it, with no whole copy of it in memory."""
     def put() -> None:
-        with open_atomic(url) as f:
-            f.write(data)
-    retry(put, what=url)
+        with open_atomic(url, s3) as f:
+            write(f)
+    retry(put, what=url, s3=s3)
 
 
 @contextmanager
-def open_atomic(url: str) -> Iterator[IO[bytes]]:
+def open_atomic(url: str, s3: S3Settings | None = None) -> Iterator[IO[bytes]]:
     """A binary file to write that appears at `url` only when the block ends without an error.
 
     Local: a temporary name beside it, renamed on success. Object stores: the upload completes on close
     and is aborted on error, so a crash never leaves a half-written object under the final name.
     """
-    fs, path = filesystem(url)
+    fs, path = filesystem(url, s3)
     _makedirs_for(fs, path)
     if "file" in _protocols(fs):
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -243,17 +255,17 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
     f.close()
 
 
-def write_text(url: str, text: str) -> None:
-    write_bytes(url, text.encode())
+def write_text(url: str, text: str, s3: S3Settings | None = None) -> None:
+    write_bytes(url, text.encode(), s3)
 
 
-def read_text(url: str) -> str:
-    return read_bytes(url).decode()
+def read_text(url: str, s3: S3Settings | None = None) -> str:
+    return read_bytes(url, s3).decode()
 
 
-def list_names(url: str) -> list[str]:
+def list_names(url: str, s3: S3Settings | None = None) -> list[str]:
     """Names directly under a folder URL (empty when it does not exist)."""
-    fs, path = filesystem(url)
+    fs, path = filesystem(url, s3)
 
     def ls() -> list[str]:
         try:
@@ -261,12 +273,12 @@ def list_names(url: str) -> list[str]:
         except FileNotFoundError:
             return []
     # some S3 servers (SeaweedFS) list an emptied folder's own marker inside it: never a child
-    return sorted(posixpath.basename(e.rstrip("/")) for e in retry(ls, what=url) if e.rstrip("/") != path.rstrip("/"))
+    return sorted(posixpath.basename(e.rstrip("/")) for e in retry(ls, what=url, s3=s3) if e.rstrip("/") != path.rstrip("/"))
 
 
-def remove(url: str) -> None:
+def remove(url: str, s3: S3Settings | None = None) -> None:
     """Delete a file or a folder and everything under it; missing is fine."""
-    fs, path = filesystem(url)
+    fs, path = filesystem(url, s3)
 
     def rm() -> None:
         s3 = "s3" in _protocols(fs)
@@ -277,8 +289,8 @@ def remove(url: str) -> None:
             return
         if s3:
             _remove_folder_markers(fs, path, keys)
-    retry(rm, what=url)
-    _invalidate(url)
+    retry(rm, what=url, s3=s3)
+    _invalidate(url, s3)
 
 
 def _remove_folder_markers(fs: fsspec.AbstractFileSystem, path: str, keys: list[str]) -> None:
@@ -296,13 +308,13 @@ def _remove_folder_markers(fs: fsspec.AbstractFileSystem, path: str, keys: list[
             fs.call_s3("delete_object", Bucket=bucket, Key=prefix + "/")
 
 
-def commit(folder_url: str) -> None:
+def commit(folder_url: str, s3: S3Settings | None = None) -> None:
     """Mark a folder complete: called after every file in it is written."""
-    write_bytes(join(folder_url, COMMIT_MARKER), b"")
+    write_bytes(join(folder_url, COMMIT_MARKER), b"", s3)
 
 
-def is_complete(folder_url: str) -> bool:
-    return exists(join(folder_url, COMMIT_MARKER))
+def is_complete(folder_url: str, s3: S3Settings | None = None) -> bool:
+    return exists(join(folder_url, COMMIT_MARKER), s3)
 
 
 class RangeReader(io.RawIOBase):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from barlow.errors import EXIT_PEER_LOST
+from barlow.errors import EXIT_OK, EXIT_PEER_LOST, exit_on_signal
 
 
 def exit_code(argv: list[str]) -> int:
@@ -23,12 +23,17 @@ def exit_code(argv: list[str]) -> int:
         print(f"error: rendezvous failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
         return EXIT_PEER_LOST
     except SignalException as e:  # this launcher was told to stop; workers got the signal and checkpointed
-        return 128 + int(e.sigval)
+        return exit_on_signal(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        code = failure.exitcode
-        return 128 - code if code < 0 else code  # a negative code is a worker killed by that signal
-    return 0
+        return worker_exit_code(failure.exitcode)
+    return EXIT_OK
+
+
+def worker_exit_code(code: int) -> int:
+    """A worker's code as this process exits with it: a negative code is a worker killed by that signal (-6, SIGABRT
+    from NCCL's watchdog, gives 134; -9 gives 137), passed on as 128 + signal so that it stays retryable."""
+    return exit_on_signal(-code) if code < 0 else code
 
 
 if __name__ == "__main__":

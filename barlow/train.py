@@ -6,23 +6,21 @@ log steps, at checkpoint steps, and where a stop signal is agreed on (each such 
 
 from __future__ import annotations
 
-import io
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from barlow import distributed, progress, storage
+from barlow import distributed, progress, runsetup, storage
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.feed import TrainingFeed
-from barlow.errors import OutputHoldsAnotherRun, StoppedOnSignal, TooFewImages, WrongPlacement
+from barlow.errors import StoppedOnSignal, TooFewImages, WrongPlacement
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
@@ -69,6 +67,7 @@ class Run:
 
     spec: PretrainSpec
     place: distributed.Placement
+    s3: storage.S3Settings  # the run's S3 settings, for every storage call (built once, by runsetup.start)
     source: Any
     steps_per_epoch: int
     total_steps: int
@@ -82,33 +81,53 @@ class Run:
     checkpointer: Checkpointer
     metrics: Metrics
 
+    @property
+    def proc(self) -> runsetup.Process:
+        """The process's placement and S3 settings, as evaluation's helpers (`evaluate.features_of`) take them."""
+        return runsetup.Process(self.place, self.s3)
 
-def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda: None) -> dict:
+
+class Interval:
+    """The steps since the last log step and when that log step's work was done; `images_per_s()` is called after
+    the log step's sync, so the rate covers exactly the device work of its own interval."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.steps, self.start = batch_size, 0, time.perf_counter()
+
+    def images_per_s(self) -> float:
+        """The interval's rate; starts the next interval."""
+        now = time.perf_counter()
+        rate = self.steps * self.batch_size / max(now - self.start, 1e-9)
+        self.steps, self.start = 0, now
+        return rate
+
+
+def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None) -> dict:
     """Pretrain to the end of the spec's schedule, resuming from the latest complete checkpoint; returns a summary."""
     run = set_up(spec)
     place, log_every, total = run.place, spec.runtime.log_every, run.total_steps
     loss_sum = torch.zeros((), device=place.device)  # per-step values stay on the device between log steps
     corrupt = torch.zeros((), device=place.device, dtype=torch.float64)
-    since, tick = 0, time.perf_counter()
+    interval = Interval(spec.optim.batch_size)
     z1 = z2 = None
     for x1, x2, n_corrupt in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
         loss, z1, z2 = train_step(run, x1, x2)
         run.position.step += 1
-        step, since = run.position.step, since + 1
+        step = run.position.step
+        interval.steps += 1
         loss_sum += loss.detach()
         corrupt += n_corrupt
         at_log, at_checkpoint = step % log_every == 0 or step == total, run.checkpointer.due(step, total)
         if at_log:
-            now = time.perf_counter()
-            log_step(run, step, loss_sum / since, corrupt, images_per_s=since * spec.optim.batch_size / (now - tick))
+            log_step(run, step, loss_sum / interval.steps, corrupt, interval)
             loss_sum.zero_()
-            since, tick = 0, now
         else:
             run.metrics.advance(step)
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
-        signum = stop_signal() if place.world_size == 1 or at_log or at_checkpoint else None
-        if place.world_size > 1 and (at_log or at_checkpoint):
-            signum = signum or (15 if distributed.any_rank(signum is not None, place.device) else None)
+        if place.world_size == 1 or at_log or at_checkpoint:
+            signum = runsetup.agreed_stop(stop_signal, place)
+        else:
+            signum = None
         if at_checkpoint or signum is not None:
             run.checkpointer.save(step)
             run.metrics.sync()
@@ -120,11 +139,8 @@ def pretrain(spec: PretrainSpec, stop_signal: Callable[[], int | None] = lambda:
 
 def set_up(spec: PretrainSpec) -> Run:
     """Join the process group, open the data, build model, optimizer, schedule and loss, resume if a checkpoint exists."""
-    place = distributed.setup(spec.runtime)
-    storage.configure_s3(storage.S3Settings(**spec.data.s3.model_dump()))  # the outputs' default (checkpoints, metrics)
-    torch.manual_seed(spec.runtime.seed)
-    if place.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
+    proc = runsetup.start(spec)
+    place = proc.place
     o = spec.optim
     source = open_source(spec.data, "train")
     steps_per_epoch = source.num_samples // o.batch_size
@@ -136,20 +152,21 @@ def set_up(spec: PretrainSpec) -> Run:
     optimizer = LARS(param_groups(model, o.lr_weights, o.lr_biases), lr=0.0, weight_decay=o.weight_decay, momentum=o.momentum,
                      eta=o.lars_eta)
     position = Position()
+    record = run_record(spec, place)
     checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
-                                is_main=place.is_main, run=run_record(spec, place),
+                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3,
                                 parts={"model": model, "optimizer": optimizer, "data": position, "rng": RNG(place.device)})
-    checkpointer.resume(lambda saved, url: check_same_run(saved, run_record(spec, place), url))
-    metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step)
+    checkpointer.resume(record.check)
+    metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step, s3=proc.s3)
     if place.is_main:
-        progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size)  # what `barlow status` reads
+        progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size, proc.s3)  # what `barlow status` reads
     metrics.print(f"pretrain {spec.name}: {source.num_samples} images, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
                   f"{place.world_size} process(es) on {place.device.type}{', bf16' if place.autocast_dtype else ''}"
-                  f"{resume_note(checkpointer.resumed_run, place, position.step)}")
-    autocast = torch.autocast(place.device.type, dtype=place.autocast_dtype) if place.autocast_dtype else nullcontext()
-    return Run(spec, place, source, steps_per_epoch, total_steps, model, wrap_for_speed(model, spec.runtime, place),
-               optimizer, WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size),
-               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics)
+                  f"{resume_note(record, checkpointer.resumed_run, position.step)}")
+    return Run(spec, place, proc.s3, source, steps_per_epoch, total_steps, model,
+               wrap_for_speed(model, spec.runtime, place), optimizer,
+               WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size),
+               BarlowTwinsLoss(o.lambd), proc.autocast(), position, checkpointer, metrics)
 
 
 def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
@@ -162,11 +179,8 @@ def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
 
 
 def wrap_for_speed(model: nn.Module, runtime: RuntimeSpec, place: distributed.Placement) -> nn.Module:
-    """DDP without gradient copies (gradients are views of the buckets; every step uses every parameter, so the
-    graph is static), then torch.compile where `runtime.compile` asks for it."""
-    wrapped = model
-    if place.world_size > 1:
-        wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True, static_graph=True)
+    """DDP (runsetup.wrap_ddp), then torch.compile where `runtime.compile` asks for it."""
+    wrapped = runsetup.wrap_ddp(model, place)
     return torch.compile(wrapped) if compile_enabled(runtime, place.device) else wrapped
 
 
@@ -204,41 +218,34 @@ def train_step(run: Run, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tens
     return loss, z1.detach(), z2.detach()
 
 
-def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor, images_per_s: float) -> None:
+def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor, interval: Interval) -> None:
     """One metrics line; the only place the loop reads device values."""
     values = torch.stack([mean_loss.float(), run.loss_fn.on_diag, run.loss_fn.off_diag]).tolist()  # sync: log step
-    skipped = distributed.all_sum([corrupt], run.place.device)[0]
+    skipped = distributed.all_sum([corrupt], run.place.device)[0]  # sync: the ranks' counts, at the log step
+    images_per_s = interval.images_per_s()  # after the syncs: the interval's device work is done
     epoch = step / run.steps_per_epoch
     run.metrics.log(step, {"epoch": epoch, "loss": values[0], "on_diag": values[1], "off_diag": values[2],
                            "lr": run.optimizer.param_groups[0]["lr"], "corrupt_images": skipped,
                            "images_per_s": images_per_s})
 
 
-def run_record(spec: PretrainSpec, place: distributed.Placement) -> dict[str, Any]:
-    """What an exact resume depends on, stored beside the weights."""
-    return {"model": spec.model.model_dump(mode="json"), "batch_size": spec.optim.batch_size,
-            "world_size": place.world_size, "per_rank_batch": spec.optim.batch_size // place.world_size,
-            "workers": spec.data.workers, "seed": spec.runtime.seed, "spec_hash": spec.spec_hash()}
+def run_record(spec: PretrainSpec, place: distributed.Placement) -> runsetup.RunRecord:
+    """What a resume is checked against: the same model at the same global batch (else the output holds another
+    run); the world size, loader workers and seed may change, and the resume says so (the data order changes)."""
+    return runsetup.RunRecord(
+        fixed={"model": spec.model.model_dump(mode="json"), "batch_size": spec.optim.batch_size},
+        noted={"world_size": place.world_size, "workers": spec.data.workers, "seed": spec.runtime.seed},
+        fields={"batch_size": "optim.batch_size", "workers": "data.workers", "seed": "runtime.seed"})
 
 
-def check_same_run(saved: dict[str, Any], now: dict[str, Any], url: str) -> None:
-    """A checkpoint resumes only the same model at the same global batch (world size and workers may change)."""
-    theirs = saved.get("model") if isinstance(saved.get("model"), dict) else {}
-    differ = [f"model.{k} ({theirs.get(k)!r} there, {v!r} here)" for k, v in now["model"].items() if theirs.get(k) != v]
-    if saved.get("batch_size") != now["batch_size"]:
-        differ.append(f"optim.batch_size ({saved.get('batch_size')!r} there, {now['batch_size']!r} here)")
-    if differ:
-        raise OutputHoldsAnotherRun(f"output.url: {url} holds a run with another {', '.join(differ)}; use a new output.url")
-
-
-def resume_note(saved: dict[str, Any] | None, place: distributed.Placement, step: int) -> str:
+def resume_note(record: runsetup.RunRecord, saved: dict[str, Any] | None, step: int) -> str:
     if saved is None:
         return ""
     note = f", resuming at step {step}"
-    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in (("world_size", place.world_size),) if saved.get(k) != v]
+    changed = record.changes(saved)
     if changed:
         note += (f" ({', '.join(changed)}: same global batch and schedule; the data order is exact only with "
-                 f"the same world size and loader workers)")
+                 f"the same world size, loader workers and seed)")
     return note
 
 
@@ -248,14 +255,13 @@ def finish(run: Run, z1: torch.Tensor | None, z2: torch.Tensor | None) -> dict:
     c = cross_correlation(z1.detach(), z2.detach()) if z1 is not None else None
     summary = {"name": spec.name, "steps": run.position.step, "backbone": storage.join(out, "backbone.pt")}
     if place.is_main:
-        buf = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in run.model.backbone.state_dict().items()}, buf)
-        storage.write_bytes(summary["backbone"], buf.getvalue())
+        backbone = {k: v.cpu() for k, v in run.model.backbone.state_dict().items()}
+        storage.write_with(summary["backbone"], lambda f: torch.save(backbone, f), run.s3)
         if c is not None:  # sync: once, at the end
-            save_heatmap(c, storage.join(out, "cross_correlation.png"))
+            save_heatmap(c, storage.join(out, "cross_correlation.png"), s3=run.s3)
             summary["on_diag_mean"] = float(c.diagonal().mean())
             summary["off_diag_abs_mean"] = float((c - torch.diag_embed(c.diagonal())).abs().mean())
-        storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2))
+        storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2), run.s3)
     run.metrics.close()
     distributed.barrier()
     return summary

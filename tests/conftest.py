@@ -30,11 +30,19 @@ class S3Place:
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
 
+    @property
+    def settings(self):
+        """The settings a run builds from its spec's data.s3 and passes to every storage call."""
+        from barlow import storage
+
+        return storage.S3Settings(endpoint_url=self.server.endpoint_url, retries=10)
+
 
 @pytest.fixture
 def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
-    """This test's own prefix on the session's server, with credentials in the environment and barlow.storage
-    pointed at the server (as a run does from its spec's data.s3)."""
+    """This test's own prefix on the session's server, with credentials in the environment; `settings` reach it
+    explicitly (as a run's storage calls do), and the process default of barlow.storage (what the CLI's data tools
+    use) points at it too."""
     from barlow import storage
 
     for k, v in s3_server.env.items():

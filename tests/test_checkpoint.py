@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 
 import pytest
 import torch
@@ -171,3 +172,29 @@ def test_checkpointer_without_a_checkpoint_starts_at_zero_and_refusal_loads_noth
     with pytest.raises(ValueError, match="step-00000005: another run"):
         checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=fresh, run={}).resume(refuse)
     assert torch.equal(fresh["model"].weight, before) and fresh["data"].n == 2
+
+
+def test_checkpointer_on_s3_uses_the_settings_it_is_given(s3):
+    # The process default points at a closed port: a call that does not pass the run's settings fails.
+    storage.configure_s3(storage.S3Settings(endpoint_url="http://127.0.0.1:9", retries=1))
+    out = f"{s3.url}/run"
+    saved = parts(seed=1)
+    writer = checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=saved, run={"seed": 7}, s3=s3.settings)
+    for step in (1, 2):
+        writer.save(step)
+    assert storage.list_names(checkpoint.folder(out), s3.settings) == ["step-00000002"]
+    fresh = parts(seed=2)
+    assert checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=fresh, run={}, s3=s3.settings).resume() == 2
+    assert torch.equal(fresh["model"].weight, saved["model"].weight) and fresh["data"].n == 1
+
+
+def test_a_checkpoint_streams_to_storage_without_a_copy_in_memory(tmp_path):
+    big = torch.randn(8_000_000)  # 32 MB
+    tracemalloc.start()
+    try:
+        checkpoint.save(str(tmp_path / "run"), 1, {"step": 1, "w": big}, keep=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, f"saving held {peak / 1e6:.0f} MB of Python memory (a serialised copy of the state)"
+    assert torch.equal(checkpoint.load(checkpoint.latest(str(tmp_path / "run")))["w"], big)

@@ -14,7 +14,7 @@ from fake_kube import TOKEN, FakeKube
 from typer.testing import CliRunner
 
 from barlow.cli import app
-from barlow.errors import EXIT_TIMED_OUT
+from barlow.errors import EXIT_WAIT_TIMEOUT
 from barlow.launch import backend
 from barlow.launch.manifest import LABEL_HASH
 from barlow.launch.render import render
@@ -206,7 +206,7 @@ def test_wait_times_out_with_the_last_phase(kube, spec_file):
     assert barlow("submit", "pretrain", spec_file).exit_code == 0
     kube.set_conditions("demo", "barlow", "Created", "Running")
     result = barlow("wait", "demo", "--poll", "0.01", "--timeout", "0.05")
-    assert result.exit_code == EXIT_TIMED_OUT != 1  # not the failed job's code
+    assert result.exit_code == EXIT_WAIT_TIMEOUT != 1  # not the failed job's code
     assert one_error_line(result) == "error: timed out after 0.05s waiting for pytorchjob demo (phase Running)"
 
 

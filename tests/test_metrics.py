@@ -14,7 +14,7 @@ def remote_matches_local(metrics: Metrics, rel: str) -> bool:
 
 
 def test_sync_uploads_only_changed_files(s3):
-    metrics = Metrics(s3.url, enabled=True, total_steps=10)
+    metrics = Metrics(s3.url, enabled=True, total_steps=10, s3=s3.settings)
     metrics.log(1, {"loss": 3.0})
     first = metrics.sync()
     events = [r for r in first if r.startswith("tensorboard/")]

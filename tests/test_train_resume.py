@@ -3,56 +3,70 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from barlow import errors
 from barlow.distributed import Placement
-from barlow.train import check_same_run, resume_note
+from barlow.evaluate import eval_record
+from barlow.spec import parse_spec
+from barlow.train import resume_note, run_record
 
-NOW = {"model": {"arch": "resnet18", "width": 8}, "batch_size": 128, "world_size": 1, "workers": 0, "seed": 7}
+PRETRAIN = {"kind": "pretrain", "name": "p", "data": {"train": "d/train", "val": "d/val", "workers": 0},
+            "model": {"arch": "resnet18", "width": 8}, "optim": {"epochs": 2, "warmup_epochs": 1, "batch_size": 128},
+            "runtime": {"seed": 7}, "output": {"url": "out"}}
+URL = "out/checkpoints/step-00000004"
 
 
-@pytest.mark.parametrize("change, accepted", [
-    ({}, True),
-    ({"world_size": 2, "per_rank_batch": 64}, True),  # another world size, same global batch: resumable
-    ({"workers": 4, "seed": 8}, True),
-    ({"batch_size": 256}, False),
-    ({"model": {"arch": "resnet50", "width": 8}}, False),
-    ({"model": None}, False),  # a checkpoint without a run record
+def place(world_size: int) -> Placement:
+    return Placement(0, world_size, 0, torch.device("cpu"), None)
+
+
+def saved_record(world_size: int = 1, **change) -> dict:
+    return {**run_record(parse_spec(PRETRAIN), place(world_size)).as_dict(), **change}
+
+
+@pytest.mark.parametrize("saved, refused", [
+    (saved_record(), None),
+    (saved_record(world_size=2), None),  # another world size, same global batch: resumable
+    (saved_record(workers=4, seed=8), None),
+    (saved_record(batch_size=256), "(optim.batch_size 256 -> 128)"),
+    (saved_record(model={**saved_record()["model"], "arch": "resnet50"}), "(model.arch resnet50 -> resnet18)"),
+    ({"world_size": 1}, "model (not recorded) -> "),  # a checkpoint without a run record
 ])
-def test_which_checkpoints_resume(change, accepted):
-    saved = {**NOW, **change}
-    if accepted:
-        check_same_run(saved, NOW, "out/checkpoints/step-00000004")
+def test_which_checkpoints_resume(saved, refused):
+    record = run_record(parse_spec(PRETRAIN), place(1))
+    if refused is None:
+        record.check(saved, URL)
     else:
-        with pytest.raises(errors.OutputHoldsAnotherRun, match="out/checkpoints/step-00000004 holds a run with another"):
-            check_same_run(saved, NOW, "out/checkpoints/step-00000004")
+        with pytest.raises(errors.OutputHoldsAnotherRun, match=rf"^output.url: {URL} holds a run with other settings") as e:
+            record.check(saved, URL)
+        assert refused in str(e.value) and str(e.value).endswith("; use a new output.url")
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"batch_size": 256}, "another optim.batch_size (256 there, 128 here); use a new output.url"),
-    ({"model": {"arch": "resnet50", "width": 8}}, "another model.arch ('resnet50' there, 'resnet18' here); use"),
-    ({"model": {"arch": "resnet18", "width": 16}, "batch_size": 64},
-     "another model.width (16 there, 8 here), optim.batch_size (64 there, 128 here); use"),
-    ({"model": None}, "another model.arch (None there, 'resnet18' here), model.width (None there, 8 here); use"),
-])
-def test_another_run_names_the_fields_that_differ(change, named):
-    with pytest.raises(errors.OutputHoldsAnotherRun) as info:
-        check_same_run({**NOW, **change}, NOW, "out/checkpoints/step-00000004")
-    assert str(info.value).startswith(f"output.url: out/checkpoints/step-00000004 holds a run with {named}")
-    assert str(info.value).endswith("use a new output.url")
+def test_the_record_keeps_what_is_checked_or_noted_and_nothing_else():
+    assert set(saved_record()) == {"model", "batch_size", "world_size", "workers", "seed"}
 
 
 @pytest.mark.parametrize("saved, note", [
     (None, ""),
-    ({"world_size": 1}, ", resuming at step 12"),
-    ({"world_size": 2}, ", resuming at step 12 (world_size 2 -> 1: same global batch and schedule; "),
+    (saved_record(1), ", resuming at step 12"),
+    (saved_record(2), ", resuming at step 12 (world_size 2 -> 1: same global batch and schedule; "),
+    (saved_record(1, workers=4), ", resuming at step 12 (workers 4 -> 0: "),
 ])
 def test_resume_note(saved, note):
-    import torch
-
-    place = Placement(0, 1, 0, torch.device("cpu"), None)
-    got = resume_note(saved, place, 12)
+    got = resume_note(run_record(parse_spec(PRETRAIN), place(1)), saved, 12)
     assert got.startswith(note) and (note != "" or got == "")
+    assert ("(" in got) == ("->" in note)
+
+
+def test_an_eval_names_the_eval_field_that_differs():
+    spec = parse_spec({**PRETRAIN, "eval": {"epochs": 6}}).eval_spec()
+    record = eval_record(spec, place(1))
+    with pytest.raises(errors.OutputHoldsAnotherRun, match=r"holds an evaluation with other settings"):
+        record.check({**record.as_dict(), "epochs": 9}, URL)
+    with pytest.raises(errors.OutputHoldsAnotherRun, match=r"\(eval.epochs 9 -> 6\)"):
+        record.check({**record.as_dict(), "epochs": 9}, URL)
+    record.check({**record.as_dict(), "world_size": 4, "seed": 3}, URL)
 
 
 @pytest.mark.parametrize("exc, code", [
@@ -70,3 +84,36 @@ def test_entrypoint_keeps_its_exit_code_names():
     from barlow import entrypoint
 
     assert (entrypoint.EXIT_OK, entrypoint.EXIT_FAILED, entrypoint.EXIT_INVALID_SPEC, entrypoint.EXIT_PEER_LOST) == (0, 1, 2, 144)
+
+
+@pytest.mark.parametrize("worker_code, code, retryable", [
+    (0, 0, False),
+    (1, 1, False),
+    (2, 2, False),
+    (144, 144, True),
+    (-6, 134, True),  # SIGABRT: NCCL's watchdog aborted a collective that hung past runtime.collective_timeout_s
+    (-9, 137, True),  # SIGKILL: the OOM killer or a node drain
+    (-15, 143, True),
+])
+def test_torchrun_passes_worker_codes_on_with_their_meaning(worker_code, code, retryable):
+    from barlow.torchrun import worker_exit_code
+
+    assert worker_exit_code(worker_code) == code
+    assert errors.is_retryable(code) is retryable
+
+
+def test_every_exit_code_is_defined_once_in_errors():
+    """The CLI, the restart budget and the follow-up Job use errors' constants, not numbers of their own."""
+    from barlow import restarts
+    from barlow.cli import cluster, common
+    from barlow.launch.render import build_follow_up
+    from barlow.spec import parse_spec
+
+    assert common.EXIT_INVALID is errors.EXIT_INVALID_SPEC and cluster.EXIT_UNREACHABLE is errors.EXIT_UNREACHABLE
+    assert restarts.PERMANENT == errors.EXIT_FAILED and errors.EXIT_WATCHDOG_ABORT == 134
+    spec = parse_spec({"kind": "pretrain", "name": "p", "data": {"train": "d/train", "val": "d/val"},
+                       "optim": {"epochs": 2, "warmup_epochs": 1, "batch_size": 64}, "output": {"url": "s3://b/o"},
+                       "cluster": {"image": "registry.example/barlow:1"}})
+    rules = build_follow_up(spec).spec.pod_failure_policy.rules
+    assert rules[0].on_exit_codes.values == list(errors.FOLLOW_UP_PERMANENT) == [1, 2]
+    assert not any(errors.is_retryable(c) for c in errors.FOLLOW_UP_PERMANENT)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from barlow.cli.common import EXIT_INVALID, JOB, SET, SPEC, app, console, err_console, example, fail, invalid, load_or_exit
-from barlow.errors import EXIT_TIMED_OUT
+from barlow.errors import EXIT_UNREACHABLE, EXIT_WAIT_TIMEOUT
 from barlow.spec import (
     BACKENDS,
     SPEC_ENV,
@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # the commands import what they use when they run: `barlow --
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
-EXIT_UNREACHABLE = 3  # the API server could not be reached: worth retrying (the follow-up Job does)
 
 
 STAGE = typer.Argument(..., metavar="STAGE", help=STAGE_HELP)  # the spec's stages and rules (spec.stage_runs), as for run
@@ -60,7 +59,7 @@ def _cluster_errors() -> Iterator[None]:
         with _cluster_warnings():
             yield
     except WaitTimedOut as e:
-        raise fail(str(e), EXIT_TIMED_OUT) from None
+        raise fail(str(e), EXIT_WAIT_TIMEOUT) from None
     except RenderError as e:
         raise fail(str(e), EXIT_INVALID) from None
     except ClusterUnreachable as e:

@@ -14,6 +14,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from barlow.errors import EXIT_FAILED
+from barlow.errors import EXIT_INVALID_SPEC as EXIT_INVALID  # a spec or argument that fails validation
 from barlow.spec import OVERRIDE_HELP, EvalRunSpec, PretrainSpec, SpecError, load_spec
 
 DEBUG_ENV = "BARLOW_DEBUG"  # 1: an unexpected error prints its traceback (as --debug does)
@@ -68,7 +69,6 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
-EXIT_INVALID = 2  # a spec or argument that fails validation
 SET = typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help=OVERRIDE_HELP)
 SPEC_HELP = "Path to a run spec (YAML)."
 SPEC = typer.Argument(..., metavar="SPEC", help=SPEC_HELP)
@@ -79,8 +79,7 @@ def example(*lines: str) -> str:
     """A command's --help epilog: its examples, one a line."""
     return "Example: " + lines[0] if len(lines) == 1 else "Examples:\n" + "\n".join(f"  {line}" for line in lines)
 
-
-def fail(message: str, code: int = 1) -> typer.Exit:
+def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     """Print a one-line error to stderr and return the Exit to raise."""
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)

@@ -8,6 +8,8 @@ from typing import Any
 
 from kubernetes import client as k8s
 
+from barlow.errors import FOLLOW_UP_PERMANENT
+
 # The built-in backends register themselves (barlow.launch.backend) when imported: a new backend is one more import.
 from barlow.launch import backend, pytorchjob, trainjob  # noqa: F401
 from barlow.launch.checks import check_cluster_run
@@ -62,7 +64,7 @@ def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
             # Pretrain failed (1) or the eval spec is invalid (2): retrying cannot help.
             pod_failure_policy=k8s.V1PodFailurePolicy(rules=[
                 k8s.V1PodFailurePolicyRule(action="FailJob", on_exit_codes=k8s.V1PodFailurePolicyOnExitCodesRequirement(
-                    container_name="follow-up", operator="In", values=[1, 2])),
+                    container_name="follow-up", operator="In", values=list(FOLLOW_UP_PERMANENT))),
                 k8s.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
                     k8s.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
             ]),

@@ -47,7 +47,7 @@ def test_pretrain_checkpointed_by_two_processes_resumes_on_one(demo_data, tmp_pa
 
     stop_after_first_checkpoint(start("run", "pretrain", str(spec)), moved)
     saved = checkpoint.load(checkpoint.latest(str(moved)))
-    assert saved["run"]["world_size"] == 2 and saved["run"]["per_rank_batch"] == 64
+    assert saved["run"]["world_size"] == 2 and saved["run"]["batch_size"] == 128
     total = checkpoint.load(checkpoint.latest(str(straight)))["step"]
     assert 0 < saved["step"] < total
 
@@ -56,7 +56,7 @@ def test_pretrain_checkpointed_by_two_processes_resumes_on_one(demo_data, tmp_pa
     assert f"resuming at step {saved['step']} (world_size 2 -> 1" in resumed.stdout
     final = checkpoint.load(checkpoint.latest(str(moved)))
     assert final["step"] == total
-    assert final["run"]["world_size"] == 1 and final["run"]["per_rank_batch"] == 128 and final["run"]["batch_size"] == 128
+    assert final["run"]["world_size"] == 1 and final["run"]["batch_size"] == 128
     # The same schedule continues: every step logged after the resume has the uninterrupted run's lr.
     expected, got = lr_by_step(straight), lr_by_step(moved)
     after = [s for s in got if s > saved["step"]]

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_train_steps_between_log_steps_do_not_sync(tmp_path):
     from barlow.data.demo import write_demo
     from barlow.spec import parse_spec
-    from barlow.train import device_batches, log_step, set_up, train_step
+    from barlow.train import Interval, device_batches, log_step, set_up, train_step
 
     write_demo(str(tmp_path / "demo"), size=16)
     spec = parse_spec({"kind": "pretrain", "name": "syncs",
@@ -38,5 +38,5 @@ def test_train_steps_between_log_steps_do_not_sync(tmp_path):
             loss_sum += loss.detach()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    log_step(run, run.position.step, loss_sum / 3, torch.zeros((), device=run.place.device), images_per_s=0.0)
+    log_step(run, run.position.step, loss_sum / 3, torch.zeros((), device=run.place.device), Interval(64))
     assert torch.isfinite(loss_sum)
