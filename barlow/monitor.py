@@ -82,6 +82,11 @@ def smallest_subset(source: Any, images: int) -> int:
     return next((p for p in SUBSETS if source.count(p) >= images), 100)
 
 
+def knn_due(step: int, steps_per_epoch: int, total_steps: int, every: int) -> bool:
+    """Whether optimizer step `step` ends an epoch that is a multiple of `every`, or is the last step."""
+    return step == total_steps or (step % steps_per_epoch == 0 and (step // steps_per_epoch) % every == 0)
+
+
 class KnnMonitor:
     """kNN top-1 of the backbone's features every `every` epochs and at the last step, on fixed subsets:
     the validation images of `monitor.knn_images` against the training images of `monitor.knn_train_images`."""
@@ -104,7 +109,7 @@ class KnnMonitor:
                 f"{self.train.count(self.train_percent)} train images")
 
     def due(self, step: int, steps_per_epoch: int, total_steps: int) -> bool:
-        return step == total_steps or (step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.every == 0)
+        return knn_due(step, steps_per_epoch, total_steps, self.every)
 
     def measure(self, backbone: nn.Module) -> float:
         """kNN top-1 (percent) over every rank's share of the validation subset; the backbone's mode is restored."""
