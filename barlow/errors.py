@@ -59,6 +59,14 @@ class WrongPlacement(RunFailed):
     """torchrun started another number of processes than the spec asks for, or the asked-for device is missing."""
 
 
+class UnlabelledData(RunFailed):
+    """Something that needs labels (monitor.online_probe: on) got data with one class."""
+
+
+class MissingExtra(RunFailed):
+    """The spec asks for a feature whose optional package is not installed (e.g. output.mlflow without mlflow)."""
+
+
 class StoppedOnSignal(Exception):
     """A stop signal (SIGTERM, SIGINT) arrived and a checkpoint was written; the rerun resumes from it."""
 

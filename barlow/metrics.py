@@ -1,4 +1,5 @@
-"""What a run reports: JSON lines, TensorBoard events, a progress bar with ETA, the cross-correlation heatmap.
+"""What a run reports: JSON lines, TensorBoard events, a progress bar with ETA, the cross-correlation heatmap, and
+every line also to an experiment tracker when one is given (barlow.tracking).
 
 Only the main rank writes. Files are written in a local folder and, for a remote output URL, copied there by
 `sync()` (object stores cannot append; only files changed since the last sync are uploaded), so
@@ -20,13 +21,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from barlow import storage
 
+PROGRESS_KEYS = ("epoch", "loss", "lr", "images_per_s", "top1", "probe_top1", "knn_top1")  # shown on the progress line
+
 
 class Metrics:
     """Per-step scalars to metrics.jsonl and TensorBoard, and a progress display, on the main rank only."""
 
     def __init__(self, output_url: str, enabled: bool, total_steps: int, start_step: int = 0, title: str = "pretrain",
-                 s3: storage.S3Settings | None = None):
+                 s3: storage.S3Settings | None = None, tracker: Any = None):
         self.output_url, self.enabled, self.s3 = output_url, enabled, s3
+        self.tracker = tracker if enabled else None  # anything with log(step, values), log_artifact(name, data), close()
         self.console = Console(stderr=False)
         self._progress = None
         self._synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) when last uploaded
@@ -55,7 +59,9 @@ class Metrics:
         self._jsonl.flush()
         for k, v in values.items():
             self._tb.add_scalar(k, v, step)
-        info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in ("epoch", "loss", "lr", "images_per_s", "top1"))
+        if self.tracker is not None:
+            self.tracker.log(step, values)
+        info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in PROGRESS_KEYS)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         else:
@@ -92,7 +98,8 @@ class Metrics:
                     changed.append(rel)
         return sorted(changed)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """`status`: the tracker's end state of the run (FINISHED, KILLED when stopped by a signal to resume later)."""
         if not self.enabled:
             return
         if self._progress is not None:
@@ -100,6 +107,8 @@ class Metrics:
         self.sync()
         self._tb.close()
         self._jsonl.close()
+        if self.tracker is not None:
+            self.tracker.close(status)
 
 
 def _round(v: Any) -> Any:

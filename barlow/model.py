@@ -92,7 +92,8 @@ def build_projector(in_dim: int, spec: str = "8192-8192-8192") -> nn.Sequential:
 
 
 class BarlowTwins(nn.Module):
-    """Backbone + projector; `forward(x1, x2)` returns the projections (z1, z2) of the two views."""
+    """Backbone + projector; `forward(x1, x2)` returns the projections (z1, z2) of the two views, and with
+    `with_features=True` also view 1's pooled backbone features, detached (what an online probe trains on)."""
 
     def __init__(self, arch: str = "resnet50", projector: str = "8192-8192-8192", small_images: bool = False,
                  width: int = 64, in_channels: int = 3):
@@ -104,6 +105,9 @@ class BarlowTwins(nn.Module):
     def embed_dim(self) -> int:
         return self.projector[-1].out_features
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, with_features: bool = False) -> tuple[torch.Tensor, ...]:
         # Views go through separately, as in the official code: BatchNorm statistics are per view.
-        return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        h1 = self.backbone(x1)
+        z1, z2 = self.projector(h1), self.projector(self.backbone(x2))
+        # Detached: nothing computed from the features can reach the backbone's gradients.
+        return (z1, z2, h1.detach()) if with_features else (z1, z2)

@@ -252,12 +252,28 @@ class RuntimeSpec(Section):
         return self.nodes * self.nproc_per_node
 
 
+class MlflowSpec(Section):
+    """An MLflow tracking server (or a local file store) that receives the run's params, metrics and exported backbone.
+    Needs the `mlflow` extra (pip install 'barlow[mlflow]'); credentials come from MLFLOW_TRACKING_* in the environment."""
+
+    tracking_uri: str = Field(min_length=1, description="MLflow tracking URI: http(s)://server:5000, databricks, or file:///path.")
+    experiment: str = Field("barlow", min_length=1, max_length=500, description="MLflow experiment the run is logged under.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, v: str) -> str:
+        if "@" in urlparse(v).netloc:
+            raise ValueError("must not contain credentials (set MLFLOW_TRACKING_USERNAME / _PASSWORD or _TOKEN)")
+        return v
+
+
 class OutputSpec(Section):
     """Where checkpoints, metrics and exports go."""
 
     url: str = Field(description="Output folder: a local path or s3://bucket/prefix.")
     checkpoint_every: int = Field(500, ge=1, le=10_000_000, description="Optimizer steps between checkpoints (one is also written at the end).")
     keep: int = Field(3, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted.")
+    mlflow: MlflowSpec | None = Field(None, description="Also log to MLflow (TensorBoard and metrics.jsonl are always written).")
 
     @field_validator("url")
     @classmethod
@@ -433,6 +449,30 @@ class VolumeSpec(Section):
 RESERVED_ENV = (SPEC_ENV, RENDERED_BY_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 RESERVED_MOUNTS = {"dshm": "/dev/shm"}  # the memory-backed /dev/shm barlow mounts (cluster.shm_size)
 BARLOW_LABEL_PREFIXES = ("barlow.dev/", "app.kubernetes.io/")  # barlow's own labels; a pod label may not override them
+
+
+class MonitorSpec(Section):
+    """Quality while pretraining runs: an online linear probe on the training batches and a periodic kNN."""
+
+    online_probe: Literal["auto", "on", "off"] = Field(
+        "auto", description="A linear classifier on view 1's detached, pooled backbone features, trained on the batches' "
+                            "labels by its own optimizer; its running top-1 is logged as probe_top1. auto: on when the "
+                            "training data has more than one class.")
+    probe_lr: float = Field(0.1, gt=0, le=100, description="SGD lr of the online probe (momentum 0.9, constant).")
+    knn_every_epochs: int | None = Field(
+        None, ge=0, le=100_000, description="Epochs between kNN top-1 measurements on data.val (also one at the end); "
+                                             "0: off. Unset: 10 when data.val is set, else off.")
+    knn_images: int = Field(5000, ge=1, description="Validation images of the kNN: the smallest of the 1 %, 10 % or "
+                                                    "100 % label subsets that holds at least this many (fixed).")
+    knn_train_images: int = Field(20000, ge=1, description="Training images the kNN compares against (eval transform), "
+                                                           "chosen as knn_images is.")
+    knn_k: int = Field(20, ge=1, le=1000, description="Neighbours of the kNN (cosine similarity, weighted vote).")
+
+    def knn_every(self, has_val: bool) -> int:
+        """Epochs between kNN measurements for this data (0: no kNN)."""
+        if self.knn_every_epochs is None:
+            return 10 if has_val else 0
+        return self.knn_every_epochs
 
 
 class ClusterSpec(Section):
@@ -703,6 +743,7 @@ class PretrainSpec(RunSpec):
 
     kind: Literal["pretrain"] = Field(description="Run kind.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")
+    monitor: MonitorSpec = Field(default_factory=MonitorSpec, description="Online probe and kNN while pretraining runs.")
     eval: FollowUpEvalSpec = Field(default_factory=FollowUpEvalSpec, description="The evaluation that follows pretraining "
                                    "in a pipeline, and its size (one node by default).")
 
@@ -715,11 +756,13 @@ class PretrainSpec(RunSpec):
             problems.append(("optim.warmup_epochs", f"must be shorter than optim.epochs ({o.epochs})"))
         if self.eval.checkpoint or self.eval.backbone:
             problems.append(("eval.checkpoint", "is set by the pipeline from output.url; leave it out of a pretrain spec"))
+        if self.monitor.knn_every_epochs and self.data.val is None:
+            problems.append(("monitor.knn_every_epochs", "the kNN measures on data.val: set data.val, or 0 to turn it off"))
         return problems
 
     def eval_spec(self) -> EvalRunSpec:
         """The evaluation of this run's checkpoint, writing beside it (what `pipeline` runs second)."""
-        d = self.model_dump(exclude={"kind", "optim", "eval", "name", "output", "runtime", "cluster"})
+        d = self.model_dump(exclude={"kind", "optim", "monitor", "eval", "name", "output", "runtime", "cluster"})
         runtime, cluster = self.eval.placement(self.runtime, self.cluster)
         return EvalRunSpec.model_validate({
             **d, "kind": "eval", "name": f"{self.name[:45]}-eval", "runtime": runtime, "cluster": cluster,

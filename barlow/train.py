@@ -6,6 +6,7 @@ log steps, at checkpoint steps, and where a stop signal is agreed on (each such 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from barlow import distributed, progress, runsetup, storage
+from barlow import distributed, progress, runsetup, storage, tracking
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.feed import TrainingFeed
@@ -24,10 +25,11 @@ from barlow.errors import StoppedOnSignal, TooFewImages, WrongPlacement
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
+from barlow.monitor import KnnMonitor, OnlineProbe, probe_enabled
 from barlow.optim import LARS, WarmupCosine, param_groups
 from barlow.spec import PretrainSpec, RuntimeSpec
 
-Batch = tuple[torch.Tensor, torch.Tensor, "int | torch.Tensor"]  # (view 1, view 2, corrupt images replaced)
+Batch = tuple[torch.Tensor, torch.Tensor, "int | torch.Tensor", torch.Tensor]  # (view 1, view 2, corrupt images replaced, labels)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Run:
     position: Position
     checkpointer: Checkpointer
     metrics: Metrics
+    probe: OnlineProbe | None = None  # monitor.online_probe
+    knn: KnnMonitor | None = None  # monitor.knn_every_epochs
 
     @property
     def proc(self) -> runsetup.Process:
@@ -110,8 +114,8 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
     corrupt = torch.zeros((), device=place.device, dtype=torch.float64)
     interval = Interval(spec.optim.batch_size)
     z1 = z2 = None
-    for x1, x2, n_corrupt in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
-        loss, z1, z2 = train_step(run, x1, x2)
+    for x1, x2, n_corrupt, labels in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
+        loss, z1, z2 = train_step(run, x1, x2, labels)
         run.position.step += 1
         step = run.position.step
         interval.steps += 1
@@ -123,6 +127,8 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             loss_sum.zero_()
         else:
             run.metrics.advance(step)
+        if run.knn is not None and run.knn.due(step, run.steps_per_epoch, total):
+            run.metrics.log(step, {"epoch": step / run.steps_per_epoch, "knn_top1": run.knn.measure(run.model.backbone)})
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
         if place.world_size == 1 or at_log or at_checkpoint:
             signum = runsetup.agreed_stop(stop_signal, place)
@@ -132,13 +138,16 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             run.checkpointer.save(step)
             run.metrics.sync()
         if signum is not None:
-            run.metrics.close()
+            run.metrics.close("KILLED")
             raise StoppedOnSignal(signum, f"step {step}")
     return finish(run, z1, z2)
 
 
 def set_up(spec: PretrainSpec) -> Run:
-    """Join the process group, open the data, build model, optimizer, schedule and loss, resume if a checkpoint exists."""
+    """Join the process group, open the data, build model, optimizer, schedule, loss and monitors, resume if a
+    checkpoint exists."""
+    if spec.output.mlflow is not None:
+        tracking.require_mlflow()  # before anything is written
     proc = runsetup.start(spec)
     place = proc.place
     o = spec.optim
@@ -152,21 +161,35 @@ def set_up(spec: PretrainSpec) -> Run:
     optimizer = LARS(param_groups(model, o.lr_weights, o.lr_biases), lr=0.0, weight_decay=o.weight_decay, momentum=o.momentum,
                      eta=o.lars_eta)
     position = Position()
+    parts = {"model": model, "optimizer": optimizer, "data": position, "rng": RNG(place.device)}
+    probe = None
+    if probe_enabled(spec.monitor.online_probe, len(source.classes)):
+        probe = parts["probe"] = OnlineProbe(model.backbone.feature_dim, len(source.classes), spec.monitor.probe_lr,
+                                             place.device, place.world_size)
+    autocast = proc.autocast()
+    every = spec.monitor.knn_every(spec.data.val is not None)
+    knn = KnnMonitor(spec, proc, source, every) if every else None
     record = run_record(spec, place)
     checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
-                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3,
-                                parts={"model": model, "optimizer": optimizer, "data": position, "rng": RNG(place.device)})
+                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts)
     checkpointer.resume(record.check)
-    metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step, s3=proc.s3)
+    tracker = None
+    if spec.output.mlflow is not None and place.is_main:
+        tracker = tracking.MlflowTracker(spec.output.mlflow.tracking_uri, spec.output.mlflow.experiment, spec.name,
+                                         spec.output.url, tracking.flatten(spec.model_dump(mode="json")))
+    metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step, s3=proc.s3, tracker=tracker)
     if place.is_main:
         progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size, proc.s3)  # what `barlow status` reads
     metrics.print(f"pretrain {spec.name}: {source.num_samples} images, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
                   f"{place.world_size} process(es) on {place.device.type}{', bf16' if place.autocast_dtype else ''}"
                   f"{resume_note(record, checkpointer.resumed_run, position.step)}")
+    if probe or knn:
+        metrics.print("monitor: " + ", ".join(([f"online probe on {len(source.classes)} classes"] if probe else [])
+                                              + ([knn.describe()] if knn else [])))
     return Run(spec, place, proc.s3, source, steps_per_epoch, total_steps, model,
                wrap_for_speed(model, spec.runtime, place), optimizer,
                WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size),
-               BarlowTwinsLoss(o.lambd), proc.autocast(), position, checkpointer, metrics)
+               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn)
 
 
 def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
@@ -191,7 +214,7 @@ def compile_enabled(runtime: RuntimeSpec, device: torch.device) -> bool:
 
 def device_batches(spec: PretrainSpec, source: Any, place: distributed.Placement, start_step: int,
                    steps_per_epoch: int) -> Iterator[Batch]:
-    """This rank's `(x1, x2, n_corrupt)` on the device, from global step `start_step` to the end of training: loader
+    """This rank's `(x1, x2, n_corrupt, labels)` on the device, from global step `start_step` to the end of training: loader
     workers read and crop on the host, the rest of the two views runs batched on the device (barlow.data.feed)."""
     try:
         feed = TrainingFeed(spec.data, place.device)
@@ -206,27 +229,36 @@ def device_batches(spec: PretrainSpec, source: Any, place: distributed.Placement
         in_epoch = 0
 
 
-def train_step(run: Run, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step on one batch of view pairs; returns the loss and the embeddings, still on the device."""
+def train_step(run: Run, x1: torch.Tensor, x2: torch.Tensor,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch of view pairs (and one of the online probe on view 1's detached features,
+    when there is a probe and labels); returns the loss and the embeddings, still on the device."""
     run.schedule.apply(run.optimizer, run.position.step)
+    probing = run.probe is not None and labels is not None
     with run.autocast:
-        z1, z2 = run.forward(x1, x2)
+        z1, z2, *features = run.forward(x1, x2, with_features=True) if probing else run.forward(x1, x2)
     loss = run.loss_fn(z1, z2)  # float32 even under autocast
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
+    if probing:
+        run.probe.step(features[0], labels)
     return loss, z1.detach(), z2.detach()
 
 
 def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor, interval: Interval) -> None:
     """One metrics line; the only place the loop reads device values."""
     values = torch.stack([mean_loss.float(), run.loss_fn.on_diag, run.loss_fn.off_diag]).tolist()  # sync: log step
-    skipped = distributed.all_sum([corrupt], run.place.device)[0]  # sync: the ranks' counts, at the log step
+    # sync: the ranks' counts, at the log step
+    skipped, *probe = distributed.all_sum([corrupt, *(run.probe.counts() if run.probe else [])], run.place.device)
     images_per_s = interval.images_per_s()  # after the syncs: the interval's device work is done
     epoch = step / run.steps_per_epoch
-    run.metrics.log(step, {"epoch": epoch, "loss": values[0], "on_diag": values[1], "off_diag": values[2],
-                           "lr": run.optimizer.param_groups[0]["lr"], "corrupt_images": skipped,
-                           "images_per_s": images_per_s})
+    line = {"epoch": epoch, "loss": values[0], "on_diag": values[1], "off_diag": values[2],
+            "lr": run.optimizer.param_groups[0]["lr"], "corrupt_images": skipped, "images_per_s": images_per_s}
+    if run.probe is not None and probe[1] > 0:  # the probe's top-1 on the batches since the last line, all ranks
+        line["probe_top1"] = 100 * probe[0] / probe[1]
+        run.probe.reset()
+    run.metrics.log(step, line)
 
 
 def run_record(spec: PretrainSpec, place: distributed.Placement) -> runsetup.RunRecord:
@@ -257,6 +289,10 @@ def finish(run: Run, z1: torch.Tensor | None, z2: torch.Tensor | None) -> dict:
     if place.is_main:
         backbone = {k: v.cpu() for k, v in run.model.backbone.state_dict().items()}
         storage.write_with(summary["backbone"], lambda f: torch.save(backbone, f), run.s3)
+        if run.metrics.tracker is not None:
+            buf = io.BytesIO()
+            torch.save(backbone, buf)
+            run.metrics.tracker.log_artifact("backbone.pt", buf.getvalue())
         if c is not None:  # sync: once, at the end
             save_heatmap(c, storage.join(out, "cross_correlation.png"), s3=run.s3)
             summary["on_diag_mean"] = float(c.diagonal().mean())

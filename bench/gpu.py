@@ -221,7 +221,7 @@ def shard_batches(index_url: str, sizes: Sizes, device: torch.device, workers: i
         while True:
             loader = source.loader(transform=feed.transform, batch_size=sizes.batch, rank=0, world_size=1, seed=0,
                                    epoch=epoch, workers=workers, pin_memory=feed.pin_memory)
-            for x1, x2, _ in feed(loader):
+            for x1, x2, *_ in feed(loader):
                 yield x1, x2
             epoch += 1
 

@@ -195,8 +195,9 @@ def test_feed_yields_normalised_channels_last_views(folder):
     src = open_source(data, "train")
     got = _feed(src, data)
     assert len(got) == src.num_samples // 8
-    x1, x2, n = got[0]
+    x1, x2, n, labels = got[0]
     assert x1.shape == x2.shape == (8, 3, 16, 16) and x1.dtype == torch.float32 and n == 0
+    assert labels.dtype == torch.long and labels.shape == (8,)
     assert x1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(x1, x2)
     assert x1.min() < -1 and x1.max() > 1  # normalised with ImageNet's mean and std, not in [0, 1]
 
@@ -217,7 +218,7 @@ def test_feed_counts_corrupt_images_and_keeps_batches_full(tmp_path):
     bad.write_bytes(b"not a jpeg at all")
     data = DataSpec(train=str(tmp_path / "train"), image_size=16)
     got = _feed(open_source(data, "train"), data, shuffle=False, drop_last=False, batch_size=8)
-    assert sum(n for _, _, n in got) == 1 and all(len(x1) == len(x2) for x1, x2, _ in got)
+    assert sum(n for _, _, n, _ in got) == 1 and all(len(x1) == len(x2) == len(y) for x1, x2, _, y in got)
 
 
 def test_feed_holds_at_most_one_batch_ahead(folder):

@@ -1,4 +1,4 @@
-"""Host to device: loader batches in, `(x1, x2, n_corrupt)` device views out, the next batch copied meanwhile.
+"""Host to device: loader batches in, `(x1, x2, n_corrupt, labels)` device views out, the next batch copied meanwhile.
 
 The loader workers produce uint8 crops (decode=cpu) or file bytes + crop boxes (decode=gpu; see
 cropfirst.HostCrops); the feed copies a batch to the training device (pinned memory, non-blocking copies on a
@@ -23,7 +23,8 @@ from barlow.data.decode import CorruptImage
 from barlow.data.source import Batch
 from barlow.spec import DataSpec
 
-DeviceBatch = tuple[torch.Tensor, torch.Tensor, int]  # view 1, view 2 (float, normalised, channels_last), n_corrupt
+# view 1, view 2 (float, normalised, channels_last), n_corrupt, labels (int64, on the device)
+DeviceBatch = tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
@@ -56,7 +57,7 @@ class TrainingFeed:
 
 
 class DeviceFeed:
-    """Iterates `(x1, x2, n_corrupt)` on `device` from an iterable of `Batch`es; len() is the loader's.
+    """Iterates `(x1, x2, n_corrupt, labels)` on `device` from an iterable of `Batch`es; len() is the loader's.
 
     Holds at most one batch ahead of the one being trained (its copy in flight on a side stream on CUDA).
     """
@@ -81,27 +82,29 @@ class DeviceFeed:
             if stream is not None:
                 torch.cuda.current_stream(self.device).wait_stream(stream)  # deliberate: the copy of `current` is done
                 _record(current[0], torch.cuda.current_stream(self.device))
+                _record((current[1],), torch.cuda.current_stream(self.device))
             yield self._views(*current)
 
-    def _upload(self, batch: Batch | None, stream: torch.cuda.Stream | None) -> tuple[Any, int, int] | None:
+    def _upload(self, batch: Batch | None, stream: torch.cuda.Stream | None) -> tuple[Any, torch.Tensor, int, int] | None:
         if batch is None:
             return None
-        if isinstance(batch.inputs, Encoded):  # bytes stay on the host: the device decoder reads them from there
-            return batch.inputs, batch.n_corrupt, batch.seed
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            labels = _to(batch.labels, self.device)
+            if isinstance(batch.inputs, Encoded):  # bytes stay on the host: the device decoder reads them from there
+                return batch.inputs, labels, batch.n_corrupt, batch.seed
             x = tuple(_to(t, self.device) for t in batch.inputs)
-        return x, batch.n_corrupt, batch.seed
+        return x, labels, batch.n_corrupt, batch.seed
 
-    def _views(self, inputs: Any, n_corrupt: int, seed: int) -> DeviceBatch:
+    def _views(self, inputs: Any, labels: torch.Tensor, n_corrupt: int, seed: int) -> DeviceBatch:
         if isinstance(inputs, Encoded):
-            (x1, x2), bad = self._decode(inputs)
+            (x1, x2), bad, labels = self._decode(inputs, labels)
             n_corrupt += bad
         else:
             x1, x2 = inputs
         v1, v2 = self.views(x1, x2, seed)
-        return v1, v2, n_corrupt
+        return v1, v2, n_corrupt, labels
 
-    def _decode(self, enc: Encoded) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+    def _decode(self, enc: Encoded, labels: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], int, torch.Tensor]:
         """Each image decoded once on the device, both views cropped from it; an undecodable image is corrupt, and
         its rows are refilled with a readable image's crops so the batch stays full."""
         n = len(enc.data)
@@ -117,7 +120,8 @@ class DeviceFeed:
             src = torch.tensor([good[k % len(good)] for k in range(len(bad))], device=x1.device)
             dst = torch.tensor(bad, device=x1.device)
             x1, x2 = x1.index_copy(0, dst, x1[src]), x2.index_copy(0, dst, x2[src])
-        return (x1, x2), len(bad)
+            labels = labels.index_copy(0, dst, labels[src])  # a refilled row takes its image's label
+        return (x1, x2), len(bad), labels
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -33,7 +33,8 @@ def test_pipeline_on_demo_data(demo_data, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses  # the loss falls
-    assert {"on_diag", "off_diag", "lr", "images_per_s"} <= set(rows[0])
+    assert {"on_diag", "off_diag", "lr", "images_per_s", "probe_top1"} <= set(rows[0])  # the probe: on for labelled data
+    assert set(rows[-1]) == {"step", "time", "epoch", "knn_top1"} and rows[-1]["knn_top1"] > 20.0  # the kNN at the last step
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "cross_correlation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

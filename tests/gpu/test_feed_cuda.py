@@ -32,8 +32,8 @@ def _views(folder, decode: str, workers: int):
 def test_cpu_decode_views_on_cuda(folder, workers):
     got = _views(folder, "cpu", workers)
     assert len(got) == 6
-    for x1, x2, n in got:
-        assert x1.is_cuda and x1.shape == x2.shape == (8, 3, 16, 16) and n == 0
+    for x1, x2, n, labels in got:
+        assert x1.is_cuda and labels.is_cuda and x1.shape == x2.shape == (8, 3, 16, 16) and n == 0
         assert x1.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(x1).all()
 
 
@@ -41,8 +41,8 @@ def test_gpu_decode_matches_cpu_decode_closely(folder):
     """Same seed: the same boxes and flips; the device decoder's pixels differ from PIL's by rounding only."""
     pytest.importorskip("barlow.data.devicedecode")
     cpu, gpu = _views(folder, "cpu", 0), _views(folder, "gpu", 2)
-    assert len(cpu) == len(gpu) and all(n == 0 for *_, n in gpu)
-    for (a1, _, _), (b1, _, _) in zip(cpu, gpu, strict=True):
+    assert len(cpu) == len(gpu) and all(n == 0 for _, _, n, _ in gpu)
+    for (a1, *_), (b1, *_) in zip(cpu, gpu, strict=True):
         assert (a1 - b1).abs().mean() < 0.1  # normalised units; JPEG decoders differ in IDCT and upsampling
 
 
@@ -63,4 +63,4 @@ def test_gpu_decode_counts_and_refills_a_corrupt_image(tmp_path, corrupt):
     assert gpu_decodable(broken) == (corrupt is _headers_only)
     bad.write_bytes(broken)
     got = _views(tmp_path, "gpu", 0)
-    assert sum(n for *_, n in got) == 1 and all(len(x1) == 8 for x1, _, _ in got)
+    assert sum(n for _, _, n, _ in got) == 1 and all(len(x1) == len(y) == 8 for x1, _, _, y in got)

@@ -32,8 +32,8 @@ def test_train_steps_between_log_steps_do_not_sync(tmp_path):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside raises
     try:
-        for x1, x2, _ in ready[1:]:
-            loss, _, _ = train_step(run, x1, x2)
+        for x1, x2, _, labels in ready[1:]:
+            loss, _, _ = train_step(run, x1, x2, labels)
             run.position.step += 1
             loss_sum += loss.detach()
     finally:

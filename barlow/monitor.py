@@ -1,0 +1,125 @@
+"""Quality while pretraining runs: an online linear probe on the training batches, and a periodic kNN top-1.
+
+Both only read the backbone. The probe trains on view 1's pooled backbone features, which the model's forward
+returns detached, with its own optimizer (and, with several processes, its own DDP, so its gradients are averaged
+across ranks and the backbone's DDP never sees it). The kNN runs the backbone in eval mode under no_grad on fixed
+label subsets of the validation and training images (eval transform), with evaluate.py's feature and kNN functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from barlow import runsetup
+from barlow.augment import eval_transform
+from barlow.data import open_source
+from barlow.errors import SplitsDisagree, UnlabelledData
+from barlow.evaluate import features_of, knn_dtype, knn_top1
+from barlow.spec import PretrainSpec
+
+SUBSETS = (1, 10, 100)  # the label subsets every source serves (see barlow.data.source)
+
+
+def probe_enabled(setting: str, num_classes: int) -> bool:
+    """monitor.online_probe for data with `num_classes` classes: auto is on when there is more than one."""
+    if setting == "on" and num_classes < 2:
+        raise UnlabelledData(f"monitor.online_probe: on needs labelled data, data.train has {num_classes} class "
+                         f"(use auto or off)")
+    return setting == "on" or (setting == "auto" and num_classes > 1)
+
+
+class OnlineProbe:
+    """A linear classifier on detached backbone features, trained on each training batch's labels.
+
+    BatchNorm without affine parameters in front of the linear layer (as MAE's linear probe) keeps one learning
+    rate right while the backbone's feature scale drifts during pretraining. `top1` counts the predictions made on
+    each batch before the probe learns from it, so it measures features the probe has not been fitted to yet.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, lr: float, device: torch.device, world_size: int = 1):
+        self.head = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, num_classes)).to(device)
+        # Its own DDP: rank 0's initial weights everywhere, gradients averaged; batch statistics stay per rank.
+        self.trained = (DistributedDataParallel(self.head, broadcast_buffers=False, gradient_as_bucket_view=True)
+                        if world_size > 1 else self.head)
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=0.9)
+        self.hits = torch.zeros((), device=device)  # since the last `take`, on the device
+        self.seen = torch.zeros((), device=device)
+
+    def step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """One SGD step on a batch; queues device work only (no host sync)."""
+        logits = self.trained(features.float())
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.hits += (logits.detach().argmax(dim=1) == labels).sum()
+        self.seen += labels.numel()
+
+    def counts(self) -> list[torch.Tensor]:
+        """This rank's (correct, predicted) since the last `reset`, still on the device."""
+        return [self.hits, self.seen]
+
+    def reset(self) -> None:
+        self.hits.zero_()
+        self.seen.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def smallest_subset(source: Any, images: int) -> int:
+    """The smallest label subset (percent) of a source that holds at least `images` images (100: all of them)."""
+    return next((p for p in SUBSETS if source.count(p) >= images), 100)
+
+
+def knn_due(step: int, steps_per_epoch: int, total_steps: int, every: int) -> bool:
+    """Whether optimizer step `step` ends an epoch that is a multiple of `every`, or is the last step."""
+    return step == total_steps or (step % steps_per_epoch == 0 and (step // steps_per_epoch) % every == 0)
+
+
+class KnnMonitor:
+    """kNN top-1 of the backbone's features every `every` epochs and at the last step, on fixed subsets:
+    the validation images of `monitor.knn_images` against the training images of `monitor.knn_train_images`."""
+
+    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, train_source: Any, every: int):
+        m, d, place = spec.monitor, spec.data, proc.place
+        self.every, self.k, self.proc, self.workers = every, m.knn_k, proc, d.workers
+        self.train, self.val = train_source, open_source(d, "val")
+        if self.val.classes != self.train.classes:
+            raise SplitsDisagree("data.val: its classes differ from data.train's (the kNN monitor compares them)")
+        self.num_classes = len(self.train.classes)
+        self.train_percent = smallest_subset(self.train, m.knn_train_images)
+        self.val_percent = smallest_subset(self.val, m.knn_images)
+        self.per_rank = max(1, spec.optim.batch_size // place.world_size)
+        self.transform = eval_transform(d.image_size, d.channels)
+
+    def describe(self) -> str:
+        return (f"kNN every {self.every} epoch(s) on {self.val.count(self.val_percent)} val against "
+                f"{self.train.count(self.train_percent)} train images")
+
+    def due(self, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+        return knn_due(step, steps_per_epoch, total_steps, self.every)
+
+    def measure(self, backbone: nn.Module) -> float:
+        """kNN top-1 (percent) over every rank's share of the validation subset; the backbone's mode is restored."""
+        was_training = backbone.training
+        backbone.eval()  # running BatchNorm statistics, as an evaluation uses them
+        try:
+            with torch.random.fork_rng(devices=[]):  # the loaders' seeds leave the run's RNG as it was
+                dtype = knn_dtype(self.proc.place.device)
+                val = features_of(backbone, self.val, self.transform, self.per_rank, self.proc, self.workers,
+                                  self.val_percent, dtype)
+                train = features_of(backbone, self.train, self.transform, self.per_rank, self.proc, self.workers,
+                                    self.train_percent, dtype)
+        finally:
+            backbone.train(was_training)
+        return knn_top1(*train, *val, self.k, self.num_classes)  # sharded: no rank gathers the others' features

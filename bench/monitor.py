@@ -1,0 +1,140 @@
+"""What the quality monitors cost: the online probe's and the kNN monitor's share of pretraining step time.
+
+    PYTHONPATH=. .venv/bin/python bench/monitor.py                          # examples/quickstart.yaml's model, 1 process
+    PYTHONPATH=. .venv/bin/python bench/monitor.py --steps 40 --json runs/bench-monitor.json
+
+One process on this machine's device, the spec's model, batch and image size (examples/quickstart.yaml unless
+--spec), the demo digits (written to a temporary folder when data/demo is missing):
+- step: the median time of `train_step` (model, loss, LARS) on batches already on the device, without the probe
+  and with it, interleaved step by step so a shared machine slows both alike;
+- probe: the median time of the probe's own step (`OnlineProbe.step`: its forward, backward and SGD), timed
+  directly, over the median step without it: its share of a step (target <= 3 %);
+- kNN: one `KnnMonitor.measure` (features of the fixed val and train subsets, the vote), over the training time
+  between two measurements (`monitor.knn_every_epochs` x steps/epoch x step time): its share of training time.
+On CUDA every timed region ends with a deliberate synchronize. The probe's difference of medians is printed too; on a
+shared machine it is noisier than the direct timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from barlow.spec import parse_spec
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync: the timer reads the host clock
+
+
+def _demo(root: Path | None) -> Path:
+    if root is not None and (root / "train").exists():
+        return root
+    from barlow.data.demo import write_demo
+
+    root = Path(tempfile.mkdtemp(prefix="barlow-bench-monitor-"))
+    write_demo(str(root), size=32)
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", default="examples/quickstart.yaml")
+    ap.add_argument("--data", type=Path, default=Path("data/demo"), help="the demo digits (written when missing)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps with and without the probe")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from barlow.train import device_batches, set_up, train_step
+
+    raw = yaml.safe_load(Path(args.spec).read_text())
+    demo = _demo(args.data)
+    raw["data"].update(train=str(demo / "train"), val=str(demo / "val"))
+    raw["runtime"].update(nproc_per_node=1, device=args.device)
+    out = tempfile.mkdtemp(prefix="barlow-bench-monitor-out-")
+    raw["output"] = {"url": out, "checkpoint_every": 10**6}
+    raw.setdefault("monitor", {})["online_probe"] = "on"
+    spec = parse_spec(raw)
+    run = set_up(spec)
+    device = run.place.device
+    batches = device_batches(spec, run.source, run.place, 0, run.steps_per_epoch)
+    ready = [next(batches) for _ in range(4)]
+    probe = run.probe
+    for x1, x2, _, y in ready[:2]:  # warm-up: first allocations, thread pools
+        train_step(run, x1, x2, y)
+    without, with_probe, probe_only = [], [], []
+    for i in range(args.steps):
+        x1, x2, _, y = ready[i % len(ready)]
+        run.probe = None
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(run, x1, x2, y)
+        _sync(device)
+        t1 = time.perf_counter()
+        run.probe = probe
+        _, _, h1 = run.forward(x1, x2, with_features=True)  # features for the direct timing (not timed)
+        _sync(device)
+        t2 = time.perf_counter()
+        probe.step(h1, y)
+        _sync(device)
+        t3 = time.perf_counter()
+        train_step(run, x1, x2, y)
+        _sync(device)
+        t4 = time.perf_counter()
+        without.append(t1 - t0)
+        probe_only.append(t3 - t2)
+        with_probe.append(t4 - t3)
+    step, step_probe, probe_step = (statistics.median(v) for v in (without, with_probe, probe_only))
+
+    knn_every = spec.monitor.knn_every(spec.data.val is not None)
+    knn_times = []
+    if run.knn is not None:
+        for _ in range(2):
+            _sync(device)
+            t0 = time.perf_counter()
+            top1 = run.knn.measure(run.model.backbone)
+            _sync(device)
+            knn_times.append(time.perf_counter() - t0)
+    run.metrics.close()
+    knn = min(knn_times) if knn_times else None
+    between = knn_every * run.steps_per_epoch * step if knn_every else None
+
+    load = os.getloadavg()
+    result = {
+        "spec": args.spec, "device": str(device), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "loadavg_1m": load[0],
+        "model": spec.model.model_dump(), "image_size": spec.data.image_size, "batch": spec.optim.batch_size,
+        "steps_per_epoch": run.steps_per_epoch, "step_ms": 1000 * step, "step_with_probe_ms": 1000 * step_probe,
+        "probe_step_ms": 1000 * probe_step, "probe_share_pct": 100 * probe_step / step,
+        "probe_share_by_difference_pct": 100 * (step_probe - step) / step,
+        "knn_every_epochs": knn_every, "knn_s": knn, "knn_images": run.knn.describe() if run.knn else None,
+        "knn_share_pct": 100 * knn / (between + knn) if knn and between else None,
+        "knn_top1": top1 if knn_times else None,
+    }
+    print(f"monitor cost on {device} ({result['cpus']} cpus, {result['threads']} threads, load {load[0]:.1f}), "
+          f"{spec.model.arch} width {spec.model.width}, {spec.data.image_size} px, batch {spec.optim.batch_size}:")
+    print(f"  step {result['step_ms']:.1f} ms; with the probe {result['step_with_probe_ms']:.1f} ms")
+    print(f"  probe step {result['probe_step_ms']:.2f} ms = {result['probe_share_pct']:.2f} % of a step "
+          f"(difference of medians: {result['probe_share_by_difference_pct']:+.2f} %)")
+    if knn:
+        print(f"  kNN {knn:.2f} s ({result['knn_images']}) every {knn_every} epochs of {run.steps_per_epoch} steps "
+              f"= {result['knn_share_pct']:.2f} % of training time")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
