@@ -23,6 +23,7 @@ from barlow import checkpoint, distributed, storage
 from barlow.augment import eval_transform, train_transform
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
+from barlow.data.cropfirst import ImageTransform
 from barlow.errors import BackboneMismatch, NothingToEvaluate, OutputHoldsAnotherRun, SplitsDisagree, StoppedOnSignal, TooFewImages
 from barlow.metrics import Metrics
 from barlow.model import build_backbone
@@ -103,15 +104,16 @@ def evaluate(spec: EvalRunSpec, stop_signal: Callable[[], int | None] = lambda: 
                   f"{val_src.num_samples} val images, {num_classes} classes, {e.epochs} epochs"
                   f"{f', resuming at epoch {position.epoch} step {position.in_epoch}' if checkpointer.resumed_run else ''}")
 
-    t_train, t_eval = train_transform(d.image_size, d.channels), eval_transform(d.image_size, d.channels)
+    t_train = ImageTransform(train_transform(d.image_size, d.channels), d.channels)
+    t_eval = ImageTransform(eval_transform(d.image_size, d.channels), d.channels)
     while position.epoch < e.epochs:
         trained.train()
         backbone.train(not frozen)  # a frozen backbone keeps its BN statistics: eval mode throughout
         batches = train_src.loader(transform=t_train, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
                                    seed=spec.runtime.seed, epoch=position.epoch, start_step=position.in_epoch,
                                    workers=d.workers, subset_percent=e.train_percent)
-        for x, y, _ in batches:
-            x, y = x.to(place.device), y.to(place.device)
+        for batch in batches:
+            x, y = batch.inputs.to(place.device), batch.labels.to(place.device)
             with autocast:
                 if frozen:
                     with torch.no_grad():
@@ -212,12 +214,12 @@ def features_of(backbone: nn.Module, source, transform, per_rank: int, place: di
                 subset_percent: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of this rank's share of a source (every image once across ranks)."""
     feats, labels = [], []
-    for x, y, _ in source.loader(transform=transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
-                                 seed=0, epoch=0, workers=workers, shuffle=False, drop_last=False,
-                                 subset_percent=subset_percent):
+    for batch in source.loader(transform=transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
+                               seed=0, epoch=0, workers=workers, shuffle=False, drop_last=False,
+                               subset_percent=subset_percent):
         with autocast:
-            feats.append(backbone(x.to(place.device)).float())
-        labels.append(y.to(place.device))
+            feats.append(backbone(batch.inputs.to(place.device)).float())
+        labels.append(batch.labels.to(place.device))
     dim = backbone.feature_dim
     return (torch.cat(feats) if feats else torch.zeros(0, dim, device=place.device),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=place.device))

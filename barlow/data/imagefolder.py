@@ -10,16 +10,15 @@ throttling and network errors with the spec's `data.s3` settings); only an undec
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from barlow import storage
-from barlow.data.cropfirst import decoder
+from barlow.data import register_format
 from barlow.data.layout import key_hash, list_images, subset_thresholds
-from barlow.data.source import Batch, build_batch, derive_seed
+from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
 from barlow.spec import DataSpec
 
 _READ_THREADS = 8  # parallel reads per worker on object stores, where each read is a round trip
@@ -28,10 +27,10 @@ _READ_THREADS = 8  # parallel reads per worker on object stores, where each read
 class _FolderBatches(Dataset):
     """Batch j of one rank's epoch: read its files, then decode and transform them with the batch's seed."""
 
-    def __init__(self, files: list[tuple[str, int]], batches: list[list[int]], first_batch: int, transform: Callable,
+    def __init__(self, files: list[tuple[str, int]], batches: list[list[int]], first_batch: int, transform: SampleTransform,
                  data: DataSpec, s3: storage.S3Settings, seed: tuple[int, int, int]):
         self.files, self.batches, self.first_batch, self.transform = files, batches, first_batch, transform
-        self.channels, self.on_corrupt, self.s3, self.seed = data.channels, data.on_corrupt, s3, seed
+        self.on_corrupt, self.s3, self.seed = data.on_corrupt, s3, seed
         self._pool: ThreadPoolExecutor | None = None  # made in the process that reads (threads do not survive fork)
 
     def __len__(self) -> int:
@@ -40,7 +39,7 @@ class _FolderBatches(Dataset):
     def _read(self, url: str) -> bytes:
         return storage.read_bytes(url, self.s3)  # transient errors are retried there; they are never "corrupt"
 
-    def __getitem__(self, j: int) -> Batch:
+    def __getitem__(self, j: int) -> HostBatch:
         urls = [self.files[i][0] for i in self.batches[j]]
         if not urls or storage.is_local(urls[0]):
             blobs = [self._read(u) for u in urls]
@@ -49,13 +48,14 @@ class _FolderBatches(Dataset):
                 self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="read")
             blobs = list(self._pool.map(self._read, urls))
         items = [(b, u, self.files[i][1]) for b, u, i in zip(blobs, urls, self.batches[j], strict=True)]
-        return build_batch(items, decoder(self.transform, self.channels), self.on_corrupt,
+        return build_batch(items, self.transform, self.on_corrupt,
                            derive_seed("augment", *self.seed, self.first_batch + j))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}
 
 
+@register_format("imagefolder")
 class ImageFolderSource:
     """Images in `<root>/<class>/<file>`; classes are the sorted folder names (the `Source` contract)."""
 
@@ -90,10 +90,10 @@ class ImageFolderSource:
     def count(self, subset_percent: int = 100) -> int:
         return len(self.subset(subset_percent))
 
-    def loader(self, *, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+    def loader(self, *, transform: SampleTransform, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                start_step: int = 0, workers: int = 0, shuffle: bool = True, drop_last: bool = True,
                subset_percent: int = 100, pin_memory: bool = False) -> DataLoader:
-        """The `Batch`es of one epoch on one rank; the contract: `barlow.data.source.Source.loader`."""
+        """The `HostBatch`es of one epoch on one rank; the contract: `barlow.data.source.Source.loader`."""
         indices = torch.tensor(self.subset(subset_percent), dtype=torch.long)
         if shuffle:
             g = torch.Generator().manual_seed(seed * 7919 + epoch)
