@@ -10,7 +10,7 @@ what the loader workers (the host) do per training pair:
       draft decoding, uint8 crops at output size, flips); the rest of the views runs on the training device,
   (c) barlow, data.decode=gpu: the same loader reading bytes and choosing boxes + flips only (the device decodes),
   (b-s3) (b) from a SeaweedFS S3 server on 127.0.0.1 (tests/s3server.py),
-  (v) barlow's former host path: the whole two views (bench/reference_views.TwoViews) in the workers, for comparison.
+  (v) the per-sample host path: the whole two views (bench/reference_views.TwoViews) in the workers, for comparison.
 The device half (batched views, GPU decode) is not timed here: bench/views.py and bench/gpu.py measure it.
 The configurations run interleaved in rounds and each reports its median, since other work on a shared machine
 slows whichever runs at the wrong moment. Prints a markdown table.
@@ -175,7 +175,7 @@ def main() -> None:
                 CPU: lambda e: shard_epoch(local, cpu_crops, e),
                 GPU: lambda e: shard_epoch(local, gpu_crops, e),
                 "(b-s3) as (b), shards on S3 at 127.0.0.1": lambda e: shard_epoch(remote, cpu_crops, e),
-                "(v) former host path: both whole views in the workers (TwoViews)":
+                "(v) per-sample host path: both whole views in the workers (TwoViews)":
                     lambda e: shard_epoch(local, TwoViewsCropFirst(TwoViews(args.size)), e),
             }
             results: dict[str, list[float]] = {name: [] for name in configs}

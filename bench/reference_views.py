@@ -1,6 +1,6 @@
 """Reference implementations that only benchmarks and tests compare barlow's data path against (not the library).
 
-- `TwoViews` / `byol_view` / `GaussianBlur`: the former per-sample host path, both whole BYOL views in torchvision
+- `TwoViews` / `byol_view` / `GaussianBlur`: the per-sample host path, both whole BYOL views in torchvision
   v2 ops per image (uint8 through every random op, float32 only for the normalisation);
 - `TwoViewsCropFirst`: `TwoViews` as a loader `SampleTransform`, its two crops drawn before decoding;
 - `adjust_hue_linear` and `VariantViews`: the device views with DALI's / FFCV-SSL's linear (YIQ) hue, or with the
@@ -75,7 +75,7 @@ def byol_view(size: int, channels: int, view: View, jitter: tuple[float, float, 
 
 
 class TwoViews:
-    """Two differently augmented float32 C x size x size views of one image, per sample (the former host path).
+    """Two differently augmented float32 C x size x size views of one image, per sample (the per-sample host path).
     Takes the spec's `data.augment` fields as keyword arguments (their rules are the spec's)."""
 
     def __init__(self, size: int = 224, channels: int = 3, min_scale: float = 0.08, flip_prob: float = 0.5,
