@@ -117,7 +117,8 @@ class ImageTransform:
         return self.transform(decode_image(data, name, self.channels))
 
     def collate(self, samples: list[Any]) -> Any:
-        return default_collate(samples)
+        out = default_collate(samples)
+        return tuple(out) if isinstance(out, list) else out  # a transform with several outputs: a tuple of batches
 
 
 def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[dict[str, int], int, int]],
