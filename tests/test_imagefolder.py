@@ -4,6 +4,7 @@ the label subsets of the shard format, and a folder on the real S3 server surviv
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -202,3 +203,35 @@ def test_the_spec_accepts_exactly_the_registered_formats():
     assert sorted(registered) == sorted(DATA_FORMATS)
     assert all(set(vars(cls)) >= {"count", "loader"} for cls in registered.values())
     assert isinstance(HostCrops(ViewsConfig(16)), SampleTransform) and isinstance(ImageTransform(Tag(), 3), SampleTransform)
+
+
+class Pid:
+    """A transform returning the id of the process that ran it."""
+
+    def __call__(self, img):
+        import os
+
+        return torch.tensor([float(os.getpid())])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_loader_workers_serve_every_epoch_and_the_same_batches_as_a_fresh_source(folder):
+    spec = DataSpec(train=str(folder / "train"))
+    source = open_source(spec, "train")
+    pid = ImageTransform(Pid(), 3)
+    kw = dict(transform=pid, batch_size=64, rank=0, world_size=1, seed=3, workers=1)
+    epochs = [list(source.loader(epoch=e, **kw)) for e in range(3)]
+    pids = {int(v) for batches in epochs for b in batches for v in b.inputs[:, 0]}
+    assert len(pids) == 1 and pids != {os.getpid()}  # one worker process, started once for three epochs
+    other = list(source.loader(epoch=0, **{**kw, "batch_size": 32}))  # other arguments: new workers
+    assert {int(v) for b in other for v in b.inputs[:, 0]} != pids
+
+    tag = ImageTransform(Tag(), 3)
+    kw = dict(transform=tag, batch_size=16, rank=1, world_size=2, seed=3, workers=2)
+    one = [list(source.loader(epoch=e, start_step=s, **kw)) for e, s in ((0, 0), (1, 0), (1, 3), (2, 0))]
+    fresh = [list(open_source(spec, "train").loader(epoch=e, start_step=s, **{**kw, "workers": 0}))
+             for e, s in ((0, 0), (1, 0), (1, 3), (2, 0))]
+    for a, b in zip(one, fresh, strict=True):
+        assert len(a) == len(b) and all(torch.equal(x.inputs, y.inputs) and torch.equal(x.labels, y.labels)
+                                        for x, y in zip(a, b, strict=True))
+    assert not torch.equal(one[0][0].inputs, one[1][0].inputs)  # epochs differ
