@@ -27,6 +27,7 @@ from barlow import checkpoint, distributed, progress, runsetup, storage
 from barlow.augment import eval_transform, train_transform
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
+from barlow.data.cropfirst import ImageTransform
 from barlow.errors import BackboneMismatch, NothingToEvaluate, SplitsDisagree, StoppedOnSignal, TooFewImages
 from barlow.metrics import Metrics
 from barlow.model import build_backbone
@@ -256,12 +257,13 @@ def train_batches(run: EvalRun):
     """This rank's labelled batches of the current epoch, from the data position on, on the device."""
     spec, place, position = run.spec, run.place, run.position
     d = spec.data
-    batches = run.train_src.loader(transform=train_transform(d.image_size, d.channels), batch_size=run.per_rank,
+    batches = run.train_src.loader(transform=ImageTransform(train_transform(d.image_size, d.channels), d.channels),
+                                   batch_size=run.per_rank,
                                    rank=place.rank, world_size=place.world_size, seed=spec.runtime.seed,
                                    epoch=position.epoch, start_step=position.in_epoch, workers=d.workers,
                                    subset_percent=spec.eval.train_percent, pin_memory=place.device.type == "cuda")
-    for x, y, _ in batches:
-        yield to_device(run.proc, x, y)
+    for batch in batches:
+        yield to_device(run.proc, batch.inputs, batch.labels)
 
 
 def eval_step(run: EvalRun, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -298,7 +300,7 @@ def measure(run: EvalRun) -> dict[str, float]:
     e, d, place = run.spec.eval, run.spec.data, run.place
     run.backbone.eval()
     run.head.eval()
-    t_eval = eval_transform(d.image_size, d.channels)
+    t_eval = ImageTransform(eval_transform(d.image_size, d.channels), d.channels)
     val_feats, val_labels = features_of(run.backbone, run.val_src, t_eval, run.per_rank, run.proc, d.workers)
     k = min(5, run.num_classes)
     with torch.no_grad():
@@ -374,10 +376,10 @@ def features_of(backbone: nn.Module, source, transform, per_rank: int, proc: run
     """Backbone features of this rank's share of a source (every image once across ranks), stored as `dtype`."""
     place = proc.place
     feats, labels = [], []
-    for x, y, _ in source.loader(transform=transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
-                                 seed=0, epoch=0, workers=workers, shuffle=False, drop_last=False,
-                                 subset_percent=subset_percent, pin_memory=place.device.type == "cuda"):
-        x, y = to_device(proc, x, y)
+    for batch in source.loader(transform=transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
+                               seed=0, epoch=0, workers=workers, shuffle=False, drop_last=False,
+                               subset_percent=subset_percent, pin_memory=place.device.type == "cuda"):
+        x, y = to_device(proc, batch.inputs, batch.labels)
         with proc.autocast():
             feats.append(backbone(x).to(dtype))
         labels.append(y)

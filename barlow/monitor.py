@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from barlow import runsetup
 from barlow.augment import eval_transform
 from barlow.data import open_source
+from barlow.data.cropfirst import ImageTransform
 from barlow.errors import SplitsDisagree, UnlabelledData
 from barlow.evaluate import features_of, knn_dtype, knn_top1
 from barlow.spec import PretrainSpec
@@ -100,7 +101,7 @@ class KnnMonitor:
         self.train_percent = smallest_subset(self.train, m.knn_train_images)
         self.val_percent = smallest_subset(self.val, m.knn_images)
         self.per_rank = max(1, spec.optim.batch_size // place.world_size)
-        self.transform = eval_transform(d.image_size, d.channels)
+        self.transform = ImageTransform(eval_transform(d.image_size, d.channels), d.channels)
 
     def describe(self) -> str:
         return (f"kNN every {self.every} epoch(s) on {self.val.count(self.val_percent)} val against "

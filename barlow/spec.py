@@ -155,7 +155,8 @@ class S3Spec(Section):
 
 
 class AugmentSpec(Section):
-    """BYOL's two asymmetric views (view 1, view 2)."""
+    """BYOL's two asymmetric views (view 1, view 2): the one place their rules are checked
+    (barlow.augment.ViewsConfig.from_augment builds the views from this section)."""
 
     min_scale: float = Field(0.08, gt=0, le=1, description="Smallest crop area fraction of RandomResizedCrop.")
     flip_prob: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability (both views).")
@@ -174,10 +175,13 @@ class AugmentSpec(Section):
         return v
 
 
+DATA_FORMATS = ("imagefolder", "shards")  # the formats barlow.data registers (tests/test_imagefolder.py keeps them equal)
+
+
 class DataSpec(Section):
     """Where the images are and how they are read."""
 
-    format: Literal["imagefolder", "shards"] = Field(
+    format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
         "imagefolder", description="imagefolder: <root>/<class>/*.jpg; shards: the JSON index written by `barlow data shard`.")
     train: ReadURL = Field(description="Training images: a folder (imagefolder) or an index.json URL (shards).")
     val: ReadURL | None = Field(None, description="Validation images, same format as train; needed by eval.")

@@ -20,7 +20,8 @@ from torch import nn
 from barlow import distributed, progress, runsetup, storage, tracking
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
-from barlow.data.feed import TrainingFeed
+from barlow.data.feed import DeviceBatch, TrainingFeed
+from barlow.data.source import Source
 from barlow.errors import StoppedOnSignal, TooFewImages, WrongPlacement
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
@@ -28,8 +29,6 @@ from barlow.model import BarlowTwins
 from barlow.monitor import KnnMonitor, OnlineProbe, probe_enabled
 from barlow.optim import LARS, WarmupCosine, param_groups
 from barlow.spec import PretrainSpec, RuntimeSpec
-
-Batch = tuple[torch.Tensor, torch.Tensor, "int | torch.Tensor", torch.Tensor]  # (view 1, view 2, corrupt images replaced, labels)
 
 
 @dataclass
@@ -70,7 +69,7 @@ class Run:
     spec: PretrainSpec
     place: distributed.Placement
     s3: storage.S3Settings  # the run's S3 settings, for every storage call (built once, by runsetup.start)
-    source: Any
+    source: Source
     steps_per_epoch: int
     total_steps: int
     model: nn.Module  # the plain model: its state_dict is what checkpoints and exports hold
@@ -114,13 +113,13 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
     corrupt = torch.zeros((), device=place.device, dtype=torch.float64)
     interval = Interval(spec.optim.batch_size)
     z1 = z2 = None
-    for x1, x2, n_corrupt, labels in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
-        loss, z1, z2 = train_step(run, x1, x2, labels)
+    for batch in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
+        loss, z1, z2 = train_step(run, batch.x1, batch.x2, batch.labels)
         run.position.step += 1
         step = run.position.step
         interval.steps += 1
         loss_sum += loss.detach()
-        corrupt += n_corrupt
+        corrupt += batch.n_corrupt
         at_log, at_checkpoint = step % log_every == 0 or step == total, run.checkpointer.due(step, total)
         if at_log:
             log_step(run, step, loss_sum / interval.steps, corrupt, interval)
@@ -212,10 +211,11 @@ def compile_enabled(runtime: RuntimeSpec, device: torch.device) -> bool:
     return runtime.compile == "on"
 
 
-def device_batches(spec: PretrainSpec, source: Any, place: distributed.Placement, start_step: int,
-                   steps_per_epoch: int) -> Iterator[Batch]:
-    """This rank's `(x1, x2, n_corrupt, labels)` on the device, from global step `start_step` to the end of training: loader
-    workers read and crop on the host, the rest of the two views runs batched on the device (barlow.data.feed)."""
+def device_batches(spec: PretrainSpec, source: Source, place: distributed.Placement, start_step: int,
+                   steps_per_epoch: int) -> Iterator[DeviceBatch]:
+    """This rank's batches (both views, labels, corrupt count) on the device, from global step `start_step` to the end
+    of training: loader workers read and crop on the host, the rest of the two views runs batched on the device
+    (barlow.data.feed)."""
     try:
         feed = TrainingFeed(spec.data, place.device)
     except ValueError as e:  # data.decode: gpu on a process without CUDA

@@ -10,7 +10,7 @@ what the loader workers (the host) do per training pair:
       draft decoding, uint8 crops at output size, flips); the rest of the views runs on the training device,
   (c) barlow, data.decode=gpu: the same loader reading bytes and choosing boxes + flips only (the device decodes),
   (b-s3) (b) from a SeaweedFS S3 server on 127.0.0.1 (tests/s3server.py),
-  (v) barlow's former host path: the whole two views (barlow.augment.TwoViews) in the workers, for comparison.
+  (v) the per-sample host path: the whole two views (bench/reference_views.TwoViews) in the workers, for comparison.
 The device half (batched views, GPU decode) is not timed here: bench/views.py and bench/gpu.py measure it.
 The configurations run interleaved in rounds and each reports its median, since other work on a shared machine
 slows whichever runs at the wrong moment. Prints a markdown table.
@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_images(root: Path, n: int, classes: int = 10, seed: int = 0) -> int:
@@ -137,11 +138,12 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from barlow import storage
-    from barlow.augment import TwoViews
+    from barlow.augment import ViewsConfig
     from barlow.data.cropfirst import HostCrops
     from barlow.data.shards import write_shards
     from barlow.data.stream import ShardSource
     from barlow.spec import DataSpec, S3Spec
+    from bench.reference_views import TwoViews, TwoViewsCropFirst
 
     with tempfile.TemporaryDirectory(prefix="barlow-bench-") as tmp:
         root = Path(tmp)
@@ -161,7 +163,8 @@ def main() -> None:
                                  DataSpec(format="shards", train=f"s3://{server.bucket}/shards/index.json", workers=0,
                                           s3=s3spec))
             reference = torchvision.datasets.ImageFolder(str(root / "folder"), ReferenceViews(args.size))
-            cpu_crops, gpu_crops = HostCrops(args.size, decode="cpu"), HostCrops(args.size, decode="gpu")
+            cpu_crops, gpu_crops = (HostCrops(ViewsConfig(args.size), decode="cpu"),
+                                    HostCrops(ViewsConfig(args.size), decode="gpu"))
 
             def shard_epoch(src, transform, epoch):
                 return src.loader(transform=transform, batch_size=args.batch, rank=0, world_size=1, seed=0, epoch=epoch)
@@ -172,8 +175,8 @@ def main() -> None:
                 CPU: lambda e: shard_epoch(local, cpu_crops, e),
                 GPU: lambda e: shard_epoch(local, gpu_crops, e),
                 "(b-s3) as (b), shards on S3 at 127.0.0.1": lambda e: shard_epoch(remote, cpu_crops, e),
-                "(v) former host path: both whole views in the workers (TwoViews)":
-                    lambda e: shard_epoch(local, TwoViews(args.size), e),
+                "(v) per-sample host path: both whole views in the workers (TwoViews)":
+                    lambda e: shard_epoch(local, TwoViewsCropFirst(TwoViews(args.size)), e),
             }
             results: dict[str, list[float]] = {name: [] for name in configs}
             for r in range(args.rounds):

@@ -221,8 +221,8 @@ def shard_batches(index_url: str, sizes: Sizes, device: torch.device, workers: i
         while True:
             loader = source.loader(transform=feed.transform, batch_size=sizes.batch, rank=0, world_size=1, seed=0,
                                    epoch=epoch, workers=workers, pin_memory=feed.pin_memory)
-            for x1, x2, *_ in feed(loader):
-                yield x1, x2
+            for batch in feed(loader):
+                yield batch.x1, batch.x2
             epoch += 1
 
     return batches()

@@ -72,11 +72,12 @@ def main() -> None:
     batches = device_batches(spec, run.source, run.place, 0, run.steps_per_epoch)
     ready = [next(batches) for _ in range(4)]
     probe = run.probe
-    for x1, x2, _, y in ready[:2]:  # warm-up: first allocations, thread pools
-        train_step(run, x1, x2, y)
+    for b in ready[:2]:  # warm-up: first allocations, thread pools
+        train_step(run, b.x1, b.x2, b.labels)
     without, with_probe, probe_only = [], [], []
     for i in range(args.steps):
-        x1, x2, _, y = ready[i % len(ready)]
+        b = ready[i % len(ready)]
+        x1, x2, y = b.x1, b.x2, b.labels
         run.probe = None
         _sync(device)
         t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """Device-side views benchmark: barlow.augment.DeviceViews (batched) against the per-sample v2 views it replaces.
 
   .venv/bin/python bench/views.py [--rounds 5] [--sizes 224 32]            # CPU, one torch thread (per core)
+  .venv/bin/python bench/views.py --host-part [--batch 256]                # host microseconds per image, decode: gpu
   .venv/bin/python bench/views.py --device cuda [--batch 256] [--batches 20]  # decode + both views on a GPU
-  .venv/bin/python bench/views.py --dry-run                                # both modes, tiny sizes, on the CPU
+  .venv/bin/python bench/views.py --dry-run                                # every mode, tiny sizes, on the CPU
 
 CPU mode: uint8 crops of scikit-learn's two sample photos (random boxes, resized to the size, flipped), as the host
 hands them over; per size it times (a) the per-sample v2 ops of TwoViews after crop + flip (jitter, grayscale,
@@ -10,6 +11,11 @@ barlow's matrix GaussianBlur, solarize, normalise: what runs in the loader worke
 (b) DeviceViews on the batch, hue="hsv" (the default, torchvision's HSV hue), (c) the same with hue="linear" (YIQ
 rotation), interleaved in rounds, median views/s. Also the mean |difference| between linear and HSV hue over the
 drawn hue factors, on [0, 1] pixels.
+
+Host part (`--host-part`, also printed before the GPU mode): the CPU microseconds per image of everything the host
+does for `data.decode: gpu` on ImageNet-sized JPEGs: in the loader worker HostCrops(decode="gpu") (header, crop
+boxes, flips, the GPU-decodability check from the header) and the collate into an `Encoded` (the bytes copied once);
+on the training thread the split of the bytes per image and the stacking of boxes and flips (the feed). Target: <= 20 us/image.
 
 GPU mode: ImageNet-sized JPEGs (500x375, quality 90) in memory, crop boxes drawn on the host with RandomResizedCrop's
 distribution; per batch: barlow.data.devicedecode.decode_views (nvJPEG batch decode, two crops per image) + DeviceViews
@@ -31,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from barlow.augment import DeviceViews, TwoViews, adjust_hue, adjust_hue_linear  # noqa: E402
+from barlow.augment import DeviceViews, ViewsConfig, adjust_hue  # noqa: E402
+from bench.reference_views import TwoViews, VariantViews, adjust_hue_linear  # noqa: E402
 
 
 def photos() -> list[torch.Tensor]:
@@ -72,7 +79,7 @@ def per_sample_views(size: int):
     two = TwoViews(size)
     after = [v2.Compose([t for t in view.transforms[3:]]) for view in (two.view1, two.view2)]
     names = [type(t).__name__ for t in two.view1.transforms[:3]]
-    assert names == ["_ToImage", "RandomResizedCrop", "RandomHorizontalFlip"], names  # the cut is where we think
+    assert names == ["ToImage", "RandomResizedCrop", "RandomHorizontalFlip"], names  # the cut is where we think
     return lambda batch: [(after[0](x), after[1](x)) for x in batch]
 
 
@@ -89,10 +96,10 @@ def cpu_bench(sizes: list[int], rounds: int, batch: dict[int, int], compiled: bo
         x1, x2 = crops(n, size, seed=1), crops(n, size, seed=2)
         torch.manual_seed(0)
         ref = per_sample_views(size)
-        hsv, lin = DeviceViews(size), DeviceViews(size, hue="linear")
+        hsv, lin = DeviceViews(ViewsConfig(size)), VariantViews(ViewsConfig(size), hue="linear")
         runs = {"a": partial(ref, x1), "b": partial(hsv, x1, x2), "c": partial(lin, x1, x2)}
         if compiled:
-            runs["d"] = partial(DeviceViews(size, compile=True), x1, x2)
+            runs["d"] = partial(VariantViews(ViewsConfig(size), compile=True), x1, x2)
         for f in runs.values():  # warm-up (compiling: other seeds reach other subset sizes)
             for seed in range(3):
                 f(seed=seed) if f.func is not ref else f()
@@ -144,13 +151,13 @@ def device_bench(device: str, batch: int, batches: int, size: int) -> None:
 
     dev = torch.device(device)
     data, shapes = jpegs(batch)
-    views = DeviceViews(size).to(dev)
+    views = DeviceViews(ViewsConfig(size)).to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
 
     crops_of = [boxes_for(shapes, seed=b) for b in range(batches)]  # the host's part, outside the timing
 
-    linear = DeviceViews(size, hue="linear").to(dev)
+    linear = VariantViews(ViewsConfig(size), hue="linear").to(dev)
 
     def step(b: int, decode: bool, x, module=views):
         if decode:
@@ -171,6 +178,25 @@ def device_bench(device: str, batch: int, batches: int, size: int) -> None:
         print(f"| {name} | {label} | {size} | {batch} | {rate:,.0f} views/s |")
 
 
+def host_part(batch: int, rounds: int) -> float:
+    """CPU microseconds per image of the host part of data.decode: gpu (see the module doc); median of rounds."""
+    from barlow.data.cropfirst import HostCrops
+
+    data, _ = jpegs(batch)
+    files = [bytes(d.numpy()) for d in data]
+    crops = HostCrops(ViewsConfig(224), decode="gpu")
+    times = []
+    for r in range(rounds + 1):  # the first round warms up
+        t0 = time.process_time()
+        crops.reseed(r)
+        enc = crops.collate([crops(f, f"img{i}.jpg") for i, f in enumerate(files)])  # loader worker
+        _ = enc.data, torch.stack(enc.boxes), torch.stack(enc.flips)  # training thread (the feed)
+        times.append(time.process_time() - t0)
+    us = statistics.median(times[1:]) / batch * 1e6
+    print(f"| host part of decode: gpu (ImageNet-sized JPEGs) | {batch} | {us:.1f} us/image |")
+    return us
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu: batched vs per-sample views per core; cuda: decode + views")
@@ -179,15 +205,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="images per batch in --device cuda mode")
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="also DeviceViews(compile=True) (CPU mode; compiles first)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes, both modes, on the CPU: proves it runs")
+    ap.add_argument("--host-part", action="store_true", help="host microseconds per image of data.decode: gpu")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes, every mode, on the CPU: proves it runs")
     a = ap.parse_args()
     if a.dry_run:
         cpu_bench([32], rounds=1, batch={32: 8})
         print()
+        host_part(batch=4, rounds=1)
         device_bench("cpu", batch=4, batches=1, size=32)
+    elif a.host_part:
+        print("| what | batch | host CPU time |\n|---|---:|---:|")
+        host_part(a.batch, a.rounds)
     elif a.device == "cpu":
         cpu_bench(a.sizes, a.rounds, batch={s: 64 if s >= 128 else 512 for s in a.sizes}, compiled=a.compile)
     else:
+        host_part(a.batch, rounds=3)
         print("| device | what | size | batch | rate |\n|---|---|---:|---:|---:|")
         device_bench(a.device, a.batch, a.batches, 224)
 

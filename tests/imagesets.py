@@ -57,4 +57,4 @@ class IdTag:
 
 def ids_of(batches) -> list[int]:
     """Sample ids of a loader's batches, in order."""
-    return [int(v) for inputs, _, _ in batches for v in inputs[:, 0]]
+    return [int(v) for b in batches for v in b.inputs[:, 0]]

@@ -1,8 +1,10 @@
-"""BYOL two-view augmentation: outputs, the built pipeline's parameters, and the per-view blur/solarize rates."""
+"""BYOL's two views: the one views configuration built from the spec, and the per-sample reference path
+(bench/reference_views.py: outputs, its pipeline's parameters, the per-view blur/solarize rates); the eval transforms."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -10,8 +12,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, blur_kernel_size, eval_transform, train_transform
+from barlow.augment import IMAGENET_MEAN, IMAGENET_STD, View, ViewsConfig, blur_kernel_size, crop_box, eval_transform, train_transform
 from barlow.spec import AugmentSpec
+from bench.reference_views import GaussianBlur, TwoViews
 
 OFF = dict(min_scale=1.0, flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0)  # a square image passes through unchanged
 
@@ -127,15 +130,35 @@ def test_linear_eval_transforms(channels):
     assert find(ev, v2.Resize)[0].size == [37] and find(eval_transform(224), v2.Resize)[0].size == [256]
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(channels=2), ValueError, "channels"),
-    (dict(blur_prob=(1.5, 0.1)), ValueError, r"blur_prob\[0\]"),
-    (dict(solarize_prob=(0.0,)), ValueError, "solarize_prob"),
-    (dict(min_scale=0.0), ValueError, "min_scale"),
-])
-def test_bad_arguments_name_the_field(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        TwoViews(32, **kwargs)
+@pytest.mark.parametrize("kwargs,match", [(dict(channels=2), "channels"), (dict(size=0), "size")])
+def test_bad_arguments_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TwoViews(**{"size": 32, **kwargs})
+    with pytest.raises(ValueError, match=match):
+        train_transform(**{"size": 32, **kwargs})
+
+
+def test_views_config_from_the_spec_shows_both_views_side_by_side():
+    spec = AugmentSpec(min_scale=0.2, flip_prob=0.35, jitter_prob=0.6, grayscale_prob=0.25, blur_prob=[0.7, 0.3],
+                       solarize_prob=[0.1, 0.4])
+    config = ViewsConfig.from_augment(spec, 96, 3)
+    assert config.views == (View(0.2, 0.35, 0.6, 0.25, 0.7, 0.1), View(0.2, 0.35, 0.6, 0.25, 0.3, 0.4))
+    assert (config.size, config.channels, config.kernel_size) == (96, 3, 11)
+    assert ViewsConfig.from_augment(AugmentSpec(), 224, 3) == ViewsConfig()  # the spec's defaults are the paper's
+    assert ViewsConfig.from_augment(AugmentSpec(), 28, 1).mean_std == ((0.5,), (0.5,))
+
+
+def test_host_half_draws_each_view_with_its_own_crop_scale_and_flip():
+    config = ViewsConfig(views=(View(min_scale=1.0, flip_prob=1.0), View(min_scale=0.08, flip_prob=0.0)))
+    rng = random.Random(3)
+    for _ in range(50):
+        boxes, flips = config.draw_host(rng, 200, 150)
+        assert flips == [True, False]
+        assert boxes[0]["height"] * boxes[0]["width"] >= 0.98 * 200 * 150  # min_scale 1: the whole image
+    rng_a, rng_b = random.Random(9), random.Random(9)  # the host draw order: view 1's box, its flip, then view 2's
+    boxes, flips = ViewsConfig().draw_host(rng_a, 320, 240)
+    assert boxes[0] == crop_box(rng_b, 320, 240, (0.08, 1.0)) and flips[0] == (rng_b.random() < 0.5)
+    assert boxes[1] == crop_box(rng_b, 320, 240, (0.08, 1.0))
 
 
 def test_bad_image_type_is_named():
@@ -148,8 +171,6 @@ def test_bad_image_type_is_named():
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
 def test_fast_blur_equals_torchvision_blur(shape, dtype, sigma):
     from torchvision import tv_tensors
-
-    from barlow.augment import GaussianBlur
 
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)

@@ -14,7 +14,8 @@ from device_decoders import DECODERS
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.data.devicedecode import decode_crops, decode_views, gpu_decodable, jpeg_frame
+from barlow.data.decode import gpu_decodable, jpeg_frame
+from barlow.data.devicedecode import decode_crops, decode_views
 
 W, H = 96, 72
 
@@ -120,7 +121,10 @@ def test_bad_shapes_name_the_arguments(boxes, flips):
     (lambda: torch.tensor([0xFF, 0xD8, 0xFF], dtype=torch.uint8), None),
 ])
 def test_jpeg_frame_reads_the_header(data, frame):
-    assert jpeg_frame(data()) == frame
+    got = jpeg_frame(data())
+    assert (got if got is None else got[:2]) == frame
+    if got is not None:
+        assert (got.height, got.width) == (H, W)
 
 
 def test_torchvision_decoders_do_not_warn():
@@ -128,3 +132,51 @@ def test_torchvision_decoders_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decode_crops([data], torch.tensor([[0, 0, H, W]]), torch.tensor([False]), 8, 3, "cpu", "torchvision")
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview, torch.Tensor])
+def test_jpeg_frame_reads_any_buffer(kind):
+    data = encode(photo(), "JPEG", progressive=True)
+    buf = data if kind is torch.Tensor else kind(bytes(data.numpy()))
+    assert jpeg_frame(buf) == (0xC2, 3, H, W) and not gpu_decodable(buf)
+
+
+def test_jpeg_frame_reads_a_view_not_a_copy():
+    """The header is read through a view of the stored bytes: no list or copy of the first 64 KiB per image (the host
+    part of GPU decoding runs it for every image of every batch)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    data = encode(noisy, "JPEG", quality=95, exif=b"Exif\x00\x00" + bytes(40_000))  # the frame header after 40 KB
+    assert len(data) > 65536
+    tracemalloc.start()
+    try:
+        assert jpeg_frame(data) == (0xC0, 3, 200, 200)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8192, f"{peak} bytes allocated to read one header"
+
+
+def test_the_decoder_choice_falls_back_on_any_error_of_the_probe(monkeypatch):
+    """TorchCodec is first where it loads and decodes a probe image; any exception there (here: a TypeError, as an API
+    change would raise) chooses torchvision.io."""
+    from barlow.data import devicedecode
+
+    def broken():
+        def image(data, channels):
+            raise TypeError("decode_image() got an unexpected keyword argument 'mode'")
+
+        return devicedecode.Decoders("torchcodec", image, lambda datas, c, device: [])
+
+    devicedecode.decoders.cache_clear()
+    monkeypatch.setattr(devicedecode, "_torchcodec", broken)
+    try:
+        assert devicedecode.decoders(None, torch.device("cpu")).name == "torchvision"
+        working = devicedecode._torchvision()
+        monkeypatch.setattr(devicedecode, "_torchcodec", lambda: working._replace(name="torchcodec"))
+        devicedecode.decoders.cache_clear()
+        assert devicedecode.decoders(None, torch.device("cpu")).name == "torchcodec"  # a probe that decodes: first
+    finally:
+        devicedecode.decoders.cache_clear()

@@ -17,12 +17,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torchvision.transforms.v2 import functional as F
 
 from barlow import augment as A
-from barlow.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceViews, ViewParams, blur_kernel_size
+from barlow.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceViews, ViewParams, ViewsConfig, blur_kernel_size
+from barlow.spec import AugmentSpec
+from bench.reference_views import VariantViews, adjust_hue_linear
 
 OFF = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0))
+
+
+def make_views(size: int, channels: int = 3, **augment) -> DeviceViews:
+    """DeviceViews for a spec's `data.augment` section (the one place its rules are checked)."""
+    return DeviceViews(ViewsConfig.from_augment(AugmentSpec(**augment), size, channels))
 
 
 def batch(n: int = 12, size: int = 24, channels: int = 3, seed: int = 0) -> torch.Tensor:
@@ -78,7 +86,7 @@ def test_each_op_equals_torchvision_on_each_sample(name, batched, reference, bou
 def test_normalise_and_layout(channels):
     x = batch(channels=channels)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    v1, v2 = DeviceViews(24, channels, **OFF)(x, x, seed=3)
+    v1, v2 = make_views(24, channels, **OFF)(x, x, seed=3)
     want = F.normalize(x.float() / 255, mean, std)
     for v in (v1, v2):
         assert v.shape == x.shape and v.dtype == torch.float32 and v.device == x.device
@@ -110,7 +118,7 @@ def reference_view(img: torch.Tensor, p: ViewParams, i: int, kernel: int, channe
                                                 solarize_prob=(0.5, 0.5))], ids=["byol", "half"])
 def test_composed_views_equal_torchvision_in_the_drawn_order(channels, probs):
     size, n = 24, 40
-    views = DeviceViews(size, channels, **probs)
+    views = make_views(size, channels, **probs)
     x1, x2 = batch(n, size, channels, seed=1), batch(n, size, channels, seed=2)
     params = views.draw(n, seed=11)
     out = views.apply(x1, x2, params)
@@ -124,7 +132,7 @@ def test_composed_views_equal_torchvision_in_the_drawn_order(channels, probs):
 def test_close_to_todays_uint8_pipeline():
     """Float throughout vs rounding to uint8 after every op: small on average (solarize/hue may flip single pixels)."""
     size, n = 24, 32
-    views = DeviceViews(size)
+    views = make_views(size)
     x = batch(n, size)
     p = views.draw(n, seed=5)[0]
     ours = views.apply_view(x, p)
@@ -144,7 +152,7 @@ def within(rate: float, p: float, n: int = N) -> bool:
 
 @pytest.mark.parametrize("view", [0, 1])
 def test_parameter_rates_ranges_and_orders(view):
-    views = DeviceViews(8, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2))
+    views = make_views(8, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2))
     p = views.draw_view(N, seed=7, view=view)
     assert within(p.jitter.float().mean().item(), 0.8)
     assert within(p.gray.float().mean().item(), 0.2)
@@ -170,7 +178,7 @@ def test_parameter_rates_ranges_and_orders(view):
 ])
 def test_each_op_changes_exactly_the_drawn_samples(field, probs):
     n = 512
-    views = DeviceViews(8, **probs)
+    views = make_views(8, **probs)
     x = batch(n, 8, seed=3)
     x[:4] = batch(4, 8, seed=4)[3]  # no grey/constant images here: every op changes a random image
     p = views.draw_view(n, seed=9, view=0)
@@ -183,11 +191,11 @@ def test_each_op_changes_exactly_the_drawn_samples(field, probs):
 
 
 def test_channels_one_never_grays():
-    assert not DeviceViews(8, channels=1, grayscale_prob=1.0).draw_view(256, 0, 0).gray.any()
+    assert not make_views(8, channels=1, grayscale_prob=1.0).draw_view(256, 0, 0).gray.any()
 
 
 def test_seeds_replay_differ_and_leave_the_global_rng_alone():
-    views = DeviceViews(16)
+    views = make_views(16)
     x = batch(16, 16)
     torch.manual_seed(0)
     state = torch.get_rng_state()
@@ -203,21 +211,13 @@ def test_seeds_replay_differ_and_leave_the_global_rng_alone():
     assert not torch.equal(p1.brightness, p2.brightness) and not torch.equal(p1.order, p2.order)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(size=0), "size"),
-    (dict(size=8, channels=2), "channels"),
-    (dict(size=8, jitter_prob=1.5), "jitter_prob"),
-    (dict(size=8, blur_prob=(1.0,)), "blur_prob"),
-    (dict(size=8, solarize_prob=(0.0, -0.1)), r"solarize_prob\[1\]"),
-    (dict(size=8, hue="yiq"), "hue"),
-])
-def test_bad_arguments_name_the_field(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        DeviceViews(**kwargs)
+def test_reference_variants_name_a_bad_hue():
+    with pytest.raises(ValueError, match="hue"):
+        VariantViews(ViewsConfig(8), hue="yiq")
 
 
 def test_bad_batches_name_the_problem():
-    views = DeviceViews(8)
+    views = make_views(8)
     with pytest.raises(ValueError, match="expected a"):
         views(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), 0)
     with pytest.raises(ValueError, match="one shape"):
@@ -227,23 +227,23 @@ def test_bad_batches_name_the_problem():
 def test_linear_hue_is_an_explicit_luma_keeping_rotation():
     x = batch(8, 16).float() / 255
     zero, shift = torch.zeros(8), factors(8, -0.1, 0.1)
-    torch.testing.assert_close(A.adjust_hue_linear(x, col(zero)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adjust_hue_linear(x, col(zero)), x, atol=1e-5, rtol=0)
     grey = torch.full((2, 3, 4, 4), 0.3)
-    torch.testing.assert_close(A.adjust_hue_linear(grey, col(shift[:2])), grey, atol=1e-5, rtol=0)
-    out = A.adjust_hue_linear(x, col(shift))
+    torch.testing.assert_close(adjust_hue_linear(grey, col(shift[:2])), grey, atol=1e-5, rtol=0)
+    out = adjust_hue_linear(x, col(shift))
     assert (out - A.adjust_hue(x, col(shift))).abs().amax() > 0.01  # not torchvision's hue: an option, not default
-    assert DeviceViews(8).hue == "hsv"
+    assert make_views(8).hue_op is A.adjust_hue  # the library's hue is torchvision's HSV one
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
-    turned = A.adjust_hue_linear(red, torch.full((1, 1, 1, 1), 1 / 12))
+    turned = adjust_hue_linear(red, torch.full((1, 1, 1, 1), 1 / 12))
     assert turned[0, 1] > 0.1 and turned[0, 2] == 0  # towards yellow, as HSV's hue + 1/12 does
 
 
 
 def test_cpu_chunks_give_the_whole_batch_result(monkeypatch):
-    views = DeviceViews(16)
+    views = make_views(16)
     x1, x2 = batch(20, 16, seed=1), batch(20, 16, seed=2)
     whole = views(x1, x2, seed=4)
-    monkeypatch.setattr(A, "CPU_CHUNK_PIXELS", 3 * 16 * 16)  # chunks of 3 images, the last one of 2
+    monkeypatch.setattr(A.device, "CPU_CHUNK_PIXELS", 3 * 16 * 16)  # chunks of 3 images, the last one of 2
     chunked = views(x1, x2, seed=4)
     for w, c in zip(whole, chunked, strict=True):
         assert torch.equal(w, c) and c.is_contiguous(memory_format=torch.channels_last)
@@ -252,15 +252,55 @@ def test_cpu_chunks_give_the_whole_batch_result(monkeypatch):
 def test_float_input_is_not_written():
     x = batch(8, 16).float() / 255
     before = x.clone()
-    DeviceViews(16, jitter_prob=1.0, grayscale_prob=1.0, solarize_prob=(1.0, 1.0))(x, x, seed=0)
+    make_views(16, jitter_prob=1.0, grayscale_prob=1.0, solarize_prob=(1.0, 1.0))(x, x, seed=0)
     assert torch.equal(x, before)
 
 
 @pytest.mark.slow  # torch.compile takes about a minute on a busy 2-core machine
 def test_compiled_hue_equals_eager():
     x1, x2 = batch(24, 16, seed=1), batch(24, 16, seed=2)
-    eager = DeviceViews(16)(x1, x2, seed=6)
-    compiled = DeviceViews(16, compile=True)(x1, x2, seed=6)
+    eager = make_views(16)(x1, x2, seed=6)
+    compiled = VariantViews(ViewsConfig(16), compile=True)(x1, x2, seed=6)
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e, atol=1e-4, rtol=0)
 
+
+
+class HostDataOnDevice(TorchFunctionMode):
+    """Records what would be a hidden host sync on CUDA: a tensor built from Python data on a non-CPU device, or a
+    blocking copy of a host tensor to one."""
+
+    FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.arange, torch.linspace, torch.full,
+                 torch.scalar_tensor}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and torch.device(kwargs.get("device") or "cpu").type != "cpu":
+            self.found.append(f"{func.__name__} on {kwargs['device']}")
+        if func is torch.Tensor.to and args[0].device.type == "cpu":
+            device, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            if device is not None and device.type != "cpu" and not non_blocking:
+                self.found.append(f"blocking copy to {device}")
+        if func is torch.Tensor.copy_ and args[0].device.type != "cpu" and args[1].device.type == "cpu":
+            if not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+                self.found.append(f"blocking copy_ to {args[0].device}")
+        return func(*args, **kwargs)
+
+
+def test_views_build_no_tensor_from_host_data_on_the_device():
+    """On the meta device (it stands for CUDA here: anything not the CPU), every op of both views runs, and no constant
+    or parameter reaches the device except by a non-blocking copy (from pinned memory on CUDA)."""
+    views = make_views(24, jitter_prob=1.0, grayscale_prob=0.5, blur_prob=(1.0, 0.5), solarize_prob=(0.5, 0.5)).to("meta")
+    x = batch(12, 24).to("meta")
+    with HostDataOnDevice() as mode:
+        v1, v2 = views(x, x, seed=1)
+    assert v1.device.type == "meta" and v1.shape == x.shape
+    assert mode.found == []
+    with HostDataOnDevice() as mode:  # the check itself sees what it looks for
+        torch.tensor([5.0, 3.0, 1.0], device="meta")
+        torch.ones(3).to("meta")
+    assert mode.found == ["tensor on meta", "blocking copy to meta"]

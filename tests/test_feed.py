@@ -14,12 +14,12 @@ from imagesets import write_jpeg_folder
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.augment import DeviceViews
+from barlow.augment import DeviceViews, View, ViewsConfig, crop_box
 from barlow.data import open_source
-from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, crop_box, decoder
+from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, ImageTransform
 from barlow.data.decode import CorruptImage, decode_image, decode_pixels, open_image
 from barlow.data.feed import DeviceFeed, TrainingFeed, resolve_decode
-from barlow.data.source import derive_seed
+from barlow.data.source import derive_seed, refill_from
 from barlow.spec import DataSpec
 
 
@@ -34,6 +34,11 @@ def _jpeg(width: int, height: int) -> bytes:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+def host_crops(size: int, channels: int = 3, min_scale: float = 0.08, flip_prob: float = 0.5, decode: str = "cpu") -> HostCrops:
+    view = View(min_scale=min_scale, flip_prob=flip_prob)
+    return HostCrops(ViewsConfig(size, channels, (view, view)), decode=decode)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("jpegs")
@@ -44,7 +49,7 @@ def folder(tmp_path_factory):
 def test_host_crops_are_the_crop_and_flip_of_the_full_size_image():
     """At full-size decoding, each view is exactly v2's resized crop of the drawn box, flipped when drawn so."""
     data = _jpeg(40, 30)
-    crops = HostCrops(24, 3, min_scale=0.3, flip_prob=0.5)
+    crops = host_crops(24, 3, min_scale=0.3, flip_prob=0.5)
     full = v2.functional.pil_to_tensor(decode_image(data, "x.jpg"))
     flips_seen = set()
     for seed in range(8):
@@ -92,7 +97,7 @@ def test_host_crops_equal_v2_resized_crop_on_many_boxes(width, height, channels,
     """The direct uint8 bicubic kernel gives v2.functional.resized_crop's pixels exactly, on 64 boxes per image,
     including boxes already at the output size (24x24 at scale 1: no resize at all) and grayscale."""
     data = _jpeg(width, height)
-    crops = HostCrops(24, channels, min_scale=min_scale)
+    crops = host_crops(24, channels, min_scale=min_scale)
     full = v2.functional.pil_to_tensor(decode_image(data, "x.jpg", channels))
     crops.reseed(3)
     for _ in range(32):
@@ -139,7 +144,7 @@ def test_decode_pixels_of_a_truncated_jpeg_is_corrupt(cut, channels):
 
 
 def test_host_crops_decode_large_jpegs_reduced():
-    crops = HostCrops(16, 3, min_scale=0.9)
+    crops = host_crops(16, 3, min_scale=0.9)
     crops.reseed(0)
     x1, x2 = crops(_jpeg(640, 480), "big.jpg")
     assert crops.last_scale == 8 and x1.shape == x2.shape == (3, 16, 16)
@@ -149,13 +154,13 @@ def test_gpu_mode_reads_bytes_and_draws_the_boxes_and_flips_of_cpu_mode(folder):
     """decode=gpu: the workers only read bytes and choose boxes; the same seed gives cpu mode's boxes and flips."""
     src = open_source(DataSpec(train=str(folder / "train")), "train")
     kw = dict(batch_size=8, rank=0, world_size=1, seed=7, epoch=1)
-    gpu = next(iter(src.loader(transform=HostCrops(16, 3, decode="gpu"), **kw)))
-    cpu = next(iter(src.loader(transform=HostCrops(16, 3, decode="cpu"), **kw)))
+    gpu = next(iter(src.loader(transform=host_crops(16, 3, decode="gpu"), **kw)))
+    cpu = next(iter(src.loader(transform=host_crops(16, 3, decode="cpu"), **kw)))
     assert isinstance(gpu.inputs, Encoded) and len(gpu.inputs.data) == 8 and gpu.seed == cpu.seed
     assert torch.equal(gpu.labels, cpu.labels)
     first = bytes(gpu.inputs.data[0].numpy())
     assert first[:2] == b"\xff\xd8"  # the JPEG as stored
-    crops = HostCrops(16, 3)
+    crops = host_crops(16, 3)
     crops.reseed(derive_seed("host", cpu.seed))  # the batch seed drives the draws: replay the first sample's
     boxes, flips = crops.draw(Image.open(io.BytesIO(first)))
     for view in (0, 1):
@@ -167,11 +172,11 @@ def test_gpu_mode_reads_bytes_and_draws_the_boxes_and_flips_of_cpu_mode(folder):
 def test_an_op_before_the_crop_is_an_error_not_a_silent_full_decode():
     jitter_first = v2.Compose([v2.ToImage(), v2.ColorJitter(0.4), v2.RandomResizedCrop(16), v2.ToDtype(torch.float32)])
     with pytest.raises(CropFirstError, match="ColorJitter before RandomResizedCrop"):
-        decoder(jitter_first, 3)
-    full = decoder(jitter_first, 3, crop_first=False)  # the documented explicit way: decode at full size
+        ImageTransform(jitter_first, 3)
+    full = ImageTransform(jitter_first, 3, crop_first=False)  # the documented explicit way: decode at full size
     assert full(_jpeg(40, 30), "x.jpg").shape == (3, 16, 16)
     no_crop = v2.Compose([v2.ToImage(), v2.CenterCrop(8)])  # nothing to move before decoding: plain decode
-    assert decoder(no_crop, 3)(_jpeg(40, 30), "x.jpg").shape == (3, 8, 8)
+    assert ImageTransform(no_crop, 3)(_jpeg(40, 30), "x.jpg").shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("asked, device, got", [("auto", "cpu", "cpu"), ("cpu", "cpu", "cpu"), ("auto", "cuda", "gpu"),
@@ -195,9 +200,9 @@ def test_feed_yields_normalised_channels_last_views(folder):
     src = open_source(data, "train")
     got = _feed(src, data)
     assert len(got) == src.num_samples // 8
-    x1, x2, n, labels = got[0]
+    x1, x2, n = got[0].x1, got[0].x2, got[0].n_corrupt
     assert x1.shape == x2.shape == (8, 3, 16, 16) and x1.dtype == torch.float32 and n == 0
-    assert labels.dtype == torch.long and labels.shape == (8,)
+    assert got[0].labels.dtype == torch.long and got[0].labels.shape == (8,)  # the labels ride along (online probe)
     assert x1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(x1, x2)
     assert x1.min() < -1 and x1.max() > 1  # normalised with ImageNet's mean and std, not in [0, 1]
 
@@ -209,7 +214,8 @@ def test_feed_resume_mid_epoch_gives_the_same_views(folder):
     full = _feed(src, data, world_size=2, rank=1, workers=2, batch_size=4)
     resumed = _feed(src, data, world_size=2, rank=1, start_step=2, batch_size=4)
     assert len(full) == 6 and len(resumed) == len(full) - 2
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed, strict=True))
+    assert all(torch.equal(a.x1, b.x1) and torch.equal(a.x2, b.x2) and torch.equal(a.labels, b.labels)
+               for a, b in zip(full[2:], resumed, strict=True))
 
 
 def test_feed_counts_corrupt_images_and_keeps_batches_full(tmp_path):
@@ -218,7 +224,7 @@ def test_feed_counts_corrupt_images_and_keeps_batches_full(tmp_path):
     bad.write_bytes(b"not a jpeg at all")
     data = DataSpec(train=str(tmp_path / "train"), image_size=16)
     got = _feed(open_source(data, "train"), data, shuffle=False, drop_last=False, batch_size=8)
-    assert sum(n for _, _, n, _ in got) == 1 and all(len(x1) == len(x2) == len(y) for x1, x2, _, y in got)
+    assert sum(b.n_corrupt for b in got) == 1 and all(len(b.x1) == len(b.x2) == len(b.labels) for b in got)
 
 
 def test_feed_holds_at_most_one_batch_ahead(folder):
@@ -227,12 +233,85 @@ def test_feed_holds_at_most_one_batch_ahead(folder):
     pulled = []
 
     def counted():
-        for b in src.loader(transform=HostCrops(16, 3), batch_size=8, rank=0, world_size=1, seed=0, epoch=0):
+        for b in src.loader(transform=host_crops(16, 3), batch_size=8, rank=0, world_size=1, seed=0, epoch=0):
             pulled.append(b)
             yield b
 
-    feed = DeviceFeed(counted(), torch.device("cpu"), DeviceViews(16, 3))
+    feed = DeviceFeed(counted(), torch.device("cpu"), DeviceViews(ViewsConfig(16, 3)))
     for i, _ in enumerate(feed):
         assert len(pulled) <= i + 2
         if i == 2:
             break
+
+
+@pytest.mark.parametrize("n,bad,want", [
+    (4, [], []),
+    (4, [1], [0]),
+    (5, [0, 3], [1, 2]),
+    (4, [0, 1, 2], [3, 3, 3]),  # one readable image refills every slot
+    (6, [5, 1, 2, 4], [0, 3, 0, 3]),  # in turn over the readable ones, in `bad`'s order
+])
+def test_refill_from_takes_the_readable_images_in_turn(n, bad, want):
+    assert refill_from(n, bad, [f"img{i}" for i in range(n)]) == want
+
+
+def test_refill_from_a_batch_with_nothing_readable_names_its_images():
+    with pytest.raises(CorruptImage, match="every image of a batch is corrupt \\(a, b, c, ...\\)"):
+        refill_from(4, [0, 1, 2, 3], ["a", "b", "c", "d"])
+
+
+def _mixed_folder(root):
+    """Small images the GPU decoder takes (baseline JPEG) and ones it cannot (PNG, progressive, CMYK), one corrupt."""
+    rng = np.random.default_rng(5)
+    kinds = [("JPEG", "RGB", {}), ("PNG", "RGB", {}), ("JPEG", "RGB", {"progressive": True}), ("JPEG", "CMYK", {}),
+             ("JPEG", "L", {})]
+    for i in range(20):
+        fmt, mode, save = kinds[i % len(kinds)]
+        img = Image.fromarray(rng.integers(0, 256, (int(rng.integers(20, 30)), 26, 3), dtype=np.uint8)).convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **save)
+        folder = root / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"i{i:02d}.{'png' if fmt == 'PNG' else 'jpg'}").write_bytes(buf.getvalue() if i != 7 else b"\xff\xd8junk")
+    return root
+
+
+def test_gpu_mode_decodes_what_the_gpu_cannot_take_in_the_workers(tmp_path):
+    """decode=gpu: the loader workers decode PNG, progressive and CMYK images themselves (the header tells), so the
+    training thread decodes only what the GPU takes; the device path (here its CPU form) then gives cpu mode's views,
+    labels and corrupt count."""
+    from barlow.data.devicedecode import decode_views
+
+    data = DataSpec(train=str(_mixed_folder(tmp_path / "train")), image_size=16)
+    src = open_source(data, "train")
+    kw = dict(batch_size=10, rank=0, world_size=1, seed=2, epoch=0, shuffle=False, drop_last=False)
+    enc = [b.inputs for b in src.loader(transform=host_crops(16, decode="gpu"), **kw)]
+    host = {e.names[i].rsplit("/", 1)[-1].split(".")[0] for e in enc for i in e.host_index.tolist()}
+    assert host == {f"i{i:02d}" for i in range(20) if i % 5 in (1, 2, 3) and i != 7}  # png, progressive, cmyk
+    assert all(len(e.data[i]) == 0 for e in enc for i in e.host_index.tolist())  # their bytes are not shipped
+
+    config = ViewsConfig(16, 3)
+    cpu = list(DeviceFeed(src.loader(transform=HostCrops(config), **kw), torch.device("cpu"), DeviceViews(config)))
+    gpu = list(DeviceFeed(src.loader(transform=HostCrops(config, decode="gpu"), **kw), torch.device("cpu"),
+                          DeviceViews(config), decode_views))
+    for a, b in zip(cpu, gpu, strict=True):
+        assert torch.equal(a.labels, b.labels) and a.n_corrupt == b.n_corrupt
+        torch.testing.assert_close(b.x1, a.x1, atol=0.1, rtol=0)  # decoders and resize kernels agree up to rounding
+        torch.testing.assert_close(b.x2, a.x2, atol=0.1, rtol=0)
+    assert sum(b.n_corrupt for b in gpu) == 1
+
+
+def test_feed_builds_no_tensor_from_host_data_on_the_device(folder):
+    """The feed and the views on the meta device (standing for CUDA): batches, labels and parameters reach it only by
+    non-blocking copies, and nothing is built there from Python data."""
+    from test_device_views import HostDataOnDevice
+
+    data = DataSpec(train=str(folder / "train"), image_size=16)
+    src = open_source(data, "train")
+    config = ViewsConfig.from_augment(data.augment, 16, 3)
+    batches = list(src.loader(transform=HostCrops(config), batch_size=8, rank=0, world_size=1, seed=1, epoch=0))
+    views = DeviceViews(config).to("meta")  # set-up, before the steps
+    with HostDataOnDevice() as mode:
+        got = list(DeviceFeed(batches, torch.device("meta"), views))
+    assert len(got) == len(batches) and all(b.x1.device.type == b.labels.device.type == "meta" for b in got)
+    assert mode.found == []

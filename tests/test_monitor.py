@@ -103,8 +103,8 @@ def _step_twice(demo, out, probe: str) -> tuple[dict, dict]:
     run = set_up(parse_spec(spec_of(demo, out, online_probe=probe)))
     try:
         batches = device_batches(run.spec, run.source, run.place, 0, run.steps_per_epoch)
-        for _, (x1, x2, _, labels) in zip(range(2), batches, strict=False):
-            train_step(run, x1, x2, labels)
+        for _, b in zip(range(2), batches, strict=False):
+            train_step(run, b.x1, b.x2, b.labels)
         grads = {k: p.grad.clone() for k, p in run.model.named_parameters()}
         weights = {k: v.clone() for k, v in run.model.state_dict().items()}
         if probe == "on":
@@ -129,8 +129,8 @@ def test_probe_state_resumes_with_the_checkpoint(demo, tmp_path):
 
     out = tmp_path / "out"
     run = set_up(parse_spec(spec_of(demo, out, online_probe="on")))
-    x1, x2, _, labels = next(iter(device_batches(run.spec, run.source, run.place, 0, run.steps_per_epoch)))
-    train_step(run, x1, x2, labels)
+    b = next(iter(device_batches(run.spec, run.source, run.place, 0, run.steps_per_epoch)))
+    train_step(run, b.x1, b.x2, b.labels)
     run.position.step = 1
     run.checkpointer.save(1)
     saved = run.probe.state_dict()

@@ -13,6 +13,7 @@ from imagesets import IdTag, ids_of, write_jpeg_folder, write_tagged_folder
 
 from barlow import storage
 from barlow.data import open_source
+from barlow.data.cropfirst import ImageTransform
 from barlow.data.decode import CorruptImage
 from barlow.data.shards import write_shards
 from barlow.data.stream import MissingShard, buffer_order, epoch_plan
@@ -38,7 +39,7 @@ def source(root, **data):
 
 
 def epoch(src, **kw):
-    args = dict(transform=IdTag(), batch_size=8, rank=0, world_size=1, seed=5, epoch=0)
+    args = dict(transform=ImageTransform(IdTag(), 3), batch_size=8, rank=0, world_size=1, seed=5, epoch=0)
     return list(src.loader(**{**args, **kw}))
 
 
@@ -55,12 +56,13 @@ def test_training_epoch_equal_steps_and_coverage(tagged, world, batch, workers, 
     steps = N // (batch * world)
     ids = []
     for rank in range(world):
-        loader = src.loader(transform=IdTag(), batch_size=batch, rank=rank, world_size=world, seed=1, epoch=2,
+        loader = src.loader(transform=ImageTransform(IdTag(), 3), batch_size=batch, rank=rank, world_size=world, seed=1, epoch=2,
                             workers=workers)
         got = list(loader)
         assert len(loader) == len(got) == steps  # every rank the same number of steps: DDP never waits on one
-        assert all(x.shape == (batch, 3) and y.shape == (batch,) and int(c) == 0 for x, y, c in got)
-        assert all(torch.equal(x[:, 1].long(), y) for x, y, _ in got)  # labels travel with their images
+        assert all(x.shape == (batch, 3) and y.shape == (batch,) and int(c) == 0
+                   for x, y, c in ((b.inputs, b.labels, b.n_corrupt) for b in got))
+        assert all(torch.equal(x[:, 1].long(), y) for x, y in ((b.inputs, b.labels) for b in got))  # labels travel with their images
         ids += ids_of(got)
     # each sample at most once across ranks; exactly steps*batch*world of them: the epoch's dropped tail is the rest
     assert len(ids) == len(set(ids)) == steps * batch * world
@@ -103,7 +105,7 @@ def test_evaluation_every_sample_exactly_once_last_batch_short(tagged):
     for rank in range(3):
         got = epoch(src, batch_size=16, rank=rank, world_size=3, shuffle=False, drop_last=False, workers=0)
         ids += ids_of(got)
-        sizes.append([len(y) for _, y, _ in got])
+        sizes.append([len(y) for y in (b.labels for b in got)])
     assert sorted(ids) == list(range(N))
     assert [sum(s) for s in sizes] == [68, 68, 67] and all(s[-1] < 16 for s in sizes)
 
@@ -121,7 +123,7 @@ def test_resume_mid_epoch_serves_exactly_the_rest(tagged, workers, buffer, k):
     src = source(tagged[0], shuffle_buffer=buffer)
     kw = dict(batch_size=8, rank=1, world_size=2, seed=9, epoch=4, workers=workers)
     full = epoch(src, **kw)
-    interrupted = list(zip(range(k), src.loader(transform=IdTag(), **kw), strict=False))  # stopped after k batches
+    interrupted = list(zip(range(k), src.loader(transform=ImageTransform(IdTag(), 3), **kw), strict=False))  # stopped after k batches
     resumed = epoch(src, start_step=k, **kw)
     assert len(interrupted) == k and len(resumed) == len(full) - k
     # the same batches in the same order, with the same augmentation draws: nothing lost, nothing repeated
@@ -152,7 +154,7 @@ def test_label_subset_per_class_deterministic(tagged, percent):
     got = epoch(src, batch_size=4, world_size=2, rank=0, shuffle=False, drop_last=False, subset_percent=percent)
     got += epoch(src, batch_size=4, world_size=2, rank=1, shuffle=False, drop_last=False, subset_percent=percent)
     ids = ids_of(got)
-    assert Counter(int(y) for _, labels, _ in got for y in labels) == expected
+    assert Counter(int(y) for labels in (b.labels for b in got) for y in labels) == expected
     train = set(ids_of(epoch(src, batch_size=1, world_size=1, seed=3, subset_percent=percent)))
     assert train == set(ids)  # the same samples whatever the rank split, shuffle or seed
     assert set(ids) < set(ids_of(epoch(src, batch_size=1, subset_percent=10))) or percent == 10
@@ -192,16 +194,16 @@ def with_corrupt(tmp_path):
 def test_corrupt_image_skipped_counted_batch_kept_full(with_corrupt):
     root, _ = with_corrupt
     src = source(root, on_corrupt="skip")
-    got = epoch(src, transform=lambda img: torch.tensor(img.size), batch_size=6, shuffle=False)
-    assert len(got) == 4 and all(len(y) == 6 for _, y, _ in got)
-    assert sum(int(c) for *_, c in got) == 1
+    got = epoch(src, transform=ImageTransform(lambda img: torch.tensor(img.size), 3), batch_size=6, shuffle=False)
+    assert len(got) == 4 and all(len(y) == 6 for y in (b.labels for b in got))
+    assert sum(int(b.n_corrupt) for b in got) == 1
 
 
 def test_corrupt_image_fails_the_run_naming_shard_and_key(with_corrupt):
     root, bad_key = with_corrupt
     src = source(root, on_corrupt="fail")
     with pytest.raises(CorruptImage, match=rf"shard-\d{{6}}\.tar: {bad_key}\.jpg: cannot decode"):
-        epoch(src, transform=lambda img: torch.tensor(img.size), batch_size=6, shuffle=False)
+        epoch(src, transform=ImageTransform(lambda img: torch.tensor(img.size), 3), batch_size=6, shuffle=False)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -211,7 +213,7 @@ def test_missing_shard_is_an_error_naming_it(tmp_path, workers):
     (tmp_path / "shards" / "shard-000002.tar").unlink()
     src = source(tmp_path)
     with pytest.raises(MissingShard, match=r"shard-000002\.tar.*is missing"):
-        epoch(src, transform=lambda img: torch.tensor(img.size), batch_size=2, workers=workers)
+        epoch(src, transform=ImageTransform(lambda img: torch.tensor(img.size), 3), batch_size=2, workers=workers)
 
 
 def test_shard_shorter_than_its_index_is_an_error(tmp_path):
@@ -227,7 +229,7 @@ def test_shard_shorter_than_its_index_is_an_error(tmp_path):
     index_path.write_text(json.dumps(index))
     src = source(tmp_path)
     with pytest.raises(ShardError, match=r"shard-000000\.tar: has 12 samples, the index .* lists 16"):
-        epoch(src, transform=lambda img: torch.tensor(img.size), batch_size=4, shuffle=False)
+        epoch(src, transform=ImageTransform(lambda img: torch.tensor(img.size), 3), batch_size=4, shuffle=False)
 
 
 def test_missing_index_names_it(tmp_path):
@@ -270,17 +272,18 @@ def test_two_views_crop_first_draft_decoding(tmp_path):
     to what a full-size decode gives."""
     from torchvision.transforms import v2
 
-    from barlow.augment import TwoViews
     from barlow.data.cropfirst import CropFirst
     from barlow.data.decode import decode_image
+    from bench.reference_views import TwoViews, TwoViewsCropFirst
 
     write_jpeg_folder(tmp_path / "src", 8)
     write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), progress=False)
     src = source(tmp_path, image_size=16)
-    (x1, x2), y, c = epoch(src, transform=TwoViews(16, 3), batch_size=8)[0]
+    kw = dict(batch_size=8, rank=0, world_size=1, seed=5, epoch=0)
+    (x1, x2) = next(iter(src.loader(transform=TwoViewsCropFirst(TwoViews(16, 3)), **kw))).inputs
     assert x1.shape == x2.shape == (8, 3, 16, 16) and x1.dtype == torch.float32 and not torch.equal(x1, x2)
 
-    assert CropFirst.wrap(TwoViews(16, 3), 3) is not None and CropFirst.wrap(lambda im: im, 3) is None
+    assert CropFirst.wrap(TwoViews(16, 3).view1, 3) is not None and CropFirst.wrap(lambda im: im, 3) is None
     view = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(16, scale=(0.9, 1.0), antialias=True),
                        v2.ToDtype(torch.float32, scale=True)])
     fast, data = CropFirst.wrap(view, 3), _jpeg(640, 480)
@@ -321,7 +324,7 @@ def test_s3_server_stopped_mid_epoch_and_restarted_loses_nothing(tagged_on_s3, c
     got, outage = [], {}
 
     caplog.set_level(logging.WARNING, logger="barlow.storage")
-    for i, batch in enumerate(remote.loader(transform=IdTag(), **kw)):
+    for i, batch in enumerate(remote.loader(transform=ImageTransform(IdTag(), 3), **kw)):
         got.append(batch)
         if i == 2:  # a few shards in: the server goes away while the rest are still to be read
             t = threading.Thread(target=s3.server.outage, args=(3, outage))

@@ -1,24 +1,25 @@
 """Decode + augment with the random crops chosen before decoding, so JPEGs decode at reduced size when they can.
 
-An augmentation whose views each begin with `RandomResizedCrop` (barlow.augment.TwoViews, train_transform)
-runs in four steps: draw every view's crop box on the full-resolution size read from the JPEG header (with the
-view's own RandomResizedCrop.make_params, so the crop distribution is unchanged); decode in PIL draft mode at
-the largest 1/2, 1/4 or 1/8 reduction that keeps every crop at least the output size (so no view is upsampled
-more than at full size); convert the decoded image to a tensor once for both views; then each view's own
-resized-crop kernel on its (scaled) box, and the rest of the view (flip, jitter, blur, ...) unchanged.
+The loaders' per-sample transforms (`barlow.data.source.SampleTransform`: bytes + name in, a sample out, reseeded
+per batch, collated by the transform itself) for both uses:
+- `HostCrops`, the training path: the host half of a `barlow.augment.ViewsConfig` (crop boxes, flips; uint8 crops
+  at output size with decode=cpu, the bytes with decode=gpu); the rest of the views runs batched on the training
+  device (barlow.augment.DeviceViews);
+- `ImageTransform`, a per-image transform (linear eval's), run crop-first where it begins with a RandomResizedCrop.
+
+Crop-first runs in four steps: draw the crop box on the full-resolution size read from the JPEG header (with the
+view's own RandomResizedCrop.make_params, or `ViewsConfig.draw_host`, so the crop distribution is unchanged); decode
+in PIL draft mode at the largest 1/2, 1/4 or 1/8 reduction that keeps every crop at least the output size (so no
+view is upsampled more than at full size); the resized-crop kernel on the (scaled) box; then the rest of the view.
 
 The contract: a view that contains a RandomResizedCrop must have only conversions before it (`_BEFORE_CROP_OK`);
 any other op there (a new augmentation placed before the crop) is a `CropFirstError` naming it, never a silent
-switch to full-size decoding. Pass `crop_first=False` to `decoder()` to decode such a transform at full size on
+switch to full-size decoding. Pass `crop_first=False` to `ImageTransform` to decode such a transform at full size on
 purpose. Transforms without a RandomResizedCrop (evaluation's resize + centre crop) get a plain full-size decode.
-
-`HostCrops` is the training path: the host half of BYOL's views (crop box, uint8 crop at output size, flip);
-the rest of the views runs batched on the training device (barlow.augment.DeviceViews).
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,19 +28,21 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 from torch.nn.functional import interpolate
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from barlow.data.decode import decode_image, decode_pixels, draft_scale, open_image
+from barlow.augment import ViewsConfig
+from barlow.data.decode import decode_image, decode_pixels, draft_scale, gpu_takes, jpeg_frame, open_image
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
-_BEFORE_CROP_OK = {"_ToImage", "ToImage", "PILToTensor"}
+_BEFORE_CROP_OK = {"ToImage", "PILToTensor"}
 
 
 class CropFirstError(ValueError):
     """A transform whose crop cannot move before decoding (an op before RandomResizedCrop that is not a conversion)."""
 
 
-class _View:
+class SplitView:
     """One view split at its RandomResizedCrop: the conversions before it, the crop, and the ops after it."""
 
     def __init__(self, before: list[Callable], crop: v2.RandomResizedCrop, after: list[Callable]):
@@ -60,7 +63,7 @@ class _View:
         return out
 
 
-def _split(view: Any) -> _View | None:
+def split_view(view: Any) -> SplitView | None:
     """The view split at its crop; None without a RandomResizedCrop; CropFirstError if the crop cannot go first."""
     ops = list(getattr(view, "transforms", []))
     crops = [i for i, t in enumerate(ops) if isinstance(t, v2.RandomResizedCrop)]
@@ -71,39 +74,51 @@ def _split(view: Any) -> _View | None:
         why = f"{', '.join(blocking)} before RandomResizedCrop" if blocking else "more than one RandomResizedCrop"
         raise CropFirstError(f"crop-first decoding: {why}; only conversions ({', '.join(sorted(_BEFORE_CROP_OK))}) "
                              "may precede the crop (move the op after it, or decode at full size with crop_first=False)")
-    return _View(ops[:crops[0]], ops[crops[0]], ops[crops[0] + 1:])
+    return SplitView(ops[:crops[0]], ops[crops[0]], ops[crops[0] + 1:])
 
 
 class CropFirst:
     """`transform(image)` computed from JPEG bytes with crop-before-decode; see the module doc."""
 
-    def __init__(self, views: list[_View], channels: int, pair: bool):
-        self.views, self.channels, self.pair = views, channels, pair
+    def __init__(self, view: SplitView, channels: int):
+        self.view, self.channels = view, channels
         self.last_scale = 1  # the reduction the last image was decoded at (for tests and benchmarks)
-        # the views' conversions are usually the same (ToImage): then the full image is converted once, not per view
-        self.shared_convert = len({repr(v.before) for v in views}) == 1
 
     @classmethod
     def wrap(cls, transform: Any, channels: int) -> CropFirst | None:
-        """A CropFirst for a transform of this shape (two views, or one Compose), None for a transform without a
-        RandomResizedCrop; CropFirstError for one whose crop cannot go first (see the module doc)."""
-        if hasattr(transform, "view1") and hasattr(transform, "view2"):
-            views = [_split(transform.view1), _split(transform.view2)]
-            if any(views) and not all(views):
-                raise CropFirstError("crop-first decoding: one view has a RandomResizedCrop, the other none")
-            return cls(views, channels, pair=True) if all(views) else None
-        view = _split(transform)
-        return cls([view], channels, pair=False) if view else None
+        """A CropFirst for a Compose with a RandomResizedCrop, None without one; CropFirstError for one whose crop
+        cannot go first (see the module doc)."""
+        view = split_view(transform)
+        return cls(view, channels) if view else None
 
     def __call__(self, data: bytes, name: str) -> Any:
         img = open_image(data, name)
-        # boxes on the header size only: nothing decoded yet
-        crops = [(v.crop.make_params([img]), v.out_h, v.out_w) for v in self.views]
+        v = self.view
+        crops = [(v.crop.make_params([img]), v.out_h, v.out_w)]  # the box on the header size: nothing decoded yet
         img, boxes, self.last_scale = decode_for_crops(img, name, self.channels, crops)
-        converted = self.views[0].convert(img) if self.shared_convert else None  # e.g. one PIL -> tensor for both
-        outs = [v.finish(converted if converted is not None else v.convert(img), *box)
-                for box, v in zip(boxes, self.views, strict=True)]
-        return tuple(outs) if self.pair else outs[0]
+        return v.finish(v.convert(img), *boxes[0])
+
+
+class ImageTransform:
+    """A per-image transform (a PIL image or tensor in, a tensor out) as a `SampleTransform` of the loaders: crop-first
+    where the transform allows (an error where its crop cannot go first, unless crop_first=False), a plain decode
+    otherwise; the torch RNG reseeded per batch; samples collated by torch's default_collate."""
+
+    def __init__(self, transform: Callable, channels: int, crop_first: bool = True):
+        self.transform, self.channels = transform, channels
+        self.fast = CropFirst.wrap(transform, channels) if crop_first else None
+
+    def reseed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def __call__(self, data: bytes, name: str) -> Any:
+        if self.fast is not None:
+            return self.fast(data, name)
+        return self.transform(decode_image(data, name, self.channels))
+
+    def collate(self, samples: list[Any]) -> Any:
+        out = default_collate(samples)
+        return tuple(out) if isinstance(out, list) else out  # a transform with several outputs: a tuple of batches
 
 
 def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[dict[str, int], int, int]],
@@ -130,69 +145,47 @@ def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tup
     return img, boxes, scale
 
 
-def crop_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
-             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> dict[str, int]:
-    """`v2.RandomResizedCrop.make_params`'s algorithm (10 tries of area x U(scale) at a log-uniform aspect ratio,
-    else the centre crop at the clamped ratio), drawn from a Python RNG: ~10x cheaper than its many tiny torch ops."""
-    area, log_lo, log_hi = width * height, math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return dict(top=rng.randint(0, height - h), left=rng.randint(0, width - w), height=h, width=w)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
-    return dict(top=(height - h) // 2, left=(width - w) // 2, height=h, width=w)
-
-
-def decoder(transform: Callable, channels: int, crop_first: bool = True) -> Callable[[bytes, str], Any]:
-    """bytes, name -> transform(decoded image): crop-first for a transform with a RandomResizedCrop (an error if
-    its crop cannot go first, unless crop_first=False), a plain decode otherwise. A HostCrops takes the bytes."""
-    if isinstance(transform, HostCrops):
-        return transform
-    fast = CropFirst.wrap(transform, channels) if crop_first else None
-    if fast is not None:
-        return fast
-    return lambda data, name: transform(decode_image(data, name, channels))
-
-
 @dataclass
 class Encoded:
-    """A batch for device decoding (decode=gpu): the file bytes per sample, and per view the crop boxes
-    (top, left, height, width on the full-size image) and flips; `barlow.data.devicedecode.decode_views` takes them."""
+    """A batch for device decoding (decode=gpu): the files' bytes, and per view the crop boxes (top, left, height,
+    width on the full-size image) and flips; `barlow.data.devicedecode.decode_views` takes them. Images the GPU
+    decoder cannot take (PNG, CMYK, progressive JPEG: told from the header) were decoded and cropped by the loader
+    workers already: `host_index` lists them, `host_views` holds their uint8 crops per view, their bytes are empty.
+    The bytes travel as one tensor (one shared-memory block from a loader worker, one pinned block)."""
 
-    data: list[torch.Tensor]  # uint8, 1-D: the file as stored
+    blob: torch.Tensor  # uint8, 1-D: every file as stored, one after the other
+    sizes: list[int]  # bytes per sample
     boxes: tuple[torch.Tensor, torch.Tensor]  # (B, 4) int64 per view
     flips: tuple[torch.Tensor, torch.Tensor]  # (B,) bool per view
     names: list[str]  # for the message when an image turns out undecodable on the device
+    host_index: torch.Tensor  # (K,) int64: the samples decoded on the host
+    host_views: tuple[torch.Tensor, torch.Tensor]  # (K, C, size, size) uint8 per view
+
+    @property
+    def data(self) -> list[torch.Tensor]:
+        """Each sample's bytes (views of `blob`)."""
+        return list(self.blob.split(self.sizes))
 
     def pin_memory(self) -> Encoded:
-        return Encoded([d.pin_memory() for d in self.data], self.boxes, self.flips, self.names)
+        return Encoded(self.blob.pin_memory(), self.sizes, self.boxes, self.flips, self.names,
+                       self.host_index.pin_memory(), tuple(v.pin_memory() for v in self.host_views))
 
 
 class HostCrops:
-    """The host half of BYOL's two views, as a bytes -> sample transform for the loaders.
+    """The host half of a `ViewsConfig` (crop boxes and flips, `ViewsConfig.draw_host`), as the loaders'
+    `SampleTransform`, drawing from a Python RNG reseeded per batch.
 
-    Per view, from a Python RNG reseeded per batch (`reseed`) in this order: the crop box (RandomResizedCrop's
-    algorithm, `crop_box`, scale (min_scale, 1), drawn on the size read from the file header, nothing decoded yet),
-    then the flip (p = flip_prob); view 1, then view 2.
     decode=cpu: the crops decoded crop-first (JPEG draft at the largest reduction that keeps each crop at least
     the output size), resized (bicubic, antialiased) to size x size uint8 and flipped: `(x1, x2)` per batch.
     decode=gpu: only the bytes, boxes and flips (`Encoded`); the same seed gives the same boxes and flips as cpu.
+    An image the GPU decoder cannot take is decoded here as in cpu mode, so no decode runs on the training thread.
     """
 
-    def __init__(self, size: int, channels: int = 3, min_scale: float = 0.08, flip_prob: float = 0.5,
-                 decode: Literal["cpu", "gpu"] = "cpu"):
+    def __init__(self, config: ViewsConfig, decode: Literal["cpu", "gpu"] = "cpu"):
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"decode: must be cpu or gpu (got {decode!r})")
-        self.size, self.channels, self.flip_prob, self.decode = size, channels, flip_prob, decode
-        self.scale = (min_scale, 1.0)
+        self.config, self.decode = config, decode
+        self.size, self.channels = config.size, config.channels
         self.rng = random.Random(0)  # reseeded per batch (`reseed`, called by source.build_batch)
         self.last_scale = 1  # the reduction the last image was decoded at (for tests and benchmarks)
 
@@ -201,18 +194,21 @@ class HostCrops:
 
     def draw(self, img: Image.Image) -> tuple[list[dict[str, int]], list[bool]]:
         """Both views' crop boxes and flips for an opened (not decoded) image."""
-        boxes, flips = [], []
-        for _ in range(2):
-            boxes.append(crop_box(self.rng, *img.size, self.scale))
-            flips.append(self.rng.random() < self.flip_prob)
-        return boxes, flips
+        return self.config.draw_host(self.rng, *img.size)
 
     def __call__(self, data: bytes, name: str) -> Any:
+        if self.decode == "gpu":
+            frame = jpeg_frame(data)
+            if gpu_takes(frame):  # the size from the frame header: no PIL on the path of most images
+                boxes, flips = self.config.draw_host(self.rng, frame.width, frame.height)
+                return data, _box_rows(boxes), flips, name, None
         img = open_image(data, name)
         boxes, flips = self.draw(img)
-        if self.decode == "gpu":
-            box = [torch.tensor([b["top"], b["left"], b["height"], b["width"]]) for b in boxes]
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flips, name
+        crops = self._crops(data, img, name, boxes, flips)
+        return (b"", _box_rows(boxes), flips, name, crops) if self.decode == "gpu" else crops
+
+    def _crops(self, data: bytes, img: Image.Image, name: str, boxes: list[dict[str, int]],
+               flips: list[bool]) -> tuple[torch.Tensor, ...]:
         pixels, crops, self.last_scale = decode_for_crops(img, name, self.channels,
                                                           [(b, self.size, self.size) for b in boxes], data)
         pixels = pixels[None]
@@ -228,7 +224,20 @@ class HostCrops:
     def collate(self, samples: list[Any]) -> Any:
         if self.decode == "cpu":
             return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
-        return Encoded([s[0] for s in samples], (torch.stack([s[1][0] for s in samples]),
-                                                  torch.stack([s[1][1] for s in samples])),
-                       (torch.tensor([s[2][0] for s in samples]), torch.tensor([s[2][1] for s in samples])),
-                       [s[3] for s in samples])
+        host = [i for i, s in enumerate(samples) if s[4] is not None]
+        empty = torch.empty(0, self.channels, self.size, self.size, dtype=torch.uint8)
+        boxes = torch.tensor([s[1] for s in samples], dtype=torch.long).transpose(0, 1)  # (views, B, 4)
+        flips = torch.tensor([s[2] for s in samples], dtype=torch.bool).transpose(0, 1)
+        sizes = [len(s[0]) for s in samples]
+        blob = torch.empty(sum(sizes), dtype=torch.uint8)
+        out, at = memoryview(blob.numpy()), 0
+        for s, n in zip(samples, sizes, strict=True):  # the one copy of the bytes on the host
+            out[at:at + n] = s[0]
+            at += n
+        return Encoded(blob, sizes, (boxes[0], boxes[1]), (flips[0], flips[1]),
+                       [s[3] for s in samples], torch.tensor(host, dtype=torch.long),
+                       tuple(torch.stack([samples[i][4][v] for i in host]) if host else empty for v in range(2)))
+
+
+def _box_rows(boxes: list[dict[str, int]]) -> list[list[int]]:
+    return [[b["top"], b["left"], b["height"], b["width"]] for b in boxes]

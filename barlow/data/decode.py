@@ -3,13 +3,15 @@
 JPEGs can be decoded at 1/2, 1/4 or 1/8 of their size (PIL's draft mode: libjpeg scales in the DCT, which
 is several times faster than decoding at full size and resizing); `min_size` says how small is still enough.
 `decode_pixels` gives the same pixels as a tensor, full-size RGB/gray JPEGs through torchvision.io (no PIL
-image, no conversion); PNG, CMYK, other modes and reduced decodes stay with PIL.
+image, no conversion); PNG, CMYK, other modes and reduced decodes stay with PIL. `gpu_decodable` tells from the
+header alone whether the batched GPU decoder takes an image.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -64,6 +66,52 @@ def decode_pixels(data: bytes, img: Image.Image, name: str, channels: int = 3,
         except Exception as e:  # truncated data, bad Huffman tables, ...: all mean "corrupt"
             raise CorruptImage(f"{name}: cannot decode image ({e})") from None
     return pil_to_tensor(decode_image(img, name, channels, min_size))
+
+
+_SOF_BASELINE = (0xC0, 0xC1)  # baseline and extended sequential Huffman: what nvJPEG's batched decoder takes
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_HEADER_BYTES = 65536  # frame headers sit after the APPn segments, which are at most 64 KiB each in practice
+
+
+class JpegFrame(NamedTuple):
+    marker: int  # the SOF marker: 0xC0 baseline, 0xC2 progressive, ...
+    components: int  # 1 grey, 3 YCbCr, 4 CMYK
+    height: int
+    width: int
+
+
+def jpeg_frame(data: torch.Tensor | bytes | bytearray | memoryview) -> JpegFrame | None:
+    """The frame header of a JPEG, or None when it is not a JPEG / the header is cut / the size is left to a DNL."""
+    # a view of the first bytes, never a copy: this runs per image on the host part of the GPU data path
+    b = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data).cast("B")[:_HEADER_BYTES]
+    if len(b) < 2 or b[0] != 0xFF or b[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            if i + 9 >= len(b):
+                return None
+            frame = JpegFrame(marker, b[i + 9], b[i + 5] << 8 | b[i + 6], b[i + 7] << 8 | b[i + 8])
+            return frame if frame.height and frame.width else None
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + (b[i + 2] << 8 | b[i + 3])
+    return None
+
+
+def gpu_decodable(data: torch.Tensor | bytes | bytearray | memoryview) -> bool:
+    """True for a baseline JPEG with 1 or 3 components (what the batched GPU decoder takes)."""
+    return gpu_takes(jpeg_frame(data))
+
+
+def gpu_takes(frame: JpegFrame | None) -> bool:
+    return frame is not None and frame.marker in _SOF_BASELINE and frame.components in (1, 3)
 
 
 def draft_scale(width: int, height: int, min_size: tuple[int, int]) -> int:

@@ -2,27 +2,31 @@
 
 The host reads bytes and chooses crop boxes from the image header; this module turns (bytes, box, flip) into the
 uint8 (B, C, size, size) crops that barlow.augment.DeviceViews takes. On CUDA, baseline JPEGs with 1 or 3 components
-decode as one batch with nvJPEG; everything else the GPU decoder cannot take (PNG and other formats, CMYK,
-progressive, or a batch the GPU rejects) decodes per image on the CPU and is copied over. An image no decoder can
-read is reported in `bad` (its rows are left zero) and never fails the batch.
+decode as one batch with nvJPEG. What the header shows the GPU cannot take (PNG and other formats, CMYK,
+progressive) the loader workers decode on the host (cropfirst.HostCrops), so it never reaches the training thread;
+only an image nvJPEG rejects although its header looked fine decodes here per image on the CPU. An image no decoder
+can read is reported in `bad` (its rows are left zero) and never fails the batch.
 
-Decoder: TorchCodec (`torchcodec.decoders.decode_jpeg` / `decode_image`) where it loads, else `torchvision.io`.
-torchvision 0.29 deprecates its decoders ("use TorchCodec instead") and warns on every call; TorchCodec 0.17 installs
-beside torch 2.14.1 (no torch requirement), has the same batched nvJPEG entry point and decodes the same pixels as
-torchvision on the CPU (checked: max difference 0). Its PyPI wheel is built for CUDA 13 (torch's PyPI build); beside
-a torch built for another CUDA (e.g. the cu128 base image) it does not load unless installed from that CUDA's PyTorch
-index, so it is the optional extra `decode` and torchvision.io, always there and matched to torch, is the fallback.
+The nvJPEG race: its hardware engine writes a batch's outputs as soon as it is called, before work already queued
+on the stream has run, into blocks of the caching allocator that queued kernels may still read. Every batched GPU
+decode therefore drains the stream first (`_gpu_batch`), whichever decoder runs, for any decoder version.
+
+Decoder: TorchCodec (`torchcodec.decoders.decode_jpeg` / `decode_image`, 0.17+: `decode_jpeg(list of 1-D uint8
+CPU tensors, mode=..., device=...)` returns a list) where it loads and decodes a probe image on the device, else
+`torchvision.io`; any exception while choosing means torchvision.io. torchvision 0.29 deprecates its decoders
+("use TorchCodec instead") and warns on every call. TorchCodec's PyPI wheel is built for CUDA 13 (torch's PyPI
+build); beside a torch built for another CUDA it does not load unless installed from that CUDA's PyTorch index, so
+it is the optional extra `decode` and torchvision.io, always there and matched to torch, is the fallback.
 
 Crop + resize: torchvision's `resized_crop` with BICUBIC + antialias, as the host's crop-first path
 (barlow/data/cropfirst.py) does, so CPU and device decoding give the same crop up to rounding.
-
-Imports only torch, torchvision, torchcodec (optional) and PIL (the last-resort decoder).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -31,36 +35,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-_SOF_BASELINE = (0xC0, 0xC1)  # baseline and extended sequential Huffman: what nvJPEG's batched decoder takes
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_frame(data: torch.Tensor | bytes) -> tuple[int, int] | None:
-    """(SOF marker, component count) from a JPEG's header, or None when it is not a JPEG / the header is cut."""
-    b = bytes(data[:65536].tolist()) if isinstance(data, torch.Tensor) else bytes(data[:65536])
-    if b[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(b):
-        if b[i] != 0xFF:
-            return None
-        marker = b[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        length = int.from_bytes(b[i + 2:i + 4], "big")
-        if marker in _SOF:
-            return (marker, b[i + 9]) if i + 9 < len(b) else None
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        i += 2 + length
-    return None
-
-
-def gpu_decodable(data: torch.Tensor | bytes) -> bool:
-    """True for a baseline JPEG with 1 or 3 components (what the batched GPU decoder takes)."""
-    frame = jpeg_frame(data)
-    return frame is not None and frame[0] in _SOF_BASELINE and frame[1] in (1, 3)
+from barlow.augment import to_device
+from barlow.data.decode import gpu_decodable
 
 
 def _mode(channels: int) -> str:
@@ -95,14 +71,38 @@ def _torchvision() -> Decoders:
                     quiet(lambda datas, c, device: tvio.decode_jpeg(datas, mode=mode[c], device=device)))
 
 
+def _probe_jpeg() -> torch.Tensor:
+    """A tiny baseline JPEG (16x16 RGB) to try a decoder on."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(buf, format="JPEG", quality=90)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _probe(dec: Decoders, device: torch.device) -> None:
+    """Decode the tiny JPEG on the CPU and, for CUDA, as a one-image batch on the device; raises if it goes wrong."""
+    data = _probe_jpeg()
+    if tuple(dec.image(data, 3).shape) != (3, 16, 16):
+        raise RuntimeError(f"{dec.name}: the probe image decoded to the wrong shape")
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # sync: once, when the decoder is chosen (see decode_batch)
+        out = dec.jpegs([data], 3, device)
+        if len(out) != 1 or tuple(out[0].shape) != (3, 16, 16) or out[0].device != device:
+            raise RuntimeError(f"{dec.name}: the probe image decoded to the wrong shape or device")
+
+
 @functools.cache
-def decoders(name: str | None = None) -> Decoders:
-    """The named decoders ("torchcodec" or "torchvision"); None: TorchCodec where it loads, else torchvision.io."""
+def decoders(name: str | None = None, device: torch.device | None = None) -> Decoders:
+    """The named decoders ("torchcodec" or "torchvision"); None: TorchCodec where it loads and decodes a probe image
+    (on `device` too, when that is CUDA), else torchvision.io."""
     if name is not None:
         return {"torchcodec": _torchcodec, "torchvision": _torchvision}[name]()
     try:
-        return _torchcodec()
-    except (ImportError, OSError, RuntimeError):
+        dec = _torchcodec()
+        _probe(dec, device or torch.device("cpu"))
+        return dec
+    except Exception as e:  # any failure (missing wheel, CUDA mismatch, an API that changed): the fallback decodes
+        logging.getLogger(__name__).info("torchcodec not used (%s: %s); decoding with torchvision.io",
+                                         type(e).__name__, e)
         return _torchvision()
 
 
@@ -121,7 +121,7 @@ def _decode_cpu(data: torch.Tensor, channels: int, dec: Decoders) -> torch.Tenso
     try:
         img = dec.image(data, channels)
         return _channels(img[0] if img.ndim == 4 else img, channels)  # animated formats: the first frame
-    except (RuntimeError, ValueError):
+    except Exception:  # any decoder failure: PIL is the last resort
         pass
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
@@ -130,30 +130,40 @@ def _decode_cpu(data: torch.Tensor, channels: int, dec: Decoders) -> torch.Tenso
         return None
 
 
+def _gpu_batch(dec: Decoders, datas: list[torch.Tensor], channels: int, device: torch.device) -> list[torch.Tensor]:
+    """One nvJPEG batch. nvJPEG's hardware engine writes its outputs before work already queued on the stream has
+    run, and those outputs come from the caching allocator (blocks that queued kernels may still read), so the
+    stream is drained first: cheap, as the decoder synchronises the stream before it returns anyway."""
+    torch.cuda.current_stream(device).synchronize()  # sync: before every batched hardware decode (see above)
+    return dec.jpegs(datas, channels, device)
+
+
 def decode_batch(encoded: Sequence[torch.Tensor], channels: int, device: torch.device | str,
-                 decoder: str | None = None) -> list[torch.Tensor | None]:
+                 decoder: str | None = None, gpu_ok: Sequence[bool] | None = None) -> list[torch.Tensor | None]:
     """Full-size uint8 (C, H, W) images on `device` (None where undecodable): one nvJPEG batch on CUDA for what it
-    takes, per-image CPU decoding for the rest (and for all on the CPU)."""
-    device, dec = torch.device(device), decoders(decoder)
+    takes, per-image CPU decoding for the rest (and for all on the CPU). `gpu_ok`: which images the batched GPU
+    decoder takes, where the host has read that from the headers already (None: read here)."""
+    device = torch.device(device)
+    dec = decoders(decoder, device if decoder is None else None)
     out: list[torch.Tensor | None] = [None] * len(encoded)
     todo = list(range(len(encoded)))
     if device.type == "cuda":
-        gpu = [i for i in todo if gpu_decodable(encoded[i])]
+        gpu = [i for i in todo if (gpu_ok[i] if gpu_ok is not None else gpu_decodable(encoded[i]))]
         if gpu:
             try:
-                for i, img in zip(gpu, dec.jpegs([encoded[i] for i in gpu], channels, device), strict=True):
+                for i, img in zip(gpu, _gpu_batch(dec, [encoded[i] for i in gpu], channels, device), strict=True):
                     out[i] = img
-            except (RuntimeError, ValueError):  # one bad image fails nvJPEG's batch: retry one by one on the GPU
+            except Exception:  # one bad image fails nvJPEG's batch: retry one by one on the GPU
                 for i in gpu:
                     try:
-                        out[i] = dec.jpegs([encoded[i]], channels, device)[0]
-                    except (RuntimeError, ValueError):
+                        out[i] = _gpu_batch(dec, [encoded[i]], channels, device)[0]
+                    except Exception:
                         pass
         todo = [i for i in todo if out[i] is None]
-    for i in todo:
+    for i in todo:  # rare on CUDA: the loader workers decode on the host what the header shows the GPU cannot take
         img = _decode_cpu(encoded[i], channels, dec)
         if img is not None:
-            out[i] = img.to(device, non_blocking=True) if device.type != "cpu" else img
+            out[i] = to_device(img, device) if device.type != "cpu" else img
     return out
 
 
@@ -167,18 +177,18 @@ def _crop(img: torch.Tensor, box: Sequence[int], flip: bool, size: int) -> torch
 
 
 def decode_views(encoded: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int,
-                 channels: int, device: torch.device | str,
-                 decoder: str | None = None) -> tuple[list[torch.Tensor], list[int]]:
+                 channels: int, device: torch.device | str, decoder: str | None = None,
+                 gpu_ok: Sequence[bool] | None = None) -> tuple[list[torch.Tensor], list[int]]:
     """Each image decoded once, then V crops of it: boxes (V, B, 4) as (top, left, height, width) in full-resolution
     pixels, flips (V, B) bool (both CPU tensors) -> V uint8 (B, C, size, size) batches on `device`, and the indices
-    of the undecodable images (their rows are zero: drop them)."""
+    of the undecodable images (their rows are zero: drop them). `gpu_ok` as in decode_batch."""
     if boxes.ndim != 3 or boxes.shape[1:] != (len(encoded), 4) or flips.shape != boxes.shape[:2]:
         raise ValueError(f"boxes, flips: expected (V, {len(encoded)}, 4) and (V, {len(encoded)}) "
                          f"(got {tuple(boxes.shape)}, {tuple(flips.shape)})")
     if channels not in (1, 3):
         raise ValueError(f"channels: must be 1 or 3 (got {channels})")
     device = torch.device(device)
-    images = decode_batch(encoded, channels, device, decoder)
+    images = decode_batch(encoded, channels, device, decoder, gpu_ok)
     boxes, flips = boxes.tolist(), flips.tolist()  # host values: no device sync per crop
     views = [torch.zeros(len(encoded), channels, size, size, dtype=torch.uint8, device=device) for _ in boxes]
     bad = []

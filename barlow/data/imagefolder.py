@@ -4,58 +4,123 @@ The contract (listing, keys, label subsets, per-batch seeds, retries, corrupt im
 `barlow.data.source`; what is particular here is the order: a permutation of the files seeded by (seed, epoch),
 cut into global batches, each rank taking its slice of every global batch.
 
-Loader workers read each file through `barlow.storage` (its own S3 client per process, every read retried on
-throttling and network errors with the spec's `data.s3` settings); only an undecodable file counts as corrupt.
+The loader workers start once per set of loader arguments and serve every epoch (persistent workers: the dataset
+they hold computes each epoch's order from its keys). They read each file through `barlow.storage` (its own S3
+client per process, every read retried on throttling and network errors with the spec's `data.s3` settings); only
+an undecodable file counts as corrupt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from barlow import storage
-from barlow.data.cropfirst import decoder
+from barlow.data import register_format
 from barlow.data.layout import key_hash, list_images, subset_thresholds
-from barlow.data.source import Batch, build_batch, derive_seed
+from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
 from barlow.spec import DataSpec
 
 _READ_THREADS = 8  # parallel reads per worker on object stores, where each read is a round trip
 
 
 class _FolderBatches(Dataset):
-    """Batch j of one rank's epoch: read its files, then decode and transform them with the batch's seed."""
+    """Batch (epoch, start_step, j) of one rank: its files read, then decoded and transformed with the batch's seed.
+    Loader workers keep it across epochs (persistent workers), so it computes each epoch's order itself."""
 
-    def __init__(self, files: list[tuple[str, int]], batches: list[list[int]], first_batch: int, transform: Callable,
-                 data: DataSpec, s3: storage.S3Settings, seed: tuple[int, int, int]):
-        self.files, self.batches, self.first_batch, self.transform = files, batches, first_batch, transform
-        self.channels, self.on_corrupt, self.s3, self.seed = data.channels, data.on_corrupt, s3, seed
+    def __init__(self, files: list[tuple[str, int]], subset: list[int], order: _Order, transform: SampleTransform,
+                 data: DataSpec, s3: storage.S3Settings):
+        self.files, self.subset, self.order, self.transform = files, subset, order, transform
+        self.on_corrupt, self.s3 = data.on_corrupt, s3
+        self._epoch: tuple[tuple[int, int], list[list[int]]] | None = None  # the last epoch's batches
         self._pool: ThreadPoolExecutor | None = None  # made in the process that reads (threads do not survive fork)
 
-    def __len__(self) -> int:
-        return len(self.batches)
+    def batches(self, epoch: int, start_step: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != (epoch, start_step):
+            self._epoch = (epoch, start_step), self.order.batches(self.subset, epoch, start_step)
+        return self._epoch[1]
 
     def _read(self, url: str) -> bytes:
         return storage.read_bytes(url, self.s3)  # transient errors are retried there; they are never "corrupt"
 
-    def __getitem__(self, j: int) -> Batch:
-        urls = [self.files[i][0] for i in self.batches[j]]
+    def __getitem__(self, key: tuple[int, int, int]) -> HostBatch:
+        epoch, start_step, j = key
+        batch = self.batches(epoch, start_step)[j]
+        urls = [self.files[i][0] for i in batch]
         if not urls or storage.is_local(urls[0]):
             blobs = [self._read(u) for u in urls]
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="read")
             blobs = list(self._pool.map(self._read, urls))
-        items = [(b, u, self.files[i][1]) for b, u, i in zip(blobs, urls, self.batches[j], strict=True)]
-        return build_batch(items, decoder(self.transform, self.channels), self.on_corrupt,
-                           derive_seed("augment", *self.seed, self.first_batch + j))
+        items = [(b, u, self.files[i][1]) for b, u, i in zip(blobs, urls, batch, strict=True)]
+        return build_batch(items, self.transform, self.on_corrupt,
+                           derive_seed("augment", self.order.seed, epoch, self.order.rank, start_step + j))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}
 
 
+@dataclass(frozen=True)
+class _Order:
+    """One rank's epochs: a permutation of the subset seeded by (seed, epoch), cut into global batches (training) or
+    dealt out round-robin (evaluation)."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    shuffle: bool
+    drop_last: bool
+
+    def batches(self, subset: list[int], epoch: int, start_step: int) -> list[list[int]]:
+        indices = torch.tensor(subset, dtype=torch.long)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            indices = indices[torch.randperm(len(indices), generator=g)]
+        if self.drop_last:
+            global_batch = self.batch_size * self.world_size
+            steps = len(indices) // global_batch
+            if not 0 <= start_step <= steps:
+                raise ValueError(f"start_step: must be in [0, {steps}] for this epoch (got {start_step})")
+            return indices[: steps * global_batch].view(steps, self.world_size, self.batch_size)[start_step:, self.rank].tolist()
+        mine = indices[self.rank::self.world_size].tolist()
+        return [mine[i: i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+
+class _Keys(Sampler):
+    """The batch keys the DataLoader asks its workers for; set per epoch."""
+
+    def __init__(self):
+        self.keys: list[tuple[int, int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class FolderLoader:
+    """One epoch of one rank (what `loader()` returns): iterates a DataLoader whose workers persist across epochs.
+    One epoch of a source is iterated at a time."""
+
+    def __init__(self, loader: DataLoader, sampler: _Keys, keys: list[tuple[int, int, int]]):
+        self.loader, self.sampler, self.keys = loader, sampler, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[HostBatch]:
+        self.sampler.keys = self.keys
+        return iter(self.loader)
+
+
+@register_format("imagefolder")
 class ImageFolderSource:
     """Images in `<root>/<class>/<file>`; classes are the sorted folder names (the `Source` contract)."""
 
@@ -72,6 +137,7 @@ class ImageFolderSource:
         self.files = [(scheme + img.path, img.label) for img in images]
         self.keys = [img.key for img in images]
         self.num_samples = len(self.files)
+        self._loader: tuple[tuple, _FolderBatches, _Keys, DataLoader] | None = None
 
     def subset(self, percent: int) -> list[int]:
         """Indices of the `percent` % label subset: per class the images with the smallest key hashes, the rule of
@@ -90,24 +156,21 @@ class ImageFolderSource:
     def count(self, subset_percent: int = 100) -> int:
         return len(self.subset(subset_percent))
 
-    def loader(self, *, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+    def loader(self, *, transform: SampleTransform, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                start_step: int = 0, workers: int = 0, shuffle: bool = True, drop_last: bool = True,
-               subset_percent: int = 100, pin_memory: bool = False) -> DataLoader:
-        """The `Batch`es of one epoch on one rank; the contract: `barlow.data.source.Source.loader`."""
-        indices = torch.tensor(self.subset(subset_percent), dtype=torch.long)
-        if shuffle:
-            g = torch.Generator().manual_seed(seed * 7919 + epoch)
-            indices = indices[torch.randperm(len(indices), generator=g)]
-        if drop_last:
-            global_batch = batch_size * world_size
-            steps = len(indices) // global_batch
-            if not 0 <= start_step <= steps:
-                raise ValueError(f"start_step: must be in [0, {steps}] for this epoch (got {start_step})")
-            steps_view = indices[: steps * global_batch].view(steps, world_size, batch_size)
-            batches = steps_view[start_step:, rank].tolist()
-        else:
-            mine = indices[rank::world_size].tolist()
-            batches = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
-        dataset = _FolderBatches(self.files, batches, start_step, transform, self.data, self.s3, (seed, epoch, rank))
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                          prefetch_factor=2 if workers else None, pin_memory=pin_memory)
+               subset_percent: int = 100, pin_memory: bool = False) -> FolderLoader:
+        """The `HostBatch`es of one epoch on one rank; the contract: `barlow.data.source.Source.loader`. The loader
+        workers are started once for a set of arguments other than `epoch` and `start_step`, and serve every epoch:
+        an epoch does not pay for starting them again."""
+        order = _Order(batch_size, rank, world_size, seed, shuffle, drop_last)
+        key = (transform, order, workers, subset_percent, pin_memory)
+        if self._loader is None or self._loader[0] != key:
+            self._loader = None  # the previous workers stop once their loader is collected
+            dataset = _FolderBatches(self.files, self.subset(subset_percent), order, transform, self.data, self.s3)
+            sampler = _Keys()
+            self._loader = key, dataset, sampler, DataLoader(
+                dataset, batch_size=None, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                prefetch_factor=2 if workers else None, pin_memory=pin_memory)
+        _, dataset, sampler, dataloader = self._loader
+        n = len(dataset.batches(epoch, start_step))  # here too: a bad start_step is an error in this process
+        return FolderLoader(dataloader, sampler, [(epoch, start_step, j) for j in range(n)])

@@ -5,7 +5,7 @@ size, so a rerun makes the same shards: one already there with its planned size 
 under their final name only when complete (local: rename; S3: the upload completes on close), and the index
 is written last, after every shard it lists. Images keep their stored bytes; the order is shuffled (seeded)
 before sharding so that every shard mixes all classes and a bounded shuffle buffer sees them all.
-See `layout.py` for the format. The reader is `barlow.data.stream.ShardSource` (re-exported here).
+See `layout.py` for the format. The reader is `barlow.data.stream.ShardSource`.
 """
 
 from __future__ import annotations
@@ -39,15 +39,6 @@ DEFAULT_SHARD_SIZE = 256 << 20
 INDEX_NAME = "index.json"
 SHARD_NAME = "shard-{:06d}.tar"
 _SHARD_RE = re.compile(r"shard-\d{6}\.tar$")
-
-
-def __getattr__(name: str):
-    """`ShardSource` (the reader) lives in stream.py; imported on first use so writing shards needs no torch."""
-    if name == "ShardSource":
-        from barlow.data.stream import ShardSource
-
-        return ShardSource
-    raise AttributeError(name)
 
 
 @dataclass

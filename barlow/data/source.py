@@ -1,6 +1,7 @@
-"""The one source contract (image folder and tar shards alike) and the batch it serves.
+"""The one source contract (image folder and tar shards alike), the per-sample transform it applies, the batch it
+serves, and the corrupt-image refill.
 
-Both sources (`imagefolder.ImageFolderSource`, `stream.ShardSource`) share, through this module and layout.py:
+Every source (`imagefolder.ImageFolderSource`, `stream.ShardSource`) shares, through this module and layout.py:
 - the listing and accepted extensions (`layout.list_images`, `layout.IMAGE_EXTENSIONS`) and the sample key
   `<class>/<file stem>`;
 - the label subsets: per class, the images whose key hash is among the `max(1, round(n * p / 100))` smallest
@@ -8,19 +9,19 @@ Both sources (`imagefolder.ImageFolderSource`, `stream.ShardSource`) share, thro
 - seeding: augmentation draws come from one seed per batch, `derive_seed("augment", seed, epoch, rank, batch)`,
   never from worker state, so a mid-epoch resume serves the same draws;
 - retries: every read goes through `barlow.storage` with the spec's `data.s3` settings passed explicitly;
-- corrupt images: only an undecodable file (`decode.CorruptImage`) counts; its slot is refilled with another view
-  of an image of the same batch (`build_batch`), so batches stay full and ranks stay in step.
+- corrupt images: only an undecodable file (`decode.CorruptImage`) counts; its slot is refilled from another image
+  of the same batch (`refill_from`, the one rule for the host decode here and the device decode in feed.py), so
+  batches stay full and ranks stay in step.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch.utils.data import default_collate
 
 from barlow.data.decode import CorruptImage
 
@@ -30,38 +31,45 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
+@runtime_checkable
+class SampleTransform(Protocol):
+    """What a source applies to each sample: bytes + name -> a sample, drawing from its own RNG, which the source
+    reseeds per batch; `collate` turns a batch's samples into `HostBatch.inputs`."""
+
+    def reseed(self, seed: int) -> None: ...
+
+    def __call__(self, data: bytes, name: str) -> Any: ...
+
+    def collate(self, samples: list[Any]) -> Any: ...
+
+
 @dataclass
-class Batch:
-    """One loader batch. `inputs` is what the transform made of each image, collated: for training with
-    `cropfirst.HostCrops`, the two uint8 view crops `(x1, x2)` (decode=cpu) or an `Encoded` (decode=gpu).
-    `seed` is the batch's augmentation seed: the device-side views derive their parameters from it.
-    Unpacks as `(inputs, labels, n_corrupt)`.
-    """
+class HostBatch:
+    """One loader batch. `inputs` is what the transform collated: for training with `cropfirst.HostCrops`, the two
+    uint8 view crops `(x1, x2)` (decode=cpu) or an `Encoded` (decode=gpu); for an `ImageTransform`, one tensor.
+    `seed` is the batch's augmentation seed: the device-side views derive their parameters from it."""
 
     inputs: Any
     labels: torch.Tensor
     n_corrupt: int
     seed: int
 
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.inputs, self.labels, self.n_corrupt))
-
-    def pin_memory(self) -> Batch:
+    def pin_memory(self) -> HostBatch:
         """Called by DataLoader(pin_memory=True) in its pinning thread."""
-        return Batch(_pin(self.inputs), self.labels.pin_memory(), self.n_corrupt, self.seed)
+        return HostBatch(_pin(self.inputs), self.labels.pin_memory(), self.n_corrupt, self.seed)
 
 
 def _pin(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.pin_memory()
-    if isinstance(x, (tuple, list)):
-        return type(x)(_pin(v) for v in x)
-    return x.pin_memory() if hasattr(x, "pin_memory") else x
+    if isinstance(x, tuple):
+        return tuple(_pin(v) for v in x)
+    return x.pin_memory()  # Encoded
 
 
 @runtime_checkable
 class Source(Protocol):
-    """What the training and evaluation loops need of a set of images."""
+    """What the training and evaluation loops need of a set of images (one per `data.format`, see barlow.data)."""
 
     url: str
     classes: list[str]  # sorted class (folder) names; a label is an index into it
@@ -71,46 +79,47 @@ class Source(Protocol):
         """Images in the `subset_percent` % label subset (see the module doc)."""
         ...
 
-    def loader(self, *, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+    def loader(self, *, transform: SampleTransform, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                start_step: int = 0, workers: int = 0, shuffle: bool = True, drop_last: bool = True,
-               subset_percent: int = 100, pin_memory: bool = False) -> Iterable[Batch]:
-        """The `Batch`es of one epoch on one rank, `len()` of them.
+               subset_percent: int = 100, pin_memory: bool = False) -> Iterable[HostBatch]:
+        """The `HostBatch`es of one epoch on one rank, `len()` of them.
 
         drop_last (training): exactly `count(subset_percent) // (batch_size * world_size) - start_step` full
         batches on every rank; resuming at `start_step` serves exactly the batches an uninterrupted epoch would
         have served next, with the same augmentation draws. Otherwise (evaluation): every sample exactly once
-        across ranks; the last batch of a rank may be short. `transform` is either a bytes-level transform
-        (`cropfirst.HostCrops`) or an image transform, applied crop-first where it allows (`cropfirst.decoder`).
-        At most two batches per loader worker are in flight.
+        across ranks; the last batch of a rank may be short. At most two batches per loader worker are in flight.
         """
         ...
 
 
-def build_batch(items: Sequence[tuple[bytes, str, int]], decode: Callable[[bytes, str], Any], on_corrupt: str,
-                seed: int) -> Batch:
-    """Decode `(bytes, name, label)` items with the batch's seed; corrupt ones are counted and refilled."""
-    with torch.random.fork_rng(devices=[]):  # augmentation seeded per batch; the caller's RNG is left alone
-        torch.manual_seed(derive_seed("host", seed))  # not `seed` itself: the device views draw from that one
-        if hasattr(decode, "reseed"):  # HostCrops draws from its own (cheaper) Python RNG
-            decode.reseed(derive_seed("host", seed))
-        outputs, labels, good, bad = [], [], [], []
-        for data, name, label in items:
+def refill_from(n: int, bad: Sequence[int], names: Sequence[str]) -> list[int]:
+    """For each corrupt slot of a batch of n (in `bad`'s order), the readable sample that refills it: the readable
+    ones in turn. CorruptImage when none is readable."""
+    skip = set(bad)
+    good = [i for i in range(n) if i not in skip]
+    if bad and not good:
+        raise CorruptImage(f"every image of a batch is corrupt ({', '.join(names[i] for i in bad[:3])}, ...)")
+    return [good[k % len(good)] for k in range(len(bad))]
+
+
+def build_batch(items: Sequence[tuple[bytes, str, int]], transform: SampleTransform, on_corrupt: str,
+                seed: int) -> HostBatch:
+    """Transform `(bytes, name, label)` items with the batch's seed; a corrupt one is counted and its slot refilled
+    with a fresh draw of a readable one (`refill_from`)."""
+    with torch.random.fork_rng(devices=[]):  # a transform drawing from torch's RNG leaves the caller's alone
+        transform.reseed(derive_seed("host", seed))  # not `seed` itself: the device views draw from that one
+        outputs, bad = [], []
+        for i, (data, name, _) in enumerate(items):
             try:
-                outputs.append(decode(data, name))
+                outputs.append(transform(data, name))
             except CorruptImage:
                 if on_corrupt == "fail":
                     raise
-                bad.append(name)
-                continue
+                bad.append(i)
+        skip = set(bad)
+        labels = [label for i, (_, _, label) in enumerate(items) if i not in skip]
+        for i in refill_from(len(items), bad, [name for _, name, _ in items]):
+            data, name, label = items[i]
+            outputs.append(transform(data, name))
             labels.append(label)
-            good.append((data, name, label))
-        if bad and not good:
-            raise CorruptImage(f"every image of a batch is corrupt ({', '.join(bad[:3])}, ...)")
-        for i in range(len(bad)):  # refill with fresh views of this batch's readable images
-            data, name, label = good[i % len(good)]
-            outputs.append(decode(data, name))
-            labels.append(label)
-    inputs = getattr(decode, "collate", default_collate)(outputs)
-    if isinstance(inputs, list):
-        inputs = tuple(inputs)
-    return Batch(inputs, torch.tensor(labels, dtype=torch.long), len(bad), seed)
+    return HostBatch(transform.collate(outputs), torch.tensor(labels, dtype=torch.long), len(bad), seed)

@@ -26,15 +26,15 @@ augmentation of an image of the same batch, so batches stay full and ranks stay 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from barlow import storage
-from barlow.data.cropfirst import decoder
+from barlow.data import register_format
 from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
-from barlow.data.source import Batch, build_batch, derive_seed
+from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
 from barlow.spec import DataSpec
 
 
@@ -138,6 +138,7 @@ def buffer_order(n: int, buffer: int, seed: int | None) -> list[int]:
     return out + slots
 
 
+@register_format("shards")
 class ShardSource:
     """Tar shards described by an index.json (see `barlow.data.layout`), served as batches by `loader()`."""
 
@@ -152,10 +153,10 @@ class ShardSource:
         """Samples in the `subset_percent` % label subset (all of them at 100)."""
         return self.index.count(subset_percent)
 
-    def loader(self, *, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+    def loader(self, *, transform: SampleTransform, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                start_step: int = 0, workers: int = 0, shuffle: bool = True, drop_last: bool = True,
                subset_percent: int = 100, pin_memory: bool = False) -> ShardLoader:
-        """The `Batch`es of one epoch on one rank (the contract: `barlow.data.source.Source`); see the module doc.
+        """The `HostBatch`es of one epoch on one rank (the contract: `barlow.data.source.Source`); see the module doc.
 
         drop_last: exactly `count(subset_percent) // (batch_size * world_size) - start_step` full batches.
         Otherwise every sample exactly once across ranks, the last batch of a rank may be short.
@@ -181,7 +182,7 @@ class ShardLoader:
     def __len__(self) -> int:
         return sum(len(p.batch_sizes) - p.skip for p in self.plans)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[HostBatch]:
         if self.workers == 0:
             return self.reader.run(self.plans[0])
         dataset = _WorkerStreams(self.reader, self.plans)
@@ -193,7 +194,7 @@ class _WorkerStreams(IterableDataset):
     def __init__(self, reader: _Reader, plans: list[WorkerPlan]):
         self.reader, self.plans = reader, plans
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[HostBatch]:
         info = get_worker_info()
         return self.reader.run(self.plans[info.id if info else 0])
 
@@ -201,10 +202,10 @@ class _WorkerStreams(IterableDataset):
 class _Reader:
     """Turns a WorkerPlan into batches: read shards in order, emit in buffer order, decode, augment, collate."""
 
-    def __init__(self, index: ShardIndex, data: DataSpec, s3: storage.S3Settings, percent: int, transform: Callable,
+    def __init__(self, index: ShardIndex, data: DataSpec, s3: storage.S3Settings, percent: int, transform: SampleTransform,
                  seed: tuple[int, int, int]):
         self.index, self.s3, self.percent, self.transform, self.seed = index, s3, percent, transform, seed
-        self.channels, self.on_corrupt, self.buffer = data.channels, data.on_corrupt, data.shuffle_buffer
+        self.on_corrupt, self.buffer = data.on_corrupt, data.shuffle_buffer
 
     def positions(self, plan: WorkerPlan, first: int) -> Iterator[tuple[int, Sample, str]]:
         """(position in the worker's sequence, sample, shard URL) from position `first` on."""
@@ -245,8 +246,7 @@ class _Reader:
                 if self.index.in_subset(sample.key, sample.label, self.percent):
                     yield sample
 
-    def run(self, plan: WorkerPlan) -> Iterator[Batch]:
-        decode = decoder(self.transform, self.channels)
+    def run(self, plan: WorkerPlan) -> Iterator[HostBatch]:
         order = buffer_order(plan.num_samples, self.buffer, plan.order_seed)
         done = sum(plan.batch_sizes[:plan.skip])
         todo = order[done:]
@@ -267,8 +267,8 @@ class _Reader:
         for size, batch_id in zip(plan.batch_sizes[plan.skip:], plan.batch_ids[plan.skip:], strict=True):
             samples = [take(p) for p in todo[at:at + size]]
             at += size
-            yield self._batch(samples, decode, batch_id)
+            yield self._batch(samples, batch_id)
 
-    def _batch(self, samples: list[tuple[Sample, str]], decode: Callable, batch_id: int) -> Batch:
+    def _batch(self, samples: list[tuple[Sample, str]], batch_id: int) -> HostBatch:
         items = [(sample.image, f"{url}: {sample.key}.{sample.ext}", sample.label) for sample, url in samples]
-        return build_batch(items, decode, self.on_corrupt, derive_seed("augment", *self.seed, batch_id))
+        return build_batch(items, self.transform, self.on_corrupt, derive_seed("augment", *self.seed, batch_id))

@@ -12,8 +12,9 @@ import torch
 from device_decoders import DECODERS
 from PIL import Image
 
-from barlow.augment import DeviceViews
+from barlow.augment import ViewsConfig
 from barlow.data.devicedecode import decode_crops, decode_views, gpu_decodable
+from bench.reference_views import VariantViews
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -74,7 +75,7 @@ def test_one_bad_jpeg_does_not_fail_the_gpu_batch(decoder):
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("hue", ["hsv", "linear"])
 def test_device_views_on_cuda_equal_cpu(channels, hue):
-    views = DeviceViews(64, channels, hue=hue)
+    views = VariantViews(ViewsConfig(64, channels), hue=hue)  # hsv: the library's DeviceViews
     gen = torch.Generator().manual_seed(0)
     x1 = torch.randint(0, 256, (32, channels, 64, 64), dtype=torch.uint8, generator=gen)
     x2 = torch.randint(0, 256, (32, channels, 64, 64), dtype=torch.uint8, generator=gen)

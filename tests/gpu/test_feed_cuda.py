@@ -32,7 +32,8 @@ def _views(folder, decode: str, workers: int):
 def test_cpu_decode_views_on_cuda(folder, workers):
     got = _views(folder, "cpu", workers)
     assert len(got) == 6
-    for x1, x2, n, labels in got:
+    for batch in got:
+        x1, x2, n, labels = batch.x1, batch.x2, batch.n_corrupt, batch.labels
         assert x1.is_cuda and labels.is_cuda and x1.shape == x2.shape == (8, 3, 16, 16) and n == 0
         assert x1.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(x1).all()
 

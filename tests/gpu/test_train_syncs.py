@@ -28,12 +28,12 @@ def test_train_steps_between_log_steps_do_not_sync(tmp_path):
     ready = [next(batches) for _ in range(4)]
     torch.cuda.synchronize()
     loss_sum = torch.zeros((), device=run.place.device)
-    train_step(run, *ready[0][:2])  # the first step may allocate and pick kernels (cudnn.benchmark)
+    train_step(run, ready[0].x1, ready[0].x2, ready[0].labels)  # the first step may allocate and pick kernels (cudnn.benchmark)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside raises
     try:
-        for x1, x2, _, labels in ready[1:]:
-            loss, _, _ = train_step(run, x1, x2, labels)
+        for batch in ready[1:]:
+            loss, _, _ = train_step(run, batch.x1, batch.x2, batch.labels)
             run.position.step += 1
             loss_sum += loss.detach()
     finally:
