@@ -18,7 +18,17 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # fsspec protocols a run may read from or write to, those the installed filesystems serve (GCS and Azure through
@@ -133,6 +143,9 @@ def _check_quantity(v: str) -> str:
     if not QUANTITY.fullmatch(str(v)):
         raise ValueError(f"'{v}' is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
     return str(v)
+
+
+Quantity = Annotated[str, BeforeValidator(_quantity_text), AfterValidator(_check_quantity)]  # cpu: 8 or memory: 32Gi
 
 
 class S3Spec(Section):
@@ -298,19 +311,9 @@ class EvalClusterSpec(Section):
 
     gpus_per_node: int | None = Field(None, ge=0, le=64, description="nvidia.com/gpu per eval pod (unset: the eval's "
                                       "processes per node when the pretrain pods have GPUs, else 0).")
-    cpu: str | None = Field(None, description="CPU request and limit per eval pod (unset: cluster.cpu).")
-    memory: str | None = Field(None, description="Memory request and limit per eval pod (unset: cluster.memory).")
-    shm_size: str | None = Field(None, description="/dev/shm of an eval pod (unset: cluster.shm_size).")
-
-    @field_validator("cpu", "memory", "shm_size", mode="before")
-    @classmethod
-    def _number_as_quantity(cls, v: Any) -> Any:
-        return _quantity_text(v)
-
-    @field_validator("cpu", "memory", "shm_size")
-    @classmethod
-    def _quantity(cls, v: str | None) -> str | None:
-        return None if v is None else _check_quantity(v)
+    cpu: Quantity | None = Field(None, description="CPU request and limit per eval pod (unset: cluster.cpu).")
+    memory: Quantity | None = Field(None, description="Memory request and limit per eval pod (unset: cluster.memory).")
+    shm_size: Quantity | None = Field(None, description="/dev/shm of an eval pod (unset: cluster.shm_size).")
 
 
 class EvalSpec(Section):
@@ -498,9 +501,9 @@ class ClusterSpec(Section):
                                   "an image pinned by digest gets barlow's version as the tag).")
     namespace: str = Field("barlow", description="Namespace the job is created in.")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod; when > 0 must equal runtime.nproc_per_node.")
-    cpu: str = Field("8", description="CPU request and limit per pod (Kubernetes quantity; a YAML number is fine).")
-    memory: str = Field("32Gi", description="Memory request and limit per pod (Kubernetes quantity).")
-    shm_size: str = Field("16Gi", description="Size of the memory-backed /dev/shm for data-loader workers.")
+    cpu: Quantity = Field("8", description="CPU request and limit per pod (Kubernetes quantity; a YAML number is fine).")
+    memory: Quantity = Field("32Gi", description="Memory request and limit per pod (Kubernetes quantity).")
+    shm_size: Quantity = Field("16Gi", description="Size of the memory-backed /dev/shm for data-loader workers.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (Kubernetes form).")
     priority_class: str | None = Field(None, description="Pod priorityClassName (pytorchjob; also the gang's priority).")
@@ -546,16 +549,6 @@ class ClusterSpec(Section):
         default_factory=dict, description="A strategic-merge patch of the training pod template ({metadata: ..., spec: "
         "...}, Kubernetes form) for what no field says: applied to a PyTorchJob's replicas and through a TrainJob's "
         "runtimePatches alike; the patched pod is checked against the Pod schema before anything is submitted.")
-
-    @field_validator("cpu", "memory", "shm_size", mode="before")
-    @classmethod
-    def _number_as_quantity(cls, v: Any) -> Any:
-        return _quantity_text(v)
-
-    @field_validator("cpu", "memory", "shm_size")
-    @classmethod
-    def _quantity(cls, v: str) -> str:
-        return _check_quantity(v)
 
     @field_validator("tolerations")
     @classmethod

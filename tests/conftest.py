@@ -63,3 +63,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """A fake Kubernetes API server (tests/fake_kube.py) that the kubernetes client reaches through KUBECONFIG, with
+    the variables that would point barlow elsewhere removed."""
+    from fake_kube import FakeKube
+
+    with FakeKube() as fake:
+        monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
+        for var in ("KUBERNETES_SERVICE_HOST", "BARLOW_SPEC", "BARLOW_NAMESPACE", "BARLOW_BACKEND"):
+            monkeypatch.delenv(var, raising=False)
+        yield fake

@@ -38,15 +38,6 @@ FAILED = {"status": {"conditions": [
     {"type": "Failed", "status": "True", "reason": "JobsFailed", "message": "jobset demo failed: node-0 exit code 1"}]}}
 
 
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    with FakeKube() as fake:
-        monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
-        for var in ("KUBERNETES_SERVICE_HOST", "BARLOW_SPEC", "BARLOW_NAMESPACE", "BARLOW_BACKEND"):
-            monkeypatch.delenv(var, raising=False)
-        yield fake
-
-
 def spec_file(tmp_path, **cluster):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**SPEC, "cluster": {**SPEC["cluster"], **cluster}}))

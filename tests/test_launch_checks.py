@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import yaml
-from fake_kube import FakeKube
 from typer.testing import CliRunner
 
 from barlow.cli import app
@@ -98,15 +97,6 @@ REFUSED = [
      "such field): set it in the runtime, or use cluster.workload_priority_class with Kueue"),
 ]
 IDS = [f"{i}-{line.split(':')[0]}" for i, (_, line) in enumerate(REFUSED)]
-
-
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    with FakeKube() as fake:
-        monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
-        for var in ("KUBERNETES_SERVICE_HOST", "BARLOW_SPEC", "BARLOW_NAMESPACE", "BARLOW_BACKEND"):
-            monkeypatch.delenv(var, raising=False)
-        yield fake
 
 
 @pytest.mark.parametrize("data, line", REFUSED, ids=IDS)

@@ -237,15 +237,6 @@ def test_status_input_errors_are_one_line(tmp_path, monkeypatch, args, code, mes
 # -- from the cluster: pods and Kueue -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    with FakeKube() as fake:
-        monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
-        for var in ("KUBERNETES_SERVICE_HOST", "BARLOW_SPEC", "BARLOW_NAMESPACE", "BARLOW_BACKEND"):
-            monkeypatch.delenv(var, raising=False)
-        yield fake
-
-
 def submit(tmp_path, name: str, **cluster) -> str:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**SPEC, "cluster": {**SPEC["cluster"], "backend": name, **cluster}}))
