@@ -184,6 +184,7 @@ def evaluate(spec: EvalRunSpec, stop_signal: runsetup.StopSignal = lambda: None)
         run.protocol.train_mode()
         for x, y in train_batches(run):
             eval_step(run, x, y)
+            run.metrics.advance(position.batches)
             if position.in_epoch % log_every == 0:
                 _stop_if_asked(run, stop_signal)
         end_epoch(run)
@@ -223,9 +224,12 @@ def set_up(spec: EvalRunSpec) -> EvalRun:
                                 parts={"trained": protocol.trained, "optimizer": optimizer, "schedule": schedule,
                                        "data": position})
     checkpointer.resume(record.check)
-    metrics = Metrics(spec.output.url, place.is_main, e.epochs, position.epoch, title=f"eval ({e.mode})", s3=proc.s3)
-    if place.is_main:  # `barlow status` counts what the metrics lines count: epochs
-        progress.record_run(spec, e.epochs, 1, e.batch_size, proc.s3)
+    # steps are optimizer steps, as in pretraining: metrics lines, checkpoints and `barlow status` count the same
+    steps_per_epoch = train_src.count(e.train_percent) // ((e.batch_size // place.world_size) * place.world_size)
+    metrics = Metrics(spec.output.url, place.is_main, e.epochs * steps_per_epoch, position.batches,
+                      title=f"eval ({e.mode})", s3=proc.s3)
+    if place.is_main:
+        progress.record_run(spec, e.epochs * steps_per_epoch, steps_per_epoch, e.batch_size, proc.s3)
     metrics.print(f"eval {spec.name}: {e.mode}, {e.train_percent}% of {train_src.num_samples} train images, "
                   f"{val_src.num_samples} val images, {num_classes} classes, {e.epochs} epochs"
                   f"{f', resuming at epoch {position.epoch} step {position.in_epoch}' if checkpointer.resumed_run else ''}")
@@ -289,7 +293,7 @@ def end_epoch(run: EvalRun) -> None:
     run.schedule.step()
     mean_loss = float(position.loss_sum) / position.in_epoch  # sync: once an epoch
     position.next_epoch()
-    run.metrics.log(position.epoch, {"epoch": position.epoch, "loss": mean_loss, "lr": run.optimizer.param_groups[0]["lr"]})
+    run.metrics.log(position.batches, {"epoch": position.epoch, "loss": mean_loss, "lr": run.optimizer.param_groups[0]["lr"]})
     run.checkpointer.save(position.batches)
     run.metrics.sync()
 
@@ -321,7 +325,7 @@ def finish(run: EvalRun, measured: dict[str, float]) -> dict:
                "checkpoint": e.checkpoint or e.backbone}
     if run.place.is_main:
         storage.write_text(storage.join(spec.output.url, "results.json"), json.dumps(results, indent=2), run.proc.s3)
-    run.metrics.log(e.epochs, measured)
+    run.metrics.log(run.position.batches, measured)
     run.metrics.close()
     distributed.barrier()
     return results

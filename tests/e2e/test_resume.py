@@ -94,6 +94,9 @@ def test_linear_eval_stopped_by_sigterm_continues_where_it_stopped(demo_data, tm
     epochs_logged = [json.loads(line)["epoch"] for line in (stopped / "metrics.jsonl").read_text().splitlines()
                      if "loss" in line]
     assert epochs_logged == list(range(1, 7))  # each epoch trained once: the rerun did not start over
+    steps_logged = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()
+                    if "loss" in line]
+    assert steps_logged[-1] == checkpoint.step_of(checkpoint.latest(str(stopped)))  # logs and checkpoints count alike
     a, b = (checkpoint.load(checkpoint.latest(str(o)))["trained"] for o in (straight, stopped))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"head {k} differs after resume")
