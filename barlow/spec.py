@@ -475,6 +475,11 @@ class MonitorSpec(Section):
                                                            "chosen as knn_images is.")
     knn_k: int = Field(20, ge=1, le=1000, description="Neighbours of the kNN (cosine similarity, weighted vote).")
 
+    @field_validator("online_probe", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads a bare on/off as a bool
+
     def knn_every(self, has_val: bool) -> int:
         """Epochs between kNN measurements for this data (0: no kNN)."""
         if self.knn_every_epochs is None:

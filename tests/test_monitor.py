@@ -10,6 +10,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from barlow import checkpoint
 from barlow.data.demo import write_demo
@@ -86,6 +87,14 @@ def test_bad_monitor_specs_name_the_field(tmp_path, monitor, data_val, error):
     with pytest.raises(SpecError) as e:
         parse_spec(spec)
     assert e.value.problems == [error]
+
+
+@pytest.mark.parametrize("text, expected", [("off", "off"), ("on", "on"), ("'off'", "off"), ("auto", "auto")])
+def test_online_probe_takes_a_bare_yaml_on_or_off(tmp_path, text, expected):
+    """YAML 1.1 reads a bare on/off as a boolean: the spec file and --set both mean the word."""
+    spec = spec_of(tmp_path, tmp_path / "out")
+    spec["monitor"] = yaml.safe_load(f"online_probe: {text}")
+    assert parse_spec(spec).monitor.online_probe == expected
 
 
 @pytest.mark.parametrize("every, has_val, expected", [(None, True, 10), (None, False, 0), (0, True, 0), (3, True, 3)])
