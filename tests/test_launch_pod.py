@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from cluster_specs import SPECS, check_golden, strict_schema
-from test_launch_trainjob import pod_of
+from test_launch_trainjob import pod_of, schema_file
 from typer.testing import CliRunner
 
 from barlow.cli import app
@@ -27,18 +27,10 @@ from barlow.launch.trainjob import PATCHABLE
 from barlow.spec import load_spec, parse_spec, set_path, with_fields
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = ROOT.parent / "shared" / "schemas"
 EXAMPLE = ROOT / "examples" / "imagenet-4x8-infiniband.yaml"
 K8S_VERSION = kubernetes_validate.latest_version()
 CRDS = {"PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"), "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")}
 pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")  # the example's queue as a PyTorchJob
-
-
-def schema_file(name: str) -> dict:
-    path = SCHEMAS / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (the shared/schemas folder beside the project): schema check skipped")
-    return yaml.safe_load(path.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from s3server import free_ports
 
 from barlow import checkpoint
 from barlow.data.demo import write_demo
@@ -202,16 +202,10 @@ def _probe_rank(rank: int, world: int, port: int, features: torch.Tensor, labels
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_probe_gradients_are_averaged_over_two_gloo_ranks(tmp_path):
     torch.manual_seed(0)
     features, labels = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    mp.spawn(_probe_rank, args=(2, _free_port(), features, labels, str(tmp_path)), nprocs=2)
+    mp.spawn(_probe_rank, args=(2, free_ports(1)[0], features, labels, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     # One process doing what DDP promises: rank 0's start, each rank's half through its own BatchNorm, mean gradient.
