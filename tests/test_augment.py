@@ -154,7 +154,8 @@ def test_host_half_draws_each_view_with_its_own_crop_scale_and_flip():
     for _ in range(50):
         boxes, flips = config.draw_host(rng, 200, 150)
         assert flips == [True, False]
-        assert boxes[0]["height"] * boxes[0]["width"] >= 0.98 * 200 * 150  # min_scale 1: the whole image
+        _, _, h, w = boxes[0]
+        assert h * w >= 0.98 * 200 * 150  # min_scale 1: the whole image
     rng_a, rng_b = random.Random(9), random.Random(9)  # the host draw order: view 1's box, its flip, then view 2's
     boxes, flips = ViewsConfig().draw_host(rng_a, 320, 240)
     assert boxes[0] == crop_box(rng_b, 320, 240, (0.08, 1.0)) and flips[0] == (rng_b.random() < 0.5)

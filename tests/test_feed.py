@@ -59,7 +59,7 @@ def test_host_crops_are_the_crop_and_flip_of_the_full_size_image():
         boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
         assert crops.last_scale == 1 and x1.dtype == torch.uint8 and x1.shape == (3, 24, 24)
         for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
-            want = v2.functional.resized_crop(full, b["top"], b["left"], b["height"], b["width"], [24, 24],
+            want = v2.functional.resized_crop(full, *b, [24, 24],
                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
             assert torch.equal(x, want.flip(-1) if flip else want)
             flips_seen.add(flip)
@@ -76,15 +76,15 @@ def test_crop_box_follows_random_resized_crop(width, height, min_scale):
     rrc = v2.RandomResizedCrop(8, scale=(min_scale, 1.0))
     ours = [crop_box(rng, width, height, (min_scale, 1.0)) for _ in range(n)]
     theirs = [rrc.make_params([torch.empty(1, height, width)]) for _ in range(n)]
-    for b in ours:
-        assert 0 <= b["top"] and b["top"] + b["height"] <= height and b["height"] >= 1
-        assert 0 <= b["left"] and b["left"] + b["width"] <= width and b["width"] >= 1
+    theirs = [(p["top"], p["left"], p["height"], p["width"]) for p in theirs]
+    for top, left, h, w in ours:
+        assert 0 <= top and top + h <= height and h >= 1
+        assert 0 <= left and left + w <= width and w >= 1
 
     def stats(boxes):
-        return np.array([[b["height"] * b["width"] / (width * height), math.log(b["width"] / b["height"]),
-                          (b["top"] + b["height"] / 2) / height, (b["left"] + b["width"] / 2) / width,
-                          b["top"] == (height - b["height"]) // 2 and b["left"] == (width - b["width"]) // 2]
-                         for b in boxes], dtype=np.float64)
+        return np.array([[h * w / (width * height), math.log(w / h), (top + h / 2) / height, (left + w / 2) / width,
+                          top == (height - h) // 2 and left == (width - w) // 2]
+                         for top, left, h, w in boxes], dtype=np.float64)
 
     a, b = stats(ours), stats(theirs)
     se = np.sqrt(a.var(0) / n + b.var(0) / n) + 1e-9
@@ -106,7 +106,7 @@ def test_host_crops_equal_v2_resized_crop_on_many_boxes(width, height, channels,
         crops.rng.setstate(state)
         boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
         for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
-            want = v2.functional.resized_crop(full, b["top"], b["left"], b["height"], b["width"], [24, 24],
+            want = v2.functional.resized_crop(full, *b, [24, 24],
                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
             assert x.shape == (channels, 24, 24) and torch.equal(x, want.flip(-1) if flip else want)
 
@@ -164,8 +164,7 @@ def test_gpu_mode_reads_bytes_and_draws_the_boxes_and_flips_of_cpu_mode(folder):
     crops.reseed(derive_seed("host", cpu.seed))  # the batch seed drives the draws: replay the first sample's
     boxes, flips = crops.draw(Image.open(io.BytesIO(first)))
     for view in (0, 1):
-        b = boxes[view]
-        assert gpu.inputs.boxes[view][0].tolist() == [b["top"], b["left"], b["height"], b["width"]]
+        assert gpu.inputs.boxes[view][0].tolist() == list(boxes[view])
         assert bool(gpu.inputs.flips[view][0]) == flips[view]
 
 
@@ -315,3 +314,37 @@ def test_feed_builds_no_tensor_from_host_data_on_the_device(folder):
         got = list(DeviceFeed(batches, torch.device("meta"), views))
     assert len(got) == len(batches) and all(b.x1.device.type == b.labels.device.type == "meta" for b in got)
     assert mode.found == []
+
+
+class _CollatedBatches(torch.utils.data.Dataset):
+    """Item r: HostCrops' collate of the same images reseeded with r, and whether it was made in shared memory (told
+    where it was made, before the loader hands it over)."""
+
+    def __init__(self, files: list[bytes], decode: str):
+        self.files, self.crops = files, host_crops(16, 3, decode=decode)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, r: int):
+        self.crops.reseed(r)
+        batch = self.crops.collate([self.crops(f, f"{i}.jpg") for i, f in enumerate(self.files)])
+        return batch, all(t.is_shared() for t in _tensors(batch)[:1])
+
+
+def _tensors(batch) -> list[torch.Tensor]:
+    return [batch.blob, *batch.boxes, *batch.flips] if isinstance(batch, Encoded) else list(batch)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_a_loader_worker_collates_into_shared_memory(decode):
+    """In a loader worker the batch is made in shared memory, so handing it to the training process copies nothing
+    (a plain tensor is copied into shared memory on the way); in the training process itself, plain memory. Same
+    batches either way."""
+    files = [_jpeg(40 + 3 * i, 30 + 2 * i) for i in range(4)]
+    ds = _CollatedBatches(files, decode)
+    here = [ds[r] for r in range(2)]
+    assert not any(shared for _, shared in here)
+    for r, (batch, made_shared) in enumerate(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)):
+        assert made_shared
+        assert all(torch.equal(a, b) for a, b in zip(_tensors(batch), _tensors(here[r][0]), strict=True))

@@ -32,6 +32,7 @@ from barlow.augment.views import (
     JITTER_OPS,
     SOLARIZE_THRESHOLD,
     AugmentSettings,
+    Box,
     Jitter,
     View,
     ViewsConfig,
@@ -41,7 +42,7 @@ from barlow.augment.views import (
 
 __all__ = [
     "BLUR_SIGMA", "CPU_CHUNK_PIXELS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "JITTER_OPS",
-    "SOLARIZE_THRESHOLD", "AugmentSettings", "DeviceViews", "Jitter", "ToImage", "View", "ViewParams", "ViewsConfig",
+    "SOLARIZE_THRESHOLD", "AugmentSettings", "Box", "DeviceViews", "Jitter", "ToImage", "View", "ViewParams", "ViewsConfig",
     "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "blur_kernel_size", "crop_box",
     "eval_transform", "gaussian_blur", "grayscale", "normalize", "solarize", "to_device", "train_transform",
 ]

@@ -20,6 +20,7 @@ purpose. Transforms without a RandomResizedCrop (evaluation's resize + centre cr
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 from torch.nn.functional import interpolate
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 from torchvision.transforms import v2
 
-from barlow.augment import ViewsConfig
+from barlow.augment import Box, ViewsConfig
 from barlow.data.decode import decode_image, decode_pixels, draft_scale, gpu_takes, jpeg_frame, open_image
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
@@ -94,7 +95,8 @@ class CropFirst:
     def __call__(self, data: bytes, name: str) -> Any:
         img = open_image(data, name)
         v = self.view
-        crops = [(v.crop.make_params([img]), v.out_h, v.out_w)]  # the box on the header size: nothing decoded yet
+        p = v.crop.make_params([img])  # the box on the header size: nothing decoded yet
+        crops = [((p["top"], p["left"], p["height"], p["width"]), v.out_h, v.out_w)]
         img, boxes, self.last_scale = decode_for_crops(img, name, self.channels, crops)
         return v.finish(v.convert(img), *boxes[0])
 
@@ -121,14 +123,14 @@ class ImageTransform:
         return tuple(out) if isinstance(out, list) else out  # a transform with several outputs: a tuple of batches
 
 
-def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[dict[str, int], int, int]],
-                     data: bytes | None = None) -> tuple[Any, list[tuple[int, int, int, int]], int]:
+def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[Box, int, int]],
+                     data: bytes | None = None) -> tuple[Any, list[Box], int]:
     """Decode an opened image for crops `(box on the full size, out_h, out_w)`: at the largest JPEG draft reduction
     that keeps every crop at least its output size. Returns the image (PIL; with `data`, the bytes it was opened
     from, a CHW uint8 tensor via decode.decode_pixels), each box as (top, left, height, width) scaled to the
     decoded size (inside it, at least 1 px), and the reduction."""
     width, height = img.size
-    room = min(min(b["width"] / out_w, b["height"] / out_h) for b, out_h, out_w in crops)
+    room = min(min(w / out_w, h / out_h) for (_, _, h, w), out_h, out_w in crops)
     scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
     min_size = (width // scale, height // scale) if scale > 1 else None
     if data is None:
@@ -138,10 +140,9 @@ def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tup
         img = decode_pixels(data, img, name, channels, min_size)
         dh, dw = img.shape[-2:]
     sx, sy, boxes = dw / width, dh / height, []
-    for b, _, _ in crops:
-        top, left = min(round(b["top"] * sy), dh - 1), min(round(b["left"] * sx), dw - 1)
-        boxes.append((top, left, max(1, min(round(b["height"] * sy), dh - top)),
-                      max(1, min(round(b["width"] * sx), dw - left))))
+    for (top, left, h, w), _, _ in crops:
+        top, left = min(round(top * sy), dh - 1), min(round(left * sx), dw - 1)
+        boxes.append((top, left, max(1, min(round(h * sy), dh - top)), max(1, min(round(w * sx), dw - left))))
     return img, boxes, scale
 
 
@@ -192,7 +193,7 @@ class HostCrops:
     def reseed(self, seed: int) -> None:
         self.rng.seed(seed)
 
-    def draw(self, img: Image.Image) -> tuple[list[dict[str, int]], list[bool]]:
+    def draw(self, img: Image.Image) -> tuple[list[Box], list[bool]]:
         """Both views' crop boxes and flips for an opened (not decoded) image."""
         return self.config.draw_host(self.rng, *img.size)
 
@@ -201,13 +202,13 @@ class HostCrops:
             frame = jpeg_frame(data)
             if gpu_takes(frame):  # the size from the frame header: no PIL on the path of most images
                 boxes, flips = self.config.draw_host(self.rng, frame.width, frame.height)
-                return data, _box_rows(boxes), flips, name, None
+                return data, boxes, flips, name, None
         img = open_image(data, name)
         boxes, flips = self.draw(img)
         crops = self._crops(data, img, name, boxes, flips)
-        return (b"", _box_rows(boxes), flips, name, crops) if self.decode == "gpu" else crops
+        return (b"", boxes, flips, name, crops) if self.decode == "gpu" else crops
 
-    def _crops(self, data: bytes, img: Image.Image, name: str, boxes: list[dict[str, int]],
+    def _crops(self, data: bytes, img: Image.Image, name: str, boxes: list[Box],
                flips: list[bool]) -> tuple[torch.Tensor, ...]:
         pixels, crops, self.last_scale = decode_for_crops(img, name, self.channels,
                                                           [(b, self.size, self.size) for b in boxes], data)
@@ -223,21 +224,30 @@ class HostCrops:
 
     def collate(self, samples: list[Any]) -> Any:
         if self.decode == "cpu":
-            return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
-        host = [i for i, s in enumerate(samples) if s[4] is not None]
+            return tuple(torch.stack([s[v] for s in samples], out=batch_tensor((len(samples), *samples[0][v].shape)))
+                         for v in (0, 1))
+        n, host = len(samples), [i for i, s in enumerate(samples) if s[4] is not None]
         empty = torch.empty(0, self.channels, self.size, self.size, dtype=torch.uint8)
-        boxes = torch.tensor([s[1] for s in samples], dtype=torch.long).transpose(0, 1)  # (views, B, 4)
-        flips = torch.tensor([s[2] for s in samples], dtype=torch.bool).transpose(0, 1)
+        boxes = torch.tensor([x for v in (0, 1) for s in samples for x in s[1][v]], dtype=torch.long).view(2, n, 4)
+        flips = torch.tensor([s[2][v] for v in (0, 1) for s in samples], dtype=torch.bool).view(2, n)
         sizes = [len(s[0]) for s in samples]
-        blob = torch.empty(sum(sizes), dtype=torch.uint8)
+        blob = batch_tensor((sum(sizes),))
         out, at = memoryview(blob.numpy()), 0
-        for s, n in zip(samples, sizes, strict=True):  # the one copy of the bytes on the host
-            out[at:at + n] = s[0]
-            at += n
+        for s, size in zip(samples, sizes, strict=True):  # the one copy of the bytes on the host
+            out[at:at + size] = s[0]
+            at += size
         return Encoded(blob, sizes, (boxes[0], boxes[1]), (flips[0], flips[1]),
                        [s[3] for s in samples], torch.tensor(host, dtype=torch.long),
                        tuple(torch.stack([samples[i][4][v] for i in host]) if host else empty for v in range(2)))
 
 
-def _box_rows(boxes: list[dict[str, int]]) -> list[list[int]]:
-    return [[b["top"], b["left"], b["height"], b["width"]] for b in boxes]
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised batch tensor; in a loader worker, in shared memory (as torch's default_collate makes them),
+    so handing the batch to the training process copies nothing: a plain tensor is copied into shared memory when
+    it is sent, which costs more than making the batch (about 20 us per ImageNet JPEG on the GPU data path)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # torch's own collate uses this private call
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+

@@ -10,6 +10,7 @@ header alone whether the batched GPU decoder takes an image.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from typing import NamedTuple
 
@@ -71,6 +72,8 @@ def decode_pixels(data: bytes, img: Image.Image, name: str, channels: int = 3,
 _SOF_BASELINE = (0xC0, 0xC1)  # baseline and extended sequential Huffman: what nvJPEG's batched decoder takes
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _HEADER_BYTES = 65536  # frame headers sit after the APPn segments, which are at most 64 KiB each in practice
+_U16 = struct.Struct(">H").unpack_from  # a segment's length
+_SOF_FIELDS = struct.Struct(">BHHB").unpack_from  # precision, height, width, components
 
 
 class JpegFrame(NamedTuple):
@@ -82,12 +85,14 @@ class JpegFrame(NamedTuple):
 
 def jpeg_frame(data: torch.Tensor | bytes | bytearray | memoryview) -> JpegFrame | None:
     """The frame header of a JPEG, or None when it is not a JPEG / the header is cut / the size is left to a DNL."""
-    # a view of the first bytes, never a copy: this runs per image on the host part of the GPU data path
-    b = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data).cast("B")[:_HEADER_BYTES]
-    if len(b) < 2 or b[0] != 0xFF or b[1] != 0xD8:
+    # read in place, never copied: this runs per image on the host part of the GPU data path
+    b = data if isinstance(data, bytes | bytearray) else memoryview(
+        data.numpy() if isinstance(data, torch.Tensor) else data).cast("B")
+    end = min(len(b), _HEADER_BYTES)
+    if end < 2 or b[0] != 0xFF or b[1] != 0xD8:
         return None
     i = 2
-    while i + 4 <= len(b):
+    while i + 4 <= end:
         if b[i] != 0xFF:
             return None
         marker = b[i + 1]
@@ -95,13 +100,13 @@ def jpeg_frame(data: torch.Tensor | bytes | bytearray | memoryview) -> JpegFrame
             i += 1
             continue
         if marker in _SOF:
-            if i + 9 >= len(b):
+            if i + 9 >= end:
                 return None
-            frame = JpegFrame(marker, b[i + 9], b[i + 5] << 8 | b[i + 6], b[i + 7] << 8 | b[i + 8])
-            return frame if frame.height and frame.width else None
+            _, height, width, components = _SOF_FIELDS(b, i + 4)  # after the marker and the length
+            return JpegFrame(marker, components, height, width) if height and width else None
         if marker == 0xDA:  # start of scan before any frame header
             return None
-        i += 2 + (b[i + 2] << 8 | b[i + 3])
+        i += 2 + _U16(b, i + 2)[0]
     return None
 
 
