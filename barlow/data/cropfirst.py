@@ -33,7 +33,16 @@ from torch.utils.data import default_collate, get_worker_info
 from torchvision.transforms import v2
 
 from barlow.augment import Box, ViewsConfig
-from barlow.data.decode import decode_image, decode_pixels, draft_scale, gpu_takes, jpeg_frame, open_image
+from barlow.data.decode import (
+    JpegFrame,
+    decode_image,
+    decode_pixels,
+    draft_scale,
+    gpu_takes,
+    image_size,
+    jpeg_frame,
+    open_image,
+)
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
 _BEFORE_CROP_OK = {"ToImage", "PILToTensor"}
@@ -123,13 +132,13 @@ class ImageTransform:
         return tuple(out) if isinstance(out, list) else out  # a transform with several outputs: a tuple of batches
 
 
-def decode_for_crops(img: Image.Image, name: str, channels: int, crops: list[tuple[Box, int, int]],
+def decode_for_crops(img: Image.Image | JpegFrame, name: str, channels: int, crops: list[tuple[Box, int, int]],
                      data: bytes | None = None) -> tuple[Any, list[Box], int]:
-    """Decode an opened image for crops `(box on the full size, out_h, out_w)`: at the largest JPEG draft reduction
-    that keeps every crop at least its output size. Returns the image (PIL; with `data`, the bytes it was opened
-    from, a CHW uint8 tensor via decode.decode_pixels), each box as (top, left, height, width) scaled to the
-    decoded size (inside it, at least 1 px), and the reduction."""
-    width, height = img.size
+    """Decode an opened image (or a JPEG known by its frame header) for crops `(box on the full size, out_h,
+    out_w)`: at the largest JPEG draft reduction that keeps every crop at least its output size. Returns the image
+    (PIL; with `data`, the bytes it was opened from, a CHW uint8 tensor via decode.decode_pixels), each box as
+    (top, left, height, width) scaled to the decoded size (inside it, at least 1 px), and the reduction."""
+    width, height = image_size(img)
     room = min(min(w / out_w, h / out_h) for (_, _, h, w), out_h, out_w in crops)
     scale = next((s for s in (8, 4, 2) if room >= s and draft_scale(width, height, (width // s, height // s)) == s), 1)
     min_size = (width // scale, height // scale) if scale > 1 else None
@@ -198,17 +207,17 @@ class HostCrops:
         return self.config.draw_host(self.rng, *img.size)
 
     def __call__(self, data: bytes, name: str) -> Any:
-        if self.decode == "gpu":
-            frame = jpeg_frame(data)
-            if gpu_takes(frame):  # the size from the frame header: no PIL on the path of most images
-                boxes, flips = self.config.draw_host(self.rng, frame.width, frame.height)
-                return data, boxes, flips, name, None
-        img = open_image(data, name)
-        boxes, flips = self.draw(img)
+        # a JPEG's size comes from its frame header: PIL opens only what that cannot tell (PNG, CMYK, a cut header)
+        frame = jpeg_frame(data)
+        img: Image.Image | JpegFrame = frame if frame is not None and frame.components in (1, 3) else open_image(
+            data, name)
+        boxes, flips = self.config.draw_host(self.rng, *image_size(img))
+        if self.decode == "gpu" and gpu_takes(frame):
+            return data, boxes, flips, name, None
         crops = self._crops(data, img, name, boxes, flips)
         return (b"", boxes, flips, name, crops) if self.decode == "gpu" else crops
 
-    def _crops(self, data: bytes, img: Image.Image, name: str, boxes: list[Box],
+    def _crops(self, data: bytes, img: Image.Image | JpegFrame, name: str, boxes: list[Box],
                flips: list[bool]) -> tuple[torch.Tensor, ...]:
         pixels, crops, self.last_scale = decode_for_crops(img, name, self.channels,
                                                           [(b, self.size, self.size) for b in boxes], data)

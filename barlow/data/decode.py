@@ -19,6 +19,22 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+_SOF_BASELINE = (0xC0, 0xC1)  # baseline and extended sequential Huffman: what nvJPEG's batched decoder takes
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_HEADER_BYTES = 65536  # frame headers sit after the APPn segments, which are at most 64 KiB each in practice
+_U16 = struct.Struct(">H").unpack_from  # a segment's length
+_SOF_FIELDS = struct.Struct(">BHHB").unpack_from  # precision, height, width, components
+
+
+class JpegFrame(NamedTuple):
+    marker: int  # the SOF marker: 0xC0 baseline, 0xC2 progressive, ...
+    components: int  # 1 grey, 3 YCbCr, 4 CMYK
+    height: int
+    width: int
+
+
+_FRAME_MODES = {1: "L", 3: "RGB"}  # the mode PIL opens a JPEG of 1 or 3 components in
+
 
 class CorruptImage(Exception):
     """An image that cannot be decoded; the message names it."""
@@ -53,12 +69,15 @@ def decode_image(data: bytes | Image.Image, name: str, channels: int = 3,
 _SAME_AS_PIL = {("RGB", "RGB"), ("L", "L"), ("L", "RGB")}
 
 
-def decode_pixels(data: bytes, img: Image.Image, name: str, channels: int = 3,
+def decode_pixels(data: bytes, img: Image.Image | JpegFrame, name: str, channels: int = 3,
                   min_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """`decode_image(img, ...)` as a CHW uint8 tensor. A JPEG at full size whose mode needs no PIL conversion is
-    decoded from `data` (the bytes `img` was opened from) by torchvision straight to a tensor: ~4x cheaper."""
+    """`decode_image(img, ...)` as a CHW uint8 tensor, `img` opened from `data` (or a JPEG's frame header, where
+    PIL has not opened it). A JPEG at full size whose mode needs no PIL conversion is decoded by torchvision
+    straight to a tensor: ~4x cheaper."""
     mode = "RGB" if channels == 3 else "L"
-    if min_size is None and img.format == "JPEG" and (img.mode, mode) in _SAME_AS_PIL:
+    stored = _FRAME_MODES.get(img.components) if isinstance(img, JpegFrame) else (
+        img.mode if img.format == "JPEG" else None)
+    if min_size is None and (stored, mode) in _SAME_AS_PIL:
         try:
             with warnings.catch_warnings():  # torchvision.io's decoders are deprecated from 0.29 (pinned here)
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -66,21 +85,13 @@ def decode_pixels(data: bytes, img: Image.Image, name: str, channels: int = 3,
                                    mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
         except Exception as e:  # truncated data, bad Huffman tables, ...: all mean "corrupt"
             raise CorruptImage(f"{name}: cannot decode image ({e})") from None
-    return pil_to_tensor(decode_image(img, name, channels, min_size))
+    return pil_to_tensor(decode_image(open_image(data, name) if isinstance(img, JpegFrame) else img, name, channels,
+                                      min_size))
 
 
-_SOF_BASELINE = (0xC0, 0xC1)  # baseline and extended sequential Huffman: what nvJPEG's batched decoder takes
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_HEADER_BYTES = 65536  # frame headers sit after the APPn segments, which are at most 64 KiB each in practice
-_U16 = struct.Struct(">H").unpack_from  # a segment's length
-_SOF_FIELDS = struct.Struct(">BHHB").unpack_from  # precision, height, width, components
-
-
-class JpegFrame(NamedTuple):
-    marker: int  # the SOF marker: 0xC0 baseline, 0xC2 progressive, ...
-    components: int  # 1 grey, 3 YCbCr, 4 CMYK
-    height: int
-    width: int
+def image_size(img: Image.Image | JpegFrame) -> tuple[int, int]:
+    """(width, height) of an opened image or of a JPEG's frame header."""
+    return (img.width, img.height) if isinstance(img, JpegFrame) else img.size
 
 
 def jpeg_frame(data: torch.Tensor | bytes | bytearray | memoryview) -> JpegFrame | None:
