@@ -111,7 +111,7 @@ class TwoViewsCropFirst:
 
     def __call__(self, data: bytes, name: str) -> Any:
         img = open_image(data, name)
-        crops = [(v.crop.make_params([img]), v.out_h, v.out_w) for v in self.views]
+        crops = [(v.draw_box(img), v.out_h, v.out_w) for v in self.views]
         img, boxes, self.last_scale = decode_for_crops(img, name, self.channels, crops)
         converted = self.views[0].convert(img)  # both views begin with the same conversion: once for both
         return tuple(v.finish(converted, *box) for box, v in zip(boxes, self.views, strict=True))

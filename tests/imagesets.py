@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,13 @@ class IdTag:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         r, g, b = img.getpixel((0, 0))[:3]
         return torch.tensor([r + 256 * g, b, torch.rand(()).item()], dtype=torch.float64)
+
+
+class Pid:
+    """A transform returning the id of the process that ran it."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.tensor([float(os.getpid())])
 
 
 def ids_of(batches) -> list[int]:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from imagesets import IdTag, ids_of, write_tagged_folder
+from imagesets import IdTag, Pid, ids_of, write_tagged_folder
 from s3server import SlowDownProxy
 
 from barlow import storage
@@ -203,15 +203,6 @@ def test_the_spec_accepts_exactly_the_registered_formats():
     assert sorted(registered) == sorted(DATA_FORMATS)
     assert all(set(vars(cls)) >= {"count", "loader"} for cls in registered.values())
     assert isinstance(HostCrops(ViewsConfig(16)), SampleTransform) and isinstance(ImageTransform(Tag(), 3), SampleTransform)
-
-
-class Pid:
-    """A transform returning the id of the process that ran it."""
-
-    def __call__(self, img):
-        import os
-
-        return torch.tensor([float(os.getpid())])
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
 
 import pytest
 import torch
-from imagesets import IdTag, ids_of, write_jpeg_folder, write_tagged_folder
+from imagesets import IdTag, Pid, ids_of, write_jpeg_folder, write_tagged_folder
 
 from barlow import storage
 from barlow.data import open_source
@@ -128,6 +129,26 @@ def test_resume_mid_epoch_serves_exactly_the_rest(tagged, workers, buffer, k):
     assert len(interrupted) == k and len(resumed) == len(full) - k
     # the same batches in the same order, with the same augmentation draws: nothing lost, nothing repeated
     assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(full, [b for _, b in interrupted] + resumed, strict=True))
+
+
+def test_loader_workers_serve_every_epoch_and_the_same_batches_as_new_workers(tagged):
+    """The shard loader's workers start once for a set of loader arguments and plan each epoch themselves: one
+    worker process serves three epochs, other arguments start new ones, and with workers every epoch (and a resume
+    inside one) serves exactly the batches of a new source's new workers."""
+    src = source(tagged[0])
+    kw = dict(transform=ImageTransform(Pid(), 3), batch_size=16, rank=0, world_size=1, seed=3, workers=1)
+    pids = {int(v) for e in range(3) for b in src.loader(epoch=e, **kw) for v in b.inputs[:, 0]}
+    assert len(pids) == 1 and pids != {os.getpid()}
+    assert {int(v) for b in src.loader(epoch=0, **{**kw, "batch_size": 8}) for v in b.inputs[:, 0]} != pids
+
+    kw = dict(transform=ImageTransform(IdTag(), 3), batch_size=8, rank=1, world_size=2, seed=3, workers=2)
+    when = ((0, 0), (1, 0), (1, 3), (2, 0))
+    one = [list(src.loader(epoch=e, start_step=s, **kw)) for e, s in when]
+    fresh = [list(source(tagged[0]).loader(epoch=e, start_step=s, **kw)) for e, s in when]  # new workers each
+    for a, b in zip(one, fresh, strict=True):
+        assert len(a) == len(b) > 0 and all(torch.equal(x.inputs, y.inputs) and torch.equal(x.labels, y.labels)
+                                            for x, y in zip(a, b, strict=True))
+    assert ids_of(one[0]) != ids_of(one[1])  # epochs differ
 
 
 def test_resume_at_the_end_of_an_epoch_serves_nothing(tagged):

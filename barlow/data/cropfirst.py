@@ -59,6 +59,11 @@ class SplitView:
         self.before, self.crop, self.after = before, crop, after
         self.out_h, self.out_w = crop.size
 
+    def draw_box(self, img: Image.Image) -> Box:
+        """The crop's box on an opened image's full size (the crop's own make_params: its RNG, its distribution)."""
+        p = self.crop.make_params([img])
+        return p["top"], p["left"], p["height"], p["width"]
+
     def convert(self, img: Image.Image) -> Any:
         for t in self.before:
             img = t(img)
@@ -104,8 +109,7 @@ class CropFirst:
     def __call__(self, data: bytes, name: str) -> Any:
         img = open_image(data, name)
         v = self.view
-        p = v.crop.make_params([img])  # the box on the header size: nothing decoded yet
-        crops = [((p["top"], p["left"], p["height"], p["width"]), v.out_h, v.out_w)]
+        crops = [(v.draw_box(img), v.out_h, v.out_w)]  # the box on the header size: nothing decoded yet
         img, boxes, self.last_scale = decode_for_crops(img, name, self.channels, crops)
         return v.finish(v.convert(img), *boxes[0])
 

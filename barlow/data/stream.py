@@ -8,7 +8,8 @@ One epoch, as a plan computed from the index alone (no I/O):
    Evaluation: N is cut into W contiguous ranges differing by at most one sample; the last batch may be short.
 3. A rank's batches j = 0..nb-1 go round-robin to its loader workers (j % workers); each worker reads one
    contiguous part of the rank's range, so workers read different shards (ranges may split a shard: the
-   samples before a split point are read and dropped, never decoded).
+   samples before a split point are read and dropped, never decoded). The workers persist across epochs and plan
+   each epoch themselves.
 4. Shuffle (training): each worker emits its samples through a bounded buffer of data.shuffle_buffer samples
    (fill, then emit a random slot and refill it; drain shuffled), seeded by (seed, epoch, rank, worker).
    The order is computed on sample positions before reading, so a resume knows exactly what was served.
@@ -29,6 +30,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from barlow import storage
@@ -148,6 +150,7 @@ class ShardSource:
         self.index: ShardIndex = load_index(url, self.s3)
         self.classes: list[str] = self.index.classes
         self.num_samples: int = self.index.num_samples
+        self._loader: tuple[tuple, _RankEpochs, DataLoader | None] | None = None
 
     def count(self, subset_percent: int = 100) -> int:
         """Samples in the `subset_percent` % label subset (all of them at 100)."""
@@ -160,43 +163,83 @@ class ShardSource:
 
         drop_last: exactly `count(subset_percent) // (batch_size * world_size) - start_step` full batches.
         Otherwise every sample exactly once across ranks, the last batch of a rank may be short.
+        The loader workers are started once for a set of arguments other than `epoch` and `start_step`, and serve
+        every epoch: an epoch does not pay for starting them again.
         """
         self.index.check_percent(subset_percent)
-        counts = [self.index.samples_in(i, subset_percent) for i in range(len(self.index.shards))]
-        plans = epoch_plan(counts, batch_size=batch_size, rank=rank, world_size=world_size, workers=workers, seed=seed,
-                           epoch=epoch, start_step=start_step, shuffle=shuffle, drop_last=drop_last,
-                           shuffle_buffer=self.data.shuffle_buffer)
-        # DataLoader asks workers round-robin from worker 0; rotate so the first asked holds batch start_step
-        n = len(plans)
-        plans = [plans[(slot + start_step) % n] for slot in range(n)]
-        reader = _Reader(self.index, self.data, self.s3, subset_percent, transform, (seed, epoch, rank))
-        return ShardLoader(reader, plans, workers, pin_memory)
+        args = _EpochArgs(batch_size, rank, world_size, seed, max(1, workers), shuffle, drop_last, subset_percent)
+        key = (args, transform, workers, pin_memory)
+        if self._loader is None or self._loader[0] != key:
+            self._loader = None  # the previous workers stop once their loader is collected
+            rank_epochs = _RankEpochs(self.index, self.data, self.s3, transform, args)
+            self._loader = key, rank_epochs, DataLoader(
+                rank_epochs, batch_size=None, num_workers=workers, prefetch_factor=2, persistent_workers=True,
+                pin_memory=pin_memory) if workers else None
+        _, rank_epochs, dataloader = self._loader
+        plans = rank_epochs.plans(epoch, start_step)  # here too: a bad start_step is an error in this process
+        return ShardLoader(rank_epochs, dataloader, epoch, start_step, sum(len(p.batch_sizes) - p.skip for p in plans))
+
+
+@dataclass(frozen=True)
+class _EpochArgs:
+    """Everything that plans one rank's epochs but the epoch and the start step."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    workers: int
+    shuffle: bool
+    drop_last: bool
+    percent: int
 
 
 class ShardLoader:
-    """The iterable `loader()` returns; len() is the number of batches it yields."""
+    """One epoch of one rank (what `loader()` returns); len() is the number of batches it yields. One epoch of a
+    source is iterated at a time."""
 
-    def __init__(self, reader: _Reader, plans: list[WorkerPlan], workers: int, pin_memory: bool):
-        self.reader, self.plans, self.workers, self.pin_memory = reader, plans, workers, pin_memory
+    def __init__(self, rank_epochs: _RankEpochs, loader: DataLoader | None, epoch: int, start_step: int,
+                 batches: int):
+        self.rank_epochs, self.loader = rank_epochs, loader  # loader None: no workers, read in this process
+        self.epoch, self.start_step, self.batches = epoch, start_step, batches
 
     def __len__(self) -> int:
-        return sum(len(p.batch_sizes) - p.skip for p in self.plans)
+        return self.batches
 
     def __iter__(self) -> Iterator[HostBatch]:
-        if self.workers == 0:
-            return self.reader.run(self.plans[0])
-        dataset = _WorkerStreams(self.reader, self.plans)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=2,
-                               persistent_workers=False, pin_memory=self.pin_memory))
+        self.rank_epochs.set_epoch(self.epoch, self.start_step)
+        return iter(self.loader) if self.loader is not None else iter(self.rank_epochs)
 
 
-class _WorkerStreams(IterableDataset):
-    def __init__(self, reader: _Reader, plans: list[WorkerPlan]):
-        self.reader, self.plans = reader, plans
+class _RankEpochs(IterableDataset):
+    """One rank's epochs, as persistent loader workers serve them: before each epoch the training process writes
+    the epoch and start step into shared memory (`set_epoch`), and each worker plans its own part of it (a plan
+    needs the index only)."""
+
+    def __init__(self, index: ShardIndex, data: DataSpec, s3: storage.S3Settings, transform: SampleTransform,
+                 args: _EpochArgs):
+        self.index, self.data, self.s3, self.transform, self.args = index, data, s3, transform, args
+        self.counts = [index.samples_in(i, args.percent) for i in range(len(index.shards))]
+        self.epoch = torch.zeros(2, dtype=torch.long).share_memory_()  # epoch, start step: read by the workers
+
+    def set_epoch(self, epoch: int, start_step: int) -> None:
+        self.epoch[0], self.epoch[1] = epoch, start_step  # before the loader signals its workers to start the epoch
+
+    def plans(self, epoch: int, start_step: int) -> list[WorkerPlan]:
+        """Per worker slot in the order the DataLoader asks them (round-robin from worker 0): the first asked
+        holds batch start_step."""
+        a = self.args
+        plans = epoch_plan(self.counts, batch_size=a.batch_size, rank=a.rank, world_size=a.world_size,
+                           workers=a.workers, seed=a.seed, epoch=epoch, start_step=start_step, shuffle=a.shuffle,
+                           drop_last=a.drop_last, shuffle_buffer=self.data.shuffle_buffer)
+        return [plans[(slot + start_step) % len(plans)] for slot in range(len(plans))]
 
     def __iter__(self) -> Iterator[HostBatch]:
+        epoch, start_step = self.epoch.tolist()
         info = get_worker_info()
-        return self.reader.run(self.plans[info.id if info else 0])
+        reader = _Reader(self.index, self.data, self.s3, self.args.percent, self.transform,
+                         (self.args.seed, epoch, self.args.rank))
+        return reader.run(self.plans(epoch, start_step)[info.id if info else 0])
 
 
 class _Reader:
