@@ -225,11 +225,16 @@ def test_names_fit(name):
 
 @pytest.mark.parametrize("key", IDS)
 def test_the_trainjob_keeps_trainer_v2_4_rules(key, runtime):
-    """Trainer v2.4 limits a runtime's ReplicatedJob names to 20 characters; its DRA field `resourceClaimsPerNode` is
-    alpha, so barlow does not use it (extended resources go through resourcesPerNode)."""
+    """Trainer v2.4.0's release notes: "limit ReplicatedJob name length to 20 characters in runtimes" (#4394, a
+    breaking change): the runtime barlow patches, and the name it patches, fit. v2.4.0 adds DRA as
+    `spec.trainer.resourceClaimsPerNode` behind the controller's alpha `DynamicResourceAllocation` feature gate, and
+    rejects `resourcesPerNode.claims` (docs/operator-guides/dynamic-resource-allocation.md): barlow uses neither
+    (extended resources go through resourcesPerNode's requests and limits)."""
     job = render(tj(key))[1]
     patched = [rj["name"] for p in job["spec"]["runtimePatches"]
                for rj in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
     in_runtime = [rj["name"] for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]]
-    assert patched and all(len(n) <= 20 for n in patched + in_runtime), patched + in_runtime
-    assert "resourceClaimsPerNode" not in job["spec"]["trainer"]
+    assert patched == [REPLICATED_JOB] and REPLICATED_JOB in in_runtime
+    assert all(len(n) <= 20 for n in patched + in_runtime), patched + in_runtime
+    trainer = job["spec"]["trainer"]
+    assert "resourceClaimsPerNode" not in trainer and set(trainer["resourcesPerNode"]) == {"requests", "limits"}

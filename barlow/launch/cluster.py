@@ -347,9 +347,13 @@ def _submit_job(api: client.ApiClient, b: Backend, policy: dict[str, Any], job: 
     if done is None:
         try:
             done = _create(api, res, job, dry_run, lambda other: _same_or_conflict(res, other, job))
-        except ClusterError:
+        except ClusterError as refused:
             if fence.outcome == "created":
-                _delete_policy(api, policy)
+                try:
+                    _delete_policy(api, policy)
+                except ClusterError as e:
+                    raise type(refused)(f"{refused}; and its networkpolicy {policy['metadata']['name']} is left "
+                                        f"behind: {e}") from None
             raise
     owners = [o.get("uid") for o in ((found or {}).get("metadata") or {}).get("ownerReferences") or []]
     if not dry_run and done.uid and owners != [done.uid]:
