@@ -60,6 +60,7 @@ class FakeKube:
     drops: list[bool] = field(default_factory=list)  # per coming object GET: True hangs up without answering
     # plural -> message: a create of that resource denied by an admission webhook (422), as Trainer's or Kueue's
     denies: dict[str, str] = field(default_factory=dict)
+    delete_fails: set[str] = field(default_factory=set)  # plurals whose DELETE answers 503, as an overloaded API server
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -284,6 +285,9 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                     store[name]["status"] = change.get("status", store[name].get("status"))
                 return self._send(200, {k: v for k, v in store[name].items() if k != "_seen"})
             if method == "DELETE":
+                if plural in fake.delete_fails:
+                    return self._send(503, _status_body(503, "ServiceUnavailable", "the server is currently unable to "
+                                                        "handle the request"))
                 obj = store.pop(name)
                 return self._send(200, obj)
             if method == "PATCH":

@@ -163,6 +163,16 @@ def test_a_refused_job_leaves_no_policy_behind(kube, tmp_path, backend, refusal)
     assert policies(kube) == {} and stored_jobs(kube, backend) == {}
 
 
+def test_a_policy_that_cannot_be_deleted_after_a_refusal_is_named_in_the_one_line(kube, tmp_path):
+    kube.denies["trainjobs"] = "refused"
+    kube.delete_fails.add("networkpolicies")
+    result = barlow("submit", "pretrain", spec_file(tmp_path, "trainjob"))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ("error: the API server rejected trainjob demo: admission webhook denied the request: "
+                                     "refused; and its networkpolicy demo-peers is left behind: the Kubernetes API "
+                                     "answered 503 Service Unavailable: the server is currently unable to handle the request")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_missing_crd_is_found_before_anything_is_written(kube, tmp_path, backend):
     setattr(kube, {"pytorchjob": "crd", "trainjob": "trainer"}[backend], False)
