@@ -1,7 +1,8 @@
 """A stand-in for the slice of the Kubernetes REST API that barlow's cluster commands use.
 
 A real HTTP server on 127.0.0.1 (http.server in a thread) that stores namespaced objects under /apis
-(PyTorchJobs, TrainJobs, batch Jobs, Kueue Workloads), lists pods (with the statuses kubelet and the scheduler
+(PyTorchJobs, TrainJobs, batch Jobs, NetworkPolicies, Kueue Workloads; create, get, list, JSON merge patch, delete),
+lists pods (with the statuses kubelet and the scheduler
 write: see the pod status builders at the end), their events and their logs under /api/v1, and answers errors the way
 kube-apiserver does: a Status body with reason and details (404 for an unknown object, a missing namespace or
 an API group that is not installed; 403 when forbidden; 409 when the name is taken). Every request is recorded.
@@ -57,6 +58,9 @@ class FakeKube:
     # job name -> {"status": ..., "spec": {...}} changes applied one per GET (a TrainJob's, or Kueue's suspend/resume)
     scripted: dict[str, list[dict]] = field(default_factory=dict)
     drops: list[bool] = field(default_factory=list)  # per coming object GET: True hangs up without answering
+    # plural -> message: a create of that resource denied by an admission webhook (422), as Trainer's or Kueue's
+    denies: dict[str, str] = field(default_factory=dict)
+    delete_fails: set[str] = field(default_factory=set)  # plurals whose DELETE answers 503, as an overloaded API server
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -142,6 +146,19 @@ def _status_body(code: int, reason: str, message: str, details: dict | None = No
             "reason": reason, "details": details or {}, "code": code}
 
 
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: maps merge, null deletes a key, anything else (lists too) replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
 def _match_labels(obj: dict, selector: str | None) -> bool:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     pairs = [p.split("=", 1) for p in (selector or "").split(",") if p]
@@ -189,7 +206,7 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 m = NAMESPACED.match(path)
                 resource = f"{m['plural']}.{m['group']}" if m else "pods"
                 ns = m["ns"] if m else ""
-                verb = {"POST": "create", "DELETE": "delete"}.get(method, "get")
+                verb = {"POST": "create", "DELETE": "delete", "PATCH": "patch"}.get(method, "get")
                 return self._send(403, _status_body(403, "Forbidden", f'{resource} is forbidden: User "{USER}" cannot {verb} '
                                                     f'resource "{resource.split(".")[0]}" in the namespace "{ns}"'))
             if path.startswith("/apis/kubeflow.org") and not fake.crd:
@@ -238,6 +255,9 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                     return self._send(404, _status_body(404, "NotFound", f'namespaces "{ns}" not found',
                                                         {"name": ns, "kind": "namespaces"}))
                 new = body["metadata"]["name"]
+                if plural in fake.denies:
+                    return self._send(422, _status_body(422, "Invalid", f'admission webhook denied the request: '
+                                                        f'{fake.denies[plural]}', {"name": new, "group": group, "kind": plural}))
                 if new in store:
                     return self._send(409, _status_body(409, "AlreadyExists", f'{plural}.{group} "{new}" already exists',
                                                         {"name": new, "group": group, "kind": plural}))
@@ -265,8 +285,16 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                     store[name]["status"] = change.get("status", store[name].get("status"))
                 return self._send(200, {k: v for k, v in store[name].items() if k != "_seen"})
             if method == "DELETE":
+                if plural in fake.delete_fails:
+                    return self._send(503, _status_body(503, "ServiceUnavailable", "the server is currently unable to "
+                                                        "handle the request"))
                 obj = store.pop(name)
                 return self._send(200, obj)
+            if method == "PATCH":
+                if self.headers.get("Content-Type") != "application/merge-patch+json":
+                    return self._send(415, _status_body(415, "UnsupportedMediaType", "this fake applies JSON merge patches only"))
+                store[name] = _merge_patch(store[name], body)
+                return self._send(200, store[name])
             return self._send(405, _status_body(405, "MethodNotAllowed", f"{method} not supported here"))
 
         def do_GET(self) -> None:
@@ -277,6 +305,9 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
 
         def do_DELETE(self) -> None:
             self._handle("DELETE")
+
+        def do_PATCH(self) -> None:
+            self._handle("PATCH")
 
     return Handler
 

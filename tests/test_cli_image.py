@@ -131,7 +131,7 @@ def test_the_follow_up_runs_without_torch(tmp_path, monkeypatch):
                                    env={"BARLOW_SPEC": dump_spec(eval_spec), "KUBECONFIG": str(kubeconfig)})
         assert out.returncode == 0, out.stderr
         assert "pytorchjob demo-eval in namespace barlow: created" in out.stdout
-        assert kube.calls("POST")[-1].body == render(eval_spec)[0]
+        assert [p.body for p in kube.calls("POST")[-2:]] == render(eval_spec)  # its policy, then the eval
 
 
 @pytest.mark.parametrize("args", [["render", "pipeline", "{spec}"], ["plan", "{spec}", "--images", "1000"],

@@ -22,6 +22,7 @@ from barlow.spec import dump_spec, parse_spec
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/barlow/pytorchjobs"
 BATCH = "/apis/batch/v1/namespaces/barlow/jobs"
+POLICIES = "/apis/networking.k8s.io/v1/namespaces/barlow/networkpolicies"
 SPEC = {
     "kind": "pretrain", "name": "demo",
     "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
@@ -68,10 +69,13 @@ def test_submit_creates_the_rendered_job_with_the_kubeconfig_credentials(kube, s
     assert [(r.method, r.path) for r in kube.requests] == [
         ("GET", f"{JOBS}/demo"),  # is the name taken?
         ("GET", "/apis/kubeflow.org/v1"),  # a 404 for the job, not for the whole API: the CRD is there
+        ("GET", f"{POLICIES}/demo-peers"),
+        ("POST", POLICIES),  # the job's NetworkPolicy first: no pod of the job starts without it
         ("POST", JOBS),
+        ("PATCH", f"{POLICIES}/demo-peers"),  # then owned by the job
     ]
-    post = kube.requests[-1]
-    assert post.body == render(parse_spec(SPEC))[0]
+    policy, post = kube.calls("POST")
+    assert [policy.body, post.body] == render(parse_spec(SPEC))
     assert "dryRun" not in post.query
     assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in kube.requests)
     assert list(kube.stored()) == ["demo"]
@@ -82,7 +86,8 @@ def test_resubmitting_the_same_spec_creates_nothing(kube, spec_file):
     again = barlow("submit", "pretrain", spec_file)
     assert again.exit_code == 0, again.stderr
     assert "pytorchjob demo in namespace barlow: already submitted" in again.stdout
-    assert len(kube.calls("POST")) == 1
+    assert "networkpolicy demo-peers in namespace barlow: already submitted" in again.stdout
+    assert len(kube.calls("POST")) == 2 and len(kube.calls("PATCH")) == 1
 
 
 def test_same_name_with_another_spec_is_a_clear_error(kube, spec_file, tmp_path):
@@ -95,23 +100,24 @@ def test_same_name_with_another_spec_is_a_clear_error(kube, spec_file, tmp_path)
     old, new = parse_spec(SPEC).spec_hash(), parse_spec(yaml.safe_load(changed.read_text())).spec_hash()
     assert f"pytorchjob demo already exists in namespace 'barlow' with a different spec (hash {old}, this spec {new})" in line
     assert "barlow delete demo" in line
-    assert len(kube.calls("POST")) == 1
+    assert len(kube.calls("POST")) == 2  # the first submit's policy and job
 
 
 def test_dry_run_asks_the_server_to_validate_without_creating(kube, spec_file):
     result = barlow("submit", "pretrain", spec_file, "--dry-run")
     assert result.exit_code == 0, result.stderr
     assert "valid (server dry run; nothing created)" in result.stdout
-    (post,) = kube.calls("POST")
-    assert post.path == JOBS and post.query == {"dryRun": "All"}
-    assert kube.stored() == {}
+    assert [(p.path, p.query) for p in kube.calls("POST")] == [(POLICIES, {"dryRun": "All"}), (JOBS, {"dryRun": "All"})]
+    assert kube.stored() == {} and kube.stored("networkpolicies", group="networking.k8s.io/v1") == {}
+    assert not kube.calls("PATCH")
 
 
 def test_namespace_option_moves_the_job_and_the_spec_it_carries(kube, spec_file):
     kube.namespaces.add("team-a")
     result = barlow("submit", "pretrain", spec_file, "--namespace", "team-a")
     assert result.exit_code == 0, result.stderr
-    (post,) = kube.calls("POST")
+    policy, post = kube.calls("POST")
+    assert policy.path == "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies"
     assert post.path == "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs"
     assert post.body["metadata"]["namespace"] == "team-a"
     env = post.body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
@@ -125,16 +131,16 @@ def test_submit_pipeline_creates_pretrain_then_a_follow_up_owned_by_it(kube, spe
     assert result.exit_code == 0, result.stderr
     assert "pytorchjob demo in namespace barlow: created" in result.stdout
     assert "job demo-follow-up in namespace barlow: created" in result.stdout
-    pretrain, follow = kube.calls("POST")
-    assert (pretrain.path, follow.path) == (JOBS, BATCH)
-    expected = render(parse_spec(SPEC), "pipeline")[1]
+    policy, pretrain, follow = kube.calls("POST")
+    assert (policy.path, pretrain.path, follow.path) == (POLICIES, JOBS, BATCH)
+    expected = render(parse_spec(SPEC), "pipeline")[2]
     owner = follow.body["metadata"].pop("ownerReferences")
     assert follow.body == expected
     assert owner == [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "demo",
                       "uid": kube.stored()["demo"]["metadata"]["uid"]}]
     again = barlow("submit", "pipeline", spec_file)
-    assert again.exit_code == 0 and again.stdout.count("already submitted") == 2
-    assert len(kube.calls("POST")) == 2
+    assert again.exit_code == 0 and again.stdout.count("already submitted") == 3
+    assert len(kube.calls("POST")) == 3
 
 
 def test_follow_up_submits_the_eval_once_pretrain_succeeds(kube, spec_file, monkeypatch):
@@ -147,7 +153,7 @@ def test_follow_up_submits_the_eval_once_pretrain_succeeds(kube, spec_file, monk
     assert [line.split(": ")[1].split(" ")[0] for line in result.stdout.splitlines() if line.startswith("pytorchjob demo:")] == [
         "Created", "Running", "Succeeded"]
     assert "pytorchjob demo-eval in namespace barlow: created" in result.stdout
-    assert kube.calls("POST")[-1].body == render(eval_spec)[0]
+    assert [p.body for p in kube.calls("POST")[-2:]] == render(eval_spec)  # the eval's policy, then the eval
 
 
 def test_follow_up_does_not_start_the_eval_after_a_failed_pretrain(kube, spec_file, monkeypatch):
@@ -157,7 +163,7 @@ def test_follow_up_does_not_start_the_eval_after_a_failed_pretrain(kube, spec_fi
     result = barlow("submit", "eval", "--after", "demo", "--poll", "0.01")
     assert result.exit_code == 1
     assert "pytorchjob demo failed: job failed; the eval is not started" in one_error_line(result)
-    assert len(kube.calls("POST")) == 1
+    assert len(kube.calls("POST")) == 2  # the pretrain's policy and job
 
 
 def test_status_shows_phase_replicas_and_hash(kube, spec_file):

@@ -55,10 +55,12 @@ def test_submit_creates_the_rendered_trainjob_with_the_queue_label(kube, tmp_pat
     assert result.exit_code == 0, result.stderr
     assert "trainjob demo in namespace barlow: created" in result.stdout
     assert "watch it: barlow status demo -n barlow   (" in result.stdout  # trainjob is the default backend: no -b
+    policies = "/apis/networking.k8s.io/v1/namespaces/barlow/networkpolicies"
     assert [(r.method, r.path) for r in kube.requests] == [
-        ("GET", f"{TRAINJOBS}/demo"), ("GET", "/apis/trainer.kubeflow.org/v1alpha1"), ("POST", TRAINJOBS)]
-    body = kube.requests[-1].body
-    assert body == render(parse_spec(SPEC))[0]
+        ("GET", f"{TRAINJOBS}/demo"), ("GET", "/apis/trainer.kubeflow.org/v1alpha1"), ("GET", f"{policies}/demo-peers"),
+        ("POST", policies), ("POST", TRAINJOBS), ("PATCH", f"{policies}/demo-peers")]
+    body = kube.calls("POST")[-1].body
+    assert body == render(parse_spec(SPEC))[1]
     assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team"
     assert SECRET not in str([r.body for r in kube.requests]) + result.stdout + result.stderr
     again = barlow("submit", "pretrain", spec_file(tmp_path))

@@ -76,14 +76,14 @@ def test_an_eval_that_does_not_fit_its_overrides_is_refused_before_anything_runs
 @pytest.mark.parametrize("specs, key", [(SPECS, "pretrain-4x8gpu"), (TRAINJOB_SPECS, "pretrain-4x8gpu-kueue")])
 def test_the_pipelines_eval_renders_as_one_node_by_default(specs, key):
     pretrain = parse_spec(specs[key])
-    (job,) = render(pretrain, "eval")
+    _, job = render(pretrain, "eval")  # the job after its NetworkPolicy
     if job["kind"] == "PyTorchJob":
         assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}  # no Worker: one pod
         pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     else:
         assert job["spec"]["trainer"]["numNodes"] == 1
-    (pretrain_job,) = render(pretrain, "pretrain")
+    _, pretrain_job = render(pretrain, "pretrain")
     assert pretrain_job["metadata"]["name"] != job["metadata"]["name"]
     # the follow-up hands this very eval to `barlow submit eval --after`
     (env,) = [e for e in to_dict(build_follow_up(pretrain))["spec"]["template"]["spec"]["containers"][0]["env"]

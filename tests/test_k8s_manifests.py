@@ -87,21 +87,23 @@ def selects(selector: dict, pod_labels: dict) -> bool:
     return True
 
 
-def admits(policy: dict, target: dict, source: dict) -> bool:
-    """Whether `policy` lets a pod labelled `source` connect to one labelled `target` (same namespace)."""
-    if not selects(policy["spec"]["podSelector"], target):
-        return True  # the policy does not isolate the target
-    return any(selects(peer["podSelector"], source) for rule in policy["spec"].get("ingress") or []
-               for peer in rule.get("from") or [] if set(peer) == {"podSelector"})
+def admitted(policies: list[dict], target: dict, source: dict) -> bool:
+    """Whether pods labelled `source` may connect to a pod labelled `target` (same namespace) under `policies`:
+    NetworkPolicies add up; a pod that none selects is open, else some selecting policy must admit the source."""
+    selecting = [p for p in policies if selects(p["spec"]["podSelector"], target)]
+    return not selecting or any(selects(peer["podSelector"], source) for p in selecting
+                                for rule in p["spec"].get("ingress") or []
+                                for peer in rule.get("from") or [] if set(peer) == {"podSelector"})
 
 
-def rendered_pod_labels(backend_name: str) -> dict[str, dict]:
-    """Labels of the pods barlow renders: a 2-node pretrain's, its pipeline follow-up's and its eval's."""
-    spec = parse_spec({"kind": "pretrain", "name": "demo", "data": {"train": "s3://b/train", "val": "s3://b/val"},
+def rendered(backend_name: str, name: str = "demo") -> dict[str, tuple[dict | None, dict]]:
+    """What barlow renders for a 2-node pretrain, its pipeline's follow-up and its eval: (the job's NetworkPolicy,
+    the labels of its pods), by component."""
+    spec = parse_spec({"kind": "pretrain", "name": name, "data": {"train": "s3://b/train", "val": "s3://b/val"},
                        "output": {"url": "s3://b/runs/demo"}, "optim": {"epochs": 10, "warmup_epochs": 1, "batch_size": 64},
                        "runtime": {"nodes": 2, "nproc_per_node": 2, "device": "cuda"},
                        "cluster": {"image": "registry.example.com/barlow:0.1.0", "gpus_per_node": 2, "backend": backend_name}})
-    (job, follow_up), (ev,) = render(spec, "pipeline"), render(spec, "eval")
+    (policy, job, follow_up), (ev_policy, ev) = render(spec, "pipeline"), render(spec, "eval")
 
     def pod_labels(doc: dict) -> dict:
         if doc["kind"] == "PyTorchJob":
@@ -111,22 +113,26 @@ def rendered_pod_labels(backend_name: str) -> dict[str, dict]:
             return patch["template"]["spec"]["template"]["metadata"]["labels"]
         return doc["spec"]["template"]["metadata"]["labels"]
 
-    return {"pretrain": pod_labels(job), "follow-up": pod_labels(follow_up), "eval": pod_labels(ev)}
+    return {"pretrain": (policy, pod_labels(job)), "follow-up": (None, pod_labels(follow_up)),
+            "eval": (ev_policy, pod_labels(ev))}
 
 
 @pytest.mark.parametrize("backend_name", ["pytorchjob", "trainjob"])
-def test_the_network_policy_admits_only_barlows_training_pods(backend_name):
+def test_the_base_denies_and_each_jobs_own_policy_admits_only_that_job(backend_name):
+    ours, theirs = rendered(backend_name), rendered(backend_name, "other")  # two runs in one namespace
+    pods = {**{k: v[1] for k, v in ours.items()}, **{f"other {k}": v[1] for k, v in theirs.items()},
+            "stranger": {"app": "something-else"}}
+    per_job = [p for p, _ in [*ours.values(), *theirs.values()] if p is not None]
     for folder in KUSTOMIZATIONS:
-        (policy,) = [d for d in kustomize(folder) if d["kind"] == "NetworkPolicy"]
-        assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: object storage, the API server, DNS
-        pods = rendered_pod_labels(backend_name)
-        stranger = {"app": "something-else"}
-        for target in pods.values():
-            assert selects(policy["spec"]["podSelector"], target)  # every barlow pod is isolated
-            assert not admits(policy, target, stranger)
-            assert not admits(policy, target, pods["follow-up"])  # it only talks to the API server
-        assert admits(policy, pods["pretrain"], pods["pretrain"])  # rendezvous and NCCL between a job's pods
-        assert admits(policy, pods["eval"], pods["eval"])
+        (base,) = [d for d in kustomize(folder) if d["kind"] == "NetworkPolicy"]
+        assert base["spec"]["policyTypes"] == ["Ingress"] and not base["spec"].get("ingress")  # deny; egress open
+        for target in (t for t in pods if t != "stranger"):
+            assert not any(admitted([base], pods[target], pods[source]) for source in pods), target
+        for target, target_labels in pods.items():
+            for source, source_labels in pods.items():
+                same_job = target == source and target.split()[-1] in ("pretrain", "eval")
+                want = same_job or target == "stranger"  # a pod barlow does not select stays as open as it was
+                assert admitted([base, *per_job], target_labels, source_labels) == want, (target, source)
 
 
 def test_the_base_grants_the_follow_up_exactly_what_it_uses():
@@ -141,11 +147,14 @@ def test_the_base_grants_the_follow_up_exactly_what_it_uses():
     binding = docs[("RoleBinding", "barlow-follow-up")]
     assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
     role = docs[("Role", binding["roleRef"]["name"])]
-    # `barlow submit eval --after` reads the pretrain job and creates the eval job; no wildcard, no other resource
+    # `barlow submit eval --after` reads the pretrain job and creates the eval job with its NetworkPolicy (the verbs
+    # the submit uses: tests/test_network_policy.py); no wildcard, no other resource
     assert role["rules"] == [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
                               "verbs": ["get", "list", "watch", "create"]},
                              {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
-                              "verbs": ["get", "list", "watch", "create"]}]
+                              "verbs": ["get", "list", "watch", "create"]},
+                             {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+                              "verbs": ["get", "create", "patch", "delete"]}]
 
 
 def test_the_secret_template_holds_placeholders_only():

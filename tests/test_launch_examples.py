@@ -51,7 +51,7 @@ def test_every_cluster_example_renders_for_both_backends(validators, path, backe
     spec = as_backend(path, backend)
     for what in (["pretrain", "eval", "pipeline"] if spec.kind == "pretrain" else ["eval"]):
         docs = render(spec, what)
-        job = docs[0]
+        job = docs[1]  # after its NetworkPolicy
         assert job["kind"] == {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[backend]
         errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validators[job["kind"]].iter_errors(job)]
         assert errors == [], (what, errors)
@@ -78,5 +78,6 @@ def test_the_readmes_minimal_spec_is_a_gpu_spec_that_renders(tmp_path):
     path.write_text(block)
     result = CliRunner().invoke(app, ["render", "pretrain", str(path)])
     assert result.exit_code == 0, result.stderr
-    (job,) = yaml.safe_load_all(result.stdout)
+    policy, job = yaml.safe_load_all(result.stdout)
+    assert policy["kind"] == "NetworkPolicy"
     assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"

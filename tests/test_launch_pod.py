@@ -75,12 +75,12 @@ def test_the_infiniband_example_matches_its_golden(backend):
 def test_the_infiniband_example_passes_the_strict_crd_and_pod_schemas(backend, runtime):
     spec = as_backend(load_spec(EXAMPLE), backend)
     for what in ("pretrain", "eval", "pipeline"):
-        job = render(spec, what)[0]
+        job = render(spec, what)[1]
         assert crd_errors(job) == [], what
         pod = training_pod(job, runtime)
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "ib"}, "template": pod},
                                      K8S_VERSION, strict=True)
-    pod = training_pod(render(spec)[0], runtime)
+    pod = training_pod(render(spec)[1], runtime)
     container, c = container_of(pod), spec.cluster
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert {k: env[k] for k in c.env} == {k: str(v) for k, v in c.env.items()}
@@ -159,7 +159,7 @@ CASES = [pytest.param(backend, fields, holds, id=f"{backend}-{next(iter(fields))
 
 @pytest.mark.parametrize("backend, fields, holds", CASES)
 def test_each_field_reaches_the_training_pod_on_both_backends(backend, fields, holds, runtime):
-    job = render(with_cluster(backend, **_named(fields, backend)))[0]
+    job = render(with_cluster(backend, **_named(fields, backend)))[1]
     assert crd_errors(job) == []
     pod = training_pod(job, runtime)
     assert holds(pod), pod
@@ -254,5 +254,5 @@ def test_the_init_container_patch_reaches_the_pytorchjob_only():
     with pytest.raises(RenderError, match=r"spec.initContainers\[warm\].image, spec.initContainers\[warm\].command"):
         render(with_cluster("trainjob", **fields))
     fields["pod_patch"]["spec"].pop("initContainers")
-    job = render(with_cluster("trainjob", **fields))[0]
+    job = render(with_cluster("trainjob", **fields))[1]
     assert crd_errors(job) == []

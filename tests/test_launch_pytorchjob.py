@@ -53,7 +53,7 @@ def rendered(id_: str) -> tuple[RunSpec, dict]:
     """(spec, PyTorchJob) for one of IDS."""
     key, _, derived = id_.partition("/")
     s = spec(key)
-    return (s.eval_spec(), render(s, "eval")[0]) if derived else (s, render(s)[0])
+    return (s.eval_spec(), render(s, "eval")[1]) if derived else (s, render(s)[1])
 
 
 @pytest.mark.parametrize("golden", list(GOLDENS))
@@ -72,7 +72,8 @@ def test_cli_render_prints_the_golden(tmp_path):
     assert result.stdout == (GOLDEN / "pretrain-4x8gpu.yaml").read_text()
     derived = CliRunner().invoke(app, ["render", "eval", str(path)])  # a pretrain spec's eval: its follow-up
     assert derived.exit_code == 0
-    assert yaml.safe_load(derived.stdout)["metadata"]["name"] == "imagenet-r50-eval"
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(derived.stdout)] == ["imagenet-r50-eval-peers",
+                                                                                   "imagenet-r50-eval"]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_rendered_job_passes_the_operators_admission_rules(key):
     (lambda j: j["spec"].update(nprocPerNode="auto"), "nprocPerNode 'auto' is not a number of processes"),
 ])
 def test_admission_check_catches_broken_jobs(break_it, problem):
-    job = copy.deepcopy(render(spec("pretrain-4x8gpu"))[0])
+    job = copy.deepcopy(render(spec("pretrain-4x8gpu"))[1])
     break_it(job)
     assert problem in admission_problems(job)
 
@@ -158,7 +159,7 @@ def test_pod_templates_validate_as_kubernetes_pod_templates(key):
 
 
 def test_follow_up_job_validates_as_a_kubernetes_job():
-    follow = render(spec("pretrain-4x8gpu"), "pipeline")[1]
+    follow = render(spec("pretrain-4x8gpu"), "pipeline")[2]
     kubernetes_validate.validate(follow, K8S_VERSION, strict=True)
     container = follow["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["barlow", "submit", "eval", "--after", "imagenet-r50", "--poll", "30"]
@@ -257,7 +258,7 @@ def test_no_secret_value_appears_in_any_rendered_output(key, monkeypatch):
     s = spec(key)
     docs = render(s, "pipeline" if s.kind == "pretrain" else None)
     assert SECRET not in to_yaml(docs)
-    for doc in docs:
+    for doc in (d for d in docs if d["kind"] != "NetworkPolicy"):  # a policy holds no pod
         templates = ([rs["template"] for rs in doc["spec"]["pytorchReplicaSpecs"].values()] if doc["kind"] == "PyTorchJob"
                      else [doc["spec"]["template"]])
         for t in templates:
@@ -309,8 +310,8 @@ def test_a_queue_on_a_pytorchjob_warns_once(tmp_path, backend, warned):
                                             "cluster.backend", backend)))
     result = CliRunner().invoke(app, ["render", "pipeline", str(path)])
     assert result.exit_code == 0, result.stderr
-    assert [d["kind"] for d in yaml.safe_load_all(result.stdout)] == [{"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[
-        backend], "Job"]
+    assert [d["kind"] for d in yaml.safe_load_all(result.stdout)] == ["NetworkPolicy", {
+        "pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[backend], "Job"]
     want = ["warning: cluster.queue: Kueue >= 0.19 disables its PyTorchJob (kubeflow.org/v1) integration by default: "
             "the job runs unqueued unless the cluster's Kueue enables it; backend trainjob is integrated by default"]
     assert result.stderr.splitlines() == (want if warned else [])

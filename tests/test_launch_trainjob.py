@@ -66,12 +66,12 @@ def test_render_matches_golden(golden):
 
 @pytest.mark.parametrize("key", IDS)
 def test_rendered_trainjob_validates_against_the_crd_schema(crd_validator, key):
-    job = render(tj(key))[0]
+    job = render(tj(key))[1]
     assert [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator.iter_errors(job)] == []
 
 
 def test_the_strict_crd_schema_catches_a_typo(crd_validator):
-    job = render(tj("eval"))[0]
+    job = render(tj("eval"))[1]
     job["spec"]["trainer"]["numProcsPerNode"] = 1
     job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
         "template"]["spec"]["priorityClassName"] = "high"  # not patchable in v2.3
@@ -107,7 +107,7 @@ def cel_and_plugin_problems(job: dict, runtime: dict) -> list[str]:
 
 @pytest.mark.parametrize("key", IDS)
 def test_rendered_trainjob_keeps_the_cel_and_torch_plugin_rules(key, runtime):
-    assert cel_and_plugin_problems(render(tj(key))[0], runtime) == []
+    assert cel_and_plugin_problems(render(tj(key))[1], runtime) == []
 
 
 @pytest.mark.parametrize("break_it, problem", [
@@ -118,7 +118,7 @@ def test_rendered_trainjob_keeps_the_cel_and_torch_plugin_rules(key, runtime):
         name="trainer"), "replicated job trainer"),
 ])
 def test_the_hand_check_catches_broken_trainjobs(runtime, break_it, problem):
-    job = render(tj("pretrain-4x8gpu-kueue"))[0]
+    job = render(tj("pretrain-4x8gpu-kueue"))[1]
     break_it(job)
     assert any(problem in p for p in cel_and_plugin_problems(job, runtime))
 
@@ -142,7 +142,7 @@ def pod_of(job: dict, runtime: dict) -> dict:
 
 @pytest.mark.parametrize("key", IDS)
 def test_the_node_pod_validates_as_a_kubernetes_pod_template(key, runtime):
-    s, job = tj(key), render(tj(key))[0]
+    s, job = tj(key), render(tj(key))[1]
     template = pod_of(job, runtime)
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{key}-node"},
                                   "template": template}, K8S_VERSION, strict=True)
@@ -169,7 +169,7 @@ def _plugin_env(job: dict, index: int) -> dict[str, str]:
 
 @pytest.mark.parametrize("key", IDS)
 def test_torchrun_in_the_nodes_builds_the_world_the_spec_asks_for(key, monkeypatch):
-    s, job = tj(key), render(tj(key))[0]
+    s, job = tj(key), render(tj(key))[1]
     t = job["spec"]["trainer"]
     own = {e["name"]: e["value"] for e in t["env"] if "value" in e}
     world, ranks = None, []
@@ -182,7 +182,7 @@ def test_torchrun_in_the_nodes_builds_the_world_the_spec_asks_for(key, monkeypat
 
 @pytest.mark.parametrize("key", IDS)
 def test_identity_queue_and_spec_come_from_the_spec(key):
-    s, job = tj(key), render(tj(key))[0]
+    s, job = tj(key), render(tj(key))[1]
     meta, t = job["metadata"], job["spec"]["trainer"]
     assert (meta["name"], meta["namespace"]) == (s.name, s.cluster.namespace)
     assert meta["labels"]["barlow.dev/spec-hash"] == s.spec_hash()
@@ -202,7 +202,7 @@ def test_no_secret_value_appears_and_credentials_come_by_reference(key, monkeypa
     s = tj(key)
     docs = render(s, "pipeline" if s.kind == "pretrain" else None)
     assert SECRET not in to_yaml(docs)
-    env = docs[0]["spec"]["trainer"]["env"]
+    env = docs[1]["spec"]["trainer"]["env"]
     assert {e["name"] for e in env if "value" in e} == {SPEC_ENV, RENDERED_BY_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
     refs = [e for e in env if "valueFrom" in e]
     want = [{"name": k, "valueFrom": {"secretKeyRef": {"name": s.cluster.s3_secret, "key": k}}} for k in S3_KEYS]
@@ -210,7 +210,7 @@ def test_no_secret_value_appears_and_credentials_come_by_reference(key, monkeypa
 
 
 def test_the_pipeline_follow_up_waits_for_the_trainjob():
-    follow = render(tj("pretrain-1node-cpu"), "pipeline")[1]
+    follow = render(tj("pretrain-1node-cpu"), "pipeline")[2]
     kubernetes_validate.validate(follow, K8S_VERSION, strict=True)
     env = follow["spec"]["template"]["spec"]["containers"][0]["env"]
     carried = parse_spec(yaml.safe_load(next(e["value"] for e in env if e["name"] == SPEC_ENV)))
@@ -225,11 +225,16 @@ def test_names_fit(name):
 
 @pytest.mark.parametrize("key", IDS)
 def test_the_trainjob_keeps_trainer_v2_4_rules(key, runtime):
-    """Trainer v2.4 limits a runtime's ReplicatedJob names to 20 characters; its DRA field `resourceClaimsPerNode` is
-    alpha, so barlow does not use it (extended resources go through resourcesPerNode)."""
-    job = render(tj(key))[0]
+    """Trainer v2.4.0's release notes: "limit ReplicatedJob name length to 20 characters in runtimes" (#4394, a
+    breaking change): the runtime barlow patches, and the name it patches, fit. v2.4.0 adds DRA as
+    `spec.trainer.resourceClaimsPerNode` behind the controller's alpha `DynamicResourceAllocation` feature gate, and
+    rejects `resourcesPerNode.claims` (docs/operator-guides/dynamic-resource-allocation.md): barlow uses neither
+    (extended resources go through resourcesPerNode's requests and limits)."""
+    job = render(tj(key))[1]
     patched = [rj["name"] for p in job["spec"]["runtimePatches"]
                for rj in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
     in_runtime = [rj["name"] for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]]
-    assert patched and all(len(n) <= 20 for n in patched + in_runtime), patched + in_runtime
-    assert "resourceClaimsPerNode" not in job["spec"]["trainer"]
+    assert patched == [REPLICATED_JOB] and REPLICATED_JOB in in_runtime
+    assert all(len(n) <= 20 for n in patched + in_runtime), patched + in_runtime
+    trainer = job["spec"]["trainer"]
+    assert "resourceClaimsPerNode" not in trainer and set(trainer["resourcesPerNode"]) == {"requests", "limits"}

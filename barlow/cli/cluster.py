@@ -158,7 +158,8 @@ def submit(
     for s in done:
         console.print(f"{s.what} [bold]{s.name}[/] in namespace {s.namespace}: {s.outcome}", highlight=False, soft_wrap=True)
     if not dry_run:
-        first, flag = done[0], "" if spec.cluster.backend == DEFAULT_BACKEND else f" -b {spec.cluster.backend}"
+        first = next(s for s in done if s.what != cluster.NETWORK_POLICIES.what)  # the job, after its policy
+        flag = "" if spec.cluster.backend == DEFAULT_BACKEND else f" -b {spec.cluster.backend}"
         console.print(f"watch it: barlow status {first.name} -n {first.namespace}{flag}   "
                       f"(or kubectl -n {first.namespace} get {first.what} {first.name})", highlight=False, soft_wrap=True)
 
@@ -380,7 +381,8 @@ def wait(
 @app.command(epilog=example("barlow delete my-run -n vision"))
 def delete(name: str = JOB, namespace: str = NAMESPACE,
            context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
-    """Delete a job with its pods (its output in output.url stays)."""
+    """Delete a job; Kubernetes' garbage collector removes what the job owns: its pods, its NetworkPolicy, a
+    pipeline's follow-up (its output in output.url stays)."""
     from barlow.launch import cluster
 
     b, namespace = _backend(backend), _namespace(namespace, context)

@@ -69,6 +69,7 @@ def resource(b: Backend) -> Resource:
 
 
 JOBS = Resource("batch", "v1", "jobs", "job")
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "networkpolicy")
 
 
 @dataclass(frozen=True)
@@ -274,20 +275,90 @@ def _same_or_conflict(res: Resource, existing: dict[str, Any], body: dict[str, A
                        f"this spec {want}): delete it with `barlow delete {name}` or rename the run")
 
 
-def _submit_object(api: client.ApiClient, res: Resource, body: dict[str, Any], dry_run: bool) -> Submitted:
-    """Create `body` unless an object of that name exists: same spec hash → already submitted, other → error."""
+def _create(api: client.ApiClient, res: Resource, body: dict[str, Any], dry_run: bool,
+            same: Callable[[dict[str, Any]], Submitted]) -> Submitted:
+    """Create `body`; where someone created it between our read and this create, `same(existing)` decides."""
     name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
-    existing = _read(api, res, name, ns)
-    if existing is not None:
-        return _same_or_conflict(res, existing, body)
     objects = client.CustomObjectsApi(api)
     try:
         created = _call(api, ns, objects.create_namespaced_custom_object, *res.args(ns), body, res=res, name=name,
                         dry_run="All" if dry_run else None, _request_timeout=REQUEST_TIMEOUT_S)
-    except AlreadyExists:  # created by someone else between our read and our create
-        return _same_or_conflict(res, _read(api, res, name, ns) or {}, body)
+    except AlreadyExists:
+        return same(_read(api, res, name, ns) or {"metadata": {}})
     outcome = "valid (server dry run; nothing created)" if dry_run else "created"
     return Submitted(res.what, name, ns, outcome, (created.get("metadata") or {}).get("uid"))
+
+
+def _submit_object(api: client.ApiClient, res: Resource, body: dict[str, Any], dry_run: bool) -> Submitted:
+    """Create `body` unless an object of that name exists: same spec hash → already submitted, other → error."""
+    existing = _read(api, res, body["metadata"]["name"], body["metadata"]["namespace"])
+    if existing is not None:
+        return _same_or_conflict(res, existing, body)
+    return _create(api, res, body, dry_run, lambda found: _same_or_conflict(res, found, body))
+
+
+def _same_policy_or_conflict(existing: dict[str, Any], body: dict[str, Any]) -> Submitted:
+    """A job's NetworkPolicy depends on the job's name only: barlow's with the same rules is kept, whatever spec
+    created it; any other is an error (barlow would not know what it admits)."""
+    meta, name, ns = existing.get("metadata") or {}, body["metadata"]["name"], body["metadata"]["namespace"]
+    if not all((meta.get("labels") or {}).get(k) == v for k, v in MANAGED_BY.items()):
+        raise ClusterError(f"networkpolicy {name} already exists in namespace '{ns}' and was not created by barlow; "
+                           "rename the run (spec field name)")
+    if existing.get("spec") != body["spec"]:
+        raise ClusterError(f"networkpolicy {name} in namespace '{ns}' admits other pods than this job's: delete it "
+                           f"(kubectl -n {ns} delete networkpolicy {name}) and submit again")
+    return Submitted(NETWORK_POLICIES.what, name, ns, "already submitted", meta.get("uid"))
+
+
+def _own_policy(api: client.ApiClient, policy: dict[str, Any], job: Submitted, b: Backend) -> None:
+    """Make the job the policy's owner (the garbage collector deletes the policy with the job), and give the policy
+    the labels of the spec that submitted the job. A JSON merge patch: the owner list is replaced whole."""
+    name, ns = policy["metadata"]["name"], policy["metadata"]["namespace"]
+    owner = {"apiVersion": b.api_version, "kind": b.kind, "name": job.name, "uid": job.uid}
+    patch = {"metadata": {"ownerReferences": [owner], "labels": policy["metadata"]["labels"]}}
+    objects = client.CustomObjectsApi(api)
+    _call(api, ns, objects.patch_namespaced_custom_object, *NETWORK_POLICIES.args(ns), name, patch,
+          res=NETWORK_POLICIES, name=name, _request_timeout=REQUEST_TIMEOUT_S)
+
+
+def _delete_policy(api: client.ApiClient, policy: dict[str, Any]) -> None:
+    name, ns = policy["metadata"]["name"], policy["metadata"]["namespace"]
+    objects = client.CustomObjectsApi(api)
+    try:
+        _call(api, ns, objects.delete_namespaced_custom_object, *NETWORK_POLICIES.args(ns), name,
+              res=NETWORK_POLICIES, name=name, _request_timeout=REQUEST_TIMEOUT_S)
+    except NotFound:  # gone already: what we wanted
+        pass
+
+
+def _submit_job(api: client.ApiClient, b: Backend, policy: dict[str, Any], job: dict[str, Any],
+                dry_run: bool) -> list[Submitted]:
+    """The job's NetworkPolicy, then the job, then the job made the policy's owner: no pod of the job starts
+    without its policy, and deleting the job deletes the policy. Nothing is left half-written: the job is read first
+    (a missing CRD, a name taken by another spec: no write at all), and a policy created here is deleted again when
+    creating the job fails. A job already there gets its policy back if the policy is missing or has lost its owner."""
+    res = resource(b)
+    existing = _read(api, res, job["metadata"]["name"], job["metadata"]["namespace"])
+    done = _same_or_conflict(res, existing, job) if existing is not None else None
+    found = _read(api, NETWORK_POLICIES, policy["metadata"]["name"], policy["metadata"]["namespace"])
+    fence = _same_policy_or_conflict(found, policy) if found is not None else None
+    if fence is None:
+        fence = _create(api, NETWORK_POLICIES, policy, dry_run, lambda other: _same_policy_or_conflict(other, policy))
+    if done is None:
+        try:
+            done = _create(api, res, job, dry_run, lambda other: _same_or_conflict(res, other, job))
+        except ClusterError as refused:
+            if fence.outcome == "created":
+                try:
+                    _delete_policy(api, policy)
+                except ClusterError as e:
+                    raise type(refused)(f"{refused}; and its networkpolicy {policy['metadata']['name']} is left "
+                                        f"behind: {e}") from None
+            raise
+    owners = [o.get("uid") for o in ((found or {}).get("metadata") or {}).get("ownerReferences") or []]
+    if not dry_run and done.uid and owners != [done.uid]:
+        _own_policy(api, policy, done, b)
+    return [fence, done]
 
 
 def _rendered(fn: Callable[..., Any], *args: Any) -> Any:
@@ -302,18 +373,20 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
     """Create the job for `spec` in its backend (what: pretrain | eval | pipeline; default the spec's kind).
     Raises RenderError (a spec problem) before sending anything when the spec cannot be rendered.
 
-    `pipeline` creates the pretrain job and a follow-up Job, owned by it, that submits the eval once pretrain succeeds.
-    Resubmitting the same spec is a no-op ("already submitted").
+    Every job comes with its NetworkPolicy, created before it and owned by it (`_submit_job`). `pipeline` creates the
+    pretrain job and a follow-up Job, owned by it, that submits the eval once pretrain succeeds. Resubmitting the same
+    spec is a no-op ("already submitted").
     """
     docs, b = render(spec, what), backends.of(spec)  # checked and rendered, every object, before any is sent
-    first = _submit_object(api, resource(b), docs[0], dry_run)
-    if len(docs) == 1:
-        return [first]
-    follow = docs[1]  # the pipeline's follow-up
+    policy, job, *follow_up = docs
+    fence, first = _submit_job(api, b, policy, job, dry_run)
+    if not follow_up:
+        return [fence, first]
+    follow = follow_up[0]
     if first.uid:  # deleting the pretrain job deletes its follow-up, so no eval starts for a deleted run
         follow["metadata"]["ownerReferences"] = [{"apiVersion": b.api_version, "kind": b.kind,
                                                   "name": first.name, "uid": first.uid}]
-    return [first, _submit_object(api, JOBS, follow, dry_run)]
+    return [fence, first, _submit_object(api, JOBS, follow, dry_run)]
 
 
 def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
@@ -401,7 +474,8 @@ def logs(api: client.ApiClient, name: str, namespace: str, replica: str = "maste
 
 
 def delete(api: client.ApiClient, name: str, namespace: str, b: Backend) -> None:
-    """Delete the job; the garbage collector removes its pods, services and a pipeline's follow-up Job."""
+    """Delete the job; the garbage collector removes its pods, services, NetworkPolicy and a pipeline's follow-up Job
+    (each owned by the job)."""
     res, objects = resource(b), client.CustomObjectsApi(api)
     _call(api, namespace, objects.delete_namespaced_custom_object, *res.args(namespace), name, res=res, name=name,
           propagation_policy="Background", _request_timeout=REQUEST_TIMEOUT_S)

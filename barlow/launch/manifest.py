@@ -69,6 +69,17 @@ def labels(spec: RunSpec, component: str | None = None) -> dict[str, str]:
     }
 
 
+# The labels that pick exactly one training job's pods (its NetworkPolicy selects on them). The component tells the
+# eval's pods from the pipeline's follow-up pod, which carries the eval's instance.
+PEER_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
+
+
+def peer_labels(spec: RunSpec) -> dict[str, str]:
+    """The training pods' labels that select this job's pods and no other pod."""
+    own = labels(spec)
+    return {k: own[k] for k in PEER_LABELS}
+
+
 def job_labels(spec: RunSpec) -> dict[str, str]:
     """The job object's labels: barlow's, plus Kueue's queue and priority where the spec names them."""
     c = spec.cluster
@@ -267,6 +278,16 @@ def check_pod_template(template: dict[str, Any], field: str) -> None:
                          and SECRET_LIKE.fullmatch(str(e.get("name", "")))]
     if problems:
         raise RenderError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def check_peer_labels(template: dict[str, Any], spec: RunSpec) -> None:
+    """Raise RenderError where cluster.pod_patch changed a label that selects the job's pods (its NetworkPolicy would
+    then admit nothing to them)."""
+    have = (template.get("metadata") or {}).get("labels") or {}
+    for key, value in peer_labels(spec).items():
+        if have.get(key) != value:
+            raise RenderError(f"cluster.pod_patch: metadata.labels.{key}: barlow sets it to '{value}' (the job's "
+                              "NetworkPolicy admits traffic only between pods labelled so): leave it out of the patch")
 
 
 def check_affinity(spec: RunSpec) -> None:

@@ -23,6 +23,7 @@ from barlow.launch.manifest import (
     COMMAND,
     RenderError,
     check_affinity,
+    check_peer_labels,
     check_pod_template,
     image,
     job_labels,
@@ -101,6 +102,7 @@ def _pod_template(spec: RunSpec) -> dict[str, Any]:
     if c.pod_patch:
         template = strategic_merge(template, c.pod_patch)
         check_pod_template(template, "cluster.pod_patch")
+        check_peer_labels(template, spec)
     return template
 
 

@@ -1,6 +1,6 @@
-"""The manifests of `barlow render`: a spec's training job, through its backend (PyTorchJob or TrainJob), and the
-pipeline's follow-up `Job` that submits the eval once pretraining has succeeded. This module renders; `cluster` talks
-to the API. Nothing here imports torch."""
+"""The manifests of `barlow render`: a spec's training job, through its backend (PyTorchJob or TrainJob), the
+NetworkPolicy that lets that job's pods reach each other, and the pipeline's follow-up `Job` that submits the eval once
+pretraining has succeeded. This module renders; `cluster` talks to the API. Nothing here imports torch."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ from barlow.launch.manifest import (
     cli_image,
     job_name,
     labels,
+    peer_labels,
     security,
     to_dict,
     to_yaml,
 )
-from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec, follow_up_eval, stage_runs
+from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, RunSpec, dump_spec, follow_up_eval, stage_runs
 
-__all__ = ["RenderError", "build_follow_up", "follow_up_name", "render", "to_yaml"]
+__all__ = ["RenderError", "build_follow_up", "build_network_policy", "follow_up_name", "network_policy_name", "render",
+           "to_yaml"]
 
 
 def follow_up_name(spec: PretrainSpec) -> str:
@@ -83,17 +85,42 @@ def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
     )
 
 
+def network_policy_name(spec: RunSpec) -> str:
+    """The name of the NetworkPolicy that admits `spec`'s job's pods to each other."""
+    return f"{job_name(spec)}-peers"
+
+
+def build_network_policy(spec: RunSpec) -> k8s.V1NetworkPolicy:
+    """Ingress to the job's pods from the same job's pods only: torchrun's rendezvous, NCCL and gloo between ranks
+    (any port: NCCL picks its own). k8s/base's default-deny isolates every barlow pod; this is what opens a job to
+    itself. Egress is not restricted."""
+    peers = k8s.V1LabelSelector(match_labels=peer_labels(spec))
+    return k8s.V1NetworkPolicy(
+        api_version="networking.k8s.io/v1",
+        kind="NetworkPolicy",
+        metadata=k8s.V1ObjectMeta(name=network_policy_name(spec), namespace=spec.cluster.namespace, labels=labels(spec)),
+        spec=k8s.V1NetworkPolicySpec(
+            pod_selector=peers,
+            policy_types=["Ingress"],
+            ingress=[k8s.V1NetworkPolicyIngressRule(_from=[k8s.V1NetworkPolicyPeer(pod_selector=peers)])],
+        ),
+    )
+
+
 def render(spec: PretrainSpec | EvalRunSpec, what: str | None = None) -> list[dict[str, Any]]:
-    """The manifests for `barlow render STAGE`: pretrain or eval (one job of the spec's backend), pipeline (the
-    pretrain job + the follow-up Job that submits the eval). `what` defaults to the spec's kind; `eval` of a pretrain
-    spec renders the eval of its checkpoint. Raises SpecError or RenderError (one line) before rendering anything.
+    """The manifests for `barlow render STAGE`: pretrain or eval (the job's NetworkPolicy, then one job of the spec's
+    backend), pipeline (the pretrain job's NetworkPolicy and job, then the follow-up Job that submits the eval). The
+    policy comes first, so that `kubectl apply -f -` creates it before any pod. `what` defaults to the spec's kind;
+    `eval` of a pretrain spec renders the eval of its checkpoint. Raises SpecError or RenderError (one line) before
+    rendering anything.
     Every cluster entry point (render, submit, the pipeline's follow-up) comes through here, so each run gets the
     cluster-only checks (launch/checks.py) that a local run does not.
     """
     runs = stage_runs(spec, what or spec.kind)
     for run in runs:
         check_cluster_run(run, "the follow-up eval" if run is not spec and run.kind == "eval" else None)
-    build = backend.of(spec).build
-    if len(runs) == 2:  # the pipeline: the eval job itself is created later, by the follow-up
-        return [build(runs[0]), to_dict(build_follow_up(spec))]
-    return [build(runs[0])]
+    run = runs[0]
+    docs = [to_dict(build_network_policy(run)), backend.of(spec).build(run)]
+    if len(runs) == 2:  # the pipeline: the eval job and its policy are created later, by the follow-up
+        docs.append(to_dict(build_follow_up(spec)))
+    return docs

@@ -22,6 +22,7 @@ from barlow.launch.manifest import (
     S3_KEYS,
     RenderError,
     check_affinity,
+    check_peer_labels,
     check_pod_template,
     image,
     job_labels,
@@ -100,6 +101,7 @@ def _pod_patch(spec: RunSpec) -> dict[str, Any]:
     if c.pod_patch:
         patch = strategic_merge(patch, c.pod_patch)
         check_pod_template(patch, "cluster.pod_patch")
+        check_peer_labels(patch, spec)
         refused = _unpatchable(patch)
         if refused:
             raise RenderError(f"cluster.pod_patch: {', '.join(refused)} cannot be set through a TrainJob's runtimePatches "
