@@ -16,8 +16,9 @@ Host part (`--host-part`, also printed before the GPU mode): the CPU microsecond
 does for `data.decode: gpu` on ImageNet-sized JPEGs: in the loader worker HostCrops(decode="gpu") (header, crop
 boxes, flips, the GPU-decodability check from the header) and the collate into an `Encoded` (the bytes copied once);
 on the training thread the split of the bytes per image and the stacking of boxes and flips (the feed). Measured
-twice: in one process (the work itself, target <= 20 us/image), and in a real loader worker, where the batch is
-made in fresh shared memory and unmapped after use, as every torch DataLoader hands tensors over.
+twice: in one process with each batch freed before the next (the work itself, target <= 20 us/image), and in a
+real loader worker, where every batch is made in fresh shared memory (page faults of about 12 MiB a batch of 256)
+and unmapped after use: how every torch DataLoader hands tensors over, a cost of the hand-over, not of the work.
 
 GPU mode: ImageNet-sized JPEGs (500x375, quality 90) in memory, crop boxes drawn on the host with RandomResizedCrop's
 distribution; per batch: barlow.data.devicedecode.decode_views (nvJPEG batch decode, two crops per image) + DeviceViews
@@ -207,7 +208,7 @@ class _LoaderWorkerPart(torch.utils.data.Dataset):
 
 def host_part(batch: int, rounds: int) -> float:
     """CPU microseconds per image of the host part of data.decode: gpu (see the module doc), median of rounds (the
-    first warms up); returns the whole, hand-over included."""
+    first warms up); returns the whole as a loader worker serves it, hand-over included."""
     data, _ = jpegs(batch)
     files = [bytes(d.numpy()) for d in data]
 
@@ -220,16 +221,22 @@ def host_part(batch: int, rounds: int) -> float:
         return time.process_time() - t0
 
     worker_part = _LoaderWorkerPart(files, rounds + 1)
-    parts: list[list[float]] = [[], [], []]  # headers + boxes, collate (+ shared memory), training thread
-    for workers in (0, 1):  # in the process (memory reused, nothing handed over), then in a real loader worker
-        for p in parts:
-            p.clear()
-        for enc, (crops_s, collate_s) in torch.utils.data.DataLoader(worker_part, batch_size=None, num_workers=workers):
+
+    def in_one_process():  # each batch freed before the next is made: its memory is reused, nothing handed over
+        for r in range(len(worker_part)):
+            yield worker_part[r]
+
+    ways = (("in one process, memory reused: the work itself", in_one_process),
+            ("in a loader worker: fresh shared memory per batch, handed over, unmapped after use",
+             lambda: torch.utils.data.DataLoader(worker_part, batch_size=None, num_workers=1)))
+    for where, batches in ways:
+        parts: list[list[float]] = [[], [], []]  # headers + boxes, collate (+ shared memory), training thread
+        for enc, (crops_s, collate_s) in batches():
             parts[0].append(crops_s)
             parts[1].append(collate_s)
             parts[2].append(feed(enc))
+            del enc
         total = sum(us(p) for p in parts)
-        where = "in one process" if workers == 0 else "in a loader worker, handed over in shared memory"
         print(f"| host part of decode: gpu, {where} (headers + boxes {us(parts[0]):.1f}, collate {us(parts[1]):.1f},"
               f" training thread {us(parts[2]):.1f}) | {batch} | {total:.1f} us/image |")
     return total

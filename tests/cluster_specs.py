@@ -10,6 +10,21 @@ from barlow.spec import REMOVE, parse_spec, set_path
 
 SECRET = "sentinel-secret-value-never-rendered"
 
+# the small spec the submit tests send to the fake API server (tests/fake_kube.py)
+SUBMITTED = {
+    "kind": "pretrain", "name": "demo",
+    "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
+    "output": {"url": "s3://bucket/runs/demo"},
+    "runtime": {"nodes": 2, "nproc_per_node": 4},
+    "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},
+    "cluster": {"gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"},
+}
+
+
+def submitted(backend: str, **cluster: object) -> dict:
+    """SUBMITTED on `backend`, with more `cluster` fields."""
+    return {**SUBMITTED, "cluster": {"backend": backend, **SUBMITTED["cluster"], **cluster}}
+
 DATA = {"train": "s3://datasets/imagenet/train-index.json", "val": "s3://datasets/imagenet/val-index.json", "format": "shards",
         "s3": {"endpoint_url": "http://minio.storage:9000", "addressing_style": "path"}}
 SPECS = {

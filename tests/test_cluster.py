@@ -10,6 +10,7 @@ import socket
 
 import pytest
 import yaml
+from cluster_specs import submitted
 from fake_kube import TOKEN, FakeKube
 from typer.testing import CliRunner
 
@@ -23,14 +24,7 @@ from barlow.spec import dump_spec, parse_spec
 JOBS = "/apis/kubeflow.org/v1/namespaces/barlow/pytorchjobs"
 BATCH = "/apis/batch/v1/namespaces/barlow/jobs"
 POLICIES = "/apis/networking.k8s.io/v1/namespaces/barlow/networkpolicies"
-SPEC = {
-    "kind": "pretrain", "name": "demo",
-    "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
-    "output": {"url": "s3://bucket/runs/demo"},
-    "runtime": {"nodes": 2, "nproc_per_node": 4},
-    "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},
-    "cluster": {"backend": "pytorchjob", "gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"},
-}
+SPEC = submitted("pytorchjob")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from cluster_specs import submitted
 from fake_kube import FakeKube
 from typer.testing import CliRunner
 
@@ -16,15 +17,7 @@ from barlow.spec import parse_spec
 TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/barlow/trainjobs"
 PYTORCHJOBS = "/apis/kubeflow.org/v1/namespaces/barlow/pytorchjobs"
 SECRET = "sentinel-secret-value-never-sent"
-SPEC = {
-    "kind": "pretrain", "name": "demo",
-    "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
-    "output": {"url": "s3://bucket/runs/demo"},
-    "runtime": {"nodes": 2, "nproc_per_node": 4},
-    "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},
-    "cluster": {"backend": "trainjob", "gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0",
-                "queue": "gpu-team"},
-}
+SPEC = submitted("trainjob", queue="gpu-team")
 # Status bodies as Trainer v2.3 and Kueue write them (conditions Suspended, Complete, Failed; jobsStatus per job).
 QUEUED = {"spec": {"suspend": True}, "status": {"conditions": [
     {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "Workload is waiting for quota"}]}}

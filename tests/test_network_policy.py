@@ -11,7 +11,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from cluster_specs import SPECS, TRAINJOB_SPECS, spec
+from cluster_specs import SPECS, TRAINJOB_SPECS, spec, submitted
 from typer.testing import CliRunner
 
 from barlow.cli import app
@@ -76,14 +76,7 @@ def test_a_pod_patch_that_would_unselect_the_pods_is_refused(backend, label):
     assert str(err.value).startswith(f"cluster.pod_patch: metadata.labels.{label}: barlow sets it to ")
 
 
-SPEC = {
-    "kind": "pretrain", "name": "demo",
-    "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
-    "output": {"url": "s3://bucket/runs/demo"},
-    "runtime": {"nodes": 2, "nproc_per_node": 4},
-    "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},
-    "cluster": {"gpus_per_node": 4, "image": "registry.example.com/barlow:0.1.0"},
-}
+SPEC = submitted("pytorchjob")  # each test sets its backend
 
 
 def spec_file(tmp_path, backend: str, data: dict | None = None):

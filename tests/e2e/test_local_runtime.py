@@ -25,14 +25,16 @@ def final_weights(out) -> dict[str, torch.Tensor]:
 
 def test_pipeline_on_demo_data(demo_data, tmp_path):
     out = tmp_path / "run"
-    spec = write_spec(tmp_path, tiny_spec(demo_data, out))
+    # 6 epochs: in 3 the tiny model's loss moves less than its step-to-step noise (about +-5 around 120)
+    spec = write_spec(tmp_path, tiny_spec(demo_data, out, **{"optim.epochs": 6}))
     result = barlow("run", "pipeline", str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-1" in result.stdout
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) >= 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses  # the loss falls
+    half = len(losses) // 2
+    assert half >= 8 and sum(losses[-half:]) < sum(losses[:half]), losses  # the loss falls: later half below earlier
     assert {"on_diag", "off_diag", "lr", "images_per_s", "probe_top1"} <= set(rows[0])  # the probe: on for labelled data
     assert set(rows[-1]) == {"step", "time", "epoch", "knn_top1"} and rows[-1]["knn_top1"] > 20.0  # the kNN at the last step
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
