@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple, Protocol
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -22,6 +23,7 @@ BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128  # on uint8 pixels (128/255 on [0, 1] floats)
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
+_LOG_CROP_RATIO = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1] / CROP_RATIO[0]))  # log-uniform: low end, span
 Box = tuple[int, int, int, int]  # a crop box: top, left, height, width (a plain tuple: drawn per image, per view)
 
 
@@ -88,11 +90,13 @@ class ViewsConfig:
     def draw_host(self, rng: random.Random, width: int, height: int) -> tuple[list[Box], list[bool]]:
         """The host half for one image of `width` x `height` (read from its header): per view, in this order, the
         crop box (RandomResizedCrop's algorithm) and the flip; view 1, then view 2."""
-        boxes, flips = [], []
-        for view in self.views:
-            boxes.append(crop_box(rng, width, height, (view.min_scale, 1.0)))
-            flips.append(rng.random() < view.flip_prob)
-        return boxes, flips
+        (scale1, flip1), (scale2, flip2) = self._host_draws  # unrolled: this runs per image on the GPU data path
+        box1, flipped1 = crop_box(rng, width, height, scale1), rng.random() < flip1
+        return [box1, crop_box(rng, width, height, scale2)], [flipped1, rng.random() < flip2]
+
+    @cached_property
+    def _host_draws(self) -> tuple[tuple[tuple[float, float], float], ...]:
+        return tuple(((view.min_scale, 1.0), view.flip_prob) for view in self.views)
 
 
 def blur_kernel_size(size: int) -> int:
@@ -105,12 +109,12 @@ def crop_box(rng: random.Random, width: int, height: int, scale: tuple[float, fl
     """`v2.RandomResizedCrop.make_params`'s algorithm (10 tries of area x U(scale) at a log-uniform aspect ratio,
     else the centre crop at the clamped ratio), drawn from a Python RNG: ~10x cheaper than its many tiny torch ops.
     It runs twice per image on the host part of the GPU data path, so it keeps to bare `random()` draws."""
-    rand, sqrt = rng.random, math.sqrt
-    area, log_lo = width * height, math.log(ratio[0])
-    log_span, scale_lo, scale_span = math.log(ratio[1]) - log_lo, scale[0], scale[1] - scale[0]
+    rand, sqrt, exp = rng.random, math.sqrt, math.exp
+    log_lo, log_span = _LOG_CROP_RATIO if ratio is CROP_RATIO else (math.log(ratio[0]), math.log(ratio[1] / ratio[0]))
+    area, scale_lo, scale_span = width * height, scale[0], scale[1] - scale[0]
     for _ in range(10):
         target = area * (scale_lo + scale_span * rand())
-        aspect = math.exp(log_lo + log_span * rand())
+        aspect = exp(log_lo + log_span * rand())
         w, h = round(sqrt(target * aspect)), round(sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:  # top and left uniform over the positions that fit
             return int(rand() * (height - h + 1)), int(rand() * (width - w + 1)), h, w
