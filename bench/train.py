@@ -7,11 +7,13 @@ In one run, for each data set:
 - the pipeline: `barlow run pretrain SPEC` (torchrun, real JPEG/PNG folders, the loader, augmentation, metrics,
   checkpoints), pairs/s read from the `time` of its metrics.jsonl lines after the first log interval (start-up,
   the first loader and the last checkpoint are left out; epoch boundaries are in);
-- the bare loop: the same model, loss, LARS and schedule on random tensors already in memory, one process, bf16
-  autocast where the CPU supports it, the model channels-last under bf16 and the inputs always channels-last
-  (as the runtime does: the feed hands over channels-last views; in fp32 on this AMD EPYC that is ~15 % faster
-  than contiguous inputs), timed before and after the pipeline run (the machine may be shared: each run is
-  compared with the mean of the bare runs beside it).
+- the bare loop: the same model, loss, LARS and schedule on random tensors already in memory, on as many
+  processes as the pipeline run (more than one: gloo ranks under DDP with the runtime's options, the cores split
+  between them as `barlow run` splits them, the loss over the global batch), bf16 autocast where the CPU supports
+  it, the model channels-last under bf16 and the inputs always channels-last (as the runtime does: the feed hands
+  over channels-last views; in fp32 on this AMD EPYC that is ~15 % faster than contiguous inputs), timed before
+  and after the pipeline run (the machine may be shared: each run is compared with the mean of the bare runs
+  beside it).
 The ratio pipeline / bare loop is the number to watch (target >= 0.9x).
 
 Data sets: the demo digits (`barlow data demo`, 32 px RGB JPEGs) and a synthetic Fashion-MNIST stand-in
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 
 from barlow.distributed import _autocast_dtype
 from barlow.loss import BarlowTwinsLoss
@@ -98,7 +102,33 @@ def pipeline_pairs_per_s(train: Path, size: int, channels: int, nproc: int, step
             "nproc": nproc, "workers": 1, "images": n_images}
 
 
-def bare_pairs_per_s(size: int, channels: int, steps: int, warmup: int = 3) -> dict:
+def bare_pairs_per_s(size: int, channels: int, steps: int, nproc: int = 1, warmup: int = 3) -> dict:
+    """The bare loop's global pairs/s on `nproc` processes: one process as it is; more as gloo ranks under DDP
+    (as the runtime wraps them), the threads split as `barlow run` splits them, each rank a 1/nproc of the batch."""
+    if nproc == 1:
+        return _bare_loop(size, channels, steps, warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rank0.json"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(_bare_rank, args=(nproc, port, size, channels, steps, warmup, str(out)), nprocs=nproc)
+        return json.loads(out.read_text())
+
+
+def _bare_rank(rank: int, nproc: int, port: int, size: int, channels: int, steps: int, warmup: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))  # barlow.launch.local's OMP_NUM_THREADS
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=nproc)
+    try:
+        result = _bare_loop(size, channels, steps, warmup, nproc)
+    finally:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def _bare_loop(size: int, channels: int, steps: int, warmup: int, nproc: int = 1) -> dict:
     torch.manual_seed(0)
     o = OptimSpec(batch_size=BATCH, epochs=1)
     dtype = _autocast_dtype("auto", torch.device("cpu"))
@@ -106,9 +136,12 @@ def bare_pairs_per_s(size: int, channels: int, steps: int, warmup: int = 3) -> d
     if dtype:
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(param_groups(model, o.lr_weights, o.lr_biases), lr=0.0, weight_decay=o.weight_decay, momentum=o.momentum)
+    if nproc > 1:  # runsetup.wrap_ddp's options
+        model = DistributedDataParallel(model, gradient_as_bucket_view=True, static_graph=True)
     schedule = WarmupCosine(1, warmup + steps, BATCH)
-    loss_fn = BarlowTwinsLoss(o.lambd)
-    x1, x2 = (torch.randn(BATCH, channels, size, size).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    loss_fn = BarlowTwinsLoss(o.lambd)  # over the global batch: gathers across ranks
+    x1, x2 = (torch.randn(BATCH // nproc, channels, size, size).contiguous(memory_format=torch.channels_last)
+              for _ in range(2))
     start = 0.0
     for step in range(warmup + steps):
         if step == warmup:
@@ -122,7 +155,7 @@ def bare_pairs_per_s(size: int, channels: int, steps: int, warmup: int = 3) -> d
         optimizer.step()
     float(loss.detach())  # sync: the clock stops after the last step
     return {"pairs_per_s": steps * BATCH / (time.perf_counter() - start), "bf16": dtype is not None,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "nproc": nproc}
 
 
 def cpu_name() -> str:
@@ -146,17 +179,19 @@ def main() -> None:
     for name in args.sets:
         cfg = SETS[name]
         train = (write_digits if name == "digits" else write_fmnist_like)(work / name)
-        bare, runs = [bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps)], []
-        for n in args.nproc:  # each pipeline run between two bare runs: a shared machine's load drifts
+        bare, runs = [], []
+        for n in args.nproc:  # each pipeline run between two bare runs of as many processes: the load drifts
+            before = bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n)
             runs.append(pipeline_pairs_per_s(train, cfg["image_size"], cfg["channels"], n, args.steps, work))
-            bare.append(bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps))
+            bare += [before, bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n)]
             runs[-1]["bare_pairs_per_s"] = (bare[-2]["pairs_per_s"] + bare[-1]["pairs_per_s"]) / 2
             runs[-1]["ratio"] = runs[-1]["pairs_per_s"] / runs[-1]["bare_pairs_per_s"]
         results["sets"][name] = {"bare_loop": bare, "pipeline": runs, **cfg}
     results["load_after"] = os.getloadavg()
     print(f"machine: {results['machine']}; load average before {results['load_before'][0]:.1f}, "
           f"after {results['load_after'][0]:.1f}")
-    print("| data | `barlow run pretrain` | pairs/s | bare loop pairs/s (mean of the runs before and after) | ratio |")
+    print("| data | `barlow run pretrain` | pairs/s | bare loop pairs/s, as many processes (mean of the runs before and "
+          "after) | ratio |")
     print("|---|---|---:|---:|---:|")
     for name, r in results["sets"].items():
         for p in r["pipeline"]:
