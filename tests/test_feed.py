@@ -56,7 +56,7 @@ def test_host_crops_are_the_crop_and_flip_of_the_full_size_image():
         crops.reseed(seed)
         x1, x2 = crops(data, "x.jpg")
         crops.reseed(seed)
-        boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
+        boxes, flips = crops.config.draw_host(crops.rng, *Image.open(io.BytesIO(data)).size)
         assert crops.last_scale == 1 and x1.dtype == torch.uint8 and x1.shape == (3, 24, 24)
         for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
             want = v2.functional.resized_crop(full, *b, [24, 24],
@@ -104,7 +104,7 @@ def test_host_crops_equal_v2_resized_crop_on_many_boxes(width, height, channels,
         state = crops.rng.getstate()
         x1, x2 = crops(data, "x.jpg")
         crops.rng.setstate(state)
-        boxes, flips = crops.draw(Image.open(io.BytesIO(data)))
+        boxes, flips = crops.config.draw_host(crops.rng, *Image.open(io.BytesIO(data)).size)
         for x, b, flip in zip((x1, x2), boxes, flips, strict=True):
             want = v2.functional.resized_crop(full, *b, [24, 24],
                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
@@ -162,7 +162,7 @@ def test_gpu_mode_reads_bytes_and_draws_the_boxes_and_flips_of_cpu_mode(folder):
     assert first[:2] == b"\xff\xd8"  # the JPEG as stored
     crops = host_crops(16, 3)
     crops.reseed(derive_seed("host", cpu.seed))  # the batch seed drives the draws: replay the first sample's
-    boxes, flips = crops.draw(Image.open(io.BytesIO(first)))
+    boxes, flips = crops.config.draw_host(crops.rng, *Image.open(io.BytesIO(first)).size)
     for view in (0, 1):
         assert gpu.inputs.boxes[view][0].tolist() == list(boxes[view])
         assert bool(gpu.inputs.flips[view][0]) == flips[view]

@@ -207,10 +207,6 @@ class HostCrops:
     def reseed(self, seed: int) -> None:
         self.rng.seed(seed)
 
-    def draw(self, img: Image.Image) -> tuple[list[Box], list[bool]]:
-        """Both views' crop boxes and flips for an opened (not decoded) image."""
-        return self.config.draw_host(self.rng, *img.size)
-
     def __call__(self, data: bytes, name: str) -> Any:
         # a JPEG's size comes from its frame header: PIL opens only what that cannot tell (PNG, CMYK, a cut header)
         frame = jpeg_frame(data)
@@ -268,4 +264,3 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> to
     numel = math.prod(shape)
     storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # torch's own collate uses this private call
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
