@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/train.py                      # digits + 28 px grayscale, 1 process
     PYTHONPATH=. .venv/bin/python bench/train.py --nproc 1 2 --steps 40
+    PYTHONPATH=. .venv/bin/python bench/train.py --sets digits --repeats 5  # the median of 5 ratios
 
 In one run, for each data set:
 - the pipeline: `barlow run pretrain SPEC` (torchrun, real JPEG/PNG folders, the loader, augmentation, metrics,
@@ -12,8 +13,8 @@ In one run, for each data set:
   between them as `barlow run` splits them, the loss over the global batch), bf16 autocast where the CPU supports
   it, the model channels-last under bf16 and the inputs always channels-last (as the runtime does: the feed hands
   over channels-last views; in fp32 on this AMD EPYC that is ~15 % faster than contiguous inputs), timed before
-  and after the pipeline run (the machine may be shared: each run is compared with the mean of the bare runs
-  beside it).
+  and after each pipeline run (the machine may be shared: each run is compared with the mean of the bare runs
+  beside it; with --repeats the runs alternate, and the median ratio is printed).
 The ratio pipeline / bare loop is the number to watch (target >= 0.9x).
 
 Data sets: the demo digits (`barlow data demo`, 32 px RGB JPEGs) and a synthetic Fashion-MNIST stand-in
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="steps of each measured run")
     ap.add_argument("--nproc", type=int, nargs="+", default=[1], help="process counts of the pipeline runs")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--repeats", type=int, default=1, help="pipeline runs per process count (a bare run between "
+                    "each two); the median ratio is printed after them")
     ap.add_argument("--json", default="runs/bench-train/train.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="barlow-bench-train-"))
@@ -180,12 +183,16 @@ def main() -> None:
         cfg = SETS[name]
         train = (write_digits if name == "digits" else write_fmnist_like)(work / name)
         bare, runs = [], []
-        for n in args.nproc:  # each pipeline run between two bare runs of as many processes: the load drifts
-            before = bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n)
-            runs.append(pipeline_pairs_per_s(train, cfg["image_size"], cfg["channels"], n, args.steps, work))
-            bare += [before, bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n)]
-            runs[-1]["bare_pairs_per_s"] = (bare[-2]["pairs_per_s"] + bare[-1]["pairs_per_s"]) / 2
-            runs[-1]["ratio"] = runs[-1]["pairs_per_s"] / runs[-1]["bare_pairs_per_s"]
+        for n in args.nproc:
+            # bare, pipeline, bare, pipeline, ..., bare: each pipeline run against the bare runs beside it, as the
+            # machine's speed drifts
+            bare_n = [bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n)]
+            for _ in range(args.repeats):
+                runs.append(pipeline_pairs_per_s(train, cfg["image_size"], cfg["channels"], n, args.steps, work))
+                bare_n.append(bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n))
+                runs[-1]["bare_pairs_per_s"] = (bare_n[-2]["pairs_per_s"] + bare_n[-1]["pairs_per_s"]) / 2
+                runs[-1]["ratio"] = runs[-1]["pairs_per_s"] / runs[-1]["bare_pairs_per_s"]
+            bare += bare_n
         results["sets"][name] = {"bare_loop": bare, "pipeline": runs, **cfg}
     results["load_after"] = os.getloadavg()
     print(f"machine: {results['machine']}; load average before {results['load_before'][0]:.1f}, "
@@ -197,6 +204,10 @@ def main() -> None:
         for p in r["pipeline"]:
             print(f"| {name} ({r['image_size']} px, {r['channels']} ch) | {p['nproc']} process(es) | "
                   f"{p['pairs_per_s']:.0f} | {p['bare_pairs_per_s']:.0f} | {p['ratio']:.2f}x |")
+        for n in args.nproc:
+            if args.repeats > 1:
+                ratios = [p["ratio"] for p in r["pipeline"] if p["nproc"] == n]
+                print(f"| {name} | {n} process(es): median of {len(ratios)} | | | **{np.median(ratios):.2f}x** |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work)

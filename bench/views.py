@@ -15,10 +15,12 @@ drawn hue factors, on [0, 1] pixels.
 Host part (`--host-part`, also printed before the GPU mode): the CPU microseconds per image of everything the host
 does for `data.decode: gpu` on ImageNet-sized JPEGs: in the loader worker HostCrops(decode="gpu") (header, crop
 boxes, flips, the GPU-decodability check from the header) and the collate into an `Encoded` (the bytes copied once);
-on the training thread the split of the bytes per image and the stacking of boxes and flips (the feed). Measured
-twice: in one process with each batch freed before the next (the work itself, target <= 20 us/image), and in a
-real loader worker, where every batch is made in fresh shared memory (page faults of about 12 MiB a batch of 256)
-and unmapped after use: how every torch DataLoader hands tensors over, a cost of the hand-over, not of the work.
+in the training process the copy to pinned memory (a reused buffer here: there is no pinned memory without CUDA),
+the split of the bytes per image and the stacking of boxes and flips (the feed). Measured three ways: in one process
+(the work itself), and served by a real loader worker (whole-process CPU time of both processes per batch: the
+work, pickling, passing file descriptors, mapping and page faults), once with the worker's buffers given back as
+the feed does (barlow.data.handover), once never given back: fresh shared memory per batch, torch's own hand-over.
+Target: at most 20 us/image served.
 
 GPU mode: ImageNet-sized JPEGs (500x375, quality 90) in memory, crop boxes drawn on the host with RandomResizedCrop's
 distribution; per batch: barlow.data.devicedecode.decode_views (nvJPEG batch decode, two crops per image) + DeviceViews
@@ -182,64 +184,85 @@ def device_bench(device: str, batch: int, batches: int, size: int) -> None:
 
 
 class _LoaderWorkerPart(torch.utils.data.Dataset):
-    """Item r: one batch of the loader worker's part, timed (CPU time): HostCrops(decode="gpu") per file, then the
-    collate into an `Encoded` and moving every tensor of it into shared memory (what sending the batch to the
-    training process costs; next to nothing where the collate made it there)."""
+    """Item r: one batch of the loader worker's part: HostCrops(decode="gpu") per file, then the collate into an
+    `Encoded`; with it, (CPU seconds of the headers + boxes, of the collate, of this whole process since the previous
+    batch began: the work, sending the batch and serving its file descriptors)."""
 
     def __init__(self, files: list[bytes], rounds: int):
         from barlow.data.cropfirst import HostCrops
 
         self.files, self.rounds, self.crops = files, rounds, HostCrops(ViewsConfig(224), decode="gpu")
+        self.began: float | None = None
 
     def __len__(self) -> int:
         return self.rounds
 
     def __getitem__(self, r: int):
         t0 = time.process_time()
+        whole, self.began = (t0 - self.began if self.began is not None else float("nan")), t0
         self.crops.reseed(r)
         samples = [self.crops(f, f"img{i}.jpg") for i, f in enumerate(self.files)]
         t1 = time.process_time()
         enc = self.crops.collate(samples)
-        if torch.utils.data.get_worker_info() is not None:
-            for t in (enc.blob, *enc.boxes, *enc.flips, enc.host_index, *enc.host_views):
-                t.share_memory_()
-        return enc, (t1 - t0, time.process_time() - t1)
+        return enc, (t1 - t0, time.process_time() - t1, whole)
 
 
 def host_part(batch: int, rounds: int) -> float:
-    """CPU microseconds per image of the host part of data.decode: gpu (see the module doc), median of rounds (the
-    first warms up); returns the whole as a loader worker serves it, hand-over included."""
+    """CPU microseconds per image of the host part of data.decode: gpu (see the module doc), median over rounds (the
+    first warms up); returns the whole as a loader worker serves it with its buffers given back."""
+    torch.set_num_threads(1)  # as in loader workers; idle intra-op threads spinning would count as CPU time
     data, _ = jpegs(batch)
     files = [bytes(d.numpy()) for d in data]
+    pinned = torch.empty(sum(len(f) for f in files) * 2, dtype=torch.uint8)  # the pinning thread's reused buffer
 
     def us(seconds: list[float]) -> float:
         return statistics.median(seconds[1:]) / batch * 1e6
 
-    def feed(enc) -> float:  # the training thread's part; freeing the previous batch is counted in it
+    def trainer(enc, give_back: bool) -> float:  # the training process's part, as on CUDA; returns the feed's part
+        pinned[:enc.blob.numel()].copy_(enc.blob)  # Encoded.pin_memory's copy (no pinned memory without CUDA)
+        if give_back:
+            enc.release()
         t0 = time.process_time()
-        _ = enc.data, torch.stack(enc.boxes), torch.stack(enc.flips)
+        _ = enc.data, enc.boxes.tolist(), enc.flips.tolist(), enc.host_index.tolist()  # the feed, decode_views
         return time.process_time() - t0
 
-    worker_part = _LoaderWorkerPart(files, rounds + 1)
+    part = _LoaderWorkerPart(files, rounds + 1)
+    parts: list[list[float]] = [[], [], [], []]  # headers + boxes, collate, the feed, the pinning thread's copy
+    for r in range(len(part)):  # each batch freed before the next is made: nothing is sent
+        t0 = time.process_time()
+        enc, (crops_s, collate_s, _) = part[r]
+        parts[2].append(trainer(enc, give_back=True))
+        parts[0].append(crops_s)
+        parts[1].append(collate_s)
+        parts[3].append(time.process_time() - t0 - crops_s - collate_s - parts[2][-1])
+        del enc
+    work = sum(us(p) for p in parts[:3])
+    print(f"| the work itself, in one process (headers + boxes {us(parts[0]):.1f}, collate {us(parts[1]):.1f}, the "
+          f"feed on the training thread {us(parts[2]):.1f}; the pinning thread's copy {us(parts[3]):.1f} more) "
+          f"| {batch} | {work:.1f} us/image |")
 
-    def in_one_process():  # each batch freed before the next is made: its memory is reused, nothing handed over
-        for r in range(len(worker_part)):
-            yield worker_part[r]
-
-    ways = (("in one process, memory reused: the work itself", in_one_process),
-            ("in a loader worker: fresh shared memory per batch, handed over, unmapped after use",
-             lambda: torch.utils.data.DataLoader(worker_part, batch_size=None, num_workers=1)))
-    for where, batches in ways:
-        parts: list[list[float]] = [[], [], []]  # headers + boxes, collate (+ shared memory), training thread
-        for enc, (crops_s, collate_s) in batches():
-            parts[0].append(crops_s)
-            parts[1].append(collate_s)
-            parts[2].append(feed(enc))
+    for give_back, how in ((True, "its buffers given back (barlow.data.handover)"),
+                           (False, "fresh shared memory per batch (buffers never given back: torch's hand-over)")):
+        worker, training = [], []
+        batches = iter(torch.utils.data.DataLoader(_LoaderWorkerPart(files, rounds + 2), batch_size=None,
+                                                   num_workers=1))
+        while True:
+            t0 = time.process_time()
+            got = next(batches, None)
+            if got is None:
+                break
+            enc, (_, _, whole) = got
+            trainer(enc, give_back)
             del enc
-        total = sum(us(p) for p in parts)
-        print(f"| host part of decode: gpu, {where} (headers + boxes {us(parts[0]):.1f}, collate {us(parts[1]):.1f},"
-              f" training thread {us(parts[2]):.1f}) | {batch} | {total:.1f} us/image |")
-    return total
+            training.append(time.process_time() - t0)
+            worker.append(whole)
+        worker, training = worker[1:], training[1:]  # the first batch's worker time is unknown (nan)
+        total = us(worker) + us(training)
+        print(f"| served by a loader worker, {how} (worker process {us(worker):.1f}, training process "
+              f"{us(training):.1f}) | {batch} | {total:.1f} us/image |")
+        if give_back:
+            served = total
+    return served
 
 
 def main() -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 import pytest
@@ -12,7 +11,16 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.augment import IMAGENET_MEAN, IMAGENET_STD, View, ViewsConfig, blur_kernel_size, crop_box, eval_transform, train_transform
+from barlow.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    HostDraws,
+    View,
+    ViewsConfig,
+    blur_kernel_size,
+    eval_transform,
+    train_transform,
+)
 from barlow.spec import AugmentSpec
 from bench.reference_views import GaussianBlur, TwoViews
 
@@ -150,16 +158,36 @@ def test_views_config_from_the_spec_shows_both_views_side_by_side():
 
 def test_host_half_draws_each_view_with_its_own_crop_scale_and_flip():
     config = ViewsConfig(views=(View(min_scale=1.0, flip_prob=1.0), View(min_scale=0.08, flip_prob=0.0)))
-    rng = random.Random(3)
-    for _ in range(50):
-        boxes, flips = config.draw_host(rng, 200, 150)
+    draws = config.host_draws(3)
+    for i in range(50):
+        boxes, flips = draws.one(i, 200, 150)
         assert flips == [True, False]
         _, _, h, w = boxes[0]
         assert h * w >= 0.98 * 200 * 150  # min_scale 1: the whole image
-    rng_a, rng_b = random.Random(9), random.Random(9)  # the host draw order: view 1's box, its flip, then view 2's
-    boxes, flips = ViewsConfig().draw_host(rng_a, 320, 240)
-    assert boxes[0] == crop_box(rng_b, 320, 240, (0.08, 1.0)) and flips[0] == (rng_b.random() < 0.5)
-    assert boxes[1] == crop_box(rng_b, 320, 240, (0.08, 1.0))
+    assert len({tuple(draws.one(i, 200, 150)[0][1]) for i in range(50)}) > 40  # view 2 draws a box per image
+
+
+@pytest.mark.parametrize("config", [ViewsConfig(), ViewsConfig(views=(View(min_scale=0.5, flip_prob=0.3),
+                                                                       View(min_scale=1.0, flip_prob=1.0)))])
+def test_host_draws_per_image_and_per_batch_agree_bit_for_bit(config):
+    """cpu decode draws each image's boxes as it decodes it (`one`), gpu decode the whole batch in the collate
+    (`batch`): the same seed gives the same boxes and flips, in any order of the images, including sizes that take
+    the centre-crop fallback (300x5) or fit no box but 1 px."""
+    rng = np.random.default_rng(0)
+    n = 400
+    widths, heights = rng.integers(1, 700, n), rng.integers(1, 700, n)
+    widths[:30], heights[:30] = 300, 5
+    widths[30:40], heights[30:40] = 1, 1
+    for seed in range(5):
+        order = rng.permutation(n)
+        boxes, flips = HostDraws(config, seed).batch(order, widths[order], heights[order])
+        per_image = HostDraws(config, seed)
+        for k in rng.permutation(n)[:150]:  # rows are asked for out of order: chunks must not change them
+            i = int(order[k])
+            want_boxes, want_flips = per_image.one(i, int(widths[i]), int(heights[i]))
+            assert [tuple(b) for b in boxes[:, k].tolist()] == want_boxes and flips[:, k].tolist() == want_flips
+    assert boxes.shape == (2, n, 4) and boxes.dtype == np.int64 and flips.dtype == np.bool_
+    assert np.all(boxes[..., 0] + boxes[..., 2] <= heights[order]) and np.all(boxes[..., 2:] >= 1)
 
 
 def test_bad_image_type_is_named():

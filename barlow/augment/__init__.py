@@ -1,7 +1,7 @@
 """BYOL's two views, and the linear-eval transforms.
 
 - `views`: the one views configuration (`ViewsConfig`, built from the spec's `data.augment`): per view the host
-  half (crop box, flip; `ViewsConfig.draw_host`) beside the device half's probabilities;
+  half (crop box, flip; `HostDraws`) beside the device half's probabilities;
 - `device`: the device half, batched on the training device (`DeviceViews`);
 - `eval_transforms`: the linear-eval train/eval transforms.
 
@@ -33,16 +33,16 @@ from barlow.augment.views import (
     SOLARIZE_THRESHOLD,
     AugmentSettings,
     Box,
+    HostDraws,
     Jitter,
     View,
     ViewsConfig,
     blur_kernel_size,
-    crop_box,
 )
 
 __all__ = [
     "BLUR_SIGMA", "CPU_CHUNK_PIXELS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "JITTER_OPS",
-    "SOLARIZE_THRESHOLD", "AugmentSettings", "Box", "DeviceViews", "Jitter", "ToImage", "View", "ViewParams", "ViewsConfig",
-    "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "blur_kernel_size", "crop_box",
+    "SOLARIZE_THRESHOLD", "AugmentSettings", "Box", "DeviceViews", "HostDraws", "Jitter", "ToImage", "View", "ViewParams", "ViewsConfig",
+    "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "blur_kernel_size",
     "eval_transform", "gaussian_blur", "grayscale", "normalize", "solarize", "to_device", "train_transform",
 ]

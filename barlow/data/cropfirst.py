@@ -8,7 +8,7 @@ per batch, collated by the transform itself) for both uses:
 - `ImageTransform`, a per-image transform (linear eval's), run crop-first where it begins with a RandomResizedCrop.
 
 Crop-first runs in four steps: draw the crop box on the full-resolution size read from the JPEG header (with the
-view's own RandomResizedCrop.make_params, or `ViewsConfig.draw_host`, so the crop distribution is unchanged); decode
+view's own RandomResizedCrop.make_params, or `barlow.augment.HostDraws`, so the crop distribution is unchanged); decode
 in PIL draft mode at the largest 1/2, 1/4 or 1/8 reduction that keeps every crop at least the output size (so no
 view is upsampled more than at full size); the resized-crop kernel on the (scaled) box; then the rest of the view.
 
@@ -20,9 +20,6 @@ purpose. Transforms without a RandomResizedCrop (evaluation's resize + centre cr
 
 from __future__ import annotations
 
-import array
-import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +27,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 from torch.nn.functional import interpolate
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from barlow.augment import Box, ViewsConfig
@@ -44,6 +41,7 @@ from barlow.data.decode import (
     jpeg_frame,
     open_image,
 )
+from barlow.data.handover import Lease, buffer, shared_tensor
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
 _BEFORE_CROP_OK = {"ToImage", "PILToTensor"}
@@ -166,15 +164,23 @@ class Encoded:
     width on the full-size image) and flips; `barlow.data.devicedecode.decode_views` takes them. Images the GPU
     decoder cannot take (PNG, CMYK, progressive JPEG: told from the header) were decoded and cropped by the loader
     workers already: `host_index` lists them, `host_views` holds their uint8 crops per view, their bytes are empty.
-    The bytes travel as one tensor (one shared-memory block from a loader worker, one pinned block)."""
+    The bytes travel as one tensor: from a loader worker, in one of its reused buffers (barlow.data.handover), given
+    back by `pin_memory` once copied, or by whoever reads them last (`release`)."""
 
     blob: torch.Tensor  # uint8, 1-D: every file as stored, one after the other
     sizes: list[int]  # bytes per sample
-    boxes: tuple[torch.Tensor, torch.Tensor]  # (B, 4) int64 per view
-    flips: tuple[torch.Tensor, torch.Tensor]  # (B,) bool per view
+    boxes: torch.Tensor  # (views, B, 4) int64
+    flips: torch.Tensor  # (views, B) bool
     names: list[str]  # for the message when an image turns out undecodable on the device
     host_index: torch.Tensor  # (K,) int64: the samples decoded on the host
     host_views: tuple[torch.Tensor, torch.Tensor]  # (K, C, size, size) uint8 per view
+    lease: Lease | None = None  # the loader worker's buffer `blob` is in, until released
+
+    def __reduce__(self):
+        # sent to the training process: the small tensors inline in the pickle, as a tensor each would cost a
+        # shared-memory block and a file descriptor on both sides, more than its bytes
+        return _encoded, (self.blob, self.sizes, self.boxes.numpy(), self.flips.numpy(), self.names,
+                          self.host_index.numpy(), self.host_views, self.lease)
 
     @property
     def data(self) -> list[torch.Tensor]:
@@ -182,18 +188,33 @@ class Encoded:
         return list(self.blob.split(self.sizes))
 
     def pin_memory(self) -> Encoded:
-        return Encoded(self.blob.pin_memory(), self.sizes, self.boxes, self.flips, self.names,
-                       self.host_index.pin_memory(), tuple(v.pin_memory() for v in self.host_views))
+        """A copy in pinned memory; the worker's buffer is given back (nothing reads it after the copy)."""
+        pinned = Encoded(self.blob.pin_memory(), self.sizes, self.boxes, self.flips, self.names,
+                         self.host_index.pin_memory(), tuple(v.pin_memory() for v in self.host_views))
+        self.release()
+        return pinned
+
+    def release(self) -> None:
+        """Give `blob`'s buffer back to its loader worker: call once nothing will read the bytes again."""
+        if self.lease is not None:
+            self.lease.release(mapped=self.blob.untyped_storage())
+            self.lease = None
+
+
+def _encoded(blob, sizes, boxes, flips, names, host_index, host_views, lease) -> Encoded:
+    return Encoded(blob, sizes, torch.from_numpy(boxes), torch.from_numpy(flips), names, torch.from_numpy(host_index),
+                   host_views, lease)
 
 
 class HostCrops:
-    """The host half of a `ViewsConfig` (crop boxes and flips, `ViewsConfig.draw_host`), as the loaders'
-    `SampleTransform`, drawing from a Python RNG reseeded per batch.
+    """The host half of a `ViewsConfig` (crop boxes and flips, `HostDraws`) as the loaders' `SampleTransform`: image
+    i since the batch's `reseed` draws from row i of the batch seed's draws.
 
     decode=cpu: the crops decoded crop-first (JPEG draft at the largest reduction that keeps each crop at least
     the output size), resized (bicubic, antialiased) to size x size uint8 and flipped: `(x1, x2)` per batch.
-    decode=gpu: only the bytes, boxes and flips (`Encoded`); the same seed gives the same boxes and flips as cpu.
-    An image the GPU decoder cannot take is decoded here as in cpu mode, so no decode runs on the training thread.
+    decode=gpu: only the bytes, boxes and flips (`Encoded`), the boxes drawn for the whole batch in the collate; the
+    same seed gives the same boxes and flips as cpu. An image the GPU decoder cannot take is decoded here as in cpu
+    mode, so no decode runs on the training thread.
     """
 
     def __init__(self, config: ViewsConfig, decode: Literal["cpu", "gpu"] = "cpu"):
@@ -201,23 +222,24 @@ class HostCrops:
             raise ValueError(f"decode: must be cpu or gpu (got {decode!r})")
         self.config, self.decode = config, decode
         self.size, self.channels = config.size, config.channels
-        self.rng = random.Random(0)  # reseeded per batch (`reseed`, called by source.build_batch)
+        self.reseed(0)  # reseeded per batch (called by source.build_batch)
         self.last_scale = 1  # the reduction the last image was decoded at (for tests and benchmarks)
 
     def reseed(self, seed: int) -> None:
-        self.rng.seed(seed)
+        self.draws, self.drawn = self.config.host_draws(seed), 0
 
     def __call__(self, data: bytes, name: str) -> Any:
+        i, self.drawn = self.drawn, self.drawn + 1
         # a JPEG's size comes from its frame header: PIL opens only what that cannot tell (PNG, CMYK, a cut header)
         frame = jpeg_frame(data)
         if self.decode == "gpu" and gpu_takes(frame):  # the GPU path's common case, kept short: it runs per image
-            boxes, flips = self.config.draw_host(self.rng, frame.width, frame.height)
-            return data, boxes, flips, name, None
+            return data, i, frame.width, frame.height, name, None
         img: Image.Image | JpegFrame = frame if frame is not None and frame.components in (1, 3) else open_image(
             data, name)
-        boxes, flips = self.config.draw_host(self.rng, *image_size(img))
+        width, height = image_size(img)
+        boxes, flips = self.draws.one(i, width, height)
         crops = self._crops(data, img, name, boxes, flips)
-        return (b"", boxes, flips, name, crops) if self.decode == "gpu" else crops
+        return (b"", i, width, height, name, crops) if self.decode == "gpu" else crops
 
     def _crops(self, data: bytes, img: Image.Image | JpegFrame, name: str, boxes: list[Box],
                flips: list[bool]) -> tuple[torch.Tensor, ...]:
@@ -235,32 +257,18 @@ class HostCrops:
 
     def collate(self, samples: list[Any]) -> Any:
         if self.decode == "cpu":
-            return tuple(torch.stack([s[v] for s in samples], out=batch_tensor((len(samples), *samples[0][v].shape)))
+            return tuple(torch.stack([s[v] for s in samples], out=shared_tensor((len(samples), *samples[0][v].shape)))
                          for v in (0, 1))
-        n, host = len(samples), [i for i, s in enumerate(samples) if s[4] is not None]
+        host = [i for i, s in enumerate(samples) if s[5] is not None]
         empty = torch.empty(0, self.channels, self.size, self.size, dtype=torch.uint8)
-        # (views, B, 4) and (views, B) through flat buffers: a quarter of torch.tensor's cost on nested lists
-        boxes = torch.frombuffer(array.array("q", [x for s in samples for box in s[1] for x in box]),
-                                 dtype=torch.long).view(n, 2, 4).transpose(0, 1).contiguous()
-        flips = torch.frombuffer(bytearray(b"".join([bytes(s[2]) for s in samples])),
-                                 dtype=torch.bool).view(n, 2).t().contiguous()
+        boxes, flips = self.draws.batch(*zip(*[s[1:4] for s in samples], strict=True))
         sizes = [len(s[0]) for s in samples]
-        blob = batch_tensor((sum(sizes),))
+        blob, lease = buffer(sum(sizes))
         out, at = memoryview(blob.numpy()), 0
         for s, size in zip(samples, sizes, strict=True):  # the one copy of the bytes on the host
             out[at:at + size] = s[0]
             at += size
-        return Encoded(blob, sizes, (boxes[0], boxes[1]), (flips[0], flips[1]),
-                       [s[3] for s in samples], torch.tensor(host, dtype=torch.long),
-                       tuple(torch.stack([samples[i][4][v] for i in host]) if host else empty for v in range(2)))
+        return Encoded(blob, sizes, torch.from_numpy(boxes), torch.from_numpy(flips), [s[4] for s in samples],
+                       torch.tensor(host, dtype=torch.long),
+                       tuple(torch.stack([samples[i][5][v] for i in host]) if host else empty for v in range(2)), lease)
 
-
-def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """An uninitialised batch tensor; in a loader worker, in shared memory (as torch's default_collate makes them),
-    so handing the batch to the training process copies nothing: a plain tensor is copied into shared memory when
-    it is sent, which costs more than making the batch (about 20 us per ImageNet JPEG on the GPU data path)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = math.prod(shape)
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # torch's own collate uses this private call
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)

@@ -25,6 +25,7 @@ import torch
 
 from barlow.augment import DeviceViews, ViewsConfig, to_device
 from barlow.data.cropfirst import Encoded, HostCrops
+from barlow.data import handover
 from barlow.data.decode import CorruptImage
 from barlow.data.source import HostBatch, refill_from
 from barlow.spec import DataSpec
@@ -103,16 +104,19 @@ class DeviceFeed:
     def __iter__(self) -> Iterator[DeviceBatch]:
         stream = torch.cuda.Stream(self.device) if self.cuda else None
         it = iter(self.batches)
-        ahead = self._upload(next(it, None), stream)
-        while ahead is not None:
-            current = ahead
-            if current.ready is not None:
-                training = torch.cuda.current_stream(self.device)
-                training.wait_event(current.ready)  # this batch's copy, not the next one's
-                for t in current.tensors():
-                    t.record_stream(training)
-            ahead = self._upload(next(it, None), stream)  # its copy overlaps the step that trains `current`
-            yield self._views(current)
+        try:
+            ahead = self._upload(next(it, None), stream)
+            while ahead is not None:
+                current = ahead
+                if current.ready is not None:
+                    training = torch.cuda.current_stream(self.device)
+                    training.wait_event(current.ready)  # this batch's copy, not the next one's
+                    for t in current.tensors():
+                        t.record_stream(training)
+                ahead = self._upload(next(it, None), stream)  # its copy overlaps the step that trains `current`
+                yield self._views(current)
+        finally:
+            handover.forget()  # the loader workers' buffers this epoch mapped (see barlow.data.handover)
 
     def _upload(self, batch: HostBatch | None, stream: torch.cuda.Stream | None) -> _Uploaded | None:
         if batch is None:
@@ -146,7 +150,7 @@ class DeviceFeed:
         so the batch stays full."""
         assert self.decode is not None
         n, size = len(enc.names), self.views.config.size
-        boxes, flips = torch.stack(enc.boxes), torch.stack(enc.flips)
+        boxes, flips = enc.boxes, enc.flips
         host = set(enc.host_index.tolist())
         data, channels = enc.data, self.views.config.channels
         if not host:  # the host read every header: the GPU takes them all
@@ -159,6 +163,7 @@ class DeviceFeed:
             views = [torch.empty((n, *d.shape[1:]), dtype=d.dtype, device=self.device).index_copy_(0, dev_rows, d)
                      .index_copy_(0, host_rows, h) for d, h in zip(decoded, host_views, strict=True)]
             bad = [dev[i] for i in bad_dev]
+        enc.release()  # the decoder has read the bytes (a no-op where pinning gave the worker's buffer back already)
         bad = sorted(bad)
         if bad and self.on_corrupt == "fail":
             raise CorruptImage(f"{enc.names[bad[0]]}: cannot decode image (device decoder)")

@@ -58,6 +58,13 @@ class HostBatch:
         """Called by DataLoader(pin_memory=True) in its pinning thread."""
         return HostBatch(_pin(self.inputs), self.labels.pin_memory(), self.n_corrupt, self.seed)
 
+    def __reduce__(self):  # the labels inline in the pickle: cheaper than a shared-memory block of their own
+        return _host_batch, (self.inputs, self.labels.numpy(), self.n_corrupt, self.seed)
+
+
+def _host_batch(inputs: Any, labels: Any, n_corrupt: int, seed: int) -> HostBatch:
+    return HostBatch(inputs, torch.from_numpy(labels), n_corrupt, seed)
+
 
 def _pin(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
