@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from barlow.augment import DeviceViews, ViewsConfig, to_device
-from barlow.data.cropfirst import Encoded, HostCrops
 from barlow.data import handover
+from barlow.data.cropfirst import Encoded, HostCrops
 from barlow.data.decode import CorruptImage
 from barlow.data.source import HostBatch, refill_from
 from barlow.spec import DataSpec
