@@ -77,12 +77,13 @@ def write_fmnist_like(root: Path, per_class: int = 200) -> Path:
     return train
 
 
-def pipeline_pairs_per_s(train: Path, size: int, channels: int, nproc: int, steps: int, work: Path) -> dict:
+def pipeline_pairs_per_s(train: Path, size: int, channels: int, nproc: int, steps: int, work: Path,
+                         repeat: int = 0) -> dict:
     n_images = sum(1 for _ in train.rglob("*.*"))
     steps_per_epoch = n_images // BATCH
     epochs = -(-steps // steps_per_epoch)
     log_every = 5
-    out = work / f"run-{train.parent.name}-{nproc}"
+    out = work / f"run-{train.parent.name}-{nproc}-{repeat}"  # a run of its own: never a resume of an earlier one
     spec = {"kind": "pretrain", "name": "bench-train",
             "data": {"train": str(train), "image_size": size, "channels": channels, "workers": 1},
             "model": MODEL, "optim": {"epochs": epochs, "batch_size": BATCH, "warmup_epochs": 1},
@@ -187,8 +188,8 @@ def main() -> None:
             # bare, pipeline, bare, pipeline, ..., bare: each pipeline run against the bare runs beside it, as the
             # machine's speed drifts
             bare_n = [bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n)]
-            for _ in range(args.repeats):
-                runs.append(pipeline_pairs_per_s(train, cfg["image_size"], cfg["channels"], n, args.steps, work))
+            for repeat in range(args.repeats):
+                runs.append(pipeline_pairs_per_s(train, cfg["image_size"], cfg["channels"], n, args.steps, work, repeat))
                 bare_n.append(bare_pairs_per_s(cfg["image_size"], cfg["channels"], args.steps, n))
                 runs[-1]["bare_pairs_per_s"] = (bare_n[-2]["pairs_per_s"] + bare_n[-1]["pairs_per_s"]) / 2
                 runs[-1]["ratio"] = runs[-1]["pairs_per_s"] / runs[-1]["bare_pairs_per_s"]

@@ -54,9 +54,9 @@ class Lease:
             if self._owned:
                 os.close(fd)
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # os.close bound early: a lease may outlive `os` at exit
         if self._owned and self._fd >= 0:  # dropped unreleased: the slot stays out of use (see the module doc)
-            os.close(self._fd)
+            _close(self._fd)
             self._fd = -1
 
 
