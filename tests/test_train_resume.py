@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import pytest
 import torch
 
@@ -117,3 +120,14 @@ def test_every_exit_code_is_defined_once_in_errors():
     rules = build_follow_up(spec).spec.pod_failure_policy.rules
     assert rules[0].on_exit_codes.values == list(errors.FOLLOW_UP_PERMANENT) == [1, 2]
     assert not any(errors.is_retryable(c) for c in errors.FOLLOW_UP_PERMANENT)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGABRT, 134), (signal.SIGKILL, 137)])
+def test_a_local_run_whose_torchrun_dies_of_a_signal_exits_128_plus_it(monkeypatch, sig, code):
+    """`barlow run` exits as a shell would (128 + the signal), not with the negative code wrapped to 250 or 247."""
+    from barlow.launch import local
+
+    monkeypatch.setattr(local, "torchrun_command", lambda nproc: [
+        sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), {int(sig)})"])
+    spec = parse_spec({"kind": "pretrain", "name": "dies", "data": {"train": "/nowhere"}, "output": {"url": "/tmp/x"}})
+    assert local.run_local(spec) == code

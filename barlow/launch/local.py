@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from barlow.errors import exit_on_signal
 from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec
 
 
@@ -18,7 +19,8 @@ def torchrun_command(nproc: int) -> list[str]:
 
 
 def run_local(spec: PretrainSpec | EvalRunSpec) -> int:
-    """Run the spec to completion in local processes; returns the exit code (see barlow.entrypoint)."""
+    """Run the spec to completion in local processes; returns the exit code (see barlow.entrypoint; torchrun killed
+    by a signal N gives 128 + N)."""
     if spec.runtime.nodes != 1:
         raise ValueError(f"runtime.nodes: a local run has 1 node, the spec asks for {spec.runtime.nodes}")
     nproc = spec.runtime.nproc_per_node
@@ -32,7 +34,8 @@ def run_local(spec: PretrainSpec | EvalRunSpec) -> int:
     try:
         while True:
             try:
-                return proc.wait()
+                code = proc.wait()
+                return exit_on_signal(-code) if code < 0 else code  # killed by a signal: 128 + it, as a shell says
             except KeyboardInterrupt:  # Ctrl-C reached torchrun too: wait while the workers checkpoint
                 continue
     finally:
