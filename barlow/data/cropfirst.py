@@ -271,4 +271,3 @@ class HostCrops:
         return Encoded(blob, sizes, torch.from_numpy(boxes), torch.from_numpy(flips), [s[4] for s in samples],
                        torch.tensor(host, dtype=torch.long),
                        tuple(torch.stack([samples[i][5][v] for i in host]) if host else empty for v in range(2)), lease)
-
