@@ -173,4 +173,3 @@ class DeviceFeed:
             views = [x.index_copy(0, dst, x.index_select(0, src)) for x in views]
             labels = labels.index_copy(0, dst, labels.index_select(0, src))
         return (views[0], views[1]), len(bad), labels
-
