@@ -9,9 +9,10 @@ process calls `Lease.release()` once nothing will read those bytes again (cropfi
 the feed after the device decode), which writes the slot's number into the worker's pipe.
 
 A slot is reused only after its release arrived, never on a guess: a lease that is dropped unreleased keeps its slot
-out of use, and a worker without a free slot hands the batch over in fresh shared memory, as torch does. The pipe
-orders the two processes: the trainer's last read of the bytes comes before its write, the worker's next write after
-its read of the slot number.
+out of use, and a worker without a free slot hands the batch over in fresh shared memory, as torch does. (On CUDA the
+feed pins every batch, so even the batches a DataLoader drops when an epoch is cut short pass the pinning thread and
+give their slot back.) The pipe orders the two processes: the trainer's last read of the bytes comes before its
+write, the worker's next write after its read of the slot number.
 """
 
 from __future__ import annotations
