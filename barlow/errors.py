@@ -25,6 +25,13 @@ def exit_on_signal(signum: int) -> int:
     return RETRYABLE_FROM + int(signum)
 
 
+def child_exit_code(code: int) -> int:
+    """A child process's return code as this process exits with it: a negative code is a child killed by that
+    signal (-6, SIGABRT from NCCL's watchdog, gives 134; -9 gives 137), passed on as 128 + signal, as a shell does,
+    so that it stays retryable."""
+    return exit_on_signal(-code) if code < 0 else code
+
+
 def is_retryable(code: int) -> bool:
     return code >= RETRYABLE_FROM
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from barlow.errors import EXIT_OK, EXIT_PEER_LOST, exit_on_signal
+from barlow.errors import EXIT_OK, EXIT_PEER_LOST, child_exit_code, exit_on_signal
 
 
 def exit_code(argv: list[str]) -> int:
@@ -28,14 +28,8 @@ def exit_code(argv: list[str]) -> int:
         return exit_on_signal(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        return worker_exit_code(failure.exitcode)
+        return child_exit_code(failure.exitcode)
     return EXIT_OK
-
-
-def worker_exit_code(code: int) -> int:
-    """A worker's code as this process exits with it: a negative code is a worker killed by that signal (-6, SIGABRT
-    from NCCL's watchdog, gives 134; -9 gives 137), passed on as 128 + signal so that it stays retryable."""
-    return exit_on_signal(-code) if code < 0 else code
 
 
 def _exit(code: int) -> None:

@@ -16,11 +16,11 @@ Host part (`--host-part`, also printed before the GPU mode): the CPU microsecond
 does for `data.decode: gpu` on ImageNet-sized JPEGs: in the loader worker HostCrops(decode="gpu") (header, crop
 boxes, flips, the GPU-decodability check from the header) and the collate into an `Encoded` (the bytes copied once);
 in the training process the copy to pinned memory (a reused buffer here: there is no pinned memory without CUDA),
-the split of the bytes per image and the stacking of boxes and flips (the feed). Measured three ways: in one process
+the split of the bytes per image and the boxes and flips read as lists (the feed). Measured three ways: in one process
 (the work itself), and served by a real loader worker (whole-process CPU time of both processes per batch: the
 work, pickling, passing file descriptors, mapping and page faults), once with the worker's buffers given back as
 the feed does (barlow.data.handover), once never given back: fresh shared memory per batch, torch's own hand-over.
-Target: at most 20 us/image served.
+Target: at most 20 us/image of work (the loader worker's part and the feed; the pinning copy is shown beside it).
 
 GPU mode: ImageNet-sized JPEGs (500x375, quality 90) in memory, crop boxes drawn on the host with RandomResizedCrop's
 distribution; per batch: barlow.data.devicedecode.decode_views (nvJPEG batch decode, two crops per image) + DeviceViews

@@ -99,9 +99,7 @@ def test_entrypoint_keeps_its_exit_code_names():
     (-15, 143, True),
 ])
 def test_torchrun_passes_worker_codes_on_with_their_meaning(worker_code, code, retryable):
-    from barlow.torchrun import worker_exit_code
-
-    assert worker_exit_code(worker_code) == code
+    assert errors.child_exit_code(worker_code) == code
     assert errors.is_retryable(code) is retryable
 
 

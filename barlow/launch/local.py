@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from barlow.errors import exit_on_signal
+from barlow.errors import child_exit_code
 from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec
 
 
@@ -34,8 +34,7 @@ def run_local(spec: PretrainSpec | EvalRunSpec) -> int:
     try:
         while True:
             try:
-                code = proc.wait()
-                return exit_on_signal(-code) if code < 0 else code  # killed by a signal: 128 + it, as a shell says
+                return child_exit_code(proc.wait())
             except KeyboardInterrupt:  # Ctrl-C reached torchrun too: wait while the workers checkpoint
                 continue
     finally:
