@@ -45,7 +45,7 @@ class OnlineProbe:
     def __init__(self, feature_dim: int, num_classes: int, lr: float, device: torch.device, world_size: int = 1):
         self.head = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, num_classes)).to(device)
         # Its own DDP: rank 0's initial weights everywhere, gradients averaged; batch statistics stay per rank.
-        self.trained = (DistributedDataParallel(self.head, broadcast_buffers=False, gradient_as_bucket_view=True)
+        self.trained = (DistributedDataParallel(self.head, gradient_as_bucket_view=True, **runsetup.ddp_buffer_sync(False))
                         if world_size > 1 else self.head)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=0.9)
         self.hits = torch.zeros((), device=device)  # since the last `take`, on the device

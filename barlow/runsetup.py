@@ -8,6 +8,7 @@ ranks act on at the same step, and the "same run?" check of a resume.
 
 from __future__ import annotations
 
+import inspect
 import signal
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -56,10 +57,23 @@ def start(spec: RunSpec) -> Process:
 
 def wrap_ddp(module: nn.Module, place: distributed.Placement) -> nn.Module:
     """DDP across processes (the module itself for one): gradients are views of DDP's buckets (no copies), and
-    `static_graph` because every step uses every parameter."""
+    `static_graph` because every step uses every parameter. Buffers are re-broadcast every step only where some are
+    rank-local (plain BatchNorm): SyncBatchNorm's running statistics are the global batch's on every rank already."""
     if place.world_size == 1:
         return module
-    return DistributedDataParallel(module, gradient_as_bucket_view=True, static_graph=True)
+    local = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                for m in module.modules())
+    return DistributedDataParallel(module, gradient_as_bucket_view=True, static_graph=True,
+                                   **ddp_buffer_sync(local))
+
+
+def ddp_buffer_sync(every_step: bool) -> dict[str, bool]:
+    """DDP's keyword for broadcasting buffers before every forward: `forward_sync_buffers` where torch has it (2.14
+    deprecates `broadcast_buffers` with a FutureWarning), `broadcast_buffers` before. Either way rank 0's buffers
+    are where a rank starts from."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": every_step}
+    return {"broadcast_buffers": every_step}
 
 
 def agreed_stop(stop_signal: StopSignal, place: distributed.Placement) -> int | None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from barlow import distributed, progress, runsetup, storage, tracking
+from barlow import distributed, progress, runsetup, storage, syncbn, tracking
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.feed import DeviceBatch, TrainingFeed
@@ -195,9 +195,9 @@ def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
     m = spec.model
     model = BarlowTwins(m.arch, m.projector, m.small_images, m.width, in_channels=spec.data.channels)
     if place.device.type == "cuda" and place.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics of the global batch, as in the paper
-    model = model.to(place.device)
-    return model.to(memory_format=torch.channels_last) if place.autocast_dtype else model
+        model = syncbn.convert_sync_batchnorm(model)  # BN statistics of the global batch, as in the paper, no host sync
+    # channels-last as the feed's views (barlow.data.feed): DDP's bucket views then have the gradients' strides
+    return model.to(place.device, memory_format=torch.channels_last)
 
 
 def wrap_for_speed(model: nn.Module, runtime: RuntimeSpec, place: distributed.Placement) -> nn.Module:

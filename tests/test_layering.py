@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "barlow"
 # (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
     ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
-    ("barlow.distributed", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking"),
+    ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking"),
     ("barlow.restarts", "barlow.runsetup"),
     ("barlow.progress",),
     ("barlow.evaluate",),
@@ -27,10 +27,10 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 # The runtime never needs the launcher, and the launcher never needs the training code (a manifest renders without
 # a GPU stack).
-RUNTIME = ("barlow.distributed", "barlow.checkpoint", "barlow.metrics", "barlow.data", "barlow.restarts", "barlow.runsetup",
+RUNTIME = ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.data", "barlow.restarts", "barlow.runsetup",
            "barlow.progress", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.entrypoint", "barlow.model",
            "barlow.loss", "barlow.optim", "barlow.augment", "barlow.tracking")
-TRAINING_CODE = ("barlow.distributed", "barlow.runsetup", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.tracking",
+TRAINING_CODE = ("barlow.distributed", "barlow.syncbn", "barlow.runsetup", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.tracking",
                  "barlow.entrypoint", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment", "barlow.data.feed",
                  "barlow.data.devicedecode")
 
