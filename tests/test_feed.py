@@ -18,7 +18,7 @@ from barlow.data import open_source
 from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, ImageTransform
 from barlow.data.decode import CorruptImage, decode_image, decode_pixels, open_image
 from barlow.data.feed import DeviceFeed, TrainingFeed, resolve_decode
-from barlow.data.source import derive_seed, refill_from
+from barlow.data.source import HostBatch, derive_seed, refill_from
 from barlow.spec import DataSpec
 
 
@@ -245,6 +245,46 @@ def test_feed_holds_at_most_one_batch_ahead(folder):
         assert len(pulled) <= i + 2
         if i == 2:
             break
+
+
+def _encoded_batch(batch_id: int, n: int = 4, size: int = 16) -> HostBatch:
+    """A gpu-mode batch whose every file is the byte `batch_id`: a fake decoder reads the batch's id from it."""
+    return HostBatch(Encoded(torch.full((n,), batch_id, dtype=torch.uint8), [1] * n,
+                             torch.tensor([[[0, 0, size, size]] * n] * 2), torch.zeros(2, n, dtype=torch.bool),
+                             [f"b{batch_id}-{i}.jpg" for i in range(n)], torch.zeros(0, dtype=torch.long),
+                             (torch.empty(0, 3, size, size, dtype=torch.uint8),) * 2),
+                     torch.zeros(n, dtype=torch.long), 0, batch_id)
+
+
+def test_the_device_decode_of_the_next_batch_is_issued_before_this_batch_is_trained():
+    """decode=gpu: batch k+1's decode is queued (on the copy stream, on CUDA) before the trainer gets batch k, so it
+    overlaps step k instead of running between steps."""
+    log = []
+
+    def decoder(datas, boxes, flips, size, channels, device, gpu_ok):
+        log.append(f"decode {int(datas[0][0])}")
+        return [torch.zeros(len(datas), channels, size, size, dtype=torch.uint8) for _ in range(2)], []
+
+    feed = DeviceFeed([_encoded_batch(k) for k in range(4)], torch.device("cpu"), DeviceViews(ViewsConfig(16, 3)),
+                      decoder)
+    for k, _ in enumerate(feed):
+        log.append(f"train {k}")
+    assert log == ["decode 0", "decode 1", "train 0", "decode 2", "train 1", "decode 3", "train 2", "train 3"]
+
+
+def test_a_corrupt_image_under_on_corrupt_fail_stops_at_its_own_batch():
+    """Decoding one batch ahead does not move the error: the batches before the bad one are trained."""
+    def decoder(datas, boxes, flips, size, channels, device, gpu_ok):
+        bad = [0] if int(datas[0][0]) == 2 else []
+        return [torch.zeros(len(datas), channels, size, size, dtype=torch.uint8) for _ in range(2)], bad
+
+    feed = DeviceFeed([_encoded_batch(k) for k in range(4)], torch.device("cpu"), DeviceViews(ViewsConfig(16, 3)),
+                      decoder, on_corrupt="fail")
+    trained = []
+    with pytest.raises(CorruptImage, match=r"^b2-0\.jpg: cannot decode image"):
+        for batch in feed:
+            trained.append(batch)
+    assert len(trained) == 2
 
 
 @pytest.mark.parametrize("n,bad,want", [

@@ -9,7 +9,10 @@ can read is reported in `bad` (its rows are left zero) and never fails the batch
 
 The nvJPEG race: its hardware engine writes a batch's outputs as soon as it is called, before work already queued
 on the stream has run, into blocks of the caching allocator that queued kernels may still read. Every batched GPU
-decode therefore drains the stream first (`_gpu_batch`), whichever decoder runs, for any decoder version.
+decode therefore drains the current stream first (`_gpu_batch`), whichever decoder runs, for any decoder version.
+The feed (barlow.data.feed) decodes on its copy stream, one batch ahead: draining that stream waits for its copies
+and the previous batch's crops only, never for a training step; blocks the training stream still reads are not
+handed out again before it has (their tensors are `record_stream`ed to it), so nothing else can be overwritten.
 
 Decoder: TorchCodec (`torchcodec.decoders.decode_jpeg` / `decode_image`, 0.17+: `decode_jpeg(list of 1-D uint8
 CPU tensors, mode=..., device=...)` returns a list) where it loads and decodes a probe image on the device, else

@@ -3,12 +3,15 @@ device, the next batch copied meanwhile.
 
 The loader workers produce uint8 crops (decode=cpu) or file bytes + crop boxes (decode=gpu; see
 cropfirst.HostCrops); the feed copies a batch to the training device (pinned memory, non-blocking copies on a
-side CUDA stream, one batch ahead of the one training), decodes it there in gpu mode, and applies the batched
-views (barlow.augment.DeviceViews) with the batch's seed. On the CPU the same code runs without streams.
+side CUDA stream, one batch ahead of the one training), in gpu mode decodes and crops it there too, on the same
+side stream and also one batch ahead (so neither the JPEG engine nor the crop kernels wait for a step to end, nor a
+step for them), and applies the batched views (barlow.augment.DeviceViews) with the batch's seed on the training
+stream. On the CPU the same code runs without streams.
 
-Stream hand-offs on CUDA: each upload records an event on the side stream and the training stream waits for that
-batch's event only (never for the copy of the batch behind it); tensors made on the side stream are
-`record_stream`ed to the training stream, so the allocator does not hand their memory out while it reads them.
+Stream hand-offs on CUDA: each batch records an event on the side stream after its copy and decode, and the
+training stream waits for that batch's event only (never for the batch behind it); tensors made on the side stream
+are `record_stream`ed to the training stream, so the allocator does not hand their memory out (to the decoder of a
+later batch either) while it reads them. The decoder synchronises the side stream only (barlow.data.devicedecode).
 
 decode=gpu on a CPU process is an error (the spec rejects it with runtime.device: cpu; `resolve_decode` at start
 when auto placement found no GPU): it is asked for explicitly, so it never silently turns into cpu.
@@ -19,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -43,19 +45,19 @@ class DeviceBatch:
 
 
 @dataclass
-class _Uploaded:
-    """A batch whose copy to the device is queued: `ready` is recorded on the copy stream after it (CUDA)."""
+class _Ready:
+    """A batch made ready on the copy stream (CUDA): its uint8 views on the device (copied, or decoded there in gpu
+    mode), labels, corrupt count; `ready` is recorded on the copy stream after all of it."""
 
-    inputs: Any  # (x1, x2) uint8 on the device, or an Encoded (bytes stay on the host)
-    host_views: tuple[torch.Tensor, ...]  # Encoded: the host-decoded crops on the device
+    views: tuple[torch.Tensor, torch.Tensor]
     labels: torch.Tensor
     n_corrupt: int
     seed: int
     ready: torch.cuda.Event | None
+    error: CorruptImage | None = None  # on_corrupt fail: raised when the batch is reached, not when it is decoded
 
     def tensors(self) -> list[torch.Tensor]:
-        ins = list(self.inputs) if isinstance(self.inputs, tuple) else []
-        return [*ins, *self.host_views, self.labels]
+        return [*self.views, self.labels]
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
@@ -88,7 +90,7 @@ class TrainingFeed:
 class DeviceFeed:
     """Iterates `DeviceBatch`es on `device` from an iterable of `HostBatch`es; len() is the loader's.
 
-    Holds at most one batch ahead of the one being trained (its copy in flight on a side stream on CUDA).
+    Holds at most one batch ahead of the one being trained (its copy and decode in flight on a side stream on CUDA).
     """
 
     def __init__(self, batches: Iterable[HostBatch], device: torch.device, views: DeviceViews,
@@ -105,49 +107,54 @@ class DeviceFeed:
         stream = torch.cuda.Stream(self.device) if self.cuda else None
         it = iter(self.batches)
         try:
-            ahead = self._upload(next(it, None), stream)
+            ahead = self._prepare(next(it, None), stream)
             while ahead is not None:
                 current = ahead
                 if current.ready is not None:
                     training = torch.cuda.current_stream(self.device)
-                    training.wait_event(current.ready)  # this batch's copy, not the next one's
+                    training.wait_event(current.ready)  # this batch's copy and decode, not the next one's
                     for t in current.tensors():
                         t.record_stream(training)
-                ahead = self._upload(next(it, None), stream)  # its copy overlaps the step that trains `current`
+                # the next batch's copy (and decode) is issued before this one is trained: it overlaps its step
+                ahead = self._prepare(next(it, None), stream)
                 yield self._views(current)
         finally:
             handover.forget()  # the loader workers' buffers this epoch mapped (see barlow.data.handover)
 
-    def _upload(self, batch: HostBatch | None, stream: torch.cuda.Stream | None) -> _Uploaded | None:
+    def _prepare(self, batch: HostBatch | None, stream: torch.cuda.Stream | None) -> _Ready | None:
+        """A batch's copy to the device and, in gpu mode, its decode, all queued on the copy stream `stream`: the
+        decoder synchronises that stream only (devicedecode's nvJPEG rule), never the training stream."""
         if batch is None:
             return None
+        error = None
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            if isinstance(batch.inputs, Encoded):  # bytes stay on the host: the device decoder reads them from there
-                inputs, host_views = batch.inputs, tuple(to_device(t, self.device) for t in batch.inputs.host_views)
-            else:
-                inputs, host_views = tuple(to_device(t, self.device) for t in batch.inputs), ()
             labels = to_device(batch.labels, self.device)
+            n_corrupt = batch.n_corrupt
+            if isinstance(batch.inputs, Encoded):  # bytes stay on the host: the device decoder reads them from there
+                host_views = tuple(to_device(t, self.device) for t in batch.inputs.host_views)
+                views, bad, labels = self._decode(batch.inputs, host_views, labels)
+                n_corrupt += len(bad)
+                if bad and self.on_corrupt == "fail":
+                    error = CorruptImage(f"{batch.inputs.names[bad[0]]}: cannot decode image (device decoder)")
+            else:
+                views = tuple(to_device(t, self.device) for t in batch.inputs)
             ready = None
             if stream is not None:
                 ready = torch.cuda.Event()
                 ready.record(stream)
-        return _Uploaded(inputs, host_views, labels, batch.n_corrupt, batch.seed, ready)
+        return _Ready((views[0], views[1]), labels, n_corrupt, batch.seed, ready, error)
 
-    def _views(self, up: _Uploaded) -> DeviceBatch:
-        n_corrupt = up.n_corrupt
-        if isinstance(up.inputs, Encoded):
-            (x1, x2), bad, labels = self._decode(up.inputs, up.host_views, up.labels)
-            n_corrupt += bad
-        else:
-            (x1, x2), labels = up.inputs, up.labels
-        v1, v2 = self.views(x1, x2, up.seed)
-        return DeviceBatch(v1, v2, labels, n_corrupt)
+    def _views(self, up: _Ready) -> DeviceBatch:
+        if up.error is not None:
+            raise up.error
+        v1, v2 = self.views(*up.views, up.seed)
+        return DeviceBatch(v1, v2, up.labels, up.n_corrupt)
 
     def _decode(self, enc: Encoded, host_views: tuple[torch.Tensor, ...],
-                labels: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], int, torch.Tensor]:
+                labels: torch.Tensor) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
         """Each image decoded once on the device, both views cropped from it (the host-decoded ones put in their
-        rows); an undecodable image is corrupt, and its rows are refilled with a readable image's crops and label
-        so the batch stays full."""
+        rows); an undecodable image is corrupt (its index returned), and its rows are refilled with a readable
+        image's crops and label so the batch stays full."""
         assert self.decode is not None
         n, size = len(enc.names), self.views.config.size
         boxes, flips = enc.boxes, enc.flips
@@ -165,11 +172,9 @@ class DeviceFeed:
             bad = [dev[i] for i in bad_dev]
         enc.release()  # the decoder has read the bytes (a no-op where pinning gave the worker's buffer back already)
         bad = sorted(bad)
-        if bad and self.on_corrupt == "fail":
-            raise CorruptImage(f"{enc.names[bad[0]]}: cannot decode image (device decoder)")
-        if bad:
+        if bad and self.on_corrupt != "fail":
             src = to_device(torch.tensor(refill_from(n, bad, enc.names), dtype=torch.long), self.device)
             dst = to_device(torch.tensor(bad, dtype=torch.long), self.device)
             views = [x.index_copy(0, dst, x.index_select(0, src)) for x in views]
             labels = labels.index_copy(0, dst, labels.index_select(0, src))
-        return (views[0], views[1]), len(bad), labels
+        return views, bad, labels
