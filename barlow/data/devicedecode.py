@@ -22,7 +22,9 @@ build); beside a torch built for another CUDA it does not load unless installed 
 it is the optional extra `decode` and torchvision.io, always there and matched to torch, is the fallback.
 
 Crop + resize: torchvision's `resized_crop` with BICUBIC + antialias, as the host's crop-first path
-(barlow/data/cropfirst.py) does, so CPU and device decoding give the same crop up to rounding.
+(barlow/data/cropfirst.py) does, so CPU and device decoding give the same crop up to rounding; batched (the crop
+and resize are a separable linear map: two matmuls per view for a group of similar-sized images), so a batch costs a
+few launches, not one per image and view.
 """
 
 from __future__ import annotations
@@ -170,13 +172,80 @@ def decode_batch(encoded: Sequence[torch.Tensor], channels: int, device: torch.d
     return out
 
 
-def _crop(img: torch.Tensor, box: Sequence[int], flip: bool, size: int) -> torch.Tensor:
-    h, w = img.shape[-2:]
+def _clamped(box: Sequence[int], h: int, w: int) -> tuple[int, int, int, int]:
+    """A (top, left, height, width) box moved inside an h x w image, at least 1 px."""
     top, left = min(max(int(box[0]), 0), h - 1), min(max(int(box[1]), 0), w - 1)
-    height, width = max(1, min(int(box[2]), h - top)), max(1, min(int(box[3]), w - left))
-    out = v2.functional.resized_crop(img, top, left, height, width, [size, size],
-                                     interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    return out.flip(-1) if flip else out
+    return top, left, max(1, min(int(box[2]), h - top)), max(1, min(int(box[3]), w - left))
+
+
+def _resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, full: int,
+                    flip: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, size, full) float32: row k of b holds the weights torch's antialiased bicubic resize (interpolate with
+    antialias=True: cubic a = -0.5, align_corners=False, support widened by the scale when shrinking) gives the
+    pixels [start, start + length) of a line of `full` pixels for output pixel k; reversed rows where `flip`."""
+    dev, f64 = start.device, torch.float64
+    length = length.to(f64)
+    scale = length / size
+    shrink = scale >= 1
+    support = torch.where(shrink, 2 * scale, 2.0)[:, None]
+    invscale = torch.where(shrink, 1 / scale, 1.0)[:, None, None]
+    centre = scale[:, None] * (torch.arange(size, device=dev, dtype=f64) + 0.5)  # (B, size), crop coordinates
+    lo = (centre - support + 0.5).trunc().clamp(min=0)[..., None]
+    hi = torch.minimum((centre + support + 0.5).trunc(), length[:, None])[..., None]
+    p = (torch.arange(full, device=dev, dtype=f64) - start.to(f64)[:, None])[:, None, :]  # (B, 1, full)
+    t = ((p - centre[..., None] + 0.5) * invscale).abs()
+    cubic = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * -0.5, 0.0))
+    w = cubic * ((p >= lo) & (p < hi))
+    w = w / w.sum(-1, keepdim=True)
+    if flip is not None:
+        w = torch.where(flip[:, None, None], w.flip(1), w)
+    return w.float()
+
+
+_GROUP_PIXELS = 1 << 26  # a group's padded float copy: at most 256 MiB
+_GROUP_PADDING = 1.5  # and at most this much bigger than its images
+
+
+def _groups(sizes: list[tuple[int, int]], channels: int) -> list[list[int]]:
+    """Indices of images padded to one common size for a batched resize: by area, largest first, a group closed
+    where padding would pass _GROUP_PADDING or the group _GROUP_PIXELS (a batch of similar sizes is one group)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][0] * sizes[i][1])
+    groups: list[list[int]] = []
+    hp = wp = area = 0
+    for i in order:
+        h, w = sizes[i]
+        if groups:
+            n, h2, w2 = len(groups[-1]) + 1, max(hp, h), max(wp, w)
+            if n * h2 * w2 <= _GROUP_PADDING * (area + h * w) and n * h2 * w2 * channels <= _GROUP_PIXELS:
+                groups[-1].append(i)
+                hp, wp, area = h2, w2, area + h * w
+                continue
+        groups.append([i])
+        hp, wp, area = h, w, h * w
+    return groups
+
+
+def _resized_crops(images: list[torch.Tensor], boxes: list[list[list[int]]], flips: list[list[bool]], size: int,
+                   views: list[torch.Tensor], rows: list[int]) -> None:
+    """Every view's crops of `images` (uint8 (C, H, W) on one device) into views[v][rows[i]]: per group of similar
+    sizes (`_groups`) one padded float copy, then per view two batched matmuls with the separable weights of
+    torchvision's resized_crop (bicubic, antialias: `_resize_weights`), rounded and clamped as it does. One resize
+    per view per group, not one per image; equal to the per-image resized_crop up to float rounding."""
+    device, channels = images[0].device, images[0].shape[0]
+    for group in _groups([tuple(img.shape[-2:]) for img in images], channels):
+        hp, wp = max(images[i].shape[-2] for i in group), max(images[i].shape[-1] for i in group)
+        padded = torch.zeros(len(group), channels, hp, wp, dtype=torch.float32, device=device)
+        for j, i in enumerate(group):
+            padded[j, :, :images[i].shape[-2], :images[i].shape[-1]] = images[i]
+        out_rows = to_device(torch.tensor([rows[i] for i in group], dtype=torch.long), device)
+        for v, out in enumerate(views):
+            cut = torch.tensor([_clamped(boxes[v][i], *images[i].shape[-2:]) for i in group], dtype=torch.long)
+            flip = to_device(torch.tensor([flips[v][i] for i in group], dtype=torch.bool), device)
+            cut = to_device(cut, device)
+            wy = _resize_weights(cut[:, 0], cut[:, 2], size, hp)  # (G, size, hp)
+            wx = _resize_weights(cut[:, 1], cut[:, 3], size, wp, flip)  # (G, size, wp)
+            crops = wy[:, None] @ padded @ wx[:, None].transpose(-1, -2)  # (G, C, size, size)
+            out.index_copy_(0, out_rows, crops.clamp_(0, 255).round_().to(torch.uint8))
 
 
 def decode_views(encoded: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int,
@@ -192,16 +261,13 @@ def decode_views(encoded: Sequence[torch.Tensor], boxes: torch.Tensor, flips: to
         raise ValueError(f"channels: must be 1 or 3 (got {channels})")
     device = torch.device(device)
     images = decode_batch(encoded, channels, device, decoder, gpu_ok)
-    boxes, flips = boxes.tolist(), flips.tolist()  # host values: no device sync per crop
-    views = [torch.zeros(len(encoded), channels, size, size, dtype=torch.uint8, device=device) for _ in boxes]
-    bad = []
-    for i, img in enumerate(images):
-        if img is None:
-            bad.append(i)
-            continue
-        for v, out in enumerate(views):
-            out[i] = _crop(img, boxes[v][i], flips[v][i], size)
-    return views, bad
+    views = [torch.zeros(len(encoded), channels, size, size, dtype=torch.uint8, device=device) for _ in range(len(boxes))]
+    good = [i for i, img in enumerate(images) if img is not None]
+    if good:  # boxes and flips as host values: the per-image clamping needs no device sync
+        box_list, flip_list = boxes.tolist(), flips.tolist()
+        _resized_crops([images[i] for i in good], [[b[i] for i in good] for b in box_list],
+                       [[f[i] for i in good] for f in flip_list], size, views, good)
+    return views, [i for i, img in enumerate(images) if img is None]
 
 
 def decode_crops(encoded: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int, channels: int,
