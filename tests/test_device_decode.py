@@ -14,8 +14,8 @@ from device_decoders import DECODERS
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.data.decode import gpu_decodable, jpeg_frame
-from barlow.data.devicedecode import _clamped, _groups, _resized_crops, decode_crops, decode_views
+from barlow.data.decode import decode_pixels, gpu_decodable, jpeg_frame
+from barlow.data.devicedecode import _clamped, _groups, _resized_crops, decode_batch, decode_crops, decode_views
 
 W, H = 96, 72
 
@@ -140,7 +140,7 @@ def test_torchvision_decoders_do_not_warn():
 def test_jpeg_frame_reads_any_buffer(kind):
     data = encode(photo(), "JPEG", progressive=True)
     buf = data if kind is torch.Tensor else kind(bytes(data.numpy()))
-    assert jpeg_frame(buf) == (0xC2, 3, H, W) and not gpu_decodable(buf)
+    assert jpeg_frame(buf) == (0xC2, 3, H, W, 1) and not gpu_decodable(buf)
 
 
 def test_jpeg_frame_reads_a_view_not_a_copy():
@@ -154,7 +154,7 @@ def test_jpeg_frame_reads_a_view_not_a_copy():
     assert len(data) > 65536
     tracemalloc.start()
     try:
-        assert jpeg_frame(data) == (0xC0, 3, 200, 200)
+        assert jpeg_frame(data) == (0xC0, 3, 200, 200, 1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -228,3 +228,28 @@ def test_batched_crops_equal_the_per_image_resized_crop(size):
 def test_images_of_a_batch_are_resized_in_few_groups(sizes, groups):
     got = _groups(sizes, 3)
     assert len(got) == groups and sorted(i for grp in got for i in grp) == list(range(len(sizes)))
+
+
+def rotated_jpeg(orientation: int) -> torch.Tensor:
+    """A W x H baseline JPEG whose EXIF says to show it rotated (6: 90 degrees clockwise, so H x W on screen)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(photo(), "JPEG", quality=95, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_the_header_scan_reads_the_exif_orientation(orientation):
+    frame = jpeg_frame(rotated_jpeg(orientation))
+    assert frame == (0xC0, 3, H, W, orientation)
+    assert gpu_decodable(rotated_jpeg(orientation)) is (orientation == 1)  # rotated ones take the host path
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_an_exif_rotated_jpeg_decodes_to_its_stored_frame_with_every_decoder(decoder):
+    """Orientation 6: every decoder gives the stored (C, H, W) frame, the one the host's boxes are drawn on and the
+    loader workers' decode (decode.decode_pixels) gives, never the rotated one (TorchCodec would rotate)."""
+    data = rotated_jpeg(6)
+    host = decode_pixels(bytes(data.numpy()), jpeg_frame(data), "r.jpg")
+    [img] = decode_batch([data], 3, "cpu", decoder)
+    assert host.shape == img.shape == (3, H, W)
+    assert (img.int() - host.int()).abs().max() <= 8  # decoders differ in rounding, not in geometry

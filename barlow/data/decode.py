@@ -4,7 +4,8 @@ JPEGs can be decoded at 1/2, 1/4 or 1/8 of their size (PIL's draft mode: libjpeg
 is several times faster than decoding at full size and resizing); `min_size` says how small is still enough.
 `decode_pixels` gives the same pixels as a tensor, full-size RGB/gray JPEGs through torchvision.io (no PIL
 image, no conversion); PNG, CMYK, other modes and reduced decodes stay with PIL. `gpu_decodable` tells from the
-header alone whether the batched GPU decoder takes an image.
+header alone whether the batched GPU decoder takes an image. Every decoder here gives the stored frame: EXIF
+orientation is not applied (the crop boxes are drawn on the frame size the header gives).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class JpegFrame(NamedTuple):
     components: int  # 1 grey, 3 YCbCr, 4 CMYK
     height: int
     width: int
+    orientation: int = 1  # EXIF orientation (1-8): 1 where absent; barlow decodes the stored frame whatever it says
 
 
 _FRAME_MODES = {1: "L", 3: "RGB"}  # the mode PIL opens a JPEG of 1 or 3 components in
@@ -102,7 +104,7 @@ def jpeg_frame(data: torch.Tensor | bytes | bytearray | memoryview) -> JpegFrame
     end = min(len(b), _HEADER_BYTES)
     if end < 2 or b[0] != 0xFF or b[1] != 0xD8:
         return None
-    i = 2
+    i, orientation = 2, 1
     while i + 4 <= end:
         if b[i] != 0xFF:
             return None
@@ -114,11 +116,38 @@ def jpeg_frame(data: torch.Tensor | bytes | bytearray | memoryview) -> JpegFrame
             if i + 9 >= end:
                 return None
             _, height, width, components = _SOF_FIELDS(b, i + 4)  # after the marker and the length
-            return JpegFrame(marker, components, height, width) if height and width else None
+            return JpegFrame(marker, components, height, width, orientation) if height and width else None
         if marker == 0xDA:  # start of scan before any frame header
             return None
-        i += 2 + _U16(b, i + 2)[0]
+        length = _U16(b, i + 2)[0]
+        if marker == 0xE1 and orientation == 1:  # APP1: EXIF, where an orientation tag sits
+            orientation = _exif_orientation(b, i + 4, min(i + 2 + length, end))
+        i += 2 + length
     return None
+
+
+_EXIF = b"Exif\x00\x00"
+_ORIENTATION_TAG = 0x0112
+
+
+def _exif_orientation(b, start: int, end: int) -> int:
+    """The orientation tag of IFD0 in an APP1 segment's bytes [start, end), or 1 (absent, malformed, not EXIF)."""
+    tiff = start + len(_EXIF)
+    if end - tiff < 8 or bytes(b[start:tiff]) != _EXIF or bytes(b[tiff:tiff + 2]) not in (b"II", b"MM"):
+        return 1
+    order = "<" if b[tiff] == 0x49 else ">"
+    ifd = tiff + struct.unpack_from(order + "I", b, tiff + 4)[0]
+    if ifd + 2 > end:
+        return 1
+    for k in range(struct.unpack_from(order + "H", b, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > end:
+            return 1
+        tag, kind = struct.unpack_from(order + "HH", b, entry)
+        if tag == _ORIENTATION_TAG:
+            value = struct.unpack_from(order + "H", b, entry + 8)[0] if kind == 3 else 1  # 3: SHORT
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def gpu_decodable(data: torch.Tensor | bytes | bytearray | memoryview) -> bool:
@@ -127,7 +156,10 @@ def gpu_decodable(data: torch.Tensor | bytes | bytearray | memoryview) -> bool:
 
 
 def gpu_takes(frame: JpegFrame | None) -> bool:
-    return frame is not None and frame.marker in _SOF_BASELINE and frame.components in (1, 3)
+    """Baseline, 1 or 3 components, and no EXIF rotation: torchcodec's decoders (GPU and CPU) always apply the EXIF
+    orientation, while the crop boxes are drawn on the stored frame and PIL / torchvision.io decode that frame; so an
+    image with orientation != 1 takes the host path, the same frame whichever decoder is installed."""
+    return frame is not None and frame.marker in _SOF_BASELINE and frame.components in (1, 3) and frame.orientation == 1
 
 
 def draft_scale(width: int, height: int, min_size: tuple[int, int]) -> int:

@@ -41,7 +41,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from barlow.augment import to_device
-from barlow.data.decode import gpu_decodable
+from barlow.data.decode import gpu_decodable, jpeg_frame
 
 
 def _mode(channels: int) -> str:
@@ -122,10 +122,13 @@ def _channels(img: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _decode_cpu(data: torch.Tensor, channels: int, dec: Decoders) -> torch.Tensor | None:
-    """One image on the CPU: the decoders for any format they know, then PIL; None if neither can read it."""
+    """One image on the CPU: the decoders for any format they know, then PIL; None if neither can read it. A JPEG
+    with an EXIF orientation goes to PIL, which decodes the stored frame as the host path does (TorchCodec rotates)."""
+    frame = jpeg_frame(data)
     try:
-        img = dec.image(data, channels)
-        return _channels(img[0] if img.ndim == 4 else img, channels)  # animated formats: the first frame
+        if frame is None or frame.orientation == 1:
+            img = dec.image(data, channels)
+            return _channels(img[0] if img.ndim == 4 else img, channels)  # animated formats: the first frame
     except Exception:  # any decoder failure: PIL is the last resort
         pass
     try:
