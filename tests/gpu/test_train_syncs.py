@@ -12,11 +12,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_train_steps_between_log_steps_do_not_sync(tmp_path):
-    from barlow.data.demo import write_demo
+    from imagesets import write_jpeg_folder
+
     from barlow.spec import parse_spec
     from barlow.train import Interval, device_batches, log_step, set_up, train_step
 
-    write_demo(str(tmp_path / "demo"), size=16)
+    write_jpeg_folder(tmp_path / "demo" / "train", 320)  # 5 batches of 64; no scikit-learn (the GPU image has none)
     spec = parse_spec({"kind": "pretrain", "name": "syncs",
                        "data": {"train": str(tmp_path / "demo" / "train"), "image_size": 16, "workers": 0,
                                 "decode": "cpu"},
