@@ -84,3 +84,18 @@ def test_device_views_on_cuda_equal_cpu(channels, hue):
     for c, g in ((c1, g1), (c2, g2)):
         assert g.device.type == "cuda" and g.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_an_exif_rotated_jpeg_decodes_to_its_stored_frame_on_cuda(decoder):
+    """Orientation 6 (TorchCodec's GPU decoder would rotate it): the header routes it off the batched GPU decode, so
+    the device gives the stored (C, H, W) frame the host's boxes are drawn on, as the CPU does."""
+    from barlow.data.devicedecode import decode_batch
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo(7), "JPEG", quality=92, exif=exif.tobytes())
+    assert not gpu_decodable(data)
+    [gpu] = decode_batch([data], 3, "cuda", decoder)
+    [cpu] = decode_batch([data], 3, "cpu", decoder)
+    assert gpu.device.type == "cuda" and gpu.shape == cpu.shape == (3, 120, 160)
