@@ -119,9 +119,28 @@ def synthetic_batches(sizes: Sizes, device: torch.device, channels_last: bool) -
         yield x1, x2
 
 
+def idle_gaps(busy_us: list[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """(longest gap in ms, idle % of the span) between the GPU's busy intervals (start, end in µs, any stream):
+    where the GPU waited for the host (a decode on the critical path shows as one gap a step)."""
+    if not busy_us:
+        return None, None
+    busy_us = sorted(busy_us)
+    end, longest, idle = busy_us[0][1], 0.0, 0.0
+    for start, stop in busy_us[1:]:
+        if start > end:
+            longest, idle = max(longest, start - end), idle + start - end
+        end = max(end, stop)
+    span = end - busy_us[0][0]
+    return longest / 1000, 100 * idle / span if span > 0 else 0.0
+
+
+TRACE_STEPS = 3  # profiled after the timed steps (reference configuration: synthetic and shard-fed)
+
+
 def run_config(cfg: Config, sizes: Sizes, device: torch.device, batches: Iterator, steps: int, warmup: int,
-               compile_backend: str) -> dict:
-    """Train `warmup + steps` steps of a fresh model under `cfg`; timings of the last `steps`."""
+               compile_backend: str, trace_steps: int = 0) -> dict:
+    """Train `warmup + steps` steps of a fresh model under `cfg`; timings of the last `steps`; then on CUDA
+    `trace_steps` more under the profiler, for the GPU's idle gaps between kernels (`idle_gaps`)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         torch.backends.cudnn.allow_tf32 = cfg.tf32_conv
@@ -164,10 +183,28 @@ def run_config(cfg: Config, sizes: Sizes, device: torch.device, batches: Iterato
     wall = time.perf_counter() - t0
     phase = {name: statistics.median(marks.ms(s[k], s[k + 1]) for s in timed)
              for k, name in enumerate(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"))}
+    gap_ms = idle_pct = None
+    if trace_steps and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(trace_steps):
+                x1, x2 = next(batches)
+                with bf16:
+                    z1, z2 = forward(x1, x2)
+                loss = loss_fn(z1, z2)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            _sync(device)
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        gap_ms, idle_pct = idle_gaps(kernels)
     return {"config": cfg.name, "options": dataclasses.asdict(cfg), "pairs_per_s": steps * sizes.batch / wall,
             "step_ms": 1000 * wall / steps, **phase, "first_step_s": first_step_s,
             "peak_mib": torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None,
-            "loss": float(loss.detach()), "loss_path": loss_fn.chosen_path(*z1.shape)}
+            "loss": float(loss.detach()), "loss_path": loss_fn.chosen_path(*z1.shape),
+            "gpu_gap_ms_max": gap_ms, "gpu_idle_pct": idle_pct}
 
 
 def _jpeg(args: tuple[str, int, int]) -> None:
@@ -240,16 +277,18 @@ def report(meta: dict, rows: list[dict]) -> str:
              f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps"
              f"{' (DRY RUN on the CPU: not a measurement)' if meta['dry_run'] else ''}.",
              "", "| mode | configuration | pairs/s | vs reference | step ms | data ms | forward ms | backward ms | optimizer ms "
-             "| peak GiB | first step s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak GiB | first step s | longest GPU gap ms | GPU idle % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['config']} | failed: {r['error']} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['mode']} | {r['config']} | failed: {r['error']} |  |  |  |  |  |  |  |  |  |  |")
             continue
         rel = f"{r['pairs_per_s'] / ref['pairs_per_s']:.2f}x" if ref and "pairs_per_s" in ref else "—"
         peak = None if r["peak_mib"] is None else r["peak_mib"] / 1024
         lines.append(f"| {r['mode']} | {r['config']} | {r['pairs_per_s']:.0f} | {rel} | {r['step_ms']:.1f} | {r['data_ms']:.1f} "
                      f"| {r['forward_ms']:.1f} | {r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {_fmt(peak, '.1f')} "
-                     f"| {r['first_step_s']:.1f} |")
+                     f"| {r['first_step_s']:.1f} | {_fmt(r.get('gpu_gap_ms_max'), '.2f')} "
+                     f"| {_fmt(r.get('gpu_idle_pct'), '.1f')} |")
     for note in meta["notes"]:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -293,7 +332,8 @@ def main() -> int:
     def attempt(mode: str, cfg: Config, batches: Iterator) -> None:
         print(f"{mode}: {cfg.name} ...", file=sys.stderr, flush=True)
         try:
-            r = run_config(cfg, sizes, device, batches, steps, warmup, compile_backend)
+            r = run_config(cfg, sizes, device, batches, steps, warmup, compile_backend,
+                           TRACE_STEPS if cfg is REFERENCE else 0)
         except Exception as e:  # one failed configuration (OOM, a compile error) must not lose the others
             traceback.print_exc()
             r = {"config": cfg.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}

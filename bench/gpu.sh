@@ -5,11 +5,12 @@
 #   bench/gpu.sh [OUT_DIR]             on a CUDA machine, from a plain checkout (default OUT_DIR: bench/results/gpu-<time>)
 #   bench/gpu.sh --dry-run [OUT_DIR]   every part on the CPU (CUDA tests skip, tiny benchmark): checks the kit here
 #   bench/gpu.sh --fetch-wheels [DIR]  where there is network: the wheels the GPU test machine's image lacks for the
-#                                      kit (bench/preflight.py --wheels: pydantic and its needs) into DIR (default .whl)
+#                                      kit (bench/preflight.py --wheels: pydantic and its needs, pytest and its needs)
+#                                      into DIR (default .whl)
 #
 # Python: $PYTHON, else ./.venv/bin/python, else python3; it must already hold torch and torchvision (the GPU image's
 # own, never replaced here: torch's wheels are gigabytes). Wheels in $BARLOW_WHEELS (default .whl) are installed into
-# /tmp/barlow-site and put first on the path; without them the package index is tried for 30 s.
+# /tmp/barlow-site and put first on the path; without them, where the Python lacks one, the kit stops in one line.
 # Each part runs under its own time limit inside the kit's 470 s (dry run: 1500 s); a part that fails or is stopped
 # loses no other part's results. Writes OUT_DIR/report.md, preflight.md, tests*.xml, gpu-bench*.{md,json}, *.log.
 set -uo pipefail
@@ -33,7 +34,7 @@ DRY=0
 case "${1:-}" in
   --dry-run) DRY=1; shift ;;
   --fetch-wheels) fetch_wheels "${2:-.whl}"; exit $? ;;
-  -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+  -h|--help) sed -n 2,15p "$0"; exit 0 ;;
 esac
 OUT=${1:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
@@ -51,14 +52,20 @@ fi
 
 SITE=/tmp/barlow-site
 wheels=${BARLOW_WHEELS:-.whl}
-missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("pydantic", "yaml", "fsspec", "PIL", "numpy", "pytest") if u.find_spec(m) is None))')
+missing=$("$PY" -c '
+import importlib.util as u
+def lacks(m):
+    try:
+        return u.find_spec(m) is None
+    except Exception:  # a broken install is missing too
+        return True
+print(" ".join(m for m in ("pydantic", "yaml", "fsspec", "PIL", "numpy", "pytest") if lacks(m)))')
 if compgen -G "$wheels/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheels"/*.whl \
     || echo "gpu.sh: the wheels in $wheels did not install; parts needing them report it" >&2
-elif [[ -n "$missing" ]]; then
-  echo "gpu.sh: missing $missing and no wheels in $wheels; trying the package index for 30 s" >&2
-  timeout 30 "$PY" -m pip install -q --retries 0 --timeout 5 --no-compile --target "$SITE" $missing \
-    || echo "gpu.sh: could not install $missing; parts needing them report it (bench/gpu.sh --fetch-wheels)" >&2
+elif [[ -n "$missing" ]]; then  # the GPU machine is offline: say what to carry, in one line, and run nothing
+  echo "gpu.sh: error: $PY lacks $missing and $wheels/ holds no wheels: run bench/gpu.sh --fetch-wheels where there is network, then carry $wheels (the device tool's carry: [\".whl\"]; bench/README.md)" >&2
+  exit 2
 fi
 # tests/: shared test helpers (imagesets, device_decoders); the carried wheels first, before the image's own
 export PYTHONPATH="${SITE}:$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
@@ -92,7 +99,7 @@ part() {
 # tests/conftest.py (the S3 fixtures) out
 PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --confcutdir=tests/gpu -o addopts="")
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout=120)  # one hung test does not eat the part
-KIT_TESTS=(tests/gpu tests/test_two_ranks_one_device.py tests/test_distributed.py)
+KIT_TESTS=(tests/gpu tests/test_two_ranks_one_device.py tests/test_distributed.py tests/test_handover.py)
 if [[ $DRY == 1 ]]; then
   BENCH=(--dry-run --steps 1 --warmup 1 --configs reference "torch.compile on"); VIEWS=(--dry-run)
 else

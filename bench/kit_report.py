@@ -127,6 +127,11 @@ def milestones(dry: bool, bench: list[dict], views: dict[str, float], tests: lis
     sync_verdict = "not measured" if sync is None or sync[0] == "skipped" else (
         "dry run" if dry else ("met" if sync[0] == "passed" else "NOT met"))
 
+    gap = shards.get("gpu_gap_ms_max") if shards else None
+    idle = shards.get("gpu_idle_pct") if shards else None
+    gap_verdict = "not measured" if gap is None else (
+        "dry run: not a measurement" if dry else ("met" if gap < MAX_GAP_MS else "NOT met"))
+
     def num(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
 
@@ -136,7 +141,48 @@ def milestones(dry: bool, bench: list[dict], views: dict[str, float], tests: lis
             f"| device views (both views, no decode) | >= 10,000 views/s | {num(both, ',.0f')} | {verdict(both, 10000)} | views |",
             f"| GPU decode (with both views: a lower bound) | >= 5,000 images/s | {num(decode_images, ',.0f')} "
             f"| {verdict(decode_images, 5000)} | views |",
-            f"| host syncs between log steps | 0 | {sync_text} | {sync_verdict} | tests |"]
+            f"| host syncs between log steps | 0 | {sync_text} | {sync_verdict} | tests |",
+            f"| shard-fed steps: longest GPU idle gap (profiler) | < {MAX_GAP_MS:g} ms | {num(gap, '.2f')} ms "
+            f"({num(idle, '.1f')} % idle) | {gap_verdict} | bench |"]
+
+
+MAX_GAP_MS = 2.0  # a decode on the critical path leaves tens of ms a step; launch gaps are microseconds
+
+
+def numbers(dry: bool, meta: dict, bench: list[dict], views: dict[str, float]) -> list[str]:
+    """The kit's last table: each number the README's GPU section and barlow/launch/throughput.py take from a run."""
+    def row(mode: str) -> dict | None:
+        return next((r for r in bench if r.get("mode") == mode and r.get("config") == "reference"
+                     and "pairs_per_s" in r), None)
+
+    ref, shards = row("synthetic"), row("shards")
+    gpu = str(meta.get("device_name", "unknown")).replace(" ", "-")
+    sizes = meta.get("sizes", {})
+
+    def num(r: dict | None, key: str, fmt: str) -> str:
+        return "—" if r is None or r.get(key) is None else format(r[key], fmt)
+
+    rate = shards or ref  # what training reads through barlow's data path; synthetic where the shards did not run
+    measured = "—" if rate is None or dry else (
+        f'`Measured(gpu="{gpu}", arch="{sizes.get("arch")}", image_size={sizes.get("image")}, precision="bf16", '
+        f'images_per_s_per_gpu={rate["pairs_per_s"]:.0f}.0, source="bench/gpu.sh, '
+        f'{datetime.date.today().isoformat()}, 1 GPU, batch {sizes.get("batch")}, '
+        f'{"shard-fed" if shards else "synthetic"}")`')
+    both = next((v for k, v in views.items() if k.startswith("both views only") and "linear" not in k), None)
+    decode = views.get("decode + both views")
+    return ["| number | value | goes to |", "|---|---:|---|",
+            f"| GPU (`nvidia.com/gpu.product`) | {gpu}{' (DRY RUN)' if dry else ''} | throughput.py `gpu` |",
+            f"| synthetic pairs/s (reference) | {num(ref, 'pairs_per_s', ',.0f')} | README GPU section |",
+            f"| shard-fed pairs/s (reference) | {num(shards, 'pairs_per_s', ',.0f')} | README GPU section; "
+            f"throughput.py `images_per_s_per_gpu` |",
+            f"| step ms, synthetic / shard-fed | {num(ref, 'step_ms', '.1f')} / {num(shards, 'step_ms', '.1f')} "
+            f"| README GPU section |",
+            f"| longest GPU gap ms, synthetic / shard-fed | {num(ref, 'gpu_gap_ms_max', '.2f')} / "
+            f"{num(shards, 'gpu_gap_ms_max', '.2f')} | README GPU section |",
+            f"| device views/s (both views) | {'—' if both is None else format(both, ',.0f')} | README GPU section |",
+            f"| GPU decode + both views, views/s | {'—' if decode is None else format(decode, ',.0f')} "
+            f"| README GPU section |",
+            f"| throughput.py row | {measured} | `MEASURED` in barlow/launch/throughput.py |"]
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -182,6 +228,8 @@ def render(out: Path, dry: bool, start: float) -> str:
         if f.exists():  # its title one level down
             lines += ["", *(f"#{line}" if line.startswith("# ") else line for line in f.read_text().splitlines())]
     lines += ["", "## bench/views.py", "", "```", *_tail(out / "views.log", 25), "```"]
+    lines += ["", "## Numbers to take (README GPU section, barlow/launch/throughput.py)", "",
+              *numbers(dry, meta, bench, views)]
     return "\n".join(lines) + "\n"
 
 

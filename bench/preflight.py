@@ -35,10 +35,19 @@ WHEELS = {
     "typing-inspection==0.4.5": "typing_inspection",
     "typing-extensions==4.16.0": "typing_extensions",
 }
+# The kit's test runner and its needs (pure Python): an image without them would run no test at all.
+RUNNER_WHEELS = {
+    "pytest==9.2.0": "pytest",
+    "pluggy==1.7.0": "pluggy",
+    "iniconfig==2.3.1": "iniconfig",
+    "packaging==26.4": "packaging",
+    "pygments==2.21.0": "pygments",
+}
+WHEELS |= RUNNER_WHEELS
 # The files the kit runs; every barlow module they import (at any depth of the file) is tried by the preflight.
 KIT_FILES = ("bench/gpu.py", "bench/views.py", "bench/preflight.py", "bench/kit_report.py", "tests/gpu",
-             "tests/test_two_ranks_one_device.py", "tests/test_distributed.py", "tests/device_decoders.py",
-             "tests/imagesets.py")
+             "tests/test_two_ranks_one_device.py", "tests/test_distributed.py", "tests/test_handover.py",
+             "tests/device_decoders.py", "tests/imagesets.py")
 FLOOR = {"torch": (2, 11), "torchvision": (0, 26)}
 
 

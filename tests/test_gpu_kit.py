@@ -61,7 +61,8 @@ def _kit_modules() -> list[str]:
 def test_the_kit_imports_on_the_gpu_image_with_exactly_the_carried_wheels():
     lacks = set(preflight.IMAGE_LACKS)
     assert _import_with(lacks - CARRIED, _kit_modules()) == []  # the image plus the wheels: everything imports
-    for needed in sorted(CARRIED - {"typing_extensions"}):  # each carried wheel: without it something fails
+    # each carried wheel of barlow's: without it something fails (the test runner's are for the image's sake)
+    for needed in sorted(CARRIED - {"typing_extensions"} - set(preflight.RUNNER_WHEELS.values())):
         failed = _import_with((lacks - CARRIED) | {needed}, ["barlow.spec"])
         assert failed and needed in failed[0], needed
 
@@ -179,3 +180,55 @@ def test_api_audit_finds_a_missing_function_and_a_missing_keyword(tmp_path):
     assert problems["torch.distributed._functional_collectives.all_gather_single"].endswith(
         "all_gather_single not defined in torch/distributed/_functional_collectives.py")
     assert problems["torch.distributed._functional_collectives.all_reduce"] is None
+
+
+@pytest.mark.parametrize("busy, want", [
+    ([(0, 10), (10, 20), (20, 30)], (0.0, 0.0)),  # back to back
+    ([(0, 10), (5, 15), (2000, 2100)], (1.985, 100 * 1985 / 2100)),  # overlapping streams merge; one 1.985 ms gap
+    ([(3000, 4000), (0, 1000), (1500, 2000)], (1.0, 100 * 1500 / 4000)),  # out of order
+    ([], (None, None)),
+])
+def test_idle_gaps_between_busy_intervals(busy, want):
+    import gpu
+
+    got = gpu.idle_gaps(busy)
+    assert got == pytest.approx(want) if want[0] is not None else got == want
+
+
+def test_the_report_ends_with_the_numbers_to_take(tmp_path):
+    (tmp_path / "parts.tsv").write_text("bench\t0\t100\t150\n")
+    (tmp_path / "gpu-bench.json").write_text(json.dumps({
+        "meta": {"device_name": "NVIDIA H100 80GB HBM3", "sizes": {"arch": "resnet50", "image": 224, "batch": 256}},
+        "rows": [{"mode": "synthetic", "config": "reference", "pairs_per_s": 1500.0, "step_ms": 170.7,
+                  "gpu_gap_ms_max": 0.05},
+                 {"mode": "shards", "config": "reference", "pairs_per_s": 1410.4, "step_ms": 181.5,
+                  "gpu_gap_ms_max": 0.4, "gpu_idle_pct": 0.8}]}))
+    lines = kit_report.render(tmp_path, dry=False, start=time.time()).splitlines()
+    assert "| shard-fed steps: longest GPU idle gap (profiler) | < 2 ms | 0.40 ms (0.8 % idle) | met | bench |" in lines
+    table = lines[lines.index("## Numbers to take (README GPU section, barlow/launch/throughput.py)"):]
+    assert table[-1].startswith('| throughput.py row | `Measured(gpu="NVIDIA-H100-80GB-HBM3", arch="resnet50", '
+                                'image_size=224, precision="bf16", images_per_s_per_gpu=1410.0, source="bench/gpu.sh, ')
+    assert "| shard-fed pairs/s (reference) | 1,410 | README GPU section; throughput.py `images_per_s_per_gpu` |" in table
+    assert "| longest GPU gap ms, synthetic / shard-fed | 0.05 / 0.40 | README GPU section |" in table
+
+
+def test_without_the_wheels_the_kit_stops_in_one_line(tmp_path):
+    """A Python lacking pydantic (blocked here by a sitecustomize) and no wheels carried: one error line naming what
+    to carry, exit 2, before any part runs (no install attempt against a registry the GPU machine cannot reach)."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'pydantic':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker), "BARLOW_WHEELS": str(tmp_path / "none"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path / "out")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu.sh: error: ") and "pydantic" in lines[0], done.stderr
+    assert ".whl" in lines[0] and "--fetch-wheels" in lines[0]
+    assert not (tmp_path / "out" / "parts.tsv").exists()
