@@ -108,7 +108,7 @@ fi
 
 lim() { if [[ $DRY == 1 ]]; then echo "$2"; else echo "$1"; fi; }  # GPU limit, dry-run limit (a busy 2-core CPU)
 part preflight "$(lim 45 120)" "$PY" bench/preflight.py --out "$OUT"
-part tests "$(lim 130 400)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k "not compile" --junitxml="$OUT/tests.xml"
+part tests "$(lim 160 400)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k "not compile" --junitxml="$OUT/tests.xml"
 part bench "$(lim 150 300)" "$PY" bench/gpu.py --out "$OUT" --compile skip "${BENCH[@]}"
 part views "$(lim 45 120)" "$PY" bench/views.py "${VIEWS[@]}"
 # Compilation last: the slowest to start, and the likeliest to meet the time limit.
