@@ -61,10 +61,15 @@ def wrap_ddp(module: nn.Module, place: distributed.Placement) -> nn.Module:
     rank-local (plain BatchNorm): SyncBatchNorm's running statistics are the global batch's on every rank already."""
     if place.world_size == 1:
         return module
-    local = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
-                for m in module.modules())
     return DistributedDataParallel(module, gradient_as_bucket_view=True, static_graph=True,
-                                   **ddp_buffer_sync(local))
+                                   **ddp_buffer_sync(rank_local_buffers(module)))
+
+
+def rank_local_buffers(module: nn.Module) -> bool:
+    """Whether some buffers differ between ranks after a step: plain BatchNorm's running statistics (SyncBatchNorm's
+    are the global batch's on every rank)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+               for m in module.modules())
 
 
 def ddp_buffer_sync(every_step: bool) -> dict[str, bool]:

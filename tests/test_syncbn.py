@@ -98,3 +98,15 @@ def test_sync_batchnorm_on_two_ranks_is_batchnorm_of_the_global_batch(ranks, nam
             torch.testing.assert_close(g["mean"], want[step]["mean"], rtol=tol, atol=tol)
             torch.testing.assert_close(g["var"], want[step]["var"], rtol=tol, atol=tol)
     assert got[0]["y"].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_only_plain_batchnorm_makes_ddp_broadcast_buffers_every_step():
+    from barlow.model import BarlowTwins
+    from barlow.runsetup import ddp_buffer_sync, rank_local_buffers
+    from barlow.syncbn import convert_sync_batchnorm
+
+    model = BarlowTwins("resnet18", "32-32", small_images=True, width=8)
+    assert rank_local_buffers(model)
+    assert not rank_local_buffers(convert_sync_batchnorm(model))
+    # torch 2.14 deprecates broadcast_buffers (a FutureWarning per DDP); older torch has only that keyword
+    assert set(ddp_buffer_sync(False)) < {"forward_sync_buffers", "broadcast_buffers"}
