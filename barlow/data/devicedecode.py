@@ -186,23 +186,23 @@ def _resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, full: 
     """(B, size, full) float32: row k of b holds the weights torch's antialiased bicubic resize (interpolate with
     antialias=True: cubic a = -0.5, align_corners=False, support widened by the scale when shrinking) gives the
     pixels [start, start + length) of a line of `full` pixels for output pixel k; reversed rows where `flip`."""
-    dev, f64 = start.device, torch.float64
-    length = length.to(f64)
+    dev, f32 = start.device, torch.float32
+    length = length.to(f32)
     scale = length / size
     shrink = scale >= 1
     support = torch.where(shrink, 2 * scale, 2.0)[:, None]
     invscale = torch.where(shrink, 1 / scale, 1.0)[:, None, None]
-    centre = scale[:, None] * (torch.arange(size, device=dev, dtype=f64) + 0.5)  # (B, size), crop coordinates
+    centre = scale[:, None] * (torch.arange(size, device=dev, dtype=f32) + 0.5)  # (B, size), crop coordinates
     lo = (centre - support + 0.5).trunc().clamp(min=0)[..., None]
     hi = torch.minimum((centre + support + 0.5).trunc(), length[:, None])[..., None]
-    p = (torch.arange(full, device=dev, dtype=f64) - start.to(f64)[:, None])[:, None, :]  # (B, 1, full)
+    p = (torch.arange(full, device=dev, dtype=f32) - start.to(f32)[:, None])[:, None, :]  # (B, 1, full)
     t = ((p - centre[..., None] + 0.5) * invscale).abs()
     cubic = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * -0.5, 0.0))
     w = cubic * ((p >= lo) & (p < hi))
     w = w / w.sum(-1, keepdim=True)
     if flip is not None:
         w = torch.where(flip[:, None, None], w.flip(1), w)
-    return w.float()
+    return w
 
 
 _GROUP_PIXELS = 1 << 26  # a group's padded float copy: at most 256 MiB
