@@ -1,7 +1,8 @@
 """Measured training throughput, for `barlow plan`'s wall-time and GPU-hour estimates.
 
 One row per (GPU model, encoder, image size), measured by `bench/gpu.py` on a lent GPU machine. To add a row, copy
-the numbers from the bench report into MEASURED:
+the last line of the GPU kit's report.md (`bench/gpu.sh`: its "Numbers to take" table writes the row out, from the
+shard-fed rate) into MEASURED:
 
     Measured(gpu="NVIDIA-H100-80GB-HBM3", arch="resnet50", image_size=224, precision="bf16",
              images_per_s_per_gpu=1234.0, source="bench/gpu.py, 2026-12-01, 1 GPU, batch 256, channels_last")
