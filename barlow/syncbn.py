@@ -15,6 +15,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import Function
 
+# torch 2.14 deprecates all_gather_into_tensor for all_gather_single (a FutureWarning a call); 2.11 has only the former
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and 1 / sqrt(biased var + eps) (torch.batch_norm_stats)."""
@@ -91,7 +94,7 @@ class SyncBatchNormFunction(Function):
         combined = torch.cat([mean, invstd, count])  # C, C, 1
         if process_group._get_backend_name() != "gloo":
             gathered = torch.empty(world_size * combined.numel(), dtype=combined.dtype, device=combined.device)
-            dist.all_gather_into_tensor(gathered, combined, process_group)
+            _all_gather_into(gathered, combined, process_group)
             gathered = gathered.view(world_size, -1)
         else:  # gloo has no all_gather_into_tensor
             parts = [torch.empty_like(combined) for _ in range(world_size)]
