@@ -221,13 +221,20 @@ def test_batched_crops_equal_the_per_image_resized_crop(size):
 
 @pytest.mark.parametrize("sizes, groups", [
     ([(375, 500)] * 8, 1),  # one size: one group, one resize per view for the batch
-    ([(375, 500), (500, 375)] * 4 + [(333, 500)] * 4, 1),  # ImageNet's usual mix pads within 1.5x
+    ([(375, 500), (333, 500), (400, 500)] * 4 + [(500, 375)] * 4, 1),  # a mix padded within 1.5x: one group
     ([(375, 500)] * 8 + [(3000, 4000)], 2),  # a photo 64x the others' size goes alone
     ([(2000, 2000)] * 6, 2),  # the padded copy's cap (64 Mi values with 3 channels) splits a group
 ])
 def test_images_of_a_batch_are_resized_in_few_groups(sizes, groups):
     got = _groups(sizes, 3)
     assert len(got) == groups and sorted(i for grp in got for i in grp) == list(range(len(sizes)))
+
+
+def test_a_batch_of_imagenet_like_sizes_is_a_few_resizes_not_one_per_image():
+    rng = np.random.default_rng(0)
+    common = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (480, 640), (300, 400)]
+    sizes = [common[i] for i in rng.integers(0, len(common), 256)]
+    assert len(_groups(sizes, 3)) <= 4  # the padded copy's cap alone needs 3 (64 Mi values)
 
 
 def rotated_jpeg(orientation: int) -> torch.Tensor:

@@ -210,9 +210,10 @@ _GROUP_PADDING = 1.5  # and at most this much bigger than its images
 
 
 def _groups(sizes: list[tuple[int, int]], channels: int) -> list[list[int]]:
-    """Indices of images padded to one common size for a batched resize: by area, largest first, a group closed
-    where padding would pass _GROUP_PADDING or the group _GROUP_PIXELS (a batch of similar sizes is one group)."""
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][0] * sizes[i][1])
+    """Indices of images padded to one common size for a batched resize: landscape and portrait apart, each by
+    height then width, largest first; a group is closed where padding would pass _GROUP_PADDING or the group
+    _GROUP_PIXELS (a batch of similar sizes is one group or a few)."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] > sizes[i][1], -sizes[i][0], -sizes[i][1]))
     groups: list[list[int]] = []
     hp = wp = area = 0
     for i in order:
