@@ -21,7 +21,7 @@ from barlow.data import open_source
 from barlow.data.cropfirst import ImageTransform
 from barlow.errors import SplitsDisagree, UnlabelledData
 from barlow.evaluate import features_of, knn_dtype, knn_top1
-from barlow.spec import PretrainSpec
+from barlow.spec import DataSpec, PretrainSpec
 
 SUBSETS = (1, 10, 100)  # the label subsets every source serves (see barlow.data.source)
 
@@ -91,12 +91,18 @@ class KnnMonitor:
     """kNN top-1 of the backbone's features every `every` epochs and at the last step, on fixed subsets:
     the validation images of `monitor.knn_images` against the training images of `monitor.knn_train_images`."""
 
-    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, train_source: Any, every: int):
-        m, d, place = spec.monitor, spec.data, proc.place
+    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, train_source: Any, every: int,
+                 data: DataSpec | None = None):
+        """`data`: the labelled set (default data.*); `train_source`: its train images when already open."""
+        m, d, place = spec.monitor, data or spec.data, proc.place
         self.every, self.k, self.proc, self.workers = every, m.knn_k, proc, d.workers
-        self.train, self.val = train_source, open_source(d, "val")
+        self.train = train_source if train_source is not None else open_source(d, "train")
+        self.val = open_source(d, "val")
+        field = "monitor.data" if d is not spec.data else "data"
+        if not self.train.classes:
+            raise UnlabelledData(f"{field}.train: {d.train} is {self.train.describe()}: the kNN needs labelled images")
         if self.val.classes != self.train.classes:
-            raise SplitsDisagree("data.val: its classes differ from data.train's (the kNN monitor compares them)")
+            raise SplitsDisagree(f"{field}.val: its classes differ from {field}.train's (the kNN monitor compares them)")
         self.num_classes = len(self.train.classes)
         self.train_percent = smallest_subset(self.train, m.knn_train_images)
         self.val_percent = smallest_subset(self.val, m.knn_images)

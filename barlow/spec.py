@@ -203,6 +203,10 @@ class DataSpec(Section):
     workers: int = Field(4, ge=0, le=64, description="Data-loader worker processes per training process.")
     shuffle_buffer: int = Field(1000, ge=0, le=1_000_000, description="Samples held for shuffling shards (0: none).")
     on_corrupt: Literal["skip", "fail"] = Field("skip", description="What an undecodable image does: skipped and counted, or fail the run.")
+    labels: Literal["auto", "folders", "none"] = Field(
+        "auto", description="Labels of an image folder. auto: from the folders only in the class layout (every image "
+        "exactly one folder below data.train, in at least two such folders); any other layout (flat, nested by date or "
+        "camera) is unlabelled. folders: each image's top folder is its class. none: unlabelled.")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Where training images are decoded: cpu (loader workers decode the crops), gpu (workers only "
         "read bytes and choose crops; the GPU decodes the batch; needs a CUDA device), auto: gpu when the run is on CUDA.")
@@ -213,6 +217,23 @@ class DataSpec(Section):
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, READABLE_SCHEMES)
+
+
+class LabelledDataSpec(Section):
+    """A labelled image set beside unlabelled pretraining data (the other data.* settings are data's)."""
+
+    format: Literal[DATA_FORMATS] = Field("imagefolder", description="As data.format.")  # type: ignore[valid-type]
+    train: ReadURL = Field(description="Labelled training images (class folders, or a shard index).")
+    val: ReadURL = Field(description="Labelled validation images, same format.")
+
+    @field_validator("train", "val")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v, READABLE_SCHEMES)
+
+    def over(self, data: DataSpec) -> DataSpec:
+        """data.* with this set's format and URLs, labels from its folders."""
+        return data.model_copy(update={"format": self.format, "train": self.train, "val": self.val, "labels": "auto"})
 
 
 class ModelSpec(Section):
@@ -340,6 +361,9 @@ class FollowUpEvalSpec(EvalSpec):
     """A pretrain spec's `eval`: the evaluation its pipeline runs next, with that run's own size (an eval spec has
     top-level `runtime` and `cluster` instead)."""
 
+    data: LabelledDataSpec | None = Field(None, description="The labelled images the eval trains and measures on "
+                                          "(unset: the pretraining's data.train and data.val); needed when the "
+                                          "pretraining data has no labels.")
     runtime: EvalRuntimeSpec = Field(default_factory=EvalRuntimeSpec, description="The eval's nodes and processes.")
     cluster: EvalClusterSpec = Field(default_factory=EvalClusterSpec, description="The eval's GPUs and resources per pod.")
 
@@ -474,6 +498,9 @@ class MonitorSpec(Section):
     knn_train_images: int = Field(20000, ge=1, description="Training images the kNN compares against (eval transform), "
                                                            "chosen as knn_images is.")
     knn_k: int = Field(20, ge=1, le=1000, description="Neighbours of the kNN (cosine similarity, weighted vote).")
+    data: LabelledDataSpec | None = Field(None, description="A labelled set the kNN measures on (its train against its "
+                                          "val) instead of data.*; with unlabelled pretraining data the kNN is off "
+                                          "without it, and the online probe (it needs the training batches' labels) is off.")
 
     @field_validator("online_probe", mode="before")
     @classmethod
@@ -758,17 +785,20 @@ class PretrainSpec(RunSpec):
             problems.append(("optim.warmup_epochs", f"must be shorter than optim.epochs ({o.epochs})"))
         if self.eval.checkpoint or self.eval.backbone:
             problems.append(("eval.checkpoint", "is set by the pipeline from output.url; leave it out of a pretrain spec"))
-        if self.monitor.knn_every_epochs and self.data.val is None:
-            problems.append(("monitor.knn_every_epochs", "the kNN measures on data.val: set data.val, or 0 to turn it off"))
+        if self.monitor.knn_every_epochs and self.data.val is None and self.monitor.data is None:
+            problems.append(("monitor.knn_every_epochs", "the kNN measures on data.val: set data.val (or monitor.data), "
+                                                         "or 0 to turn it off"))
         return problems
 
     def eval_spec(self) -> EvalRunSpec:
         """The evaluation of this run's checkpoint, writing beside it (what `pipeline` runs second)."""
         d = self.model_dump(exclude={"kind", "optim", "monitor", "eval", "name", "output", "runtime", "cluster"})
         runtime, cluster = self.eval.placement(self.runtime, self.cluster)
+        if self.eval.data is not None:
+            d["data"] = self.eval.data.over(self.data).model_dump()
         return EvalRunSpec.model_validate({
             **d, "kind": "eval", "name": f"{self.name[:45]}-eval", "runtime": runtime, "cluster": cluster,
-            "eval": {**self.eval.model_dump(exclude={"runtime", "cluster"}), "checkpoint": self.output.url},
+            "eval": {**self.eval.model_dump(exclude={"runtime", "cluster", "data"}), "checkpoint": self.output.url},
             "output": {"url": f"{self.output.url}/eval", "keep": self.output.keep},
         })
 

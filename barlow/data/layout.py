@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import IO
 
 from barlow import storage
+from barlow.data.listing import IMAGE_EXTENSIONS, NoImages, SourceImage, labelled_images, list_folder
+
+__all__ = ["IMAGE_EXTENSIONS", "SourceImage", "list_images"]
 
 INDEX_FORMAT = "barlow-shards/1"
 SUBSET_PERCENTS = (10, 1)  # the label-fraction protocols; 100 is every sample
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff")
 TAR_FORMAT = tarfile.PAX_FORMAT  # long or non-ASCII keys get a pax header instead of failing
 
 
@@ -189,41 +191,11 @@ def iter_samples(f: IO[bytes], shard: str) -> Iterator[Sample]:
         yield finish()
 
 
-@dataclass
-class SourceImage:
-    path: str  # inside the source filesystem
-    size: int
-    label: int
-    key: str
-    ext: str
-
-
 def list_images(src: str, s3: storage.S3Settings | None = None) -> tuple[list[str], list[SourceImage]]:
-    """Classes (sorted folder names) and images of `<src>/<class>/<file>`, in a stable order: the one listing
-    of an image folder (the shard writer and the image-folder source both use it, so both see the same keys)."""
-    fs, root = storage.filesystem(src, s3)
-    root = root.rstrip("/")
-    try:
-        found = storage.retry(fs.find, root, detail=True, what=src, s3=s3)
-    except FileNotFoundError:
-        found = {}
-    by_class: dict[str, list[tuple[str, int]]] = {}
-    for path, info in found.items():
-        rel = posixpath.relpath(path, root or "/")
-        ext = rel.rsplit(".", 1)[-1].lower() if "." in rel else ""
-        if rel.count("/") == 1 and ext in IMAGE_EXTENSIONS:  # only <class>/<file>: the ImageNet layout
-            by_class.setdefault(rel.split("/")[0], []).append((path, int(info["size"])))
-    if not by_class:
-        raise FileNotFoundError(f"{src}: no images in <class>/<image> layout")
-    classes = sorted(by_class)
-    images, seen = [], {}
-    for label, cls in enumerate(classes):
-        for path, size in sorted(by_class[cls]):
-            base = posixpath.basename(path)
-            stem, ext = base.rsplit(".", 1)
-            key = f"{cls}/{stem.replace('.', '_')}"  # the key ends at the first dot, so stems keep none
-            if key in seen:
-                raise ValueError(f"{src}: {seen[key]} and {path} would share the sample key {key}; rename one")
-            seen[key] = path
-            images.append(SourceImage(path, size, label, key, "jpg" if ext.lower() == "jpeg" else ext.lower()))
+    """Classes (sorted folder names) and images of `<src>/<class>/<file>`, in a stable order (what the shard writer
+    takes): the folder's listing must be the class layout (`barlow.data.listing`)."""
+    listing = list_folder(src, s3)
+    classes, images = labelled_images(listing, "auto")
+    if not classes:
+        raise NoImages(f"{src}: no images in <class>/<image> layout (a {listing.layout()}: shards need classes)")
     return classes, images

@@ -79,8 +79,12 @@ class Source(Protocol):
     """What the training and evaluation loops need of a set of images (one per `data.format`, see barlow.data)."""
 
     url: str
-    classes: list[str]  # sorted class (folder) names; a label is an index into it
+    classes: list[str]  # sorted class (folder) names; a label is an index into it (none: unlabelled, label -1)
     num_samples: int  # every image
+
+    def describe(self) -> str:
+        """What the data is, in one phrase: `640 images, unlabelled (flat folder)`."""
+        ...
 
     def count(self, subset_percent: int = 100) -> int:
         """Images in the `subset_percent` % label subset (see the module doc)."""

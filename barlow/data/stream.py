@@ -144,13 +144,16 @@ def buffer_order(n: int, buffer: int, seed: int | None) -> list[int]:
 class ShardSource:
     """Tar shards described by an index.json (see `barlow.data.layout`), served as batches by `loader()`."""
 
-    def __init__(self, url: str, data: DataSpec):
-        self.url, self.data = url, data
+    def __init__(self, url: str, data: DataSpec, cache: str | None = None, keep: bool = False):
+        self.url, self.data = url, data  # the index is the kept count: nothing to cache
         self.s3 = storage.S3Settings(**data.s3.model_dump())
         self.index: ShardIndex = load_index(url, self.s3)
         self.classes: list[str] = self.index.classes
         self.num_samples: int = self.index.num_samples
         self._loader: tuple[tuple, _RankEpochs, DataLoader | None] | None = None
+
+    def describe(self) -> str:
+        return f"{self.num_samples:,} images in {len(self.index.shards)} shards, {len(self.classes)} classes"
 
     def count(self, subset_percent: int = 100) -> int:
         """Samples in the `subset_percent` % label subset (all of them at 100)."""
