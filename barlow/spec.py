@@ -983,6 +983,10 @@ def _override_path(problem: str) -> str:
     return f"eval.{problem}" if model and rest.split(":", 1)[0] in model.model_fields else problem
 
 
+UNLABELLED_EVAL = ("eval.data: the pretraining data has no labels ({what}); the eval needs a labelled set: set "
+                   "eval.data (train, val, format)")
+
+
 def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None = None) -> list[PretrainSpec | EvalRunSpec]:
     """The runs `stage` makes of `spec`, in order: pretrain [spec]; eval [spec] for an eval spec, the follow-up eval
     for a pretrain spec; pipeline [spec, its follow-up eval]. Raises SpecError before anything runs or is submitted."""
@@ -994,6 +998,8 @@ def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None 
         return [spec]
     if stage == Stage.pretrain:
         return [spec]
+    if spec.data.labels == "none" and spec.eval.data is None:
+        raise SpecError([UNLABELLED_EVAL.format(what="data.labels is none")], source)
     return [follow_up_eval(spec)] if stage == Stage.eval else [spec, follow_up_eval(spec)]
 
 

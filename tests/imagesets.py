@@ -66,3 +66,23 @@ class Pid:
 def ids_of(batches) -> list[int]:
     """Sample ids of a loader's batches, in order."""
     return [int(v) for b in batches for v in b.inputs[:, 0]]
+
+
+def write_unlabelled_folder(root: Path, n: int, layout: str = "flat", seed: int = 0) -> list[str]:
+    """The tagged images of `write_tagged_folder` without class folders: `flat` (`root/img<i>.png`) or `dated`
+    (`root/<year>/<month>/<day>/img<i>.png`, days and cameras at mixed depths). Returns the relative paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        side = int(rng.integers(6, 20))
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        pixels[0, 0] = (i % 256, i // 256, 0)
+        if layout == "flat":
+            rel = f"img{i:04d}.png"
+        else:
+            rel = f"2024/{1 + i % 3:02d}/{1 + i % 5:02d}/img{i:04d}.png" if i % 4 else f"2024/cam{i % 2}/img{i:04d}.png"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, format="PNG")
+        paths.append(rel)
+    return paths

@@ -148,7 +148,7 @@ def test_no_credentials_in_written_files(where, tmp_path, request):
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda root: root.mkdir(), "no images in <class>/<image> layout"),
+    (lambda root: root.mkdir(), "no images"),
     (lambda root: [(root / "a").mkdir(parents=True), (root / "a" / "x.jpg").write_bytes(b"1"),
                    (root / "a" / "x.png").write_bytes(b"2")], "would share the sample key a/x"),
 ])

@@ -67,3 +67,28 @@ def shard(
         raise fail(str(e)) from None
     console.print(f"{done['index']}: {done['samples']} images, {done['classes']} classes, {done['shards']} shards "
                   f"({done['written']} written, {done['skipped']} already complete), {done['bytes'] / 2**20:.1f} MiB")
+
+
+@data_app.command(epilog=example("barlow data index s3://photos/2024 --endpoint-url https://s3.example.com"))
+def index(
+    url: str = typer.Argument(..., metavar="URL", help="Image folder (any layout): local path or s3://..."),
+    endpoint_url: str = typer.Option(None, help="S3 endpoint for s3:// URLs (credentials come from the environment)."),
+    region: str = typer.Option(None, help="S3 region."),
+    addressing_style: str = typer.Option("auto", help="S3 addressing style: auto, virtual or path."),
+) -> None:
+    """List an image folder once, ahead of the runs, into URL/barlow-index.json: every run reads that instead of
+    listing the prefix again (run it again after adding images)."""
+    from barlow import storage
+    from barlow.data.listing import INDEX_NAME, describe, labelled_images, list_folder
+
+    if addressing_style not in ("auto", "virtual", "path"):
+        raise fail(f"--addressing-style: must be auto, virtual or path (got {addressing_style})", EXIT_INVALID)
+    url = _url("URL", url, write=True).rstrip("/")
+    storage.configure_s3(storage.S3Settings(endpoint_url, region, addressing_style))
+    try:
+        listing = list_folder(url)
+        classes, images = labelled_images(listing)
+        storage.write_text(storage.join(url, INDEX_NAME), listing.to_json())
+    except (OSError, ValueError) as e:
+        raise fail(str(e)) from None
+    console.print(f"{storage.join(url, INDEX_NAME)}: {describe(len(images), len(classes), listing.layout())}")

@@ -28,8 +28,8 @@ INDEX_NAME = "barlow-index.json"  # what `barlow data index URL` writes beside t
 LABEL_MODES = ("auto", "folders", "none")
 
 
-class NoImages(RunFailed):
-    """A folder without any image (named, with what it holds instead)."""
+class NoImages(RunFailed, ValueError):
+    """A folder without any image (named, with what it holds instead); a ValueError too, for the data tools."""
 
 
 @dataclass
