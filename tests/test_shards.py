@@ -166,4 +166,4 @@ def test_cli_shard_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "9 images, 3 classes, 1 shards (1 written" in " ".join(result.output.split())
     bad = runner.invoke(app, ["data", "shard", str(tmp_path / "nothing"), str(tmp_path / "out2")])
-    assert bad.exit_code == 1 and "no images" in " ".join(bad.output.split())
+    assert bad.exit_code == 1 and "no such image folder" in " ".join(bad.output.split())

@@ -23,12 +23,12 @@ def run(
     spec = load_or_exit(spec_path, overrides)
     if nproc is not None:
         spec = _with_nproc(spec, nproc, spec_path)
+    if stage != Stage.pretrain:
+        _check_eval_labels(spec, spec_path)  # first: it says why the eval of these data cannot run
     try:
         plan = stage_runs(spec, stage, spec_path)
     except SpecError as e:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
-    if len(plan) > 1 or isinstance(plan[0], EvalRunSpec):
-        _check_eval_labels(spec, spec_path)
     for step in plan:
         code = run_local(step)
         if code != 0:

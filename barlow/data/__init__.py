@@ -73,6 +73,13 @@ def summarize(data: DataSpec, split: Literal["train", "val"] = "train") -> DataS
         index = load_index(url, s3)
         return DataSummary(index.num_samples, len(index.classes),
                            f"{index.num_samples:,} images in {len(index.shards)} shards, {len(index.classes)} classes")
+    if data.format == "webdataset":
+        from barlow.data.tarindex import index_of
+
+        index = index_of(url, s3)
+        labels = f"{len(index.classes)} classes" if index.classes else "unlabelled"
+        return DataSummary(index.num_samples, len(index.classes),
+                           f"{index.num_samples:,} images in {len(index.shards)} WebDataset shards, {labels}")
     from barlow.data.listing import NoImages, describe, labelled_images, listing_of
 
     listing = listing_of(url, s3)

@@ -89,7 +89,8 @@ class ShardIndex:
             raise ValueError(f"subset_percent: {percent} is not in {self.url} (has {have})")
 
     def in_subset(self, key: str, label: int, percent: int) -> bool:
-        return percent == 100 or key_hash(key) <= self.subset_thresholds[str(percent)][label]
+        # unlabelled samples (label -1) form one group
+        return percent == 100 or key_hash(key) <= self.subset_thresholds[str(percent)][max(label, 0)]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -156,15 +157,23 @@ class Sample:
     ext: str
 
 
-def iter_samples(f: IO[bytes], shard: str) -> Iterator[Sample]:
+def iter_samples(f: IO[bytes], shard: str, webdataset: bool = False) -> Iterator[Sample]:
     """Samples of one shard read as a stream (no seeking), in stored order.
 
     A sample without an image or a class is an error naming the shard and key: the writer never makes one.
+    `webdataset` (shards other tools wrote, `barlow.data.tarindex`): the image is the first of its extensions, the
+    label `.cls` or `.json`'s label/cls, else -1; a sample without an image is skipped, as the count skipped it.
     """
     current: dict[str, bytes] = {}
     current_key: str | None = None
 
-    def finish() -> Sample:
+    def finish() -> Sample | None:
+        if webdataset:
+            from barlow.data.tarindex import WDS_IMAGE_EXTENSIONS, label_of
+
+            image = next((e for e in WDS_IMAGE_EXTENSIONS if e in current), None)
+            return None if image is None else Sample(current_key, label_of(current, shard, current_key),
+                                                     current[image], image)
         images = [e for e in current if e in IMAGE_EXTENSIONS]
         if not images or "cls" not in current:
             raise ValueError(f"{shard}: sample {current_key} lacks {'an image' if not images else 'a .cls'} member")
@@ -181,14 +190,15 @@ def iter_samples(f: IO[bytes], shard: str) -> Iterator[Sample]:
                     continue
                 key, ext = split_member(member.name)
                 if key != current_key and current:
-                    yield finish()
+                    if (sample := finish()) is not None:
+                        yield sample
                     current = {}
                 current_key = key
                 current[ext] = tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise ValueError(f"{shard}: not a readable tar shard ({e})") from None
-    if current:
-        yield finish()
+    if current and (sample := finish()) is not None:
+        yield sample
 
 
 def list_images(src: str, s3: storage.S3Settings | None = None) -> tuple[list[str], list[SourceImage]]:

@@ -37,6 +37,8 @@ from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
 from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
+from barlow.data.tarindex import INDEX_FORMAT as WDS_INDEX_FORMAT
+from barlow.data.tarindex import index_of
 from barlow.spec import DataSpec
 
 
@@ -147,10 +149,13 @@ class ShardSource:
     def __init__(self, url: str, data: DataSpec, cache: str | None = None, keep: bool = False):
         self.url, self.data = url, data  # the index is the kept count: nothing to cache
         self.s3 = storage.S3Settings(**data.s3.model_dump())
-        self.index: ShardIndex = load_index(url, self.s3)
+        self.index: ShardIndex = self.open_index(cache, keep)
         self.classes: list[str] = self.index.classes
         self.num_samples: int = self.index.num_samples
         self._loader: tuple[tuple, _RankEpochs, DataLoader | None] | None = None
+
+    def open_index(self, cache: str | None, keep: bool) -> ShardIndex:
+        return load_index(self.url, self.s3)
 
     def describe(self) -> str:
         return f"{self.num_samples:,} images in {len(self.index.shards)} shards, {len(self.classes)} classes"
@@ -181,6 +186,19 @@ class ShardSource:
         _, rank_epochs, dataloader = self._loader
         plans = rank_epochs.plans(epoch, start_step)  # here too: a bad start_step is an error in this process
         return ShardLoader(rank_epochs, dataloader, epoch, start_step, sum(len(p.batch_sizes) - p.skip for p in plans))
+
+
+@register_format("webdataset")
+class WebDatasetSource(ShardSource):
+    """WebDataset tars other tools wrote (a brace pattern or a folder of .tar), counted once from their headers into
+    an index kept at `cache` (`barlow.data.tarindex`), then served as `barlow data shard`'s shards are."""
+
+    def open_index(self, cache: str | None, keep: bool) -> ShardIndex:
+        return index_of(self.url, self.s3, cache, keep)
+
+    def describe(self) -> str:
+        labels = f"{len(self.classes)} classes" if self.classes else "unlabelled"
+        return f"{self.num_samples:,} images in {len(self.index.shards)} WebDataset shards, {labels}"
 
 
 @dataclass(frozen=True)
@@ -284,9 +302,10 @@ class _Reader:
         except FileNotFoundError:
             raise MissingShard(f"{url}: shard {self.index.shards[shard].name} listed in {self.index.url} "
                                "is missing") from None
+        webdataset = self.index.format == WDS_INDEX_FORMAT
         with f:
-            for sample in iter_samples(f, url):
-                if not 0 <= sample.label < len(self.index.classes):
+            for sample in iter_samples(f, url, webdataset):
+                if not 0 <= sample.label < len(self.index.classes) and not (sample.label == -1 and not self.index.classes):
                     raise ShardError(f"{url}: sample {sample.key} has class {sample.label}, the index has "
                                      f"{len(self.index.classes)} classes (shards and index do not belong together)")
                 if self.index.in_subset(sample.key, sample.label, self.percent):
