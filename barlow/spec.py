@@ -188,7 +188,7 @@ class AugmentSpec(Section):
         return v
 
 
-DATA_FORMATS = ("imagefolder", "shards", "webdataset")  # the formats barlow.data registers (tests/test_imagefolder.py keeps them equal)
+DATA_FORMATS = ("imagefolder", "shards", "webdataset", "parquet")  # the formats barlow.data registers (tests/test_imagefolder.py keeps them equal)
 
 
 class DataSpec(Section):
@@ -197,9 +197,11 @@ class DataSpec(Section):
     format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
         "imagefolder", description="imagefolder: a folder of images (any layout; labels: data.labels); shards: the JSON "
         "index written by `barlow data shard`; webdataset: tar shards other tools wrote (a sample is the members sharing "
-        "a key; image: the first of jpg, jpeg, png, webp; label: .cls or .json's label/cls, else none).")
+        "a key; image: the first of jpg, jpeg, png, webp; label: .cls or .json's label/cls, else none); parquet: an image "
+        "column as Hugging Face datasets writes it (struct<bytes, path>), an optional integer label column.")
     train: ReadURL = Field(description="Training images: a folder (imagefolder), an index.json URL (shards), or a "
-                           "brace pattern (s3://b/x/shard-{000000..000099}.tar) or folder of .tar (webdataset).")
+                           "brace pattern (s3://b/x/shard-{000000..000099}.tar) or folder of .tar (webdataset), a folder or glob of "
+                           ".parquet (parquet).")
     val: ReadURL | None = Field(None, description="Validation images, same format as train; needed by eval.")
     image_size: int = Field(224, ge=8, le=1024, description="Side of the square crops fed to the model, in pixels.")
     channels: Literal[1, 3] = Field(3, description="Channels the model sees: 3 (RGB) or 1 (grayscale).")

@@ -203,7 +203,7 @@ def set_up(spec: PretrainSpec) -> Run:
 def open_training_data(spec: PretrainSpec, place: distributed.Placement) -> Source:
     """data.train, opened by rank 0 first: it lists the data (or reads what it kept) and keeps what it learnt in the
     output folder; the other ranks then read that, so a prefix is listed once, and not again on a restart."""
-    cache = storage.join(spec.output.url, "data", "listing-train.json")
+    cache = storage.join(spec.output.url, "data", "index-train.json")
     source, failure = None, None
     if place.is_main:
         try:

@@ -4,45 +4,16 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 import pytest
 import torch
-from imagesets import IdTag, ids_of, write_tagged_folder
+from imagesets import IdTag, ids_of, write_wds
 
 from barlow.data import open_source, summarize
 from barlow.data.cropfirst import ImageTransform
 from barlow.data.tarindex import BadShards, build_index, expand_braces, scan_shard
 from barlow.spec import DataSpec
-
-
-def write_wds(root, n: int, shards: int, label: str = "cls", extra: bool = True) -> dict[str, int]:
-    """`root/shard-00000k.tar` as webdataset's ShardWriter writes them: `<key>.png` + `<key>.cls` (or `.json`
-    {"label": ...}, or nothing), plus a `.txt` caption; keys `s<i>`; one key with a long (pax) name."""
-    images = write_tagged_folder(root / "src", n, classes=3)
-    root.mkdir(exist_ok=True)
-    want = {}
-    items = sorted(images.items(), key=lambda kv: int(kv[0].split("img")[1]))
-    for s in range(shards):
-        with tarfile.open(root / f"shard-{s:06d}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-            for i, (_, (lab, data)) in enumerate(items):
-                if i % shards != s:
-                    continue
-                key = f"s{i:05d}" if i != 1 else "x" * 120 + "1"
-                members = [(f"{key}.png", data)]
-                if label == "cls":
-                    members.append((f"{key}.cls", str(lab).encode()))
-                elif label == "json":
-                    members.append((f"{key}.json", json.dumps({"label": lab, "url": "http://x"}).encode()))
-                if extra:
-                    members.append((f"{key}.txt", b"a caption"))
-                for name, blob in members:
-                    info = tarfile.TarInfo(name)
-                    info.size = len(blob)
-                    tar.addfile(info, io.BytesIO(blob))
-                want[key] = lab if label != "none" else -1
-    return want
 
 
 @pytest.mark.parametrize("pattern, want", [

@@ -73,13 +73,14 @@ def summarize(data: DataSpec, split: Literal["train", "val"] = "train") -> DataS
         index = load_index(url, s3)
         return DataSummary(index.num_samples, len(index.classes),
                            f"{index.num_samples:,} images in {len(index.shards)} shards, {len(index.classes)} classes")
-    if data.format == "webdataset":
-        from barlow.data.tarindex import index_of
+    if data.format in ("webdataset", "parquet"):
+        from barlow.data import parquet, tarindex
 
-        index = index_of(url, s3)
+        index = (tarindex if data.format == "webdataset" else parquet).index_of(url, s3)
         labels = f"{len(index.classes)} classes" if index.classes else "unlabelled"
-        return DataSummary(index.num_samples, len(index.classes),
-                           f"{index.num_samples:,} images in {len(index.shards)} WebDataset shards, {labels}")
+        files = len({s.name.rsplit("#", 1)[0] for s in index.shards})
+        what = "WebDataset shards" if data.format == "webdataset" else "parquet files"
+        return DataSummary(index.num_samples, len(index.classes), f"{index.num_samples:,} images in {files} {what}, {labels}")
     from barlow.data.listing import NoImages, describe, labelled_images, listing_of
 
     listing = listing_of(url, s3)

@@ -8,7 +8,7 @@ root; `none` leaves every image unlabelled. An unlabelled image has label -1 and
 
 A listing is one recursive, paginated listing of the prefix (s3fs's `find`: ListObjectsV2 pages of 1,000 keys). It
 is kept as JSON: written ahead beside the images by `barlow data index URL` (`barlow-index.json`, read first), or by
-rank 0 of a run into its output folder (`data/listing-train.json`), so a restart, and the other ranks, read it
+rank 0 of a run into its output folder (`data/index-train.json`), so a restart, and the other ranks, read it
 instead of listing again. A kept listing is trusted: after adding images, run `barlow data index` again.
 """
 

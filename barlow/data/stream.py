@@ -36,6 +36,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
+from barlow.data.parquet import INDEX_FORMAT as PARQUET_INDEX_FORMAT
+from barlow.data.parquet import index_of as parquet_index_of
+from barlow.data.parquet import row_group_samples
 from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
 from barlow.data.tarindex import INDEX_FORMAT as WDS_INDEX_FORMAT
 from barlow.data.tarindex import index_of
@@ -201,6 +204,20 @@ class WebDatasetSource(ShardSource):
         return f"{self.num_samples:,} images in {len(self.index.shards)} WebDataset shards, {labels}"
 
 
+@register_format("parquet")
+class ParquetSource(ShardSource):
+    """Parquet files with an image column as Hugging Face `datasets` writes them, one row group at a time; the
+    index of their row groups is built once and kept (`barlow.data.parquet`)."""
+
+    def open_index(self, cache: str | None, keep: bool) -> ShardIndex:
+        return parquet_index_of(self.url, self.s3, cache, keep)
+
+    def describe(self) -> str:
+        labels = f"{len(self.classes)} classes" if self.classes else "unlabelled"
+        files = len({s.name.rsplit("#", 1)[0] for s in self.index.shards})
+        return f"{self.num_samples:,} images in {files} parquet files, {labels}"
+
+
 @dataclass(frozen=True)
 class _EpochArgs:
     """Everything that plans one rank's epochs but the epoch and the start step."""
@@ -297,19 +314,25 @@ class _Reader:
         return f" in the {self.percent}% subset" if self.percent != 100 else ""
 
     def _shard_samples(self, url: str, shard: int) -> Iterator[Sample]:
+        for sample in self._stored_samples(url, shard):
+            if not 0 <= sample.label < len(self.index.classes) and not (sample.label == -1 and not self.index.classes):
+                raise ShardError(f"{url}: sample {sample.key} has class {sample.label}, the index has "
+                                 f"{len(self.index.classes)} classes (shards and index do not belong together)")
+            if self.index.in_subset(sample.key, sample.label, self.percent):
+                yield sample
+
+    def _stored_samples(self, url: str, shard: int) -> Iterator[Sample]:
+        """Every sample of one shard (a tar, or a parquet row group), in stored order."""
         try:
+            if self.index.format == PARQUET_INDEX_FORMAT:
+                yield from row_group_samples(url, self.s3)
+                return
             f = storage.open_read(url, s3=self.s3)
         except FileNotFoundError:
             raise MissingShard(f"{url}: shard {self.index.shards[shard].name} listed in {self.index.url} "
                                "is missing") from None
-        webdataset = self.index.format == WDS_INDEX_FORMAT
         with f:
-            for sample in iter_samples(f, url, webdataset):
-                if not 0 <= sample.label < len(self.index.classes) and not (sample.label == -1 and not self.index.classes):
-                    raise ShardError(f"{url}: sample {sample.key} has class {sample.label}, the index has "
-                                     f"{len(self.index.classes)} classes (shards and index do not belong together)")
-                if self.index.in_subset(sample.key, sample.label, self.percent):
-                    yield sample
+            yield from iter_samples(f, url, self.index.format == WDS_INDEX_FORMAT)
 
     def run(self, plan: WorkerPlan) -> Iterator[HostBatch]:
         order = buffer_order(plan.num_samples, self.buffer, plan.order_seed)

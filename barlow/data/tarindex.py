@@ -16,6 +16,7 @@ import json
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 
 from barlow import storage
@@ -160,41 +161,47 @@ def build_index(url: str, s3: storage.S3Settings | None = None) -> ShardIndex:
                       url=storage.join(folder, INDEX_NAME))
 
 
-def to_json(index: ShardIndex, url: str) -> str:
-    return json.dumps({"format": INDEX_FORMAT, "url": url, "index": {**asdict(index), "url": ""}}) + "\n"
+def to_json(index: ShardIndex, url: str, fmt: str = INDEX_FORMAT) -> str:
+    return json.dumps({"format": fmt, "url": url, "index": {**asdict(index), "url": ""}}) + "\n"
 
 
-def from_json(text: str, url: str) -> ShardIndex | None:
+def from_json(text: str, url: str, fmt: str = INDEX_FORMAT) -> ShardIndex | None:
+    """The kept index, or None when it is not one or counts another URL."""
     try:
         d = json.loads(text)
-        if d.get("format") != INDEX_FORMAT or d.get("url") != url:
+        if d.get("format") != fmt or d.get("url") != url:
             return None
         i = d["index"]
         i["shards"] = [ShardInfo(**s) for s in i["shards"]]
-        return ShardIndex(**{**i, "url": i["url"] or ""})
+        return ShardIndex(**i)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
-def index_of(url: str, s3: storage.S3Settings | None = None, cache: str | None = None,
-             keep: bool = False) -> ShardIndex:
-    """The shard set's index: kept beside the shards or at `cache`, else counted now (and written to `cache` with
-    `keep`)."""
-    folder = index_folder(url)
+def kept_index(url: str, folder: str, fmt: str, build: Callable[[], ShardIndex], s3: storage.S3Settings | None,
+               cache: str | None, keep: bool) -> ShardIndex:
+    """An index of `url` (format `fmt`): kept beside the data (`folder`/barlow-index.json) or at `cache`, else
+    `build()` now (and written to `cache` with `keep`). Its `url` is in `folder`: shard names are relative to it."""
     for where in (storage.join(folder, INDEX_NAME), cache):
         if where is None:
             continue
         try:
-            index = from_json(storage.read_text(where, s3), url)
+            index = from_json(storage.read_text(where, s3), url, fmt)
         except (FileNotFoundError, NotADirectoryError):
             continue
         if index is not None:
             index.url = storage.join(folder, INDEX_NAME)
             return index
-    index = build_index(url, s3)
+    index = build()
     if keep and cache is not None:
-        storage.write_text(cache, to_json(index, url), s3)
+        storage.write_text(cache, to_json(index, url, fmt), s3)
     return index
+
+
+def index_of(url: str, s3: storage.S3Settings | None = None, cache: str | None = None,
+             keep: bool = False) -> ShardIndex:
+    """The WebDataset shard set's index (kept, or counted now)."""
+    return kept_index(url, index_folder(url), INDEX_FORMAT, lambda: build_index(url, s3), s3, cache, keep)
 
 
 def index_folder(url: str) -> str:

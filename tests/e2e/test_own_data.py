@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagesets import write_unlabelled_folder
+from imagesets import write_hf_parquet, write_unlabelled_folder, write_wds
 from runner import barlow, kill_tree, tiny_spec, write_spec
 
 from barlow import checkpoint, storage
@@ -33,8 +33,17 @@ def weights(out) -> dict[str, torch.Tensor]:
     return checkpoint.load(checkpoint.latest(str(out)))["model"]
 
 
-@pytest.fixture(params=["flat", "dated", "s3-dated"])
+@pytest.fixture(params=["flat", "dated", "s3-dated", "wds-cls", "wds-none", "parquet"])
 def own_data(request, tmp_path) -> tuple[str, dict, str]:
+    if request.param == "parquet":
+        write_hf_parquet(tmp_path / "pq", IMAGES, files=2, row_group=16)
+        return str(tmp_path / "pq"), {"data.format": "parquet"}, f"{IMAGES} images in 2 parquet files, 3 classes"
+    if request.param.startswith("wds"):
+        label = request.param.removeprefix("wds-")
+        write_wds(tmp_path / "shards", IMAGES, 4, label)
+        classes = "3 classes" if label == "cls" else "unlabelled"
+        return (str(tmp_path / "shards" / "shard-{000000..000003}.tar"), {"data.format": "webdataset"},
+                f"{IMAGES} images in 4 WebDataset shards, {classes}")
     layout = request.param.removeprefix("s3-")
     write_unlabelled_folder(tmp_path / "photos", IMAGES, layout)
     described = f"{IMAGES} images, unlabelled ({'flat folder' if layout == 'flat' else 'nested folders'})"
@@ -52,8 +61,9 @@ def test_unlabelled_folder_pretrains_and_resumes_exactly_after_sigkill(own_data,
     done = barlow("run", "pretrain", str(write_spec(tmp_path, own_spec(train, straight, **extra))))
     assert done.returncode == 0, done.stderr[-3000:]
     assert described in done.stdout
-    assert "monitor: data.train has no labels: online probe off; kNN off" in done.stdout
-    assert json.loads((straight / "data" / "listing-train.json").read_text())["url"] == train  # listed once, kept
+    if "unlabelled" in described:
+        assert "monitor: data.train has no labels: online probe off; kNN off" in done.stdout
+    assert json.loads((straight / "data" / "index-train.json").read_text())["url"] == train  # listed once, kept
     total = checkpoint.load(checkpoint.latest(str(straight)))["step"]
     assert total == IMAGES // 32 * 4  # every step done
 
