@@ -24,7 +24,7 @@ from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import key_hash, subset_thresholds
 from barlow.data.listing import NoImages, describe, labelled_images, listing_of
-from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
+from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed
 from barlow.spec import DataSpec
 
 _READ_THREADS = 8  # parallel reads per worker on object stores, where each read is a round trip
@@ -139,7 +139,7 @@ class ImageFolderSource:
         self.files = [(img.path, img.label) for img in images]
         self.keys = [img.key for img in images]
         self.num_samples = len(self.files)
-        self._loader: tuple[tuple, _FolderBatches, _Keys, DataLoader] | None = None
+        self._loader: PersistentLoader[tuple[_FolderBatches, _Keys, DataLoader]] = PersistentLoader()
 
     def describe(self) -> str:
         return describe(self.num_samples, len(self.classes), self.layout)
@@ -170,14 +170,12 @@ class ImageFolderSource:
         workers are started once for a set of arguments other than `epoch` and `start_step`, and serve every epoch:
         an epoch does not pay for starting them again."""
         order = _Order(batch_size, rank, world_size, seed, shuffle, drop_last)
-        key = (transform, order, workers, subset_percent, pin_memory)
-        if self._loader is None or self._loader[0] != key:
-            self._loader = None  # the previous workers stop once their loader is collected
+        def build() -> tuple[_FolderBatches, _Keys, DataLoader]:
             dataset = _FolderBatches(self.files, self.subset(subset_percent), order, transform, self.data, self.s3)
             sampler = _Keys()
-            self._loader = key, dataset, sampler, DataLoader(
+            return dataset, sampler, DataLoader(
                 dataset, batch_size=None, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                 prefetch_factor=2 if workers else None, pin_memory=pin_memory)
-        _, dataset, sampler, dataloader = self._loader
+        dataset, sampler, dataloader = self._loader.get((transform, order, workers, subset_percent, pin_memory), build)
         n = len(dataset.batches(epoch, start_step))  # here too: a bad start_step is an error in this process
         return FolderLoader(dataloader, sampler, [(epoch, start_step, j) for j in range(n)])

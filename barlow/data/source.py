@@ -17,9 +17,9 @@ Every source (`imagefolder.ImageFolderSource`, `stream.ShardSource`) shares, thr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -134,3 +134,21 @@ def build_batch(items: Sequence[tuple[bytes, str, int]], transform: SampleTransf
             outputs.append(transform(data, name))
             labels.append(label)
     return HostBatch(transform.collate(outputs), torch.tensor(labels, dtype=torch.long), len(bad), seed)
+
+
+T = TypeVar("T")
+
+
+class PersistentLoader(Generic[T]):
+    """A source's loader (its DataLoader and what feeds it), built once per set of loader arguments other than the
+    epoch and start step: its workers persist and serve every epoch, so an epoch does not pay for starting them."""
+
+    def __init__(self):
+        self._key: Any = None
+        self._built: T | None = None
+
+    def get(self, key: Any, build: Callable[[], T]) -> T:
+        if self._built is None or self._key != key:
+            self._built = None  # the previous workers stop once their loader is collected
+            self._built, self._key = build(), key
+        return self._built

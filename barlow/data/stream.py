@@ -39,7 +39,7 @@ from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
 from barlow.data.parquet import INDEX_FORMAT as PARQUET_INDEX_FORMAT
 from barlow.data.parquet import index_of as parquet_index_of
 from barlow.data.parquet import row_group_samples
-from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
+from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed
 from barlow.data.tarindex import INDEX_FORMAT as WDS_INDEX_FORMAT
 from barlow.data.tarindex import index_of
 from barlow.spec import DataSpec
@@ -155,7 +155,7 @@ class ShardSource:
         self.index: ShardIndex = self.open_index(cache, keep)
         self.classes: list[str] = self.index.classes
         self.num_samples: int = self.index.num_samples
-        self._loader: tuple[tuple, _RankEpochs, DataLoader | None] | None = None
+        self._loader: PersistentLoader[tuple[_RankEpochs, DataLoader | None]] = PersistentLoader()
 
     def open_index(self, cache: str | None, keep: bool) -> ShardIndex:
         return load_index(self.url, self.s3)
@@ -179,14 +179,12 @@ class ShardSource:
         """
         self.index.check_percent(subset_percent)
         args = _EpochArgs(batch_size, rank, world_size, seed, max(1, workers), shuffle, drop_last, subset_percent)
-        key = (args, transform, workers, pin_memory)
-        if self._loader is None or self._loader[0] != key:
-            self._loader = None  # the previous workers stop once their loader is collected
+        def build() -> tuple[_RankEpochs, DataLoader | None]:
             rank_epochs = _RankEpochs(self.index, self.data, self.s3, transform, args)
-            self._loader = key, rank_epochs, DataLoader(
+            return rank_epochs, DataLoader(
                 rank_epochs, batch_size=None, num_workers=workers, prefetch_factor=2, persistent_workers=True,
                 pin_memory=pin_memory) if workers else None
-        _, rank_epochs, dataloader = self._loader
+        rank_epochs, dataloader = self._loader.get((args, transform, workers, pin_memory), build)
         plans = rank_epochs.plans(epoch, start_step)  # here too: a bad start_step is an error in this process
         return ShardLoader(rank_epochs, dataloader, epoch, start_step, sum(len(p.batch_sizes) - p.skip for p in plans))
 
