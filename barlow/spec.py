@@ -503,6 +503,14 @@ class MonitorSpec(Section):
     knn_train_images: int = Field(20000, ge=1, description="Training images the kNN compares against (eval transform), "
                                                            "chosen as knn_images is.")
     knn_k: int = Field(20, ge=1, le=1000, description="Neighbours of the kNN (cosine similarity, weighted vote).")
+    rank_every_epochs: int = Field(1, ge=0, le=100_000, description="Epochs between label-free quality measurements "
+                                   "(also one at the end): RankMe (exp of the entropy of the normalised singular values) "
+                                   "of the backbone features and the projector output, and the fraction of near-constant "
+                                   "projector dimensions, on a fixed sample of the training images; 0: off.")
+    rank_images: int = Field(512, ge=2, le=65_536, description="Training images of that fixed sample (eval transform).")
+    collapse_fraction: float = Field(0.05, gt=0, lt=1, description="`barlow status` warns of collapse when the "
+                                     "projector output's RankMe falls below this fraction of its largest possible value "
+                                     "(the smaller of its dimension and rank_images).")
     data: LabelledDataSpec | None = Field(None, description="A labelled set the kNN measures on (its train against its "
                                           "val) instead of data.*; with unlabelled pretraining data the kNN is off "
                                           "without it, and the online probe (it needs the training batches' labels) is off.")

@@ -26,7 +26,7 @@ from barlow.errors import RunFailed, StoppedOnSignal, TooFewImages, WrongPlaceme
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
-from barlow.monitor import KnnMonitor, OnlineProbe, probe_enabled
+from barlow.monitor import KnnMonitor, OnlineProbe, RankMonitor, probe_enabled
 from barlow.optim import LARS, WarmupCosine, param_groups
 from barlow.spec import DataSpec, PretrainSpec, RuntimeSpec
 
@@ -85,6 +85,7 @@ class Run:
     metrics: Metrics
     probe: OnlineProbe | None = None  # monitor.online_probe
     knn: KnnMonitor | None = None  # monitor.knn_every_epochs
+    rank: RankMonitor | None = None  # monitor.rank_every_epochs
 
     @property
     def proc(self) -> runsetup.Process:
@@ -130,6 +131,12 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             run.metrics.advance(step)
         if run.knn is not None and run.knn.due(step, run.steps_per_epoch, total):
             run.metrics.log(step, {"epoch": step / run.steps_per_epoch, "knn_top1": run.knn.measure(run.model.backbone)})
+        if run.rank is not None and run.rank.due(step, run.steps_per_epoch, total):
+            started = time.perf_counter()
+            values = run.rank.measure(run.model)  # sync: the main rank reads its scalars, at epoch ends only
+            if values:
+                run.metrics.log(step, {"epoch": step / run.steps_per_epoch, **values,
+                                       "rank_monitor_s": time.perf_counter() - started})
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
         if place.world_size == 1 or at_log or at_checkpoint:
             signum = runsetup.agreed_stop(stop_signal, place)
@@ -171,6 +178,8 @@ def set_up(spec: PretrainSpec) -> Run:
     knn_data = knn_data_of(spec, source)
     every = spec.monitor.knn_every(knn_data is not None)
     knn = KnnMonitor(spec, proc, source if knn_data is spec.data else None, every, knn_data) if every and knn_data else None
+    rank = (RankMonitor(spec, proc, source, spec.monitor.rank_every_epochs, model.embed_dim)
+            if spec.monitor.rank_every_epochs else None)
     record = run_record(spec, place)
     checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
                                 is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
@@ -188,16 +197,18 @@ def set_up(spec: PretrainSpec) -> Run:
                   f"{resume_note(record, checkpointer.resumed_run, position.step)}")
     for part in checkpointer.fresh_parts:  # a checkpoint written before the part existed
         metrics.print(f"resume: the checkpoint has no {part} state (written before it existed): {part} starts fresh")
+    ranked = [rank.describe()] if rank else []
     if not source.classes:
         metrics.print("monitor: data.train has no labels: online probe off; "
-                      + (knn.describe() + " of monitor.data" if knn else "kNN off (set monitor.data to a labelled set)"))
-    elif probe or knn:
+                      + ", ".join([knn.describe() + " of monitor.data" if knn else
+                                   "kNN off (set monitor.data to a labelled set)", *ranked]))
+    elif probe or knn or rank:
         metrics.print("monitor: " + ", ".join(([f"online probe on {len(source.classes)} classes"] if probe else [])
-                                              + ([knn.describe()] if knn else [])))
+                                              + ([knn.describe()] if knn else []) + ranked))
     return Run(spec, place, proc.s3, source, steps_per_epoch, total_steps, model,
                wrap_for_speed(model, spec.runtime, place), optimizer,
                WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size),
-               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn)
+               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn, rank)
 
 
 def open_training_data(spec: PretrainSpec, place: distributed.Placement) -> Source:

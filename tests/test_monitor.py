@@ -229,3 +229,22 @@ def test_probe_gradients_are_averaged_over_two_gloo_ranks(tmp_path):
     for k in ("1.weight", "1.bias"):
         assert torch.equal(ranks[0][k], ranks[1][k]), f"{k} differs between ranks"
         torch.testing.assert_close(ranks[0][k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{k} is not the mean-gradient step")
+
+
+def low_rank(n: int, d: int, r: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, r, generator=g) @ torch.randn(r, d, generator=g)
+
+
+@pytest.mark.parametrize("name, z, lo, hi, constant", [
+    ("collapsed", torch.ones(256, 64) * 3.0, 0.99, 1.01, 1.0),  # every embedding the same: one direction
+    ("all zero", torch.zeros(256, 64), 0.0, 0.0, 1.0),
+    ("low rank", low_rank(256, 64, 4), 2.0, 4.0, 0.0),
+    ("half the dims dead", torch.cat([torch.randn(512, 32), torch.zeros(512, 32)], dim=1), 25.0, 32.0, 0.5),
+    ("healthy", torch.randn(512, 64, generator=torch.Generator().manual_seed(1)), 0.85 * 64, 64.0, 0.0),
+])
+def test_rankme_and_constant_dims(name, z, lo, hi, constant):
+    from barlow.monitor import constant_fraction, rankme
+
+    assert lo <= rankme(z) <= hi, name
+    assert constant_fraction(z) == pytest.approx(constant)

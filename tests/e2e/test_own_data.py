@@ -1,6 +1,7 @@
-"""A team's own data end to end: unlabelled folders (flat, nested by date, on S3) pretrain through `barlow run` on
-the CPU with every step done and resume mid-epoch exactly after SIGKILL; the pipeline of unlabelled data evaluates
-on the labelled set eval.data names, and is refused without one; an old checkpoint resumes with the probe fresh."""
+"""A team's own data end to end: unlabelled folders (flat, nested by date, on S3), WebDataset shards with and
+without labels and a parquet set pretrain through `barlow run` on the CPU with every step done and resume mid-epoch
+exactly after SIGKILL; the pipeline of unlabelled data evaluates on the labelled set eval.data names, and is refused
+without one; an old checkpoint resumes with the probe fresh."""
 
 from __future__ import annotations
 
@@ -106,6 +107,9 @@ def test_pipeline_of_unlabelled_data_evaluates_on_eval_data_and_is_refused_witho
     assert "of monitor.data" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("knn_top1" in r for r in rows) and not any("probe_top1" in r for r in rows)
+    ranks = [r for r in rows if "rankme_projector" in r]  # the label-free monitor: every epoch (the default)
+    assert len(ranks) == 4 and all(1.0 <= r["rankme_projector"] <= 128 and 0 <= r["constant_dims"] <= 1 for r in ranks)
+    assert "RankMe every 1 epoch(s) on 160 fixed train images" in result.stdout
     results = json.loads((out / "eval" / "results.json").read_text())
     assert results["val_images"] == len(list((demo_data / "val").rglob("*.jpg")))  # the labelled set's val
 
