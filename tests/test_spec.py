@@ -58,7 +58,7 @@ BAD = [
     ("ftp-url", with_(GOOD, "data.train", "ftp://host/x"), "data.train", "unsupported URL scheme 'ftp://'"),
     ("s3-no-bucket", with_(GOOD, "output.url", "s3://"), "output.url", "no bucket"),
     ("http-output", with_(GOOD, "output.url", "https://host/x"), "output.url", "unsupported URL scheme"),
-    ("bad-format", with_(GOOD, "data.format", "tfrecord"), "data.format", "'imagefolder' or 'shards'"),
+    ("bad-format", with_(GOOD, "data.format", "tfrecord"), "data.format", "'imagefolder', 'shards', 'webdataset' or 'parquet'"),
     ("shards-not-json", with_(GOOD, "data.format", "shards"), "data.train", "index .json"),
     ("size-string", with_(GOOD, "data.image_size", "big"), "data.image_size", "valid integer"),
     ("size-too-small", with_(GOOD, "data.image_size", 4), "data.image_size", "greater than or equal to 8"),
