@@ -22,6 +22,7 @@ from typing import IO
 
 from barlow import storage
 from barlow.data.listing import IMAGE_EXTENSIONS, NoImages, SourceImage, labelled_images, list_folder
+from barlow.errors import RunFailed
 
 __all__ = ["IMAGE_EXTENSIONS", "SourceImage", "list_images"]
 
@@ -157,6 +158,29 @@ class Sample:
     ext: str
 
 
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a WebDataset sample's image: the first of these present
+
+
+class BadShards(RunFailed, ValueError):
+    """Shards or parquet files that cannot be read as a data set: a pattern that matches none, a tar without images,
+    a parquet file without an image column."""
+
+
+def label_of(members: dict, url: str, key: str) -> int:
+    """A sample's label: `.cls` (an integer), else a `label` / `cls` key of `.json`, else -1."""
+    try:
+        if members.get("cls") is not None:
+            return int(members["cls"].decode().strip())
+        if members.get("json") is not None:
+            d = json.loads(members["json"])
+            value = d.get("label", d.get("cls")) if isinstance(d, dict) else None
+            return -1 if value is None else int(value)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise BadShards(f"{url}: sample {key} has a label that is not an integer") from None
+    return -1
+
+
+
 def iter_samples(f: IO[bytes], shard: str, webdataset: bool = False) -> Iterator[Sample]:
     """Samples of one shard read as a stream (no seeking), in stored order.
 
@@ -169,8 +193,6 @@ def iter_samples(f: IO[bytes], shard: str, webdataset: bool = False) -> Iterator
 
     def finish() -> Sample | None:
         if webdataset:
-            from barlow.data.tarindex import WDS_IMAGE_EXTENSIONS, label_of
-
             image = next((e for e in WDS_IMAGE_EXTENSIONS if e in current), None)
             return None if image is None else Sample(current_key, label_of(current, shard, current_key),
                                                      current[image], image)

@@ -20,18 +20,24 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from barlow import storage
-from barlow.data.layout import SUBSET_PERCENTS, ShardIndex, ShardInfo, key_hash, split_member, subset_thresholds
-from barlow.errors import RunFailed
+from barlow.data.layout import (
+    SUBSET_PERCENTS,
+    WDS_IMAGE_EXTENSIONS,
+    BadShards,
+    ShardIndex,
+    ShardInfo,
+    key_hash,
+    label_of,
+    split_member,
+    subset_thresholds,
+)
 
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the first present is the sample's image
+__all__ = ["BadShards", "WDS_IMAGE_EXTENSIONS", "build_index", "index_of", "label_of"]
+
 INDEX_FORMAT = "barlow-webdataset/1"
 INDEX_NAME = "barlow-index.json"
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(\d+)\.\.(\d+)")
-
-
-class BadShards(RunFailed, ValueError):
-    """A pattern that matches no shard, or a tar without images."""
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -122,20 +128,6 @@ def scan_shard(url: str, s3: storage.S3Settings | None = None) -> list[tuple[str
         held = ", ".join(f"{n} .{e}" for e, n in found.most_common(4)) or "no members"
         raise BadShards(f"{url}: a tar without images ({'/'.join(WDS_IMAGE_EXTENSIONS)}); it holds {held}")
     return out
-
-
-def label_of(members: dict, url: str, key: str) -> int:
-    """A sample's label: `.cls` (an integer), else a `label` / `cls` key of `.json`, else -1."""
-    try:
-        if members.get("cls") is not None:
-            return int(members["cls"].decode().strip())
-        if members.get("json") is not None:
-            d = json.loads(members["json"])
-            value = d.get("label", d.get("cls")) if isinstance(d, dict) else None
-            return -1 if value is None else int(value)
-    except (ValueError, TypeError, UnicodeDecodeError):
-        raise BadShards(f"{url}: sample {key} has a label that is not an integer") from None
-    return -1
 
 
 def build_index(url: str, s3: storage.S3Settings | None = None) -> ShardIndex:
