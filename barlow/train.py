@@ -129,14 +129,14 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             loss_sum.zero_()
         else:
             run.metrics.advance(step)
-        if run.knn is not None and run.knn.due(step, run.steps_per_epoch, total):
-            run.metrics.log(step, {"epoch": step / run.steps_per_epoch, "knn_top1": run.knn.measure(run.model.backbone)})
         if run.rank is not None and run.rank.due(step, run.steps_per_epoch, total):
             started = time.perf_counter()
             values = run.rank.measure(run.model)  # sync: the main rank reads its scalars, at epoch ends only
             if values:
                 run.metrics.log(step, {"epoch": step / run.steps_per_epoch, **values,
                                        "rank_monitor_s": time.perf_counter() - started})
+        if run.knn is not None and run.knn.due(step, run.steps_per_epoch, total):
+            run.metrics.log(step, {"epoch": step / run.steps_per_epoch, "knn_top1": run.knn.measure(run.model.backbone)})
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
         if place.world_size == 1 or at_log or at_checkpoint:
             signum = runsetup.agreed_stop(stop_signal, place)

@@ -162,7 +162,7 @@ def test_probe_state_resumes_with_the_checkpoint(demo, tmp_path):
 @pytest.mark.slow
 def test_probe_learns_and_knn_logs_on_demo_data(demo, tmp_path):
     """Five epochs of pretraining: the probe's running top-1 ends well above chance (10 %); the kNN logs its top-1
-    every 2 epochs and at the end, to metrics.jsonl and TensorBoard."""
+    every 2 epochs and at the end, the rank monitor every epoch, to metrics.jsonl and TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from barlow.train import pretrain
@@ -182,8 +182,12 @@ def test_probe_learns_and_knn_logs_on_demo_data(demo, tmp_path):
     assert all(v > 30.0 for v in knn.values()), knn
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert {"probe_top1", "knn_top1", "loss"} <= set(events.Tags()["scalars"])
+    assert {"probe_top1", "knn_top1", "loss", "rankme_features", "rankme_projector", "constant_dims"} <= set(
+        events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("knn_top1")] == sorted(knn)
+    ranked = [r for r in rows if "rankme_projector" in r]  # the rank monitor: every epoch (the default)
+    assert [r["step"] for r in ranked] == [e * steps_per_epoch for e in range(1, 6)]
+    assert all(r["rankme_projector"] > r["collapse_below"] for r in ranked), ranked  # a healthy run: no collapse
 
 
 def _probe_rank(rank: int, world: int, port: int, features: torch.Tensor, labels: torch.Tensor, out: str) -> None:
