@@ -74,7 +74,7 @@ def test_knn_subset_is_the_smallest_that_holds_enough(demo, images, percent):
 
 
 @pytest.mark.parametrize("monitor, data_val, error", [
-    ({"knn_every_epochs": 5}, None, "monitor.knn_every_epochs: the kNN measures on data.val: set data.val, or 0 to turn it off"),
+    ({"knn_every_epochs": 5}, None, "monitor.knn_every_epochs: the kNN measures on data.val: set data.val (or monitor.data), or 0 to turn it off"),
     ({"online_probe": "yes"}, "v", "monitor.online_probe: Input should be 'auto', 'on' or 'off'"),
     ({"knn_every": 5}, "v", "monitor.knn_every: unknown field (did you mean 'knn_every_epochs'?)"),
     ({"probe_lr": 0}, "v", "monitor.probe_lr: Input should be greater than 0"),
