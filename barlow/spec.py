@@ -503,10 +503,12 @@ class MonitorSpec(Section):
     knn_train_images: int = Field(20000, ge=1, description="Training images the kNN compares against (eval transform), "
                                                            "chosen as knn_images is.")
     knn_k: int = Field(20, ge=1, le=1000, description="Neighbours of the kNN (cosine similarity, weighted vote).")
-    rank_every_epochs: int = Field(1, ge=0, le=100_000, description="Epochs between label-free quality measurements "
-                                   "(also one at the end): RankMe (exp of the entropy of the normalised singular values) "
-                                   "of the backbone features and the projector output, and the fraction of near-constant "
-                                   "projector dimensions, on a fixed sample of the training images; 0: off.")
+    rank_every_epochs: int | None = Field(
+        None, ge=0, le=100_000, description="Epochs between label-free quality measurements (also one at the end): "
+        "RankMe (exp of the entropy of the normalised singular values) of the backbone features and the projector "
+        "output, and the fraction of near-constant projector dimensions, on a fixed sample of the training images; "
+        "0: off. Unset: the fewest epochs that keep its cost within 1 % of training (a forward pass of rank_images "
+        "against an epoch's two views forward and backward: every ceil(100 x rank_images / (6 x images)) epochs).")
     rank_images: int = Field(512, ge=2, le=65_536, description="Training images of that fixed sample (eval transform).")
     collapse_fraction: float = Field(0.05, gt=0, lt=1, description="`barlow status` warns of collapse when the "
                                      "projector output's RankMe falls below this fraction of its largest possible value "
@@ -519,6 +521,12 @@ class MonitorSpec(Section):
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads a bare on/off as a bool
+
+    def rank_every(self, images: int) -> int:
+        """Epochs between rank measurements for a training set of `images` (0: off)."""
+        if self.rank_every_epochs is not None:
+            return self.rank_every_epochs
+        return max(1, -(-100 * min(self.rank_images, images) // (6 * max(images, 1))))
 
     def knn_every(self, has_val: bool) -> int:
         """Epochs between kNN measurements for this data (0: no kNN)."""

@@ -178,8 +178,8 @@ def set_up(spec: PretrainSpec) -> Run:
     knn_data = knn_data_of(spec, source)
     every = spec.monitor.knn_every(knn_data is not None)
     knn = KnnMonitor(spec, proc, source if knn_data is spec.data else None, every, knn_data) if every and knn_data else None
-    rank = (RankMonitor(spec, proc, source, spec.monitor.rank_every_epochs, model.embed_dim)
-            if spec.monitor.rank_every_epochs else None)
+    rank_every = spec.monitor.rank_every(source.num_samples)
+    rank = RankMonitor(spec, proc, source, rank_every, model.embed_dim) if rank_every else None
     record = run_record(spec, place)
     checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
                                 is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,

@@ -121,7 +121,7 @@ def main() -> None:
     run.metrics.close()
     knn = min(knn_times) if knn_times else None
     rank = min(rank_times) if rank_times else None
-    rank_every = spec.monitor.rank_every_epochs
+    rank_every = spec.monitor.rank_every(run.source.num_samples)
     rank_between = rank_every * run.steps_per_epoch * step if rank_every else None
     between = knn_every * run.steps_per_epoch * step if knn_every else None
 

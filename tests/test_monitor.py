@@ -168,7 +168,7 @@ def test_probe_learns_and_knn_logs_on_demo_data(demo, tmp_path):
     from barlow.train import pretrain
 
     out = tmp_path / "out"
-    spec = spec_of(demo, out, knn_every_epochs=2, knn_images=300, knn_train_images=1000)
+    spec = spec_of(demo, out, knn_every_epochs=2, knn_images=300, knn_train_images=1000, rank_every_epochs=1)
     spec["optim"]["epochs"] = 5
     spec["data"]["augment"] = {"min_scale": 0.5}  # crops of 8 % of a 16 px digit leave little to classify
     pretrain(parse_spec(spec))
@@ -185,7 +185,7 @@ def test_probe_learns_and_knn_logs_on_demo_data(demo, tmp_path):
     assert {"probe_top1", "knn_top1", "loss", "rankme_features", "rankme_projector", "constant_dims"} <= set(
         events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("knn_top1")] == sorted(knn)
-    ranked = [r for r in rows if "rankme_projector" in r]  # the rank monitor: every epoch (the default)
+    ranked = [r for r in rows if "rankme_projector" in r]  # the rank monitor: every epoch, as asked
     assert [r["step"] for r in ranked] == [e * steps_per_epoch for e in range(1, 6)]
     assert all(r["rankme_projector"] > r["collapse_below"] for r in ranked), ranked  # a healthy run: no collapse
 
@@ -252,3 +252,11 @@ def test_rankme_and_constant_dims(name, z, lo, hi, constant):
 
     assert lo <= rankme(z) <= hi, name
     assert constant_fraction(z) == pytest.approx(constant)
+
+
+@pytest.mark.parametrize("setting, images, every", [
+    (None, 1_281_167, 1), (None, 1433, 6), (None, 160, 17), (None, 100, 17), (3, 1433, 3), (0, 1433, 0)])
+def test_rank_monitor_cadence_keeps_its_cost_within_one_percent(tmp_path, setting, images, every):
+    from barlow.spec import MonitorSpec
+
+    assert MonitorSpec(rank_every_epochs=setting).rank_every(images) == every
