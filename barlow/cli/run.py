@@ -53,7 +53,7 @@ def _with_nproc(spec: PretrainSpec | EvalRunSpec, nproc: int, source: str) -> Pr
 def _check_eval_labels(spec: PretrainSpec | EvalRunSpec, source: str) -> None:
     """A pretrain spec's eval of unlabelled pretraining data without eval.data: refused (exit 2) before anything runs.
     Data that cannot be read is left to the run, which names it."""
-    if not isinstance(spec, PretrainSpec) or spec.eval.data is not None:
+    if not isinstance(spec, PretrainSpec) or spec.eval.data is not None or spec.data.labels == "folders":
         return
     from barlow.data import summarize
 
