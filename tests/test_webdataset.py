@@ -79,3 +79,17 @@ def test_bad_webdataset_input_is_one_line(tmp_path):
             tar.addfile(info, io.BytesIO(b"{}"))
     with pytest.raises(BadShards, match=r"t.tar: a tar without images .*; it holds 1 .txt, 1 .json"):
         build_index(str(tmp_path / "texts"))
+
+
+def test_an_index_written_ahead_is_read_instead_of_counting(tmp_path):
+    from typer.testing import CliRunner
+
+    from barlow.cli import app
+
+    write_wds(tmp_path, 12, 2)
+    pattern = str(tmp_path / "shard-{000000..000001}.tar")
+    result = CliRunner().invoke(app, ["data", "index", pattern, "--format", "webdataset"])
+    assert result.exit_code == 0, result.output
+    assert "12 images, 3 classes" in " ".join(result.output.split()) and (tmp_path / "barlow-index.json").exists()
+    (tmp_path / "shard-000001.tar").unlink()  # a count would fail now: the kept index is what is read
+    assert summarize(DataSpec(format="webdataset", train=pattern)).images == 12
