@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from barlow import storage
+from barlow.errors import OutputHoldsAnotherRun
 from barlow.storage import S3Settings
 
 # torch is imported only where state is saved or loaded: finding checkpoints (barlow status, the restart budget)
@@ -98,14 +99,17 @@ class Stateful(Protocol):
 class Checkpointer:
     """One run's checkpoints: when to write (every `every` steps and at the end), keep the newest `keep`,
     resume from the latest complete one. `parts` are saved under their names; `run` (the run record: what a resume
-    is checked against) is stored beside them. Only the main rank writes; every rank waits for the write so none
-    exits while it is under way (the wait is bounded by the process group's timeout, runtime.collective_timeout_s)."""
+    is checked against) is stored beside them; a checkpoint without an `optional` part's state (written before the
+    part existed) resumes with that part fresh, named in `fresh_parts`. Only the main rank writes; every rank waits
+    for the write so none exits while it is under way (the wait is bounded by the process group's timeout, runtime.collective_timeout_s)."""
 
     def __init__(self, output_url: str, *, every: int, keep: int, is_main: bool, parts: dict[str, Stateful],
-                 run: dict[str, Any], s3: S3Settings | None = None):
+                 run: dict[str, Any], s3: S3Settings | None = None, optional: tuple[str, ...] = ()):
         self.output_url, self.every, self.keep, self.is_main = output_url, every, keep, is_main
         self.parts, self.run, self.s3 = parts, run, s3
+        self.optional = optional  # parts added after checkpoints were first written: an older one resumes without them
         self.resumed_run: dict[str, Any] | None = None  # the `run` record of the checkpoint resumed from
+        self.fresh_parts: list[str] = []  # parts the resumed checkpoint has no state of (written before they existed)
 
     def due(self, step: int, last_step: int) -> bool:
         return step % self.every == 0 or step == last_step
@@ -129,7 +133,12 @@ class Checkpointer:
         self.resumed_run = state.get("run", {})
         check(self.resumed_run, url)
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if name in state:
+                part.load_state_dict(state[name])
+            elif name in self.optional:  # an older checkpoint layout: this part starts fresh (the run says so)
+                self.fresh_parts.append(name)
+            else:
+                raise OutputHoldsAnotherRun(f"{url}: holds no {name} state (not a checkpoint of this kind of run)")
         return int(state["step"])
 
 

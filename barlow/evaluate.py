@@ -28,7 +28,7 @@ from barlow.augment import eval_transform, train_transform
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.cropfirst import ImageTransform
-from barlow.errors import BackboneMismatch, NothingToEvaluate, SplitsDisagree, StoppedOnSignal, TooFewImages
+from barlow.errors import BackboneMismatch, NothingToEvaluate, SplitsDisagree, StoppedOnSignal, TooFewImages, UnlabelledData
 from barlow.metrics import Metrics
 from barlow.model import build_backbone
 from barlow.spec import EvalRunSpec, EvalSpec
@@ -198,6 +198,9 @@ def set_up(spec: EvalRunSpec) -> EvalRun:
     proc = runsetup.start(spec)
     place, e, d = proc.place, spec.eval, spec.data
     train_src, val_src = open_source(d, "train"), open_source(d, "val")
+    if not train_src.classes:
+        raise UnlabelledData(f"data.train: {d.train} is {train_src.describe()}: an eval needs labelled images "
+                             "(class folders; a pretrain spec names them in eval.data)")
     if train_src.classes != val_src.classes:
         raise SplitsDisagree("data.val: its classes differ from data.train's")
     num_classes = len(train_src.classes)

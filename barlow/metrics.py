@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from barlow import storage
 
-PROGRESS_KEYS = ("epoch", "loss", "lr", "images_per_s", "top1", "probe_top1", "knn_top1")  # shown on the progress line
+PROGRESS_KEYS = ("epoch", "loss", "lr", "images_per_s", "top1", "probe_top1", "knn_top1", "rankme_projector")  # shown on the progress line
 
 
 class Metrics:

@@ -1,4 +1,5 @@
-"""Quality while pretraining runs: an online linear probe on the training batches, and a periodic kNN top-1.
+"""Quality while pretraining runs: an online linear probe on the training batches, a periodic kNN top-1, and a
+label-free rank monitor (RankMe and near-constant dimensions on a fixed sample).
 
 Both only read the backbone. The probe trains on view 1's pooled backbone features, which the model's forward
 returns detached, with its own optimizer (and, with several processes, its own DDP, so its gradients are averaged
@@ -21,7 +22,7 @@ from barlow.data import open_source
 from barlow.data.cropfirst import ImageTransform
 from barlow.errors import SplitsDisagree, UnlabelledData
 from barlow.evaluate import features_of, knn_dtype, knn_top1
-from barlow.spec import PretrainSpec
+from barlow.spec import DataSpec, PretrainSpec
 
 SUBSETS = (1, 10, 100)  # the label subsets every source serves (see barlow.data.source)
 
@@ -91,12 +92,18 @@ class KnnMonitor:
     """kNN top-1 of the backbone's features every `every` epochs and at the last step, on fixed subsets:
     the validation images of `monitor.knn_images` against the training images of `monitor.knn_train_images`."""
 
-    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, train_source: Any, every: int):
-        m, d, place = spec.monitor, spec.data, proc.place
+    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, train_source: Any, every: int,
+                 data: DataSpec | None = None):
+        """`data`: the labelled set (default data.*); `train_source`: its train images when already open."""
+        m, d, place = spec.monitor, data or spec.data, proc.place
         self.every, self.k, self.proc, self.workers = every, m.knn_k, proc, d.workers
-        self.train, self.val = train_source, open_source(d, "val")
+        self.train = train_source if train_source is not None else open_source(d, "train")
+        self.val = open_source(d, "val")
+        field = "monitor.data" if d is not spec.data else "data"
+        if not self.train.classes:
+            raise UnlabelledData(f"{field}.train: {d.train} is {self.train.describe()}: the kNN needs labelled images")
         if self.val.classes != self.train.classes:
-            raise SplitsDisagree("data.val: its classes differ from data.train's (the kNN monitor compares them)")
+            raise SplitsDisagree(f"{field}.val: its classes differ from {field}.train's (the kNN monitor compares them)")
         self.num_classes = len(self.train.classes)
         self.train_percent = smallest_subset(self.train, m.knn_train_images)
         self.val_percent = smallest_subset(self.val, m.knn_images)
@@ -124,3 +131,77 @@ class KnnMonitor:
         finally:
             backbone.train(was_training)
         return knn_top1(*train, *val, self.k, self.num_classes)  # sharded: no rank gathers the others' features
+
+
+def rankme(z: torch.Tensor) -> float:
+    """RankMe (Garrido et al., 2023): the exponential of the entropy of the normalised singular values of the n x d
+    embeddings `z`; between 1 (every row on one line) and min(n, d) (all directions used equally); 0 for all zeros."""
+    s = torch.linalg.svdvals(z.detach().double().cpu())  # float64 on the host: one small matrix per measurement
+    if s.sum() <= 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def constant_fraction(z: torch.Tensor, relative: float = 1e-2) -> float:
+    """The fraction of dimensions whose standard deviation over the rows is below `relative` times the mean one
+    (all of them when every dimension is constant)."""
+    std = z.detach().double().std(dim=0)
+    scale = std.mean()
+    return 1.0 if scale <= 0 else float((std < relative * scale).double().mean())
+
+
+class RankMonitor:
+    """Label-free quality every `every` epochs and at the last step, measured on the main rank only: RankMe of the
+    backbone features and of the projector output on a fixed sample of training images (eval transform, read once at
+    the start and held on the host), and the fraction of near-constant projector dimensions.
+
+    A monitor's small protocol (so monitors can become a list): `due(step, ...)`, `observe(batch)` (nothing here),
+    `measure(model) -> dict of scalars`, `state_dict()` (nothing to checkpoint here)."""
+
+    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, source: Any, every: int, projector_dim: int):
+        m, d = spec.monitor, spec.data
+        self.every, self.proc, self.images = every, proc, min(m.rank_images, source.num_samples)
+        self.collapse_below = m.collapse_fraction * min(projector_dim, self.images)
+        self.sample: torch.Tensor | None = None
+        if proc.place.is_main:
+            transform = ImageTransform(eval_transform(d.image_size, d.channels), d.channels)
+            with torch.random.fork_rng(devices=[]):
+                batches = source.loader(transform=transform, batch_size=self.images, rank=0, world_size=1, seed=0,
+                                        epoch=0, workers=0, shuffle=True, drop_last=True)
+                self.sample = next(iter(batches)).inputs.half()  # half: the fixed sample costs half the memory
+
+    def describe(self) -> str:
+        return (f"RankMe every {self.every} epoch(s) on {self.images} fixed train images (collapse below "
+                f"{self.collapse_below:.1f})")
+
+    def due(self, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+        return knn_due(step, steps_per_epoch, total_steps, self.every)
+
+    def observe(self, batch: Any) -> None:
+        """Nothing per batch: the measurement uses its fixed sample."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, chunk: int = 128) -> dict[str, float]:
+        """The scalars of one measurement (empty on the other ranks); the model's mode is restored."""
+        if self.sample is None:
+            return {}
+        was_training = model.training
+        model.eval()  # running BatchNorm statistics: the sample's own batch statistics would hide a collapse
+        device = self.proc.place.device
+        try:
+            feats, projected = [], []
+            for x in self.sample.split(chunk):
+                with self.proc.autocast():
+                    h = model.backbone(x.to(device).float())
+                    feats.append(h.float())
+                    projected.append(model.projector(h).float())
+        finally:
+            model.train(was_training)
+        h, z = torch.cat(feats), torch.cat(projected)
+        return {"rankme_features": rankme(h), "rankme_projector": rankme(z), "constant_dims": constant_fraction(z),
+                "collapse_below": self.collapse_below}

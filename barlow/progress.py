@@ -71,6 +71,10 @@ class Progress:
     loss: float | None = None
     probe_top1: float | None = None
     knn_top1: float | None = None
+    rankme_features: float | None = None  # the label-free rank monitor's latest (barlow.monitor.RankMonitor)
+    rankme_projector: float | None = None
+    constant_dims: float | None = None
+    collapse_below: float | None = None
     images_per_s: float | None = None
     steps_per_s: float | None = None
     eta_s: float | None = None
@@ -166,6 +170,8 @@ def _from_metrics(p: Progress, rows: list[dict[str, Any]], batch_size: int | Non
     p.loss = _latest(rows, ("loss",))
     p.probe_top1, p.knn_top1 = _latest(rows, PROBE_KEYS), _latest(rows, KNN_KEYS)
     p.images_per_s = _latest(rows, ("images_per_s",))
+    for key in ("rankme_features", "rankme_projector", "constant_dims", "collapse_below"):
+        setattr(p, key, _latest(rows, (key,)))
     if isinstance(last.get("time"), int | float):
         p.updated_age_s = max(0.0, now - float(last["time"]))
     window = _attempt(rows)[-RATE_WINDOW:]
@@ -223,6 +229,9 @@ def _restarts(output_url: str, max_restarts: int | None) -> Restarts | None:
 def _health(p: Progress) -> None:
     if p.loss is not None and not math.isfinite(p.loss):
         p.warnings.append(f"loss is {p.loss} at step {p.step}: training diverged")
+    if p.rankme_projector is not None and p.collapse_below is not None and p.rankme_projector < p.collapse_below:
+        p.warnings.append(f"collapse: the projector output's effective rank (RankMe) is {p.rankme_projector:.1f}, below "
+                          f"{p.collapse_below:.1f} (monitor.collapse_fraction of its largest possible value)")
     r = p.restarts
     if r is not None and r.max is not None and r.used >= r.max and p.state != FINISHED:
         p.warnings.append(f"restart budget spent: {r.used} of cluster.max_restarts {r.max} restarts since the latest "
@@ -260,6 +269,9 @@ def lines(p: Progress, now: float | None = None) -> list[tuple[str, str]]:
         rows.append(("probe", f"top-1 {p.probe_top1:.1f} % (online linear probe)"))
     if p.knn_top1 is not None:
         rows.append(("kNN", f"top-1 {p.knn_top1:.1f} %"))
+    if p.rankme_projector is not None:
+        rows.append(("rank", f"RankMe {p.rankme_features:.1f} features, {p.rankme_projector:.1f} projector; "
+                              f"{100 * (p.constant_dims or 0):.0f} % near-constant dims"))
     if p.images_per_s is not None or p.steps_per_s is not None:
         speed = [f"{p.images_per_s:,.0f} images/s" if p.images_per_s is not None else "",
                  f"{p.steps_per_s:.3g} steps/s" if p.steps_per_s is not None else ""]

@@ -188,21 +188,30 @@ class AugmentSpec(Section):
         return v
 
 
-DATA_FORMATS = ("imagefolder", "shards")  # the formats barlow.data registers (tests/test_imagefolder.py keeps them equal)
+DATA_FORMATS = ("imagefolder", "shards", "webdataset", "parquet")  # the formats barlow.data registers (tests/test_imagefolder.py keeps them equal)
 
 
 class DataSpec(Section):
     """Where the images are and how they are read."""
 
     format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
-        "imagefolder", description="imagefolder: <root>/<class>/*.jpg; shards: the JSON index written by `barlow data shard`.")
-    train: ReadURL = Field(description="Training images: a folder (imagefolder) or an index.json URL (shards).")
+        "imagefolder", description="imagefolder: a folder of images (any layout; labels: data.labels); shards: the JSON "
+        "index written by `barlow data shard`; webdataset: tar shards other tools wrote (a sample is the members sharing "
+        "a key; image: the first of jpg, jpeg, png, webp; label: .cls or .json's label/cls, else none); parquet: an image "
+        "column as Hugging Face datasets writes it (struct<bytes, path>), an optional integer label column.")
+    train: ReadURL = Field(description="Training images: a folder (imagefolder), an index.json URL (shards), or a "
+                           "brace pattern (s3://b/x/shard-{000000..000099}.tar) or folder of .tar (webdataset), a folder or glob of "
+                           ".parquet (parquet).")
     val: ReadURL | None = Field(None, description="Validation images, same format as train; needed by eval.")
     image_size: int = Field(224, ge=8, le=1024, description="Side of the square crops fed to the model, in pixels.")
     channels: Literal[1, 3] = Field(3, description="Channels the model sees: 3 (RGB) or 1 (grayscale).")
     workers: int = Field(4, ge=0, le=64, description="Data-loader worker processes per training process.")
     shuffle_buffer: int = Field(1000, ge=0, le=1_000_000, description="Samples held for shuffling shards (0: none).")
     on_corrupt: Literal["skip", "fail"] = Field("skip", description="What an undecodable image does: skipped and counted, or fail the run.")
+    labels: Literal["auto", "folders", "none"] = Field(
+        "auto", description="Labels of an image folder. auto: from the folders only in the class layout (every image "
+        "exactly one folder below data.train, in at least two such folders); any other layout (flat, nested by date or "
+        "camera) is unlabelled. folders: each image's top folder is its class. none: unlabelled.")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Where training images are decoded: cpu (loader workers decode the crops), gpu (workers only "
         "read bytes and choose crops; the GPU decodes the batch; needs a CUDA device), auto: gpu when the run is on CUDA.")
@@ -213,6 +222,23 @@ class DataSpec(Section):
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, READABLE_SCHEMES)
+
+
+class LabelledDataSpec(Section):
+    """A labelled image set beside unlabelled pretraining data (the other data.* settings are data's)."""
+
+    format: Literal[DATA_FORMATS] = Field("imagefolder", description="As data.format.")  # type: ignore[valid-type]
+    train: ReadURL = Field(description="Labelled training images (class folders, or a shard index).")
+    val: ReadURL = Field(description="Labelled validation images, same format.")
+
+    @field_validator("train", "val")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v, READABLE_SCHEMES)
+
+    def over(self, data: DataSpec) -> DataSpec:
+        """data.* with this set's format and URLs, labels from its folders."""
+        return data.model_copy(update={"format": self.format, "train": self.train, "val": self.val, "labels": "auto"})
 
 
 class ModelSpec(Section):
@@ -340,6 +366,9 @@ class FollowUpEvalSpec(EvalSpec):
     """A pretrain spec's `eval`: the evaluation its pipeline runs next, with that run's own size (an eval spec has
     top-level `runtime` and `cluster` instead)."""
 
+    data: LabelledDataSpec | None = Field(None, description="The labelled images the eval trains and measures on "
+                                          "(unset: the pretraining's data.train and data.val); needed when the "
+                                          "pretraining data has no labels.")
     runtime: EvalRuntimeSpec = Field(default_factory=EvalRuntimeSpec, description="The eval's nodes and processes.")
     cluster: EvalClusterSpec = Field(default_factory=EvalClusterSpec, description="The eval's GPUs and resources per pod.")
 
@@ -474,11 +503,30 @@ class MonitorSpec(Section):
     knn_train_images: int = Field(20000, ge=1, description="Training images the kNN compares against (eval transform), "
                                                            "chosen as knn_images is.")
     knn_k: int = Field(20, ge=1, le=1000, description="Neighbours of the kNN (cosine similarity, weighted vote).")
+    rank_every_epochs: int | None = Field(
+        None, ge=0, le=100_000, description="Epochs between label-free quality measurements (also one at the end): "
+        "RankMe (exp of the entropy of the normalised singular values) of the backbone features and the projector "
+        "output, and the fraction of near-constant projector dimensions, on a fixed sample of the training images; "
+        "0: off. Unset: the fewest epochs that keep its cost within 1 % of training (a forward pass of rank_images "
+        "against an epoch's two views forward and backward: every ceil(100 x rank_images / (6 x images)) epochs).")
+    rank_images: int = Field(512, ge=2, le=65_536, description="Training images of that fixed sample (eval transform).")
+    collapse_fraction: float = Field(0.05, gt=0, lt=1, description="`barlow status` warns of collapse when the "
+                                     "projector output's RankMe falls below this fraction of its largest possible value "
+                                     "(the smaller of its dimension and rank_images).")
+    data: LabelledDataSpec | None = Field(None, description="A labelled set the kNN measures on (its train against its "
+                                          "val) instead of data.*; with unlabelled pretraining data the kNN is off "
+                                          "without it, and the online probe (it needs the training batches' labels) is off.")
 
     @field_validator("online_probe", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads a bare on/off as a bool
+
+    def rank_every(self, images: int) -> int:
+        """Epochs between rank measurements for a training set of `images` (0: off)."""
+        if self.rank_every_epochs is not None:
+            return self.rank_every_epochs
+        return max(1, -(-100 * min(self.rank_images, images) // (6 * max(images, 1))))
 
     def knn_every(self, has_val: bool) -> int:
         """Epochs between kNN measurements for this data (0: no kNN)."""
@@ -758,17 +806,20 @@ class PretrainSpec(RunSpec):
             problems.append(("optim.warmup_epochs", f"must be shorter than optim.epochs ({o.epochs})"))
         if self.eval.checkpoint or self.eval.backbone:
             problems.append(("eval.checkpoint", "is set by the pipeline from output.url; leave it out of a pretrain spec"))
-        if self.monitor.knn_every_epochs and self.data.val is None:
-            problems.append(("monitor.knn_every_epochs", "the kNN measures on data.val: set data.val, or 0 to turn it off"))
+        if self.monitor.knn_every_epochs and self.data.val is None and self.monitor.data is None:
+            problems.append(("monitor.knn_every_epochs", "the kNN measures on data.val: set data.val (or monitor.data), "
+                                                         "or 0 to turn it off"))
         return problems
 
     def eval_spec(self) -> EvalRunSpec:
         """The evaluation of this run's checkpoint, writing beside it (what `pipeline` runs second)."""
         d = self.model_dump(exclude={"kind", "optim", "monitor", "eval", "name", "output", "runtime", "cluster"})
         runtime, cluster = self.eval.placement(self.runtime, self.cluster)
+        if self.eval.data is not None:
+            d["data"] = self.eval.data.over(self.data).model_dump()
         return EvalRunSpec.model_validate({
             **d, "kind": "eval", "name": f"{self.name[:45]}-eval", "runtime": runtime, "cluster": cluster,
-            "eval": {**self.eval.model_dump(exclude={"runtime", "cluster"}), "checkpoint": self.output.url},
+            "eval": {**self.eval.model_dump(exclude={"runtime", "cluster", "data"}), "checkpoint": self.output.url},
             "output": {"url": f"{self.output.url}/eval", "keep": self.output.keep},
         })
 
@@ -953,6 +1004,10 @@ def _override_path(problem: str) -> str:
     return f"eval.{problem}" if model and rest.split(":", 1)[0] in model.model_fields else problem
 
 
+UNLABELLED_EVAL = ("eval.data: the pretraining data has no labels ({what}); the eval needs a labelled set: set "
+                   "eval.data (train, val, format)")
+
+
 def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None = None) -> list[PretrainSpec | EvalRunSpec]:
     """The runs `stage` makes of `spec`, in order: pretrain [spec]; eval [spec] for an eval spec, the follow-up eval
     for a pretrain spec; pipeline [spec, its follow-up eval]. Raises SpecError before anything runs or is submitted."""
@@ -964,6 +1019,8 @@ def stage_runs(spec: PretrainSpec | EvalRunSpec, stage: str, source: str | None 
         return [spec]
     if stage == Stage.pretrain:
         return [spec]
+    if spec.data.labels == "none" and spec.eval.data is None:
+        raise SpecError([UNLABELLED_EVAL.format(what="data.labels is none")], source)
     return [follow_up_eval(spec)] if stage == Stage.eval else [spec, follow_up_eval(spec)]
 
 

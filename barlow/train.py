@@ -22,13 +22,15 @@ from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.feed import DeviceBatch, TrainingFeed
 from barlow.data.source import Source
-from barlow.errors import StoppedOnSignal, TooFewImages, WrongPlacement
+from barlow.errors import RunFailed, StoppedOnSignal, TooFewImages, WrongPlacement
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
-from barlow.monitor import KnnMonitor, OnlineProbe, probe_enabled
+from barlow.monitor import KnnMonitor, OnlineProbe, RankMonitor, probe_enabled
 from barlow.optim import LARS, WarmupCosine, param_groups
-from barlow.spec import PretrainSpec, RuntimeSpec
+from barlow.spec import DataSpec, PretrainSpec, RuntimeSpec
+
+OPTIONAL_PARTS = ("probe",)  # checkpoint parts added after the first layout: an older checkpoint resumes without them
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Run:
     metrics: Metrics
     probe: OnlineProbe | None = None  # monitor.online_probe
     knn: KnnMonitor | None = None  # monitor.knn_every_epochs
+    rank: RankMonitor | None = None  # monitor.rank_every_epochs
 
     @property
     def proc(self) -> runsetup.Process:
@@ -126,6 +129,12 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             loss_sum.zero_()
         else:
             run.metrics.advance(step)
+        if run.rank is not None and run.rank.due(step, run.steps_per_epoch, total):
+            started = time.perf_counter()
+            values = run.rank.measure(run.model)  # sync: the main rank reads its scalars, at epoch ends only
+            if values:
+                run.metrics.log(step, {"epoch": step / run.steps_per_epoch, **values,
+                                       "rank_monitor_s": time.perf_counter() - started})
         if run.knn is not None and run.knn.due(step, run.steps_per_epoch, total):
             run.metrics.log(step, {"epoch": step / run.steps_per_epoch, "knn_top1": run.knn.measure(run.model.backbone)})
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
@@ -150,7 +159,7 @@ def set_up(spec: PretrainSpec) -> Run:
     proc = runsetup.start(spec)
     place = proc.place
     o = spec.optim
-    source = open_source(spec.data, "train")
+    source = open_training_data(spec, place)
     steps_per_epoch = source.num_samples // o.batch_size
     if steps_per_epoch == 0:
         raise TooFewImages(f"data.train: {source.num_samples} images are fewer than one global batch "
@@ -166,11 +175,15 @@ def set_up(spec: PretrainSpec) -> Run:
         probe = parts["probe"] = OnlineProbe(model.backbone.feature_dim, len(source.classes), spec.monitor.probe_lr,
                                              place.device, place.world_size)
     autocast = proc.autocast()
-    every = spec.monitor.knn_every(spec.data.val is not None)
-    knn = KnnMonitor(spec, proc, source, every) if every else None
+    knn_data = knn_data_of(spec, source)
+    every = spec.monitor.knn_every(knn_data is not None)
+    knn = KnnMonitor(spec, proc, source if knn_data is spec.data else None, every, knn_data) if every and knn_data else None
+    rank_every = spec.monitor.rank_every(source.num_samples)
+    rank = RankMonitor(spec, proc, source, rank_every, model.embed_dim) if rank_every else None
     record = run_record(spec, place)
     checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
-                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts)
+                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
+                                optional=OPTIONAL_PARTS)
     checkpointer.resume(record.check)
     tracker = None
     if spec.output.mlflow is not None and place.is_main:
@@ -179,16 +192,49 @@ def set_up(spec: PretrainSpec) -> Run:
     metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step, s3=proc.s3, tracker=tracker)
     if place.is_main:
         progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size, proc.s3)  # what `barlow status` reads
-    metrics.print(f"pretrain {spec.name}: {source.num_samples} images, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
+    metrics.print(f"pretrain {spec.name}: {source.describe()}, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
                   f"{place.world_size} process(es) on {place.device.type}{', bf16' if place.autocast_dtype else ''}"
                   f"{resume_note(record, checkpointer.resumed_run, position.step)}")
-    if probe or knn:
+    for part in checkpointer.fresh_parts:  # a checkpoint written before the part existed
+        metrics.print(f"resume: the checkpoint has no {part} state (written before it existed): {part} starts fresh")
+    ranked = [rank.describe()] if rank else []
+    if not source.classes:
+        metrics.print("monitor: data.train has no labels: online probe off; "
+                      + ", ".join([knn.describe() + " of monitor.data" if knn else
+                                   "kNN off (set monitor.data to a labelled set)", *ranked]))
+    elif probe or knn or rank:
         metrics.print("monitor: " + ", ".join(([f"online probe on {len(source.classes)} classes"] if probe else [])
-                                              + ([knn.describe()] if knn else [])))
+                                              + ([knn.describe()] if knn else []) + ranked))
     return Run(spec, place, proc.s3, source, steps_per_epoch, total_steps, model,
                wrap_for_speed(model, spec.runtime, place), optimizer,
                WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size),
-               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn)
+               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn, rank)
+
+
+def open_training_data(spec: PretrainSpec, place: distributed.Placement) -> Source:
+    """data.train, opened by rank 0 first: it lists the data (or reads what it kept) and keeps what it learnt in the
+    output folder; the other ranks then read that, so a prefix is listed once, and not again on a restart."""
+    cache = storage.join(spec.output.url, "data", "index-train.json")
+    source, failure = None, None
+    if place.is_main:
+        try:
+            source = open_source(spec.data, "train", cache=cache, keep=True)
+        except Exception as e:  # raised below, once every rank knows
+            failure = e
+    if place.world_size > 1 and distributed.any_rank(failure is not None, place.device):  # sync: once, at the start
+        if failure is None:
+            raise RunFailed(f"data.train: rank 0 could not open {spec.data.train}")
+    if failure is not None:
+        raise failure
+    return source if source is not None else open_source(spec.data, "train", cache=cache)
+
+
+def knn_data_of(spec: PretrainSpec, source: Source) -> DataSpec | None:
+    """The labelled data the kNN measures on: monitor.data, else data.* when data.train has labels and data.val is
+    set, else none (the kNN is off)."""
+    if spec.monitor.data is not None:
+        return spec.monitor.data.over(spec.data)
+    return spec.data if source.classes and spec.data.val is not None else None
 
 
 def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:

@@ -1,4 +1,4 @@
-"""What the quality monitors cost: the online probe's and the kNN monitor's share of pretraining step time.
+"""What the quality monitors cost: the online probe's, the kNN monitor's and the rank monitor's share of pretraining step time.
 
     PYTHONPATH=. .venv/bin/python bench/monitor.py                          # examples/quickstart.yaml's model, 1 process
     PYTHONPATH=. .venv/bin/python bench/monitor.py --steps 40 --json runs/bench-monitor.json
@@ -10,7 +10,9 @@ One process on this machine's device, the spec's model, batch and image size (ex
 - probe: the median time of the probe's own step (`OnlineProbe.step`: its forward, backward and SGD), timed
   directly, over the median step without it: its share of a step (target <= 3 %);
 - kNN: one `KnnMonitor.measure` (features of the fixed val and train subsets, the vote), over the training time
-  between two measurements (`monitor.knn_every_epochs` x steps/epoch x step time): its share of training time.
+  between two measurements (`monitor.knn_every_epochs` x steps/epoch x step time): its share of training time;
+- rank: one `RankMonitor.measure` (backbone and projector on the fixed sample, two SVDs) over the training time
+  between two measurements, on the demo and on an epoch of ImageNet's size at the same step time.
 On CUDA every timed region ends with a deliberate synchronize. The probe's difference of medians is printed too; on a
 shared machine it is noisier than the direct timing.
 """
@@ -108,8 +110,19 @@ def main() -> None:
             top1 = run.knn.measure(run.model.backbone)
             _sync(device)
             knn_times.append(time.perf_counter() - t0)
+    rank_times, ranked = [], {}
+    if run.rank is not None:
+        for _ in range(2):
+            _sync(device)
+            t0 = time.perf_counter()
+            ranked = run.rank.measure(run.model)
+            _sync(device)
+            rank_times.append(time.perf_counter() - t0)
     run.metrics.close()
     knn = min(knn_times) if knn_times else None
+    rank = min(rank_times) if rank_times else None
+    rank_every = spec.monitor.rank_every(run.source.num_samples)
+    rank_between = rank_every * run.steps_per_epoch * step if rank_every else None
     between = knn_every * run.steps_per_epoch * step if knn_every else None
 
     load = os.getloadavg()
@@ -123,6 +136,10 @@ def main() -> None:
         "knn_every_epochs": knn_every, "knn_s": knn, "knn_images": run.knn.describe() if run.knn else None,
         "knn_share_pct": 100 * knn / (between + knn) if knn and between else None,
         "knn_top1": top1 if knn_times else None,
+        "rank_every_epochs": rank_every, "rank_s": rank, "rank_images": run.rank.images if run.rank else None,
+        "rank_share_pct": 100 * rank / (rank_between + rank) if rank and rank_between else None,
+        "rank_share_at_imagenet_pct": 100 * rank / (1_281_167 // spec.optim.batch_size * step) if rank else None,
+        **ranked,
     }
     print(f"monitor cost on {device} ({result['cpus']} cpus, {result['threads']} threads, load {load[0]:.1f}), "
           f"{spec.model.arch} width {spec.model.width}, {spec.data.image_size} px, batch {spec.optim.batch_size}:")
@@ -132,6 +149,10 @@ def main() -> None:
     if knn:
         print(f"  kNN {knn:.2f} s ({result['knn_images']}) every {knn_every} epochs of {run.steps_per_epoch} steps "
               f"= {result['knn_share_pct']:.2f} % of training time")
+    if rank:
+        print(f"  rank monitor {rank:.2f} s ({run.rank.describe()}) every {rank_every} epoch(s) of "
+              f"{run.steps_per_epoch} steps = {result['rank_share_pct']:.2f} % of training time; an epoch of "
+              f"ImageNet's 1,281,167 images at this step time: {result['rank_share_at_imagenet_pct']:.4f} %")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,70 @@ class Pid:
 def ids_of(batches) -> list[int]:
     """Sample ids of a loader's batches, in order."""
     return [int(v) for b in batches for v in b.inputs[:, 0]]
+
+
+def write_unlabelled_folder(root: Path, n: int, layout: str = "flat", seed: int = 0) -> list[str]:
+    """The tagged images of `write_tagged_folder` without class folders: `flat` (`root/img<i>.png`) or `dated`
+    (`root/<year>/<month>/<day>/img<i>.png`, days and cameras at mixed depths). Returns the relative paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        side = int(rng.integers(6, 20))
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        pixels[0, 0] = (i % 256, i // 256, 0)
+        if layout == "flat":
+            rel = f"img{i:04d}.png"
+        else:
+            rel = f"2024/{1 + i % 3:02d}/{1 + i % 5:02d}/img{i:04d}.png" if i % 4 else f"2024/cam{i % 2}/img{i:04d}.png"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, format="PNG")
+        paths.append(rel)
+    return paths
+
+
+def write_wds(root, n: int, shards: int, label: str = "cls", extra: bool = True) -> dict[str, int]:
+    """`root/shard-00000k.tar` as webdataset's ShardWriter writes them: `<key>.png` + `<key>.cls` (or `.json`
+    {"label": ...}, or nothing), plus a `.txt` caption; keys `s<i>`; one key with a long (pax) name."""
+    images = write_tagged_folder(root / "src", n, classes=3)
+    root.mkdir(exist_ok=True)
+    want = {}
+    items = sorted(images.items(), key=lambda kv: int(kv[0].split("img")[1]))
+    for s in range(shards):
+        with tarfile.open(root / f"shard-{s:06d}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+            for i, (_, (lab, data)) in enumerate(items):
+                if i % shards != s:
+                    continue
+                key = f"s{i:05d}" if i != 1 else "x" * 120 + "1"
+                members = [(f"{key}.png", data)]
+                if label == "cls":
+                    members.append((f"{key}.cls", str(lab).encode()))
+                elif label == "json":
+                    members.append((f"{key}.json", json.dumps({"label": lab, "url": "http://x"}).encode()))
+                if extra:
+                    members.append((f"{key}.txt", b"a caption"))
+                for name, blob in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+                want[key] = lab if label != "none" else -1
+    return want
+
+
+def write_hf_parquet(root: Path, n: int, files: int = 2, labels: bool = True, row_group: int = 7,
+                     corrupt: tuple[int, ...] = ()) -> None:
+    """`root/train-0000k-of-0000f.parquet` as Hugging Face `datasets` writes an image set: `image:
+    struct<bytes, path>` and an int64 `label`, in row groups of `row_group`; rows in `corrupt` hold no image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = write_tagged_folder(root / "src", n, classes=3)
+    items = sorted(images.items(), key=lambda kv: int(kv[0].split("img")[1]))
+    root.mkdir(exist_ok=True)
+    for f in range(files):
+        rows = [(i, lab, data) for i, (_, (lab, data)) in enumerate(items) if i % files == f]
+        image = [{"bytes": b"not an image" if i in corrupt else data, "path": f"img{i}.png"} for i, _, data in rows]
+        columns = {"image": image}
+        if labels:
+            columns["label"] = pa.array([lab for _, lab, _ in rows], pa.int64())
+        pq.write_table(pa.table(columns), root / f"train-{f:05d}-of-{files:05d}.parquet", row_group_size=row_group)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from barlow import checkpoint, storage
+from barlow.errors import OutputHoldsAnotherRun
 
 
 def state(step: int) -> dict:
@@ -198,3 +199,18 @@ def test_a_checkpoint_streams_to_storage_without_a_copy_in_memory(tmp_path):
         tracemalloc.stop()
     assert peak < 4_000_000, f"saving held {peak / 1e6:.0f} MB of Python memory (a serialised copy of the state)"
     assert torch.equal(checkpoint.load(checkpoint.latest(str(tmp_path / "run")))["w"], big)
+
+
+def test_a_checkpoint_from_before_a_part_existed_resumes_with_it_fresh(tmp_path):
+    out = str(tmp_path)
+    # the previous layout: the current parts minus the probe (written before the online probe existed)
+    checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts={"model": Counter(5)}, run={}).save(3)
+    model, probe = Counter(), Counter(-1)
+    reader = checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts={"model": model, "probe": probe}, run={},
+                                     optional=("probe",))
+    assert reader.resume() == 3
+    assert (model.n, probe.n, reader.fresh_parts) == (5, -1, ["probe"])
+    strict = checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts={"model": Counter(), "other": Counter()},
+                                     run={})
+    with pytest.raises(OutputHoldsAnotherRun, match="holds no other state"):
+        strict.resume()  # only a part declared optional may be missing

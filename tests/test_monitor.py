@@ -74,7 +74,7 @@ def test_knn_subset_is_the_smallest_that_holds_enough(demo, images, percent):
 
 
 @pytest.mark.parametrize("monitor, data_val, error", [
-    ({"knn_every_epochs": 5}, None, "monitor.knn_every_epochs: the kNN measures on data.val: set data.val, or 0 to turn it off"),
+    ({"knn_every_epochs": 5}, None, "monitor.knn_every_epochs: the kNN measures on data.val: set data.val (or monitor.data), or 0 to turn it off"),
     ({"online_probe": "yes"}, "v", "monitor.online_probe: Input should be 'auto', 'on' or 'off'"),
     ({"knn_every": 5}, "v", "monitor.knn_every: unknown field (did you mean 'knn_every_epochs'?)"),
     ({"probe_lr": 0}, "v", "monitor.probe_lr: Input should be greater than 0"),
@@ -162,13 +162,13 @@ def test_probe_state_resumes_with_the_checkpoint(demo, tmp_path):
 @pytest.mark.slow
 def test_probe_learns_and_knn_logs_on_demo_data(demo, tmp_path):
     """Five epochs of pretraining: the probe's running top-1 ends well above chance (10 %); the kNN logs its top-1
-    every 2 epochs and at the end, to metrics.jsonl and TensorBoard."""
+    every 2 epochs and at the end, the rank monitor every epoch, to metrics.jsonl and TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from barlow.train import pretrain
 
     out = tmp_path / "out"
-    spec = spec_of(demo, out, knn_every_epochs=2, knn_images=300, knn_train_images=1000)
+    spec = spec_of(demo, out, knn_every_epochs=2, knn_images=300, knn_train_images=1000, rank_every_epochs=1)
     spec["optim"]["epochs"] = 5
     spec["data"]["augment"] = {"min_scale": 0.5}  # crops of 8 % of a 16 px digit leave little to classify
     pretrain(parse_spec(spec))
@@ -182,8 +182,12 @@ def test_probe_learns_and_knn_logs_on_demo_data(demo, tmp_path):
     assert all(v > 30.0 for v in knn.values()), knn
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert {"probe_top1", "knn_top1", "loss"} <= set(events.Tags()["scalars"])
+    assert {"probe_top1", "knn_top1", "loss", "rankme_features", "rankme_projector", "constant_dims"} <= set(
+        events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("knn_top1")] == sorted(knn)
+    ranked = [r for r in rows if "rankme_projector" in r]  # the rank monitor: every epoch, as asked
+    assert [r["step"] for r in ranked] == [e * steps_per_epoch for e in range(1, 6)]
+    assert all(r["rankme_projector"] > r["collapse_below"] for r in ranked), ranked  # a healthy run: no collapse
 
 
 def _probe_rank(rank: int, world: int, port: int, features: torch.Tensor, labels: torch.Tensor, out: str) -> None:
@@ -229,3 +233,30 @@ def test_probe_gradients_are_averaged_over_two_gloo_ranks(tmp_path):
     for k in ("1.weight", "1.bias"):
         assert torch.equal(ranks[0][k], ranks[1][k]), f"{k} differs between ranks"
         torch.testing.assert_close(ranks[0][k], expected[k], rtol=1e-5, atol=1e-6, msg=f"{k} is not the mean-gradient step")
+
+
+def low_rank(n: int, d: int, r: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, r, generator=g) @ torch.randn(r, d, generator=g)
+
+
+@pytest.mark.parametrize("name, z, lo, hi, constant", [
+    ("collapsed", torch.ones(256, 64) * 3.0, 0.99, 1.01, 1.0),  # every embedding the same: one direction
+    ("all zero", torch.zeros(256, 64), 0.0, 0.0, 1.0),
+    ("low rank", low_rank(256, 64, 4), 2.0, 4.0, 0.0),
+    ("half the dims dead", torch.cat([torch.randn(512, 32), torch.zeros(512, 32)], dim=1), 25.0, 32.0, 0.5),
+    ("healthy", torch.randn(512, 64, generator=torch.Generator().manual_seed(1)), 0.85 * 64, 64.0, 0.0),
+])
+def test_rankme_and_constant_dims(name, z, lo, hi, constant):
+    from barlow.monitor import constant_fraction, rankme
+
+    assert lo <= rankme(z) <= hi, name
+    assert constant_fraction(z) == pytest.approx(constant)
+
+
+@pytest.mark.parametrize("setting, images, every", [
+    (None, 1_281_167, 1), (None, 1433, 6), (None, 160, 17), (None, 100, 17), (3, 1433, 3), (0, 1433, 0)])
+def test_rank_monitor_cadence_keeps_its_cost_within_one_percent(tmp_path, setting, images, every):
+    from barlow.spec import MonitorSpec
+
+    assert MonitorSpec(rank_every_epochs=setting).rank_every(images) == every

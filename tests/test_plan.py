@@ -160,3 +160,20 @@ def test_cli_plan_without_s3_credentials_prints_everything_else(tmp_path, s3_ind
         assert stage["images"] == f"unknown (no credentials for {index})"
         assert stage["global batch"] and stage["processes"] and stage["GPUs"]
     assert len(out) == 2  # the eval stage too
+
+
+@pytest.mark.parametrize("layout, want", [("flat", "64 images, unlabelled (flat folder)"),
+                                          ("dated", "64 images, unlabelled (nested folders)")])
+def test_cli_plan_counts_an_image_folder_and_says_what_it_is(tmp_path, layout, want):
+    from imagesets import write_tagged_folder, write_unlabelled_folder
+
+    write_unlabelled_folder(tmp_path / "photos", 64, layout)
+    write_tagged_folder(tmp_path / "labelled", 40)
+    spec = {**CPU, "data": {**CPU["data"], "train": str(tmp_path / "photos")},
+            "eval": {"data": {"train": str(tmp_path / "labelled"), "val": str(tmp_path / "labelled")}}}
+    code, out, err = plan_cli(tmp_path, spec)
+    assert code == 0, err
+    assert out["pretrain"]["data"] == want and out["pretrain"]["images"] == "64"
+    assert out["pretrain"]["steps/epoch"] == "0"
+    ev = next(v for k, v in out.items() if k.startswith("eval"))
+    assert ev["data"] == "40 images, 4 classes (class folders)" and ev["images"] == "40"  # the eval's own data

@@ -58,7 +58,7 @@ BAD = [
     ("ftp-url", with_(GOOD, "data.train", "ftp://host/x"), "data.train", "unsupported URL scheme 'ftp://'"),
     ("s3-no-bucket", with_(GOOD, "output.url", "s3://"), "output.url", "no bucket"),
     ("http-output", with_(GOOD, "output.url", "https://host/x"), "output.url", "unsupported URL scheme"),
-    ("bad-format", with_(GOOD, "data.format", "tfrecord"), "data.format", "'imagefolder' or 'shards'"),
+    ("bad-format", with_(GOOD, "data.format", "tfrecord"), "data.format", "'imagefolder', 'shards', 'webdataset' or 'parquet'"),
     ("shards-not-json", with_(GOOD, "data.format", "shards"), "data.train", "index .json"),
     ("size-string", with_(GOOD, "data.image_size", "big"), "data.image_size", "valid integer"),
     ("size-too-small", with_(GOOD, "data.image_size", 4), "data.image_size", "greater than or equal to 8"),
@@ -280,3 +280,17 @@ def test_starter_specs_validate_as_written():
 
     assert loads_spec(starter_text(False)).runtime.device == "cpu"
     assert loads_spec(starter_text(True)).cluster.gpus_per_node == 8
+
+
+def test_eval_data_names_the_labelled_set_of_the_follow_up_eval():
+    from barlow.spec import stage_runs
+
+    spec = parse_spec(with_(with_(GOOD, "data.labels", "none"), "eval.data",
+                            {"train": "s3://b/labelled/train", "val": "s3://b/labelled/val"}))
+    _, ev = stage_runs(spec, "pipeline")
+    assert (ev.data.train, ev.data.val, ev.data.format, ev.data.labels) == (
+        "s3://b/labelled/train", "s3://b/labelled/val", "imagefolder", "auto")
+    assert ev.data.image_size == spec.data.image_size  # the rest of data.* is the pretraining's
+    with pytest.raises(SpecError, match="eval.data: the pretraining data has no labels .data.labels is none.; "):
+        stage_runs(parse_spec(with_(GOOD, "data.labels", "none")), "pipeline")
+    assert len(stage_runs(parse_spec(with_(GOOD, "data.labels", "none")), "pretrain")) == 1

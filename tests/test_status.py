@@ -122,6 +122,12 @@ def test_a_knn_line_is_no_step(tmp_path, monkeypatch):
     (steps(10, 20), 3600.0, "stalled", "no metrics line for 1 h (one came every 2 s): the run is stopped or stuck"),
     ([(10, {"loss": 5.0}), (20, {"loss": float("nan")})], 1.0, "running", "loss is nan at step 20: training diverged"),
     ([], 0.0, "not started", None),
+    ([*steps(10, 20), (20, {"rankme_features": 3.0, "rankme_projector": 1.2, "constant_dims": 0.9,
+                            "collapse_below": 6.4})], 1.0, "running",
+     "collapse: the projector output's effective rank (RankMe) is 1.2, below 6.4 (monitor.collapse_fraction of its "
+     "largest possible value)"),
+    ([*steps(10, 20), (20, {"rankme_features": 50.0, "rankme_projector": 40.0, "constant_dims": 0.0,
+                            "collapse_below": 6.4})], 1.0, "running", None),
 ])
 def test_state_and_health(tmp_path, monkeypatch, rows, now_after, state, warning):
     out = str(tmp_path / "run")
@@ -207,7 +213,8 @@ def test_status_json_has_the_documented_fields(tmp_path, monkeypatch):
     assert set(doc) == {"schema", "time", "job", "admission", "pods", "progress", "progress_error"}
     assert (doc["schema"], doc["job"], doc["pods"]) == ("barlow.status/v1", None, [])
     assert set(doc["progress"]) == {"output", "state", "name", "kind", "step", "total_steps", "epoch", "epochs", "loss",
-                                    "probe_top1", "knn_top1", "images_per_s", "steps_per_s", "eta_s", "updated_age_s",
+                                    "probe_top1", "knn_top1", "rankme_features", "rankme_projector", "constant_dims",
+                                    "collapse_below", "images_per_s", "steps_per_s", "eta_s", "updated_age_s",
                                     "checkpoint", "restarts", "warnings", "healthy"}
     assert (doc["progress"]["step"], doc["progress"]["total_steps"], doc["progress"]["healthy"]) == (20, 100, True)
 
@@ -455,3 +462,11 @@ def test_status_in_the_cli_image_shows_the_job_and_says_what_it_lacks_for_the_fi
     assert folder.returncode == 1
     assert folder.stderr.strip() == (f"error: reading {tmp_path} needs fsspec, which this installation lacks (the "
                                      "training image has it)")
+
+
+def test_the_rank_monitor_shows_in_status(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    clock = write_run(out, monkeypatch, [*steps(10, 20), (20, {"rankme_features": 51.2, "rankme_projector": 40.04,
+                                                                "constant_dims": 0.03, "collapse_below": 6.4})])
+    rows = dict(progress.lines(progress.read(out, now=clock.t)))
+    assert rows["rank"] == "RankMe 51.2 features, 40.0 projector; 3 % near-constant dims"

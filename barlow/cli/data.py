@@ -67,3 +67,43 @@ def shard(
         raise fail(str(e)) from None
     console.print(f"{done['index']}: {done['samples']} images, {done['classes']} classes, {done['shards']} shards "
                   f"({done['written']} written, {done['skipped']} already complete), {done['bytes'] / 2**20:.1f} MiB")
+
+
+@data_app.command(epilog=example("barlow data index s3://photos/2024 --endpoint-url https://s3.example.com"))
+def index(
+    url: str = typer.Argument(..., metavar="URL", help="Image folder (any layout), WebDataset shards (a brace pattern "
+                              "or folder of .tar) or parquet files (a folder or glob): local path or s3://..."),
+    data_format: str = typer.Option("imagefolder", "--format", help="imagefolder, webdataset or parquet (as data.format)."),
+    endpoint_url: str = typer.Option(None, help="S3 endpoint for s3:// URLs (credentials come from the environment)."),
+    region: str = typer.Option(None, help="S3 region."),
+    addressing_style: str = typer.Option("auto", help="S3 addressing style: auto, virtual or path."),
+) -> None:
+    """List an image folder (or count WebDataset / parquet samples) once, ahead of the runs, into barlow-index.json
+    beside the data: every run reads that instead of listing again (run it again after adding data)."""
+    from barlow import storage
+    from barlow.data.listing import INDEX_NAME, describe, labelled_images, list_folder
+
+    if addressing_style not in ("auto", "virtual", "path"):
+        raise fail(f"--addressing-style: must be auto, virtual or path (got {addressing_style})", EXIT_INVALID)
+    if data_format not in ("imagefolder", "webdataset", "parquet"):
+        raise fail(f"--format: must be imagefolder, webdataset or parquet (got {data_format})", EXIT_INVALID)
+    url = _url("URL", url, write=True).rstrip("/")
+    storage.configure_s3(storage.S3Settings(endpoint_url, region, addressing_style))
+    try:
+        if data_format == "imagefolder":
+            listing = list_folder(url)
+            classes, images = labelled_images(listing)
+            where, what = storage.join(url, INDEX_NAME), describe(len(images), len(classes), listing.layout())
+            storage.write_text(where, listing.to_json())
+        else:
+            from barlow.data import parquet, tarindex
+
+            module = tarindex if data_format == "webdataset" else parquet
+            index = module.build_index(url)
+            where = index.url  # barlow-index.json in the shards' folder
+            storage.write_text(where, tarindex.to_json(index, url, module.INDEX_FORMAT))
+            labels = f"{len(index.classes)} classes" if index.classes else "unlabelled"
+            what = f"{index.num_samples:,} images, {labels}"
+    except (OSError, ValueError) as e:
+        raise fail(str(e)) from None
+    console.print(f"{where}: {what}")

@@ -7,7 +7,7 @@ import json
 import typer
 
 from barlow.cli.common import EXIT_INVALID, SET, SPEC, app, console, example, fail, invalid, load_or_exit
-from barlow.spec import STAGE_HELP, EvalRunSpec, PretrainSpec, SpecError, Stage, stage_runs, with_fields
+from barlow.spec import STAGE_HELP, UNLABELLED_EVAL, EvalRunSpec, PretrainSpec, SpecError, Stage, stage_runs, with_fields
 
 
 @app.command(epilog=example("barlow run pipeline spec.yaml --set optim.epochs=5"))
@@ -23,6 +23,8 @@ def run(
     spec = load_or_exit(spec_path, overrides)
     if nproc is not None:
         spec = _with_nproc(spec, nproc, spec_path)
+    if stage != Stage.pretrain:
+        _check_eval_labels(spec, spec_path)  # first: it says why the eval of these data cannot run
     try:
         plan = stage_runs(spec, stage, spec_path)
     except SpecError as e:
@@ -46,3 +48,18 @@ def _with_nproc(spec: PretrainSpec | EvalRunSpec, nproc: int, source: str) -> Pr
         return with_fields(spec, {"runtime.nproc_per_node": nproc}, source)
     except SpecError as e:
         raise fail(f"--nproc {nproc}: " + "; ".join(e.problems), EXIT_INVALID) from None
+
+
+def _check_eval_labels(spec: PretrainSpec | EvalRunSpec, source: str) -> None:
+    """A pretrain spec's eval of unlabelled pretraining data without eval.data: refused (exit 2) before anything runs.
+    Data that cannot be read is left to the run, which names it."""
+    if not isinstance(spec, PretrainSpec) or spec.eval.data is not None or spec.data.labels == "folders":
+        return
+    from barlow.data import summarize
+
+    try:
+        summary = summarize(spec.data, "train")
+    except Exception:  # noqa: BLE001 - the run reports unreadable data with its own error line
+        return
+    if summary.classes == 0:
+        raise invalid([UNLABELLED_EVAL.format(what=f"{spec.data.train}: {summary.text}")], f"{source}: ")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from barlow.spec import DataSpec
@@ -40,9 +41,51 @@ def formats() -> dict[str, Callable[[str, DataSpec], Source]]:
     return dict(_FORMATS)
 
 
-def open_source(data: DataSpec, split: Literal["train", "val"]) -> Source:
-    """The source for the train or val images of a spec."""
+def open_source(data: DataSpec, split: Literal["train", "val"], cache: str | None = None, keep: bool = False) -> Source:
+    """The source for the train or val images of a spec. `cache`: a URL where the source keeps what it computed of
+    the data (a folder's listing, a shard set's counts), read when there, written there with `keep` (one rank)."""
     url = data.train if split == "train" else data.val
     if url is None:
         raise ValueError(f"data.{split}: no {split} images given")
-    return formats()[data.format](url, data)
+    return formats()[data.format](url, data, cache=cache, keep=keep)
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a set of images is, read without torch (listing or index only): `barlow plan` and the pipeline's check."""
+
+    images: int
+    classes: int
+    text: str  # `640 images, unlabelled (flat folder)`
+
+
+def summarize(data: DataSpec, split: Literal["train", "val"] = "train") -> DataSummary:
+    """Count a spec's train or val images without training (the kept listing or index when there is one)."""
+    from barlow import storage
+
+    url = data.train if split == "train" else data.val
+    if url is None:
+        raise ValueError(f"data.{split}: no {split} images given")
+    s3 = storage.S3Settings(**data.s3.model_dump())
+    if data.format == "shards":
+        from barlow.data.layout import load_index
+
+        index = load_index(url, s3)
+        return DataSummary(index.num_samples, len(index.classes),
+                           f"{index.num_samples:,} images in {len(index.shards)} shards, {len(index.classes)} classes")
+    if data.format in ("webdataset", "parquet"):
+        from barlow.data import parquet, tarindex
+
+        index = (tarindex if data.format == "webdataset" else parquet).index_of(url, s3)
+        labels = f"{len(index.classes)} classes" if index.classes else "unlabelled"
+        files = len({s.name.rsplit("#", 1)[0] for s in index.shards})
+        what = "WebDataset shards" if data.format == "webdataset" else "parquet files"
+        return DataSummary(index.num_samples, len(index.classes), f"{index.num_samples:,} images in {files} {what}, {labels}")
+    from barlow.data.listing import NoImages, describe, labelled_images, listing_of
+
+    listing = listing_of(url, s3)
+    try:
+        classes, images = labelled_images(listing, data.labels)
+    except ValueError as e:
+        raise NoImages(str(e)) from None
+    return DataSummary(len(images), len(classes), describe(len(images), len(classes), listing.layout()))

@@ -1,4 +1,5 @@
-"""An ImageNet-style folder (`<root>/<class>/<image>`) at any fsspec URL, served as deterministic batches.
+"""A folder of images in any layout (class folders, flat, nested by date) at any fsspec URL, served as deterministic
+batches; labels by the rule of `barlow.data.listing`.
 
 The contract (listing, keys, label subsets, per-batch seeds, retries, corrupt images) is the one of
 `barlow.data.source`; what is particular here is the order: a permutation of the files seeded by (seed, epoch),
@@ -21,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from barlow import storage
 from barlow.data import register_format
-from barlow.data.layout import key_hash, list_images, subset_thresholds
-from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
+from barlow.data.layout import key_hash, subset_thresholds
+from barlow.data.listing import NoImages, describe, labelled_images, listing_of
+from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed
 from barlow.spec import DataSpec
 
 _READ_THREADS = 8  # parallel reads per worker on object stores, where each read is a round trip
@@ -122,36 +124,41 @@ class FolderLoader:
 
 @register_format("imagefolder")
 class ImageFolderSource:
-    """Images in `<root>/<class>/<file>`; classes are the sorted folder names (the `Source` contract)."""
+    """Images in a folder of any layout; labels by the rule of `barlow.data.listing` (the `Source` contract).
+    `cache`: where the listing is kept (read when there, written when `keep`), so a restart does not list again."""
 
-    def __init__(self, url: str, data: DataSpec):
+    def __init__(self, url: str, data: DataSpec, cache: str | None = None, keep: bool = False):
         self.url, self.data = url, data
         self.s3 = storage.S3Settings(**data.s3.model_dump())
+        listing = listing_of(url, self.s3, cache, keep)
+        self.layout = listing.layout()
         try:
-            self.classes, images = list_images(url, self.s3)
-        except FileNotFoundError:
-            if not storage.exists(url, self.s3):
-                raise FileNotFoundError(f"{url}: no such image folder") from None
-            raise
-        scheme = url[: url.index("://") + 3] if not storage.is_local(url) else ""
-        self.files = [(scheme + img.path, img.label) for img in images]
+            self.classes, images = labelled_images(listing, data.labels)
+        except ValueError as e:
+            raise NoImages(str(e)) from None
+        self.files = [(img.path, img.label) for img in images]
         self.keys = [img.key for img in images]
         self.num_samples = len(self.files)
-        self._loader: tuple[tuple, _FolderBatches, _Keys, DataLoader] | None = None
+        self._loader: PersistentLoader[tuple[_FolderBatches, _Keys, DataLoader]] = PersistentLoader()
+
+    def describe(self) -> str:
+        return describe(self.num_samples, len(self.classes), self.layout)
 
     def subset(self, percent: int) -> list[int]:
-        """Indices of the `percent` % label subset: per class the images with the smallest key hashes, the rule of
-        the shard index (barlow.data.layout), so an image folder and its shards select the same images."""
+        """Indices of the `percent` % label subset: per class (unlabelled images: as one class) the images with the
+        smallest key hashes, the rule of the shard index (barlow.data.layout), so an image folder and its shards
+        select the same images."""
         if not 0 < percent <= 100:
             raise ValueError(f"subset_percent: must be in (0, 100] (got {percent})")
         if percent == 100:
             return list(range(self.num_samples))
         hashes = [key_hash(k) for k in self.keys]
-        by_class: list[list[int]] = [[] for _ in self.classes]
-        for h, (_, label) in zip(hashes, self.files, strict=True):
-            by_class[label].append(h)
+        groups = [max(label, 0) for _, label in self.files]
+        by_class: list[list[int]] = [[] for _ in range(max(1, len(self.classes)))]
+        for h, g in zip(hashes, groups, strict=True):
+            by_class[g].append(h)
         limit = subset_thresholds(by_class, percent)
-        return [i for i, (h, (_, label)) in enumerate(zip(hashes, self.files, strict=True)) if h <= limit[label]]
+        return [i for i, (h, g) in enumerate(zip(hashes, groups, strict=True)) if h <= limit[g]]
 
     def count(self, subset_percent: int = 100) -> int:
         return len(self.subset(subset_percent))
@@ -163,14 +170,12 @@ class ImageFolderSource:
         workers are started once for a set of arguments other than `epoch` and `start_step`, and serve every epoch:
         an epoch does not pay for starting them again."""
         order = _Order(batch_size, rank, world_size, seed, shuffle, drop_last)
-        key = (transform, order, workers, subset_percent, pin_memory)
-        if self._loader is None or self._loader[0] != key:
-            self._loader = None  # the previous workers stop once their loader is collected
+        def build() -> tuple[_FolderBatches, _Keys, DataLoader]:
             dataset = _FolderBatches(self.files, self.subset(subset_percent), order, transform, self.data, self.s3)
             sampler = _Keys()
-            self._loader = key, dataset, sampler, DataLoader(
+            return dataset, sampler, DataLoader(
                 dataset, batch_size=None, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                 prefetch_factor=2 if workers else None, pin_memory=pin_memory)
-        _, dataset, sampler, dataloader = self._loader
+        dataset, sampler, dataloader = self._loader.get((transform, order, workers, subset_percent, pin_memory), build)
         n = len(dataset.batches(epoch, start_step))  # here too: a bad start_step is an error in this process
         return FolderLoader(dataloader, sampler, [(epoch, start_step, j) for j in range(n)])

@@ -21,10 +21,13 @@ from dataclasses import asdict, dataclass, field
 from typing import IO
 
 from barlow import storage
+from barlow.data.listing import IMAGE_EXTENSIONS, NoImages, SourceImage, labelled_images, list_folder
+from barlow.errors import RunFailed
+
+__all__ = ["IMAGE_EXTENSIONS", "SourceImage", "list_images"]
 
 INDEX_FORMAT = "barlow-shards/1"
 SUBSET_PERCENTS = (10, 1)  # the label-fraction protocols; 100 is every sample
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff")
 TAR_FORMAT = tarfile.PAX_FORMAT  # long or non-ASCII keys get a pax header instead of failing
 
 
@@ -87,7 +90,8 @@ class ShardIndex:
             raise ValueError(f"subset_percent: {percent} is not in {self.url} (has {have})")
 
     def in_subset(self, key: str, label: int, percent: int) -> bool:
-        return percent == 100 or key_hash(key) <= self.subset_thresholds[str(percent)][label]
+        # unlabelled samples (label -1) form one group
+        return percent == 100 or key_hash(key) <= self.subset_thresholds[str(percent)][max(label, 0)]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -154,15 +158,44 @@ class Sample:
     ext: str
 
 
-def iter_samples(f: IO[bytes], shard: str) -> Iterator[Sample]:
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a WebDataset sample's image: the first of these present
+
+
+class BadShards(RunFailed, ValueError):
+    """Shards or parquet files that cannot be read as a data set: a pattern that matches none, a tar without images,
+    a parquet file without an image column."""
+
+
+def label_of(members: dict, url: str, key: str) -> int:
+    """A sample's label: `.cls` (an integer), else a `label` / `cls` key of `.json`, else -1."""
+    try:
+        if members.get("cls") is not None:
+            return int(members["cls"].decode().strip())
+        if members.get("json") is not None:
+            d = json.loads(members["json"])
+            value = d.get("label", d.get("cls")) if isinstance(d, dict) else None
+            return -1 if value is None else int(value)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise BadShards(f"{url}: sample {key} has a label that is not an integer") from None
+    return -1
+
+
+
+def iter_samples(f: IO[bytes], shard: str, webdataset: bool = False) -> Iterator[Sample]:
     """Samples of one shard read as a stream (no seeking), in stored order.
 
     A sample without an image or a class is an error naming the shard and key: the writer never makes one.
+    `webdataset` (shards other tools wrote, `barlow.data.tarindex`): the image is the first of its extensions, the
+    label `.cls` or `.json`'s label/cls, else -1; a sample without an image is skipped, as the count skipped it.
     """
     current: dict[str, bytes] = {}
     current_key: str | None = None
 
-    def finish() -> Sample:
+    def finish() -> Sample | None:
+        if webdataset:
+            image = next((e for e in WDS_IMAGE_EXTENSIONS if e in current), None)
+            return None if image is None else Sample(current_key, label_of(current, shard, current_key),
+                                                     current[image], image)
         images = [e for e in current if e in IMAGE_EXTENSIONS]
         if not images or "cls" not in current:
             raise ValueError(f"{shard}: sample {current_key} lacks {'an image' if not images else 'a .cls'} member")
@@ -179,51 +212,22 @@ def iter_samples(f: IO[bytes], shard: str) -> Iterator[Sample]:
                     continue
                 key, ext = split_member(member.name)
                 if key != current_key and current:
-                    yield finish()
+                    if (sample := finish()) is not None:
+                        yield sample
                     current = {}
                 current_key = key
                 current[ext] = tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise ValueError(f"{shard}: not a readable tar shard ({e})") from None
-    if current:
-        yield finish()
-
-
-@dataclass
-class SourceImage:
-    path: str  # inside the source filesystem
-    size: int
-    label: int
-    key: str
-    ext: str
+    if current and (sample := finish()) is not None:
+        yield sample
 
 
 def list_images(src: str, s3: storage.S3Settings | None = None) -> tuple[list[str], list[SourceImage]]:
-    """Classes (sorted folder names) and images of `<src>/<class>/<file>`, in a stable order: the one listing
-    of an image folder (the shard writer and the image-folder source both use it, so both see the same keys)."""
-    fs, root = storage.filesystem(src, s3)
-    root = root.rstrip("/")
-    try:
-        found = storage.retry(fs.find, root, detail=True, what=src, s3=s3)
-    except FileNotFoundError:
-        found = {}
-    by_class: dict[str, list[tuple[str, int]]] = {}
-    for path, info in found.items():
-        rel = posixpath.relpath(path, root or "/")
-        ext = rel.rsplit(".", 1)[-1].lower() if "." in rel else ""
-        if rel.count("/") == 1 and ext in IMAGE_EXTENSIONS:  # only <class>/<file>: the ImageNet layout
-            by_class.setdefault(rel.split("/")[0], []).append((path, int(info["size"])))
-    if not by_class:
-        raise FileNotFoundError(f"{src}: no images in <class>/<image> layout")
-    classes = sorted(by_class)
-    images, seen = [], {}
-    for label, cls in enumerate(classes):
-        for path, size in sorted(by_class[cls]):
-            base = posixpath.basename(path)
-            stem, ext = base.rsplit(".", 1)
-            key = f"{cls}/{stem.replace('.', '_')}"  # the key ends at the first dot, so stems keep none
-            if key in seen:
-                raise ValueError(f"{src}: {seen[key]} and {path} would share the sample key {key}; rename one")
-            seen[key] = path
-            images.append(SourceImage(path, size, label, key, "jpg" if ext.lower() == "jpeg" else ext.lower()))
+    """Classes (sorted folder names) and images of `<src>/<class>/<file>`, in a stable order (what the shard writer
+    takes): the folder's listing must be the class layout (`barlow.data.listing`)."""
+    listing = list_folder(src, s3)
+    classes, images = labelled_images(listing, "auto")
+    if not classes:
+        raise NoImages(f"{src}: no images in <class>/<image> layout (a {listing.layout()}: shards need classes)")
     return classes, images

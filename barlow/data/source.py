@@ -17,9 +17,9 @@ Every source (`imagefolder.ImageFolderSource`, `stream.ShardSource`) shares, thr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -79,8 +79,12 @@ class Source(Protocol):
     """What the training and evaluation loops need of a set of images (one per `data.format`, see barlow.data)."""
 
     url: str
-    classes: list[str]  # sorted class (folder) names; a label is an index into it
+    classes: list[str]  # sorted class (folder) names; a label is an index into it (none: unlabelled, label -1)
     num_samples: int  # every image
+
+    def describe(self) -> str:
+        """What the data is, in one phrase: `640 images, unlabelled (flat folder)`."""
+        ...
 
     def count(self, subset_percent: int = 100) -> int:
         """Images in the `subset_percent` % label subset (see the module doc)."""
@@ -130,3 +134,21 @@ def build_batch(items: Sequence[tuple[bytes, str, int]], transform: SampleTransf
             outputs.append(transform(data, name))
             labels.append(label)
     return HostBatch(transform.collate(outputs), torch.tensor(labels, dtype=torch.long), len(bad), seed)
+
+
+T = TypeVar("T")
+
+
+class PersistentLoader(Generic[T]):
+    """A source's loader (its DataLoader and what feeds it), built once per set of loader arguments other than the
+    epoch and start step: its workers persist and serve every epoch, so an epoch does not pay for starting them."""
+
+    def __init__(self):
+        self._key: Any = None
+        self._built: T | None = None
+
+    def get(self, key: Any, build: Callable[[], T]) -> T:
+        if self._built is None or self._key != key:
+            self._built = None  # the previous workers stop once their loader is collected
+            self._built, self._key = build(), key
+        return self._built

@@ -36,7 +36,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
-from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
+from barlow.data.parquet import INDEX_FORMAT as PARQUET_INDEX_FORMAT
+from barlow.data.parquet import index_of as parquet_index_of
+from barlow.data.parquet import row_group_samples
+from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed
+from barlow.data.tarindex import INDEX_FORMAT as WDS_INDEX_FORMAT
+from barlow.data.tarindex import index_of
 from barlow.spec import DataSpec
 
 
@@ -144,13 +149,19 @@ def buffer_order(n: int, buffer: int, seed: int | None) -> list[int]:
 class ShardSource:
     """Tar shards described by an index.json (see `barlow.data.layout`), served as batches by `loader()`."""
 
-    def __init__(self, url: str, data: DataSpec):
-        self.url, self.data = url, data
+    def __init__(self, url: str, data: DataSpec, cache: str | None = None, keep: bool = False):
+        self.url, self.data = url, data  # the index is the kept count: nothing to cache
         self.s3 = storage.S3Settings(**data.s3.model_dump())
-        self.index: ShardIndex = load_index(url, self.s3)
+        self.index: ShardIndex = self.open_index(cache, keep)
         self.classes: list[str] = self.index.classes
         self.num_samples: int = self.index.num_samples
-        self._loader: tuple[tuple, _RankEpochs, DataLoader | None] | None = None
+        self._loader: PersistentLoader[tuple[_RankEpochs, DataLoader | None]] = PersistentLoader()
+
+    def open_index(self, cache: str | None, keep: bool) -> ShardIndex:
+        return load_index(self.url, self.s3)
+
+    def describe(self) -> str:
+        return f"{self.num_samples:,} images in {len(self.index.shards)} shards, {len(self.classes)} classes"
 
     def count(self, subset_percent: int = 100) -> int:
         """Samples in the `subset_percent` % label subset (all of them at 100)."""
@@ -168,16 +179,41 @@ class ShardSource:
         """
         self.index.check_percent(subset_percent)
         args = _EpochArgs(batch_size, rank, world_size, seed, max(1, workers), shuffle, drop_last, subset_percent)
-        key = (args, transform, workers, pin_memory)
-        if self._loader is None or self._loader[0] != key:
-            self._loader = None  # the previous workers stop once their loader is collected
+        def build() -> tuple[_RankEpochs, DataLoader | None]:
             rank_epochs = _RankEpochs(self.index, self.data, self.s3, transform, args)
-            self._loader = key, rank_epochs, DataLoader(
+            return rank_epochs, DataLoader(
                 rank_epochs, batch_size=None, num_workers=workers, prefetch_factor=2, persistent_workers=True,
                 pin_memory=pin_memory) if workers else None
-        _, rank_epochs, dataloader = self._loader
+        rank_epochs, dataloader = self._loader.get((args, transform, workers, pin_memory), build)
         plans = rank_epochs.plans(epoch, start_step)  # here too: a bad start_step is an error in this process
         return ShardLoader(rank_epochs, dataloader, epoch, start_step, sum(len(p.batch_sizes) - p.skip for p in plans))
+
+
+@register_format("webdataset")
+class WebDatasetSource(ShardSource):
+    """WebDataset tars other tools wrote (a brace pattern or a folder of .tar), counted once from their headers into
+    an index kept at `cache` (`barlow.data.tarindex`), then served as `barlow data shard`'s shards are."""
+
+    def open_index(self, cache: str | None, keep: bool) -> ShardIndex:
+        return index_of(self.url, self.s3, cache, keep)
+
+    def describe(self) -> str:
+        labels = f"{len(self.classes)} classes" if self.classes else "unlabelled"
+        return f"{self.num_samples:,} images in {len(self.index.shards)} WebDataset shards, {labels}"
+
+
+@register_format("parquet")
+class ParquetSource(ShardSource):
+    """Parquet files with an image column as Hugging Face `datasets` writes them, one row group at a time; the
+    index of their row groups is built once and kept (`barlow.data.parquet`)."""
+
+    def open_index(self, cache: str | None, keep: bool) -> ShardIndex:
+        return parquet_index_of(self.url, self.s3, cache, keep)
+
+    def describe(self) -> str:
+        labels = f"{len(self.classes)} classes" if self.classes else "unlabelled"
+        files = len({s.name.rsplit("#", 1)[0] for s in self.index.shards})
+        return f"{self.num_samples:,} images in {files} parquet files, {labels}"
 
 
 @dataclass(frozen=True)
@@ -276,18 +312,25 @@ class _Reader:
         return f" in the {self.percent}% subset" if self.percent != 100 else ""
 
     def _shard_samples(self, url: str, shard: int) -> Iterator[Sample]:
+        for sample in self._stored_samples(url, shard):
+            if not 0 <= sample.label < len(self.index.classes) and not (sample.label == -1 and not self.index.classes):
+                raise ShardError(f"{url}: sample {sample.key} has class {sample.label}, the index has "
+                                 f"{len(self.index.classes)} classes (shards and index do not belong together)")
+            if self.index.in_subset(sample.key, sample.label, self.percent):
+                yield sample
+
+    def _stored_samples(self, url: str, shard: int) -> Iterator[Sample]:
+        """Every sample of one shard (a tar, or a parquet row group), in stored order."""
         try:
+            if self.index.format == PARQUET_INDEX_FORMAT:
+                yield from row_group_samples(url, self.s3)
+                return
             f = storage.open_read(url, s3=self.s3)
         except FileNotFoundError:
             raise MissingShard(f"{url}: shard {self.index.shards[shard].name} listed in {self.index.url} "
                                "is missing") from None
         with f:
-            for sample in iter_samples(f, url):
-                if not 0 <= sample.label < len(self.index.classes):
-                    raise ShardError(f"{url}: sample {sample.key} has class {sample.label}, the index has "
-                                     f"{len(self.index.classes)} classes (shards and index do not belong together)")
-                if self.index.in_subset(sample.key, sample.label, self.percent):
-                    yield sample
+            yield from iter_samples(f, url, self.index.format == WDS_INDEX_FORMAT)
 
     def run(self, plan: WorkerPlan) -> Iterator[HostBatch]:
         order = buffer_order(plan.num_samples, self.buffer, plan.order_seed)

@@ -44,14 +44,14 @@ class Plan:
 
 
 def images_in(spec: PretrainSpec | EvalRunSpec) -> int | None:
-    """Training images, from a shard index (one small read); None for an image folder (pass --images)."""
-    if spec.data.format != "shards":
-        return None
-    from barlow import storage
-    from barlow.data.layout import load_index
+    """Training images, counted from a shard index (one small read) or an image folder's listing (kept, or listed)."""
+    return describe_data(spec).images
 
-    index = load_index(spec.data.train, storage.S3Settings(**spec.data.s3.model_dump()))
-    return sum(s.samples for s in index.shards)
+
+def describe_data(spec: PretrainSpec | EvalRunSpec):  # -> barlow.data.DataSummary
+    from barlow.data import summarize
+
+    return summarize(spec.data, "train")
 
 
 def _has_s3_credentials() -> bool:
@@ -61,23 +61,23 @@ def _has_s3_credentials() -> bool:
     return botocore.session.get_session().get_credentials() is not None
 
 
-def count_images(spec: PretrainSpec | EvalRunSpec, given: int | None = None) -> tuple[int | None, str]:
-    """(training images, why unknown): `given` (--images), else counted from a shard index; never raises."""
+def count_images(spec: PretrainSpec | EvalRunSpec, given: int | None = None) -> tuple[int | None, str, str]:
+    """(training images, why unknown, what the data is): `given` (--images), else counted from the shard index or
+    the folder's listing; never raises."""
     url = spec.data.train
     if given is not None:
-        return given, ""
-    if spec.data.format != "shards":
-        return None, "an image folder is not counted: pass --images N"
+        return given, "", "given by --images"
+    what = "the shard index" if spec.data.format == "shards" else "the image folder"
     try:
-        return images_in(spec), ""
+        summary = describe_data(spec)
+        return summary.images, "", summary.text
     except ImportError as e:  # the CLI image has no data stack
-        return None, f"reading {url} needs {e.name or 'the data stack'}, which this installation lacks: pass --images N"
+        why = f"reading {url} needs {e.name or 'the data stack'}, which this installation lacks: pass --images N"
     except PermissionError as e:
-        if url.startswith("s3://") and not _has_s3_credentials():
-            return None, f"no credentials for {url}"
-        return None, f"{e}: pass --images N"
-    except (OSError, ValueError, KeyError) as e:
-        return None, f"cannot read the shard index ({type(e).__name__}: {e}): pass --images N"
+        why = f"no credentials for {url}" if url.startswith("s3://") and not _has_s3_credentials() else f"{e}: pass --images N"
+    except Exception as e:  # noqa: BLE001 - plan always answers: what it cannot read it says it cannot
+        why = f"cannot read {what} ({type(e).__name__}: {e}): pass --images N"
+    return None, why, "unknown"
 
 
 def make_plan(spec: PretrainSpec | EvalRunSpec, images: int | None, gpu: str | None = None) -> Plan:
@@ -134,11 +134,15 @@ def stages(spec: PretrainSpec | EvalRunSpec) -> tuple[list[tuple[str, RunSpec]],
 
 def report(spec: PretrainSpec | EvalRunSpec, images: int | None = None, gpu: str | None = None) -> list[str]:
     """What `barlow plan` prints: each stage's rows under its title; never raises on what it cannot know."""
-    count, unknown = count_images(spec, images)
+    counted = {spec.data.train: count_images(spec, images)}
     runs, problems = stages(spec)
     out = []
     for title, run in runs:
+        if run.data.train not in counted:  # an eval of other data (eval.data)
+            counted[run.data.train] = count_images(run)
+        count, unknown, what = counted[run.data.train]
         out.append(f"{title}:")
-        out += [f"  {label + ':':<14}{value}" for label, value in lines(run, make_plan(run, count, gpu), unknown)]
+        out += [f"  {label + ':':<14}{value}" for label, value in
+                [("data", what), *lines(run, make_plan(run, count, gpu), unknown)]]
     out += [f"eval (the pipeline's): cannot run: {p}" for p in problems]
     return out
