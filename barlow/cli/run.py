@@ -34,7 +34,9 @@ def run(
     if isinstance(plan[-1], EvalRunSpec):
         from barlow import storage
 
-        results = json.loads(storage.read_text(storage.join(plan[-1].output.url, "results.json")))
+        # the spec's own S3 settings: an endpoint that is not AWS's is only in data.s3
+        results = json.loads(storage.read_text(storage.join(plan[-1].output.url, "results.json"),
+                                               storage.S3Settings.of_spec(plan[-1])))
         console.print(f"[bold green]top-1 {results['top1']:.1f} %[/]  (kNN top-1 {results['knn_top1']:.1f} %) "
                       f"on {results['val_images']} val images -> {plan[-1].output.url}/results.json")
     else:
