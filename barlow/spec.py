@@ -39,6 +39,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_res
 BACKENDS = ("pytorchjob", "trainjob")  # cluster.backend values; each names a module of barlow.launch that registers it
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
+MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"  # the pod annotation that attaches extra (RDMA) networks
 RENDERED_BY_ENV = "BARLOW_RENDERED_BY"  # the barlow version that rendered a pod's spec (named on a version skew)
 
 
@@ -314,6 +315,45 @@ class EvalClusterSpec(Section):
     cpu: Quantity | None = Field(None, description="CPU request and limit per eval pod (unset: cluster.cpu).")
     memory: Quantity | None = Field(None, description="Memory request and limit per eval pod (unset: cluster.memory).")
     shm_size: Quantity | None = Field(None, description="/dev/shm of an eval pod (unset: cluster.shm_size).")
+    extra_resources: dict[str, str] | None = Field(
+        None, description="Extended resources per eval pod (unset: cluster.extra_resources, each count scaled to the "
+        "eval's GPUs when an eval pod has fewer GPUs than a pretrain pod: count x eval GPUs / pretrain GPUs, rounded "
+        "up, so nvidia.com/hostdev: 8 becomes 1 for one GPU; none when the eval pods have no GPU).")
+    annotations: dict[str, str] | None = Field(
+        None, description="Eval pod annotations (unset: cluster.annotations, without the Multus network annotation "
+        f"{MULTUS_NETWORKS} when the eval runs on one node: its processes need no fabric between nodes).")
+
+    @field_validator("extra_resources", mode="before")
+    @classmethod
+    def _resource_counts_as_text(cls, v: Any) -> Any:
+        return ClusterSpec._resource_counts_as_text(v)
+
+    @field_validator("extra_resources")
+    @classmethod
+    def _extended(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return None if v is None else ClusterSpec._extended(v)
+
+    @field_validator("annotations")
+    @classmethod
+    def _keys(cls, v: dict[str, str] | None, info: Any) -> dict[str, str] | None:
+        return None if v is None else ClusterSpec._keys(v, info)
+
+    def extra_resources_for(self, cluster: ClusterSpec, gpus: int) -> dict[str, str]:
+        """The eval pod's extended resources: this field, else the pretrain pod's, scaled to `gpus` where fewer."""
+        if self.extra_resources is not None:
+            return self.extra_resources
+        have = cluster.gpus_per_node
+        if not have or gpus >= have:
+            return dict(cluster.extra_resources)
+        if gpus == 0:
+            return {}
+        return {name: str(-(-int(count) * gpus // have)) for name, count in cluster.extra_resources.items()}
+
+    def annotations_for(self, cluster: ClusterSpec, nodes: int) -> dict[str, str]:
+        """The eval pod's annotations: this field, else the pretrain pod's, on one node without the Multus networks."""
+        if self.annotations is not None:
+            return self.annotations
+        return {k: v for k, v in cluster.annotations.items() if not (nodes == 1 and k == MULTUS_NETWORKS)}
 
 
 class EvalSpec(Section):
@@ -346,13 +386,14 @@ class FollowUpEvalSpec(EvalSpec):
     def placement(self, runtime: RuntimeSpec, cluster: ClusterSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         """The eval's `runtime` and `cluster` sections: these overrides on the pretrain run's. Nodes default to one;
         processes per node follow eval GPUs when only those are set; GPUs follow the processes when the pretrain
-        pods have GPUs."""
+        pods have GPUs; extended resources follow the GPUs, and a one-node eval leaves the Multus networks out."""
         r, c = self.runtime, self.cluster
         nproc = r.nproc_per_node or c.gpus_per_node or runtime.nproc_per_node
         gpus = c.gpus_per_node if c.gpus_per_node is not None else (nproc if cluster.gpus_per_node else 0)
-        resources = {k: v for k, v in c.model_dump(exclude={"gpus_per_node"}).items() if v is not None}
+        resources = {k: v for k, v in c.model_dump(include={"cpu", "memory", "shm_size"}).items() if v is not None}
         return ({**runtime.model_dump(), "nodes": r.nodes, "nproc_per_node": nproc},
-                {**cluster.model_dump(), "gpus_per_node": gpus, **resources})
+                {**cluster.model_dump(), "gpus_per_node": gpus, **resources,
+                 "extra_resources": c.extra_resources_for(cluster, gpus), "annotations": c.annotations_for(cluster, r.nodes)})
 
 
 # A label or annotation key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters.
