@@ -92,6 +92,9 @@ def _did_you_mean(root: type[BaseModel] | None, loc: list[str]) -> str:
 
 
 def _section_of(annotation: Any) -> type[BaseModel] | None:
+    args = getattr(annotation, "__args__", ())
+    if type(None) in args and len(args) == 2:  # an optional section (an eval spec's `model`)
+        annotation = next(a for a in args if a is not type(None))
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
@@ -374,6 +377,14 @@ class EvalSpec(Section):
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, READABLE_SCHEMES).rstrip("/")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _a_folder(cls, v: str | None) -> str | None:
+        if v is not None and v.endswith(".pt"):
+            raise ValueError(f"'{v}' is a file: an exported backbone goes in eval.backbone; eval.checkpoint names a "
+                             "pretrain output folder or one of its checkpoint folders (checkpoints/step-N)")
+        return v
 
 
 class FollowUpEvalSpec(EvalSpec):
@@ -819,6 +830,9 @@ class EvalRunSpec(RunSpec):
 
     kind: Literal["eval"] = Field(description="Run kind.")
     eval: EvalSpec = Field(description="What to evaluate and how.")
+    model: ModelSpec | None = Field(None, description="The backbone's encoder. Unset: the one the pretraining recorded "
+                                    "in its checkpoints (eval.checkpoint, or the output folder an eval.backbone lies "
+                                    "in), else the defaults; set, it must match those weights.")
 
     def _problems(self) -> list[tuple[str, str]]:
         problems = super()._problems()

@@ -137,3 +137,28 @@ def test_eval_of_an_exported_backbone(demo_data, tmp_path, mode, percent):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["mode"] == mode and results["train_percent"] == percent and results["val_images"] == 364
     assert 0 <= results["top1"] <= results["top5"] <= 100
+
+
+def test_an_eval_spec_takes_the_checkpoints_model_and_a_mismatch_is_one_line(demo_data, tmp_path):
+    """A `kind: eval` spec without model.* evaluates a narrow ResNet-18 checkpoint (the defaults are a ResNet-50); one
+    whose model.* differs is refused in one line, not a size-mismatch traceback."""
+    from barlow.model import BarlowTwins
+
+    pretrain = tiny_spec(demo_data, tmp_path / "pretrain")
+    m = pretrain["model"]
+    net = BarlowTwins(m["arch"], m["projector"], m["small_images"], m["width"])
+    checkpoint.save(str(tmp_path / "pretrain"), 4, {"model": net.state_dict(), "step": 4,
+                                                    "run": {"model": {**m}, "batch_size": 128}}, keep=1)
+    spec = {"kind": "eval", "name": "ev", "data": pretrain["data"], "runtime": {"nproc_per_node": 1, "device": "cpu"},
+            "output": {"url": str(tmp_path / "eval")},
+            "eval": {"epochs": 1, "batch_size": 64, "train_percent": 10, "checkpoint": str(tmp_path / "pretrain")}}
+    result = barlow("run", "eval", str(write_spec(tmp_path, spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    spec.update(model={"arch": "resnet18"}, output={"url": str(tmp_path / "eval-other")})
+    result = barlow("run", "eval", str(write_spec(tmp_path, spec)))
+    assert result.returncode == 1
+    assert ("error (rank 0): eval: the spec's model.small_images False (the checkpoint's: True), model.width 64 (the "
+            "checkpoint's: 8) does not match the pretraining's run record: leave model out of an eval spec to take the "
+            "checkpoint's") in result.stderr.splitlines(), result.stderr
+    assert "Traceback" not in result.stderr and "size mismatch" not in result.stderr
