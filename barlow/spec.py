@@ -114,10 +114,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# schemes a user may mean (served or not): a local path that starts like one of them is a mistyped URL
+KNOWN_SCHEMES = READABLE_SCHEMES - {""} | {"s3a", "gs", "gcs", "az", "abfs", "abfss", "hdfs", "ftp", "sftp"}
+_MISTYPED_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)(?::/?(?!/)|//)")
+
+
 def _check_url(url: str, schemes: set[str]) -> str:
     url = url.strip()
     if not url:
         raise ValueError("must not be empty")
+    mistyped = _MISTYPED_URL.match(url) if "://" not in url else None
+    if mistyped and mistyped["scheme"].lower() in KNOWN_SCHEMES:
+        scheme = mistyped["scheme"].lower()
+        meant = f"{scheme}://{'/' if scheme == 'file' else ''}{url[mistyped.end():]}"
+        raise ValueError(f"'{url}' is neither a URL nor a plain path: write {meant} (a URL has '://' after its "
+                         f"scheme), or ./{url} for a local folder of that name")
+    if "://" in url and re.search(r"\s", url.split("://", 1)[1].split("/", 1)[0]):
+        raise ValueError(f"'{url}' has white space in its bucket or host name, which never holds any")
     scheme = urlparse(url).scheme if "://" in url else ""
     if scheme not in schemes:
         raise ValueError(f"unsupported URL scheme '{scheme}://' (use a local path or one of: "
