@@ -162,3 +162,19 @@ def test_an_eval_spec_takes_the_checkpoints_model_and_a_mismatch_is_one_line(dem
             "checkpoint's: 8) does not match the pretraining's run record: leave model out of an eval spec to take the "
             "checkpoint's") in result.stderr.splitlines(), result.stderr
     assert "Traceback" not in result.stderr and "size mismatch" not in result.stderr
+
+
+def test_rerunning_with_other_optim_epochs_names_the_new_schedule_or_refuses(demo_data, tmp_path):
+    out = tmp_path / "run"
+    spec = write_spec(tmp_path, tiny_spec(demo_data, out, **{"optim.epochs": 2, "runtime.nproc_per_node": 1,
+                                                             "output.checkpoint_every": 100}))
+    assert barlow("run", "pretrain", str(spec)).returncode == 0  # 11 steps an epoch: done at step 22
+    longer = barlow("run", "pretrain", str(spec), "--set", "optim.epochs=3")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert ("resuming at step 22 (optim.epochs 2 -> 3: the warmup + cosine schedule now ends at step 33, not 22, so "
+            "the lr at step 22 is 0.04294, not 0.0001)") in longer.stdout, longer.stdout
+    assert checkpoint.load(checkpoint.latest(str(out)))["step"] == 33
+    shorter = barlow("run", "pretrain", str(spec))
+    assert shorter.returncode == 1
+    assert (f"error (rank 0): output.url: {out} holds a run at step 33 (optim.epochs 3), past the end of optim.epochs 2 "
+            "(22 steps): set optim.epochs 3 or more, or use a new output.url") in shorter.stderr.splitlines(), shorter.stderr
