@@ -41,6 +41,7 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
 MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"  # the pod annotation that attaches extra (RDMA) networks
 RENDERED_BY_ENV = "BARLOW_RENDERED_BY"  # the barlow version that rendered a pod's spec (named on a version skew)
+POD_NAMESPACE_ENV = "BARLOW_POD_NAMESPACE"  # a training pod's namespace (downward API): with the name, the job's identity
 
 
 class SpecError(Exception):
@@ -518,7 +519,7 @@ class VolumeSpec(Section):
 
 
 # Names barlow sets on the training container; PET_* are the operators' (a TrainJob that sets one is rejected).
-RESERVED_ENV = (SPEC_ENV, RENDERED_BY_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+RESERVED_ENV = (SPEC_ENV, RENDERED_BY_ENV, POD_NAMESPACE_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 RESERVED_MOUNTS = {"dshm": "/dev/shm"}  # the memory-backed /dev/shm barlow mounts (cluster.shm_size)
 BARLOW_LABEL_PREFIXES = ("barlow.dev/", "app.kubernetes.io/")  # barlow's own labels; a pod label may not override them
 

@@ -178,3 +178,25 @@ def test_rerunning_with_other_optim_epochs_names_the_new_schedule_or_refuses(dem
     assert shorter.returncode == 1
     assert (f"error (rank 0): output.url: {out} holds a run at step 33 (optim.epochs 3), past the end of optim.epochs 2 "
             "(22 steps): set optim.epochs 3 or more, or use a new output.url") in shorter.stderr.splitlines(), shorter.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(demo_data, tmp_path):
+    out = tmp_path / "run"
+    spec = write_spec(tmp_path, tiny_spec(demo_data, out, **{"optim.epochs": 2, "runtime.nproc_per_node": 1}))
+    first = subprocess.Popen([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(spec)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "lease.json").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = barlow("run", "pretrain", str(spec))
+        assert second.returncode == 1
+        assert second.stderr.startswith(f"error: output.url: {out} is in use by another run (barlow run on "), second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1 and second.stdout == ""
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        kill_tree(first.pid)
+    assert first.returncode == 0, stderr[-3000:]
+    assert not (out / "lease.json").exists()  # released at the end: the next run may start
+    again = barlow("run", "pretrain", str(spec))
+    assert again.returncode == 0 and "resuming at step 22" in again.stdout, again.stderr[-2000:]
