@@ -62,7 +62,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID_SPEC
     from barlow import restarts
 
-    return restarts.bounded(spec, lambda: _run(spec), _error)
+    return restarts.bounded(spec, lambda: _leased(spec), _error)
+
+
+def _leased(spec) -> int:
+    """_run, with output.url's lease held by global rank 0 as the run's identity (the local `barlow run`, or the job);
+    another run's fresh lease is one line and exit 1."""
+    if os.environ.get("RANK", "0") != "0":
+        return _run(spec)
+    from barlow.lease import Lease, holder_here
+    from barlow.storage import S3Settings
+
+    try:
+        lease = Lease(spec.output.url, holder_here(spec.name), S3Settings.of_spec(spec)).take()
+    except (RunFailed, OSError) as e:
+        _error(str(e))
+        return EXIT_FAILED
+    try:
+        return _run(spec)
+    finally:
+        lease.release()
 
 
 def _skew(problems: list[str]) -> list[str]:

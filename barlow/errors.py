@@ -50,6 +50,10 @@ class OutputHoldsAnotherRun(RunFailed):
     """output.url already holds checkpoints of a run with another model or global batch."""
 
 
+class OutputInUse(RunFailed):
+    """Another run holds output.url's lease (barlow.lease): two runs must not write one output folder."""
+
+
 class NothingToEvaluate(RunFailed):
     """eval.checkpoint / eval.backbone names no backbone, export or complete checkpoint."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from barlow.data.cropfirst import ImageTransform
 from barlow.errors import BackboneMismatch, NothingToEvaluate, SplitsDisagree, StoppedOnSignal, TooFewImages, UnlabelledData
 from barlow.metrics import Metrics
 from barlow.model import build_backbone
-from barlow.spec import EvalRunSpec, EvalSpec
+from barlow.spec import EvalRunSpec, EvalSpec, ModelSpec
 
 
 def backbone_state(source_url: str, is_export: bool, s3: storage.S3Settings | None = None) -> dict[str, torch.Tensor]:
@@ -49,6 +50,46 @@ def backbone_state(source_url: str, is_export: bool, s3: storage.S3Settings | No
     if not storage.exists(source_url, s3):
         raise NothingToEvaluate(f"{'eval.backbone' if is_export else 'eval.checkpoint'}: {source_url} does not exist")
     return torch.load(io.BytesIO(storage.read_bytes(source_url, s3)), map_location="cpu", weights_only=True)
+
+
+BACKBONE_FIELDS = ("arch", "small_images", "width")  # what of model.* shapes the backbone (the projector is not evaluated)
+
+
+def recorded_model(e: EvalSpec, s3: storage.S3Settings | None = None) -> dict[str, Any] | None:
+    """model.* as the pretraining recorded it in its latest checkpoint's run record: of eval.checkpoint, or of the
+    output folder an eval.backbone lies in; None where there is no such checkpoint (or it predates run records)."""
+    if e.checkpoint is not None:
+        source = e.checkpoint
+    else:
+        source = e.backbone.rsplit("/", 1)[0] if "/" in e.backbone else "."
+    if storage.exists(storage.join(source, "state.pt"), s3):
+        folder = source
+    else:
+        folder = checkpoint.latest(source, s3) if storage.exists(checkpoint.folder(source), s3) else None
+    if folder is None:
+        return None
+    if storage.is_local(folder):  # mapped, not read: only the small record is wanted
+        path = os.path.expanduser(storage.join(folder, "state.pt").removeprefix("file://"))
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    else:
+        state = checkpoint.load(folder, s3)
+    return (state.get("run") or {}).get("model")
+
+
+def eval_model(spec: EvalRunSpec, s3: storage.S3Settings | None = None) -> ModelSpec:
+    """The encoder to evaluate: the spec's model.* where set (checked against the pretraining's record), else the
+    record's, else the defaults. Raises BackboneMismatch naming each field that differs."""
+    recorded = recorded_model(spec.eval, s3)
+    if spec.model is None:
+        return ModelSpec.model_validate(recorded) if recorded else ModelSpec()
+    if recorded:
+        given = spec.model.model_dump()
+        differ = [f"model.{k} {given[k]} (the checkpoint's: {recorded.get(k)})" for k in BACKBONE_FIELDS
+                  if recorded.get(k) != given[k]]
+        if differ:
+            raise BackboneMismatch(f"eval: the spec's {', '.join(differ)} does not match the pretraining's run record: "
+                                   "leave model out of an eval spec to take the checkpoint's")
+    return spec.model
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -205,12 +246,10 @@ def set_up(spec: EvalRunSpec) -> EvalRun:
         raise SplitsDisagree("data.val: its classes differ from data.train's")
     num_classes = len(train_src.classes)
 
-    backbone = build_backbone(spec.model.arch, spec.model.small_images, spec.model.width, d.channels)
+    model = eval_model(spec, proc.s3)
+    backbone = build_backbone(model.arch, model.small_images, model.width, d.channels)
     state = backbone_state(e.backbone or e.checkpoint, is_export=e.backbone is not None, s3=proc.s3)
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise BackboneMismatch(f"eval: the backbone does not match model.* ({len(missing)} missing, {len(unexpected)} unexpected "
-                               f"weights, e.g. {(missing + unexpected)[0]})")
+    load_backbone(backbone, state, model)
     backbone.to(place.device)
     if proc.channels_last:
         backbone.to(memory_format=torch.channels_last)
@@ -239,6 +278,20 @@ def set_up(spec: EvalRunSpec) -> EvalRun:
     return EvalRun(spec, proc, train_src, val_src, num_classes, e.batch_size // place.world_size, backbone, head,
                    protocol, runsetup.wrap_ddp(protocol.trained, place), optimizer, schedule, proc.autocast(), position,
                    checkpointer, metrics)
+
+
+def load_backbone(backbone: nn.Module, state: dict[str, torch.Tensor], model: ModelSpec) -> None:
+    """The weights into the backbone; BackboneMismatch (one line) where they do not fit `model`."""
+    own = backbone.state_dict()
+    shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        example = (f"{shapes[0]} is {list(state[shapes[0]].shape)} in the weights, {list(own[shapes[0]].shape)} for "
+                   f"model.*" if shapes else (missing + unexpected)[0])
+        raise BackboneMismatch(f"eval: the backbone does not match model.* ({model.arch}, width {model.width}, "
+                               f"small_images {model.small_images}): {len(shapes)} of another shape, {len(missing)} "
+                               f"missing, {len(unexpected)} unexpected weights, e.g. {example}")
+    backbone.load_state_dict(state)
 
 
 def eval_record(spec: EvalRunSpec, place: distributed.Placement) -> runsetup.RunRecord:

@@ -39,7 +39,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_res
 BACKENDS = ("pytorchjob", "trainjob")  # cluster.backend values; each names a module of barlow.launch that registers it
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
+MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"  # the pod annotation that attaches extra (RDMA) networks
 RENDERED_BY_ENV = "BARLOW_RENDERED_BY"  # the barlow version that rendered a pod's spec (named on a version skew)
+POD_NAMESPACE_ENV = "BARLOW_POD_NAMESPACE"  # a training pod's namespace (downward API): with the name, the job's identity
 
 
 class SpecError(Exception):
@@ -91,6 +93,9 @@ def _did_you_mean(root: type[BaseModel] | None, loc: list[str]) -> str:
 
 
 def _section_of(annotation: Any) -> type[BaseModel] | None:
+    args = getattr(annotation, "__args__", ())
+    if type(None) in args and len(args) == 2:  # an optional section (an eval spec's `model`)
+        annotation = next(a for a in args if a is not type(None))
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
@@ -110,10 +115,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# schemes a user may mean (served or not): a local path that starts like one of them is a mistyped URL
+KNOWN_SCHEMES = READABLE_SCHEMES - {""} | {"s3a", "gs", "gcs", "az", "abfs", "abfss", "hdfs", "ftp", "sftp"}
+_MISTYPED_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)(?::/?(?!/)|//)")
+
+
 def _check_url(url: str, schemes: set[str]) -> str:
     url = url.strip()
     if not url:
         raise ValueError("must not be empty")
+    mistyped = _MISTYPED_URL.match(url) if "://" not in url else None
+    if mistyped and mistyped["scheme"].lower() in KNOWN_SCHEMES:
+        scheme = mistyped["scheme"].lower()
+        meant = f"{scheme}://{'/' if scheme == 'file' else ''}{url[mistyped.end():]}"
+        raise ValueError(f"'{url}' is neither a URL nor a plain path: write {meant} (a URL has '://' after its "
+                         f"scheme), or ./{url} for a local folder of that name")
+    if "://" in url and re.search(r"\s", url.split("://", 1)[1].split("/", 1)[0]):
+        raise ValueError(f"'{url}' has white space in its bucket or host name, which never holds any")
     scheme = urlparse(url).scheme if "://" in url else ""
     if scheme not in schemes:
         raise ValueError(f"unsupported URL scheme '{scheme}://' (use a local path or one of: "
@@ -340,6 +358,45 @@ class EvalClusterSpec(Section):
     cpu: Quantity | None = Field(None, description="CPU request and limit per eval pod (unset: cluster.cpu).")
     memory: Quantity | None = Field(None, description="Memory request and limit per eval pod (unset: cluster.memory).")
     shm_size: Quantity | None = Field(None, description="/dev/shm of an eval pod (unset: cluster.shm_size).")
+    extra_resources: dict[str, str] | None = Field(
+        None, description="Extended resources per eval pod (unset: cluster.extra_resources, each count scaled to the "
+        "eval's GPUs when an eval pod has fewer GPUs than a pretrain pod: count x eval GPUs / pretrain GPUs, rounded "
+        "up, so nvidia.com/hostdev: 8 becomes 1 for one GPU; none when the eval pods have no GPU).")
+    annotations: dict[str, str] | None = Field(
+        None, description="Eval pod annotations (unset: cluster.annotations, without the Multus network annotation "
+        f"{MULTUS_NETWORKS} when the eval runs on one node: its processes need no fabric between nodes).")
+
+    @field_validator("extra_resources", mode="before")
+    @classmethod
+    def _resource_counts_as_text(cls, v: Any) -> Any:
+        return ClusterSpec._resource_counts_as_text(v)
+
+    @field_validator("extra_resources")
+    @classmethod
+    def _extended(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return None if v is None else ClusterSpec._extended(v)
+
+    @field_validator("annotations")
+    @classmethod
+    def _keys(cls, v: dict[str, str] | None, info: Any) -> dict[str, str] | None:
+        return None if v is None else ClusterSpec._keys(v, info)
+
+    def extra_resources_for(self, cluster: ClusterSpec, gpus: int) -> dict[str, str]:
+        """The eval pod's extended resources: this field, else the pretrain pod's, scaled to `gpus` where fewer."""
+        if self.extra_resources is not None:
+            return self.extra_resources
+        have = cluster.gpus_per_node
+        if not have or gpus >= have:
+            return dict(cluster.extra_resources)
+        if gpus == 0:
+            return {}
+        return {name: str(-(-int(count) * gpus // have)) for name, count in cluster.extra_resources.items()}
+
+    def annotations_for(self, cluster: ClusterSpec, nodes: int) -> dict[str, str]:
+        """The eval pod's annotations: this field, else the pretrain pod's, on one node without the Multus networks."""
+        if self.annotations is not None:
+            return self.annotations
+        return {k: v for k, v in cluster.annotations.items() if not (nodes == 1 and k == MULTUS_NETWORKS)}
 
 
 class EvalSpec(Section):
@@ -361,6 +418,14 @@ class EvalSpec(Section):
     def _url(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, READABLE_SCHEMES).rstrip("/")
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _a_folder(cls, v: str | None) -> str | None:
+        if v is not None and v.endswith(".pt"):
+            raise ValueError(f"'{v}' is a file: an exported backbone goes in eval.backbone; eval.checkpoint names a "
+                             "pretrain output folder or one of its checkpoint folders (checkpoints/step-N)")
+        return v
+
 
 class FollowUpEvalSpec(EvalSpec):
     """A pretrain spec's `eval`: the evaluation its pipeline runs next, with that run's own size (an eval spec has
@@ -375,13 +440,14 @@ class FollowUpEvalSpec(EvalSpec):
     def placement(self, runtime: RuntimeSpec, cluster: ClusterSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         """The eval's `runtime` and `cluster` sections: these overrides on the pretrain run's. Nodes default to one;
         processes per node follow eval GPUs when only those are set; GPUs follow the processes when the pretrain
-        pods have GPUs."""
+        pods have GPUs; extended resources follow the GPUs, and a one-node eval leaves the Multus networks out."""
         r, c = self.runtime, self.cluster
         nproc = r.nproc_per_node or c.gpus_per_node or runtime.nproc_per_node
         gpus = c.gpus_per_node if c.gpus_per_node is not None else (nproc if cluster.gpus_per_node else 0)
-        resources = {k: v for k, v in c.model_dump(exclude={"gpus_per_node"}).items() if v is not None}
+        resources = {k: v for k, v in c.model_dump(include={"cpu", "memory", "shm_size"}).items() if v is not None}
         return ({**runtime.model_dump(), "nodes": r.nodes, "nproc_per_node": nproc},
-                {**cluster.model_dump(), "gpus_per_node": gpus, **resources})
+                {**cluster.model_dump(), "gpus_per_node": gpus, **resources,
+                 "extra_resources": c.extra_resources_for(cluster, gpus), "annotations": c.annotations_for(cluster, r.nodes)})
 
 
 # A label or annotation key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters.
@@ -482,7 +548,7 @@ class VolumeSpec(Section):
 
 
 # Names barlow sets on the training container; PET_* are the operators' (a TrainJob that sets one is rejected).
-RESERVED_ENV = (SPEC_ENV, RENDERED_BY_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+RESERVED_ENV = (SPEC_ENV, RENDERED_BY_ENV, POD_NAMESPACE_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 RESERVED_MOUNTS = {"dshm": "/dev/shm"}  # the memory-backed /dev/shm barlow mounts (cluster.shm_size)
 BARLOW_LABEL_PREFIXES = ("barlow.dev/", "app.kubernetes.io/")  # barlow's own labels; a pod label may not override them
 
@@ -829,6 +895,9 @@ class EvalRunSpec(RunSpec):
 
     kind: Literal["eval"] = Field(description="Run kind.")
     eval: EvalSpec = Field(description="What to evaluate and how.")
+    model: ModelSpec | None = Field(None, description="The backbone's encoder. Unset: the one the pretraining recorded "
+                                    "in its checkpoints (eval.checkpoint, or the output folder an eval.backbone lies "
+                                    "in), else the defaults; set, it must match those weights.")
 
     def _problems(self) -> list[tuple[str, str]]:
         problems = super()._problems()

@@ -22,7 +22,7 @@ from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.feed import DeviceBatch, TrainingFeed
 from barlow.data.source import Source
-from barlow.errors import RunFailed, StoppedOnSignal, TooFewImages, WrongPlacement
+from barlow.errors import OutputHoldsAnotherRun, RunFailed, StoppedOnSignal, TooFewImages, WrongPlacement
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
@@ -185,6 +185,8 @@ def set_up(spec: PretrainSpec) -> Run:
                                 is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
                                 optional=OPTIONAL_PARTS)
     checkpointer.resume(record.check)
+    schedule = WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size)
+    replanned = schedule_change(spec, checkpointer.resumed_run, position.step, steps_per_epoch, schedule)
     tracker = None
     if spec.output.mlflow is not None and place.is_main:
         tracker = tracking.MlflowTracker(spec.output.mlflow.tracking_uri, spec.output.mlflow.experiment, spec.name,
@@ -194,7 +196,7 @@ def set_up(spec: PretrainSpec) -> Run:
         progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size, proc.s3)  # what `barlow status` reads
     metrics.print(f"pretrain {spec.name}: {source.describe()}, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
                   f"{place.world_size} process(es) on {place.device.type}{', bf16' if place.autocast_dtype else ''}"
-                  f"{resume_note(record, checkpointer.resumed_run, position.step)}")
+                  f"{resume_note(record, checkpointer.resumed_run, position.step, replanned)}")
     for part in checkpointer.fresh_parts:  # a checkpoint written before the part existed
         metrics.print(f"resume: the checkpoint has no {part} state (written before it existed): {part} starts fresh")
     ranked = [rank.describe()] if rank else []
@@ -206,8 +208,7 @@ def set_up(spec: PretrainSpec) -> Run:
         metrics.print("monitor: " + ", ".join(([f"online probe on {len(source.classes)} classes"] if probe else [])
                                               + ([knn.describe()] if knn else []) + ranked))
     return Run(spec, place, proc.s3, source, steps_per_epoch, total_steps, model,
-               wrap_for_speed(model, spec.runtime, place), optimizer,
-               WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size),
+               wrap_for_speed(model, spec.runtime, place), optimizer, schedule,
                BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn, rank)
 
 
@@ -312,19 +313,41 @@ def run_record(spec: PretrainSpec, place: distributed.Placement) -> runsetup.Run
     run); the world size, loader workers and seed may change, and the resume says so (the data order changes)."""
     return runsetup.RunRecord(
         fixed={"model": spec.model.model_dump(mode="json"), "batch_size": spec.optim.batch_size},
-        noted={"world_size": place.world_size, "workers": spec.data.workers, "seed": spec.runtime.seed},
-        fields={"batch_size": "optim.batch_size", "workers": "data.workers", "seed": "runtime.seed"})
+        noted={"world_size": place.world_size, "workers": spec.data.workers, "seed": spec.runtime.seed,
+               "epochs": spec.optim.epochs},
+        fields={"batch_size": "optim.batch_size", "workers": "data.workers", "seed": "runtime.seed",
+                "epochs": "optim.epochs"})
 
 
-def resume_note(record: runsetup.RunRecord, saved: dict[str, Any] | None, step: int) -> str:
+def schedule_change(spec: PretrainSpec, saved: dict[str, Any] | None, step: int, steps_per_epoch: int,
+                    schedule: WarmupCosine) -> str:
+    """What a resume with another optim.epochs does to the lr schedule, in words ("" when the same or not recorded);
+    raises OutputHoldsAnotherRun where the checkpoint lies past the end of the new schedule."""
+    before = (saved or {}).get("epochs")
+    o = spec.optim
+    if before is None or before == o.epochs:
+        return ""
+    if step > schedule.total_steps:
+        raise OutputHoldsAnotherRun(f"output.url: {spec.output.url} holds a run at step {step} (optim.epochs {before}), "
+                                    f"past the end of optim.epochs {o.epochs} ({schedule.total_steps} steps): set "
+                                    f"optim.epochs {before} or more, or use a new output.url")
+    old = WarmupCosine(min(schedule.warmup_steps, steps_per_epoch * before), steps_per_epoch * before, o.batch_size)
+    return (f"optim.epochs {before} -> {o.epochs}: the warmup + cosine schedule now ends at step {schedule.total_steps}, "
+            f"not {old.total_steps}, so the lr at step {step} is {schedule.lr(o.lr_weights, step):.4g}, "
+            f"not {old.lr(o.lr_weights, step):.4g}")
+
+
+def resume_note(record: runsetup.RunRecord, saved: dict[str, Any] | None, step: int, replanned: str = "") -> str:
+    """`, resuming at step N` and what changed since the checkpoint: the data order (world size, loader workers,
+    seed) and, from `schedule_change`, the lr schedule (optim.epochs)."""
     if saved is None:
         return ""
     note = f", resuming at step {step}"
-    changed = record.changes(saved)
+    changed = [c for c in record.changes(saved) if not c.startswith("epochs ")]
     if changed:
-        note += (f" ({', '.join(changed)}: same global batch and schedule; the data order is exact only with "
-                 f"the same world size, loader workers and seed)")
-    return note
+        note += (f" ({', '.join(changed)}: same global batch{'' if replanned else ' and schedule'}; the data order "
+                 f"is exact only with the same world size, loader workers and seed)")
+    return note + (f" ({replanned})" if replanned else "")
 
 
 def finish(run: Run, z1: torch.Tensor | None, z2: torch.Tensor | None) -> dict:

@@ -107,6 +107,10 @@ BAD_INPUTS = [
     ("kubeconfig-not-yaml", None, ["status", "demo"], 1, "kubeconfig {kubeconfig}: not valid YAML (line 5: expected the node content"),
     ("kubeconfig-not-a-mapping", None, ["list", "-n", "vision"], 1, "kubeconfig {kubeconfig}: not a kubeconfig"),
     ("init-exists", None, ["init", "spec.yaml"], 2, "spec.yaml: already exists; pass --force to overwrite it"),
+    ("demo-not-empty", None, ["data", "demo", "."], 2, "DST .: not empty (1 entries, e.g. spec.yaml) and no demo set: "
+     "choose a new or empty folder, or pass --force"),
+    ("demo-mistyped-url", None, ["data", "demo", "s3:/bucket/demo"], 2, "DST s3:/bucket/demo: 's3:/bucket/demo' is "
+     "neither a URL nor a plain path: write s3://bucket/demo"),
 ]
 KUBECONFIGS = {"kubeconfig-not-yaml": "apiVersion: v1\nclusters:\n- name: x\n  cluster: {server: [\n",
                "kubeconfig-not-a-mapping": "just a line of text\n"}
@@ -131,6 +135,15 @@ def test_bad_input_is_one_line_and_writes_nothing(hermetic, monkeypatch, case_id
     assert fragment.format(kubeconfig=kubeconfig) in line and not re.match(r"^(\S+): \1: ", line), line  # no doubled prefix
     assert result.stdout == ""
     assert {p: (hermetic / p).read_bytes() for p in files_under(hermetic)} == before  # nothing written or changed
+
+
+def test_demo_writes_into_a_new_folder_or_with_force_and_a_rerun_does_nothing(hermetic):
+    first = barlow("data", "demo", "new", "--size", "8")
+    assert first.exit_code == 0 and "wrote 1433 train and 364 val images" in first.stdout, first.output
+    again = barlow("data", "demo", "new")
+    assert again.exit_code == 0 and again.stdout.strip() == "new: demo set already there, nothing to do"
+    forced = barlow("data", "demo", ".", "--size", "8", "--force")
+    assert forced.exit_code == 0 and (hermetic / "spec.yaml").exists() and (hermetic / "val" / "9").is_dir()
 
 
 def test_bad_inputs_cover_the_listed_tracebacks():

@@ -72,6 +72,55 @@ def test_the_infiniband_example_matches_its_golden(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["pipeline", "eval"])
+def test_the_infiniband_examples_pipeline_and_eval_match_their_goldens(backend, what):
+    """The follow-up Job pulls with the pull secrets; the one-node eval keeps its RDMA device, not the Multus network."""
+    text = to_yaml(render(as_backend(load_spec(EXAMPLE), backend), what))
+    check_golden(ROOT / "tests" / "golden" / backend / f"infiniband-4x8-{what}.yaml", text)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_pipelines_follow_up_pulls_with_the_image_pull_secrets(backend):
+    follow_up = render(as_backend(load_spec(EXAMPLE), backend), "pipeline")[2]
+    assert follow_up["kind"] == "Job"
+    assert follow_up["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    kubernetes_validate.validate(follow_up, K8S_VERSION, strict=True)
+
+
+# (pretrain cluster fields, eval.cluster fields, the eval pod's extended resources and annotations)
+NETWORK = {"k8s.v1.cni.cncf.io/networks": "ib-sriov-network", "team": "vision"}
+EVAL_PLACEMENTS = [
+    ({"extra_resources": {"nvidia.com/hostdev": 8}}, {"gpus_per_node": 1}, {"nvidia.com/hostdev": "1"}, {}),
+    ({"extra_resources": {"nvidia.com/hostdev": 8, "rdma/shared": 1}}, {"gpus_per_node": 2},
+     {"nvidia.com/hostdev": "2", "rdma/shared": "1"}, {}),  # scaled, rounded up
+    ({"extra_resources": {"nvidia.com/hostdev": 8}}, {}, {"nvidia.com/hostdev": "8"}, {}),  # 8 GPUs: unchanged
+    ({"extra_resources": {"nvidia.com/hostdev": 8}}, {"gpus_per_node": 1, "extra_resources": {"nvidia.com/hostdev": 4}},
+     {"nvidia.com/hostdev": "4"}, {}),
+    ({"annotations": NETWORK}, {}, {}, {"team": "vision"}),  # one node: no fabric between nodes
+    ({"annotations": NETWORK}, {"annotations": {}}, {}, {}),
+    ({"annotations": NETWORK}, {"annotations": {"k8s.v1.cni.cncf.io/networks": "ib0"}}, {}, {"k8s.v1.cni.cncf.io/networks": "ib0"}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pretrain, eval_cluster, resources, annotations", EVAL_PLACEMENTS)
+def test_the_eval_pods_extended_resources_and_annotations(backend, pretrain, eval_cluster, resources, annotations,
+                                                          runtime):
+    data = set_path(copy.deepcopy(BASE), "eval.cluster", eval_cluster)
+    data["cluster"].update(backend=backend, **pretrain)
+    pod = training_pod(render(parse_spec(data), "eval")[1], runtime)
+    limits = container_of(pod)["resources"]["limits"]
+    assert {k: v for k, v in limits.items() if k not in ("cpu", "memory", "nvidia.com/gpu")} == resources
+    assert {k: v for k, v in (pod["metadata"].get("annotations") or {}).items()
+            if k != "kubectl.kubernetes.io/default-container"} == annotations
+
+
+def test_a_two_node_eval_keeps_the_multus_network():
+    data = set_path(set_path(copy.deepcopy(BASE), "eval.runtime.nodes", 2), "cluster.annotations", NETWORK)
+    assert parse_spec(data).eval_spec().cluster.annotations == NETWORK
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_infiniband_example_passes_the_strict_crd_and_pod_schemas(backend, runtime):
     spec = as_backend(load_spec(EXAMPLE), backend)
     for what in ("pretrain", "eval", "pipeline"):

@@ -24,7 +24,7 @@ from barlow.cli import app
 from barlow.launch.manifest import COMMAND, RENDERED_BY_ENV, job_name, to_yaml
 from barlow.launch.pytorchjob import PORT_NAME, build_pytorchjob, to_dict
 from barlow.launch.render import render
-from barlow.spec import DNS_1035, SPEC_ENV, RunSpec, parse_spec, set_path
+from barlow.spec import DNS_1035, POD_NAMESPACE_ENV, SPEC_ENV, RunSpec, parse_spec, set_path
 
 # eval-kueue warns that Kueue >= 0.19 leaves PyTorchJobs alone by default (test_a_queue_on_a_pytorchjob_warns_once)
 pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")
@@ -187,7 +187,7 @@ def test_torchrun_in_the_pods_builds_the_world_the_spec_asks_for(key, monkeypatc
     for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items():
         container = rs["template"]["spec"]["containers"][0]
         assert container["command"][:3] == ["python", "-m", "barlow.torchrun"]
-        own = {e["name"]: e["value"] for e in container["env"]}
+        own = {e["name"]: e["value"] for e in container["env"] if "value" in e}
         assert not [k for k in own if k.startswith("PET_")], "the operator owns PET_*; the pod must not override them"
         for index in range(rs["replicas"]):
             w, r = torchrun_world(container["command"][3:], {**own, **_operator_env(job, rtype, index)}, monkeypatch)
@@ -212,7 +212,7 @@ def test_pod_command_modules_exist():
 def test_the_pod_receives_the_resolved_spec_and_it_validates(key):
     s, job = rendered(key)
     for rs in job["spec"]["pytorchReplicaSpecs"].values():
-        env = {e["name"]: e["value"] for e in rs["template"]["spec"]["containers"][0]["env"]}
+        env = {e["name"]: e["value"] for e in rs["template"]["spec"]["containers"][0]["env"] if "value" in e}
         assert parse_spec(yaml.safe_load(env[SPEC_ENV]), SPEC_ENV) == s
 
 
@@ -263,7 +263,8 @@ def test_no_secret_value_appears_in_any_rendered_output(key, monkeypatch):
                      else [doc["spec"]["template"]])
         for t in templates:
             for container in t["spec"]["containers"]:
-                assert {e["name"] for e in container["env"]} <= {SPEC_ENV, RENDERED_BY_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+                assert {e["name"] for e in container["env"]} <= {SPEC_ENV, RENDERED_BY_ENV, POD_NAMESPACE_ENV,
+                                                                  "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
                 if doc["kind"] == "PyTorchJob":  # credentials only by reference to the named Secret
                     want = [{"secretRef": {"name": s.cluster.s3_secret}}] if s.cluster.s3_secret else None
                     assert container.get("envFrom") == want

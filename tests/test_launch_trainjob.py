@@ -19,7 +19,7 @@ from cluster_specs import SECRET, TRAINJOB_SPECS, check_golden, spec, strict_sch
 from barlow.launch.manifest import COMMAND, RENDERED_BY_ENV, S3_KEYS, to_yaml
 from barlow.launch.render import render
 from barlow.launch.trainjob import CONTAINER, REPLICATED_JOB, build_trainjob
-from barlow.spec import DNS_1035, SPEC_ENV, parse_spec
+from barlow.spec import DNS_1035, POD_NAMESPACE_ENV, SPEC_ENV, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "trainjob"
@@ -206,7 +206,8 @@ def test_no_secret_value_appears_and_credentials_come_by_reference(key, monkeypa
     assert {e["name"] for e in env if "value" in e} == {SPEC_ENV, RENDERED_BY_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
     refs = [e for e in env if "valueFrom" in e]
     want = [{"name": k, "valueFrom": {"secretKeyRef": {"name": s.cluster.s3_secret, "key": k}}} for k in S3_KEYS]
-    assert refs == (want if s.cluster.s3_secret else [])
+    namespace = {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    assert refs == [namespace, *(want if s.cluster.s3_secret else [])]
 
 
 def test_the_pipeline_follow_up_waits_for_the_trainjob():

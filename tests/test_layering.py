@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "barlow"
 # (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
     ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
-    ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking"),
+    ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking",
+     "barlow.lease"),
     ("barlow.restarts", "barlow.runsetup"),
     ("barlow.progress",),
     ("barlow.evaluate",),

@@ -107,12 +107,28 @@ BAD = [
     ("eval-linear-backbone-lr", with_(GOOD_EVAL, "eval.lr_backbone", 0.01), "eval.lr_backbone", "must be 0 in linear mode"),
     ("eval-batch-divisible", with_(GOOD_EVAL, "runtime.nproc_per_node", 3), "eval.batch_size", "must be divisible by 3"),
     ("eval-optim-section", with_(GOOD_EVAL, "optim", {}), "optim", "unknown field"),
+    ("eval-checkpoint-a-backbone", with_(GOOD_EVAL, "eval.checkpoint", "runs/x/backbone.pt"), "eval.checkpoint",
+     "'runs/x/backbone.pt' is a file: an exported backbone goes in eval.backbone"),
+    ("eval-model-typo", with_(GOOD_EVAL, "model.widht", 8), "model.widht", "did you mean 'width'"),
     ("cross-section-data", with_(GOOD, "data.batch_size", 4), "data.batch_size", "did you mean 'optim.batch_size'"),
     ("cross-section-optim", with_(GOOD, "optim.image_size", 64), "optim.image_size", "did you mean 'data.image_size'"),
     ("cross-section-top", with_(GOOD, "epochs", 4), "epochs", "did you mean 'optim.epochs'"),
+    ("s3-one-slash", with_(GOOD, "output.url", "s3:/bucket/x"), "output.url",
+     "'s3:/bucket/x' is neither a URL nor a plain path: write s3://bucket/x"),
+    ("s3-no-slash", with_(GOOD, "data.train", "s3:bucket/train"), "data.train", "write s3://bucket/train"),
+    ("s3-no-colon", with_(GOOD, "data.val", "s3//bucket/val"), "data.val", "write s3://bucket/val"),
+    ("file-one-slash", with_(GOOD, "output.url", "file:/runs/x"), "output.url", "write file:///runs/x"),
+    ("https-one-slash", with_(GOOD_EVAL, "eval.backbone", "https:/host/b.pt"), "eval.backbone", "write https://host/b.pt"),
+    ("gs-one-slash", with_(GOOD, "output.url", "gs:/bucket/x"), "output.url", "write gs://bucket/x"),
+    ("bucket-with-space", with_(GOOD, "output.url", "s3://my bucket/x"), "output.url", "white space in its bucket"),
     ("gs-not-served", with_(GOOD, "data.train", "gs://bucket/train"), "data.train", "unsupported URL scheme 'gs://'"),
     ("az-output", with_(GOOD, "output.url", "az://container/run"), "output.url", "unsupported URL scheme 'az://'"),
 ]
+
+
+@pytest.mark.parametrize("url", ["./s3:/bucket/x", "runs/s3/x", "/abs/s3:/x", "s3://bucket/with space/x", "file:///tmp/x"])
+def test_paths_that_only_contain_a_scheme_name_are_fine(url):
+    assert parse_spec(with_(GOOD, "output.url", url)).output.url == url
 
 
 def test_good_specs_resolve_with_paper_defaults():

@@ -12,7 +12,7 @@ from barlow import errors
 from barlow.distributed import Placement
 from barlow.evaluate import eval_record
 from barlow.spec import parse_spec
-from barlow.train import resume_note, run_record
+from barlow.train import resume_note, run_record, schedule_change
 
 PRETRAIN = {"kind": "pretrain", "name": "p", "data": {"train": "d/train", "val": "d/val", "workers": 0},
             "model": {"arch": "resnet18", "width": 8}, "optim": {"epochs": 2, "warmup_epochs": 1, "batch_size": 128},
@@ -47,7 +47,35 @@ def test_which_checkpoints_resume(saved, refused):
 
 
 def test_the_record_keeps_what_is_checked_or_noted_and_nothing_else():
-    assert set(saved_record()) == {"model", "batch_size", "world_size", "workers", "seed"}
+    assert set(saved_record()) == {"model", "batch_size", "world_size", "workers", "seed", "epochs"}
+
+
+def _replanned(epochs: int, saved_epochs: int | None, step: int, steps_per_epoch: int = 10) -> str:
+    from barlow.optim import WarmupCosine
+
+    spec = parse_spec({**PRETRAIN, "optim": {**PRETRAIN["optim"], "epochs": epochs}})
+    schedule = WarmupCosine(steps_per_epoch, steps_per_epoch * epochs, 128)
+    return schedule_change(spec, None if saved_epochs is None else {"epochs": saved_epochs}, step, steps_per_epoch,
+                           schedule)
+
+
+def test_another_optim_epochs_is_named_with_what_it_does_to_the_lr():
+    # a finished 2-epoch run (20 steps, the lr at its floor) continued to 4 epochs: the cosine restarts high
+    note = _replanned(4, 2, 20)
+    assert note == ("optim.epochs 2 -> 4: the warmup + cosine schedule now ends at step 40, not 20, so the lr at step "
+                    "20 is 0.07037, not 0.0001")
+    got = resume_note(run_record(parse_spec(PRETRAIN), place(2)), saved_record(1), 20, note)
+    assert got == (", resuming at step 20 (world_size 1 -> 2: same global batch; the data order is exact only with the "
+                   "same world size, loader workers and seed) (" + note + ")")
+    assert _replanned(4, 4, 20) == "" and _replanned(4, None, 20) == ""  # the same, or a checkpoint from before
+
+
+def test_fewer_optim_epochs_than_the_checkpoint_has_done_are_refused():
+    assert _replanned(3, 4, 30).startswith("optim.epochs 4 -> 3: ")  # at the new end: the run finishes
+    with pytest.raises(errors.OutputHoldsAnotherRun) as e:
+        _replanned(2, 4, 30)
+    assert str(e.value) == ("output.url: out holds a run at step 30 (optim.epochs 4), past the end of optim.epochs 2 "
+                            "(20 steps): set optim.epochs 4 or more, or use a new output.url")
 
 
 @pytest.mark.parametrize("saved, note", [

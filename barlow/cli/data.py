@@ -25,6 +25,7 @@ def _url(option: str, url: str, write: bool) -> str:
 def demo(
     dst: str = typer.Argument(..., metavar="DST", help="Folder (local path or s3://...) to write train/ and val/ into."),
     size: int = typer.Option(32, min=8, max=256, help="Side of the images in pixels."),
+    force: bool = typer.Option(False, "--force", help="Write train/ and val/ into a folder that holds other files."),
 ) -> None:
     """Write a small real image set: scikit-learn's handwritten digits as JPEGs in ImageNet layout."""
     from barlow import storage
@@ -32,9 +33,13 @@ def demo(
 
     dst = _url("DST", dst, write=True)
     try:
-        if storage.exists(storage.join(dst, "train")) and storage.list_names(storage.join(dst, "train")):
+        if storage.list_names(storage.join(dst, "train")) == [str(d) for d in range(10)]:
             console.print(f"{dst}: demo set already there, nothing to do")
             return
+        there = storage.list_names(dst)
+        if there and not force:
+            raise fail(f"DST {dst}: not empty ({len(there)} entries, e.g. {there[0]}) and no demo set: choose a new "
+                       "or empty folder, or pass --force to write train/ and val/ among them", EXIT_INVALID)
         counts = write_demo(dst, size)
     except OSError as e:
         raise fail(f"{dst}: cannot write the demo set ({e})") from None

@@ -18,7 +18,9 @@ def run(
     overrides: list[str] = SET,
 ) -> None:
     """Run a spec on this machine with torchrun (Ctrl-C stops cleanly after a checkpoint; rerun to resume)."""
+    from barlow.errors import OutputInUse
     from barlow.launch.local import run_local
+    from barlow.lease import new_holder
 
     spec = load_or_exit(spec_path, overrides)
     if nproc is not None:
@@ -29,14 +31,20 @@ def run(
         plan = stage_runs(spec, stage, spec_path)
     except SpecError as e:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
+    holder = new_holder()  # one identity for the stages of this run
     for step in plan:
-        code = run_local(step)
+        try:
+            code = run_local(step, holder)
+        except (OutputInUse, OSError) as e:  # another run's lease, or an output folder that cannot be reached
+            raise fail(str(e)) from None
         if code != 0:
             raise fail(f"{step.kind} '{step.name}' exited with code {code}", code)
     if isinstance(plan[-1], EvalRunSpec):
         from barlow import storage
 
-        results = json.loads(storage.read_text(storage.join(plan[-1].output.url, "results.json")))
+        # the spec's own S3 settings: an endpoint that is not AWS's is only in data.s3
+        results = json.loads(storage.read_text(storage.join(plan[-1].output.url, "results.json"),
+                                               storage.S3Settings.of_spec(plan[-1])))
         console.print(f"[bold green]top-1 {results['top1']:.1f} %[/]  (kNN top-1 {results['knn_top1']:.1f} %) "
                       f"on {results['val_images']} val images -> {plan[-1].output.url}/results.json")
     else:

@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 from barlow.errors import child_exit_code
+from barlow.lease import HOLDER_ENV, Lease, new_holder
 from barlow.spec import SPEC_ENV, EvalRunSpec, PretrainSpec, dump_spec
+from barlow.storage import S3Settings
 
 
 def torchrun_command(nproc: int) -> list[str]:
@@ -18,13 +20,19 @@ def torchrun_command(nproc: int) -> list[str]:
             "--max-restarts=0", "-m", "barlow.entrypoint"]
 
 
-def run_local(spec: PretrainSpec | EvalRunSpec) -> int:
-    """Run the spec to completion in local processes; returns the exit code (see barlow.entrypoint; torchrun killed
-    by a signal N gives 128 + N)."""
+def run_local(spec: PretrainSpec | EvalRunSpec, holder: str | None = None) -> int:
+    """Run the spec to completion in local processes, holding output.url's lease as `holder` (raises OutputInUse while
+    another run holds it); returns the exit code (see barlow.entrypoint; torchrun killed by a signal N gives 128 + N)."""
     if spec.runtime.nodes != 1:
         raise ValueError(f"runtime.nodes: a local run has 1 node, the spec asks for {spec.runtime.nodes}")
+    holder = holder or new_holder()
+    with Lease(spec.output.url, holder, S3Settings.of_spec(spec)):
+        return _torchrun(spec, holder)
+
+
+def _torchrun(spec: PretrainSpec | EvalRunSpec, holder: str) -> int:
     nproc = spec.runtime.nproc_per_node
-    env = {**os.environ, SPEC_ENV: dump_spec(spec)}
+    env = {**os.environ, SPEC_ENV: dump_spec(spec), HOLDER_ENV: holder}  # the workers hold the lease as this run
     if spec.runtime.device != "cuda":  # share the cores instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("LOGLEVEL", "WARNING")

@@ -9,7 +9,7 @@ import yaml
 from kubernetes import client as k8s
 
 from barlow import __version__
-from barlow.spec import RENDERED_BY_ENV, SECRET_LIKE, SPEC_ENV, RunSpec, dump_spec
+from barlow.spec import POD_NAMESPACE_ENV, RENDERED_BY_ENV, SECRET_LIKE, SPEC_ENV, RunSpec, dump_spec
 
 # torchrun with the worker's exit code passed through (plain torchrun exits 1 for every failure, see barlow/torchrun.py).
 COMMAND = ["python", "-m", "barlow.torchrun", "-m", "barlow.entrypoint"]
@@ -109,6 +109,9 @@ def training_env(spec: RunSpec) -> list[k8s.V1EnvVar]:
     return [
         k8s.V1EnvVar(name=SPEC_ENV, value=dump_spec(spec)),
         k8s.V1EnvVar(name=RENDERED_BY_ENV, value=__version__),
+        # the job's identity (namespace/name) holds the output's lease, so the job's restarted pods take it over
+        k8s.V1EnvVar(name=POD_NAMESPACE_ENV, value_from=k8s.V1EnvVarSource(
+            field_ref=k8s.V1ObjectFieldSelector(field_path="metadata.namespace"))),
         k8s.V1EnvVar(name="TORCH_ELASTIC_SHUTDOWN_TIMEOUT", value=str(c.termination_grace_seconds - SHUTDOWN_MARGIN_S)),
     ]
 

@@ -21,6 +21,7 @@ from barlow.launch.manifest import (
     job_name,
     labels,
     peer_labels,
+    pull_secrets,
     security,
     to_dict,
     to_yaml,
@@ -78,6 +79,7 @@ def build_follow_up(spec: PretrainSpec, poll_seconds: int = 30) -> k8s.V1Job:
                     service_account_name=c.service_account,
                     automount_service_account_token=True,  # it calls the API; k8s/base turns the default off
                     priority_class_name=c.priority_class,
+                    image_pull_secrets=pull_secrets(spec),  # the CLI image comes from the same private registry
                     security_context=pod_security,
                 ),
             ),

@@ -137,3 +137,66 @@ def test_eval_of_an_exported_backbone(demo_data, tmp_path, mode, percent):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["mode"] == mode and results["train_percent"] == percent and results["val_images"] == 364
     assert 0 <= results["top1"] <= results["top5"] <= 100
+
+
+def test_an_eval_spec_takes_the_checkpoints_model_and_a_mismatch_is_one_line(demo_data, tmp_path):
+    """A `kind: eval` spec without model.* evaluates a narrow ResNet-18 checkpoint (the defaults are a ResNet-50); one
+    whose model.* differs is refused in one line, not a size-mismatch traceback."""
+    from barlow.model import BarlowTwins
+
+    pretrain = tiny_spec(demo_data, tmp_path / "pretrain")
+    m = pretrain["model"]
+    net = BarlowTwins(m["arch"], m["projector"], m["small_images"], m["width"])
+    checkpoint.save(str(tmp_path / "pretrain"), 4, {"model": net.state_dict(), "step": 4,
+                                                    "run": {"model": {**m}, "batch_size": 128}}, keep=1)
+    spec = {"kind": "eval", "name": "ev", "data": pretrain["data"], "runtime": {"nproc_per_node": 1, "device": "cpu"},
+            "output": {"url": str(tmp_path / "eval")},
+            "eval": {"epochs": 1, "batch_size": 64, "train_percent": 10, "checkpoint": str(tmp_path / "pretrain")}}
+    result = barlow("run", "eval", str(write_spec(tmp_path, spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    spec.update(model={"arch": "resnet18"}, output={"url": str(tmp_path / "eval-other")})
+    result = barlow("run", "eval", str(write_spec(tmp_path, spec)))
+    assert result.returncode == 1
+    assert ("error (rank 0): eval: the spec's model.small_images False (the checkpoint's: True), model.width 64 (the "
+            "checkpoint's: 8) does not match the pretraining's run record: leave model out of an eval spec to take the "
+            "checkpoint's") in result.stderr.splitlines(), result.stderr
+    assert "Traceback" not in result.stderr and "size mismatch" not in result.stderr
+
+
+def test_rerunning_with_other_optim_epochs_names_the_new_schedule_or_refuses(demo_data, tmp_path):
+    out = tmp_path / "run"
+    spec = write_spec(tmp_path, tiny_spec(demo_data, out, **{"optim.epochs": 2, "runtime.nproc_per_node": 1,
+                                                             "output.checkpoint_every": 100}))
+    assert barlow("run", "pretrain", str(spec)).returncode == 0  # 11 steps an epoch: done at step 22
+    longer = barlow("run", "pretrain", str(spec), "--set", "optim.epochs=3")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert ("resuming at step 22 (optim.epochs 2 -> 3: the warmup + cosine schedule now ends at step 33, not 22, so "
+            "the lr at step 22 is 0.04294, not 0.0001)") in longer.stdout, longer.stdout
+    assert checkpoint.load(checkpoint.latest(str(out)))["step"] == 33
+    shorter = barlow("run", "pretrain", str(spec))
+    assert shorter.returncode == 1
+    assert (f"error (rank 0): output.url: {out} holds a run at step 33 (optim.epochs 3), past the end of optim.epochs 2 "
+            "(22 steps): set optim.epochs 3 or more, or use a new output.url") in shorter.stderr.splitlines(), shorter.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(demo_data, tmp_path):
+    out = tmp_path / "run"
+    spec = write_spec(tmp_path, tiny_spec(demo_data, out, **{"optim.epochs": 2, "runtime.nproc_per_node": 1}))
+    first = subprocess.Popen([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(spec)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "lease.json").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = barlow("run", "pretrain", str(spec))
+        assert second.returncode == 1
+        assert second.stderr.startswith(f"error: output.url: {out} is in use by another run (barlow run on "), second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1 and second.stdout == ""
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        kill_tree(first.pid)
+    assert first.returncode == 0, stderr[-3000:]
+    assert not (out / "lease.json").exists()  # released at the end: the next run may start
+    again = barlow("run", "pretrain", str(spec))
+    assert again.returncode == 0 and "resuming at step 22" in again.stdout, again.stderr[-2000:]

@@ -37,3 +37,22 @@ def test_shard_pretrain_eval_all_in_s3(demo_data, s3, tmp_path):
     secrets = [s3.access_key, s3.secret_key]
     assert s3_files_contain(s3.server, s3.url, [s.encode() for s in secrets]) == []
     assert not any(s in result.stdout + result.stderr for s in secrets)
+
+
+def test_an_eval_on_an_s3_endpoint_reports_its_results(demo_data, s3, tmp_path, monkeypatch):
+    """The endpoint is only in the spec (data.s3), as on a non-AWS store: the CLI reads results.json with it too."""
+    import torch
+
+    from barlow.model import build_backbone
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # else botocore would find the endpoint without the spec
+    torch.save(build_backbone("resnet18", small_images=True, width=8).state_dict(), tmp_path / "backbone.pt")
+    spec = tiny_spec(demo_data, tmp_path / "unused")
+    spec = {k: spec[k] for k in ("data", "model")} | {
+        "kind": "eval", "name": "ev", "runtime": {"nproc_per_node": 1, "device": "cpu"},
+        "output": {"url": f"{s3.url}/eval"},
+        "eval": {"epochs": 1, "batch_size": 64, "train_percent": 10, "backbone": str(tmp_path / "backbone.pt")}}
+    spec["data"]["s3"] = {"endpoint_url": s3.server.endpoint_url, "retries": 2}
+    result = barlow("run", "eval", str(write_spec(tmp_path, spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"on 364 val images -> {s3.url}/eval/results.json" in result.stdout
