@@ -75,16 +75,17 @@ def _cluster_warnings() -> Iterator[None]:
     """Print each distinct ClusterWarning as one `warning:` line on stderr (stdout stays the manifests)."""
     from barlow.launch.checks import ClusterWarning
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ClusterWarning)
-        try:
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ClusterWarning)
             yield
-        finally:
-            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ClusterWarning)):
-                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
-            for w in caught:
-                if not issubclass(w.category, ClusterWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    finally:  # shown after the block: shown inside it, a warning would be recorded again, and looped over forever
+        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ClusterWarning)):
+            err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        foreign = {(str(w.message), w.category): w for w in caught if not issubclass(w.category, ClusterWarning)}
+        for w in foreign.values():  # once each, e.g. urllib3's InsecureRequestWarning, raised on every request
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides: list[str] | None,
