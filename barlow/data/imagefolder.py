@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import key_hash, list_images, subset_thresholds
-from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
+from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed, iter_loader, loader_worker_init
 from barlow.spec import DataSpec
 
 _READ_THREADS = 8  # parallel reads per worker on object stores, where each read is a round trip
@@ -117,7 +117,7 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[HostBatch]:
         self.sampler.keys = self.keys
-        return iter(self.loader)
+        return iter_loader(self.loader)
 
 
 @register_format("imagefolder")
@@ -170,7 +170,7 @@ class ImageFolderSource:
             sampler = _Keys()
             self._loader = key, dataset, sampler, DataLoader(
                 dataset, batch_size=None, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                prefetch_factor=2 if workers else None, pin_memory=pin_memory)
+                prefetch_factor=2 if workers else None, pin_memory=pin_memory, worker_init_fn=loader_worker_init)
         _, dataset, sampler, dataloader = self._loader
         n = len(dataset.batches(epoch, start_step))  # here too: a bad start_step is an error in this process
         return FolderLoader(dataloader, sampler, [(epoch, start_step, j) for j in range(n)])

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
-from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed
+from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed, iter_loader, loader_worker_init
 from barlow.spec import DataSpec
 
 
@@ -174,7 +174,7 @@ class ShardSource:
             rank_epochs = _RankEpochs(self.index, self.data, self.s3, transform, args)
             self._loader = key, rank_epochs, DataLoader(
                 rank_epochs, batch_size=None, num_workers=workers, prefetch_factor=2, persistent_workers=True,
-                pin_memory=pin_memory) if workers else None
+                pin_memory=pin_memory, worker_init_fn=loader_worker_init) if workers else None
         _, rank_epochs, dataloader = self._loader
         plans = rank_epochs.plans(epoch, start_step)  # here too: a bad start_step is an error in this process
         return ShardLoader(rank_epochs, dataloader, epoch, start_step, sum(len(p.batch_sizes) - p.skip for p in plans))
@@ -208,7 +208,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[HostBatch]:
         self.rank_epochs.set_epoch(self.epoch, self.start_step)
-        return iter(self.loader) if self.loader is not None else iter(self.rank_epochs)
+        return iter_loader(self.loader) if self.loader is not None else iter(self.rank_epochs)
 
 
 class _RankEpochs(IterableDataset):
