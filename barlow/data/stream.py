@@ -37,6 +37,7 @@ from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
 from barlow.data.source import HostBatch, SampleTransform, build_batch, derive_seed, iter_loader, loader_worker_init
+from barlow.errors import RunFailed
 from barlow.spec import DataSpec
 
 
@@ -44,7 +45,7 @@ class MissingShard(FileNotFoundError):
     """A shard the index lists is not there."""
 
 
-class ShardError(ValueError):
+class ShardError(RunFailed, ValueError):
     """A shard that does not match its index (truncated, rewritten, or not a shard)."""
 
 
@@ -242,6 +243,14 @@ class _RankEpochs(IterableDataset):
         return reader.run(self.plans(epoch, start_step)[info.id if info else 0])
 
 
+def _checked(samples: Iterator[Sample]) -> Iterator[Sample]:
+    """A shard's samples; what is wrong with the shard (not a tar, cut short, a sample without a .cls) a ShardError."""
+    try:
+        yield from samples
+    except ValueError as e:
+        raise ShardError(str(e)) from None
+
+
 class _Reader:
     """Turns a WorkerPlan into batches: read shards in order, emit in buffer order, decode, augment, collate."""
 
@@ -282,7 +291,7 @@ class _Reader:
             raise MissingShard(f"{url}: shard {self.index.shards[shard].name} listed in {self.index.url} "
                                "is missing") from None
         with f:
-            for sample in iter_samples(f, url):
+            for sample in _checked(iter_samples(f, url)):
                 if not 0 <= sample.label < len(self.index.classes):
                     raise ShardError(f"{url}: sample {sample.key} has class {sample.label}, the index has "
                                      f"{len(self.index.classes)} classes (shards and index do not belong together)")

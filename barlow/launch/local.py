@@ -27,7 +27,7 @@ def run_local(spec: PretrainSpec | EvalRunSpec) -> int:
     env = {**os.environ, SPEC_ENV: dump_spec(spec)}
     if spec.runtime.device != "cuda":  # share the cores instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault("LOGLEVEL", "WARNING")
+    env.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's own lines repeat what the failing process said in one line
     env["PYTHONSAFEPATH"] = "1"  # `python -m` would put the working directory first: a ./barlow there would shadow barlow
     proc = subprocess.Popen(torchrun_command(nproc), env=env)
     # torchrun forwards a signal to its workers (they checkpoint, then exit 128 + signal); pass SIGTERM on to it.
