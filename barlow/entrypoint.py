@@ -134,7 +134,8 @@ def _run(spec) -> int:
             traceback.print_exc()
             return EXIT_FAILED
         # Where another process of this node failed, torchrun stops this one within a moment: that one said why.
-        if (signum := stop.wait(_PEER_FAILURE_GRACE_S)) is not None:
+        local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
+        if local_peers and (signum := stop.wait(_PEER_FAILURE_GRACE_S)) is not None:
             return exit_on_signal(signum)
         # a peer on another node died, or the network failed: another attempt can succeed
         _error(f"lost contact with the other processes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
