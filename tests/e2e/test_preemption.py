@@ -4,6 +4,7 @@ rerun resumes from that checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,17 @@ def test_a_stop_signal_with_loader_workers_checkpoints_then_resumes(demo_data, d
     assert f"stopped by signal {signum} at step {saved}, after a checkpoint" in stderr
     assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
 
+    assert status(out) == ("stopped", int(signum), saved)  # not "running" with an ETA
+
     resumed = barlow("run", "pretrain", str(path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {saved}" in resumed.stdout
+    assert status(out)[0] == "finished"
+
+
+def status(out: Path) -> tuple[str, int | None, int | None]:
+    """`barlow status OUTPUT -o json`: the state, the stop signal and the step."""
+    shown = barlow("status", str(out), "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    p = json.loads(shown.stdout)["progress"]
+    return p["state"], p["stopped_by_signal"], p["step"]
