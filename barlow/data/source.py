@@ -46,8 +46,8 @@ def loader_worker_init(worker_id: int) -> None:
     sends to each training process's whole process group (a preemption, a node drain, Ctrl-C), does not kill the
     workers mid-step; the training process stops at its agreed step, checkpoints, and then shuts them down."""
     os.setsid()
-    while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:  # sent to the trainer's group before this worker left it
-        pass
+    while hasattr(signal, "sigtimedwait") and signal.sigtimedwait(STOP_SIGNALS, 0) is not None:  # (macOS has none)
+        pass  # a stop signal sent to the trainer's group before this worker left it: taken, not acted on
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
