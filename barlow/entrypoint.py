@@ -13,11 +13,13 @@ failures without progress (cluster.max_restarts).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
+import time
 import traceback
 
-from barlow.errors import EXIT_FAILED, EXIT_INVALID_SPEC, EXIT_OK, EXIT_PEER_LOST, RunFailed, StoppedOnSignal
+from barlow.errors import EXIT_FAILED, EXIT_INVALID_SPEC, EXIT_OK, EXIT_PEER_LOST, RunFailed, StoppedOnSignal, exit_on_signal
 
 __all__ = ["EXIT_FAILED", "EXIT_INVALID_SPEC", "EXIT_OK", "EXIT_PEER_LOST", "main"]
 
@@ -37,6 +39,13 @@ class _StopFlag:
         self.signum = self.signum or signum
 
     def __call__(self) -> int | None:
+        return self.signum
+
+    def wait(self, seconds: float) -> int | None:
+        """The stop signal, waiting up to `seconds` for one to arrive."""
+        deadline = time.monotonic() + seconds
+        while self.signum is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # a signal cuts the sleep short
         return self.signum
 
 
@@ -97,11 +106,31 @@ def _skew(problems: list[str]) -> list[str]:
             f"barlow {__version__}"]
 
 
+_PEER_FAILURE_GRACE_S = 5.0  # torchrun checks its processes every 0.1 s, then signals the rest
+# how gloo reports a collective whose peer has gone: a RuntimeError, not a DistError
+_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe")
+
+
+def _peer_lost(e: Exception) -> bool:
+    import torch.distributed
+
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and bool(_PEER_GONE.search(str(e))))
+
+
+def worker_message(e: Exception) -> str:
+    """The message of an error, or where a loader worker raised it (torch re-raises it in this process as "Caught X in
+    DataLoader worker process N" and the worker's traceback), the worker's own message: one line, not a traceback."""
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    name = re.escape(type(e).__name__)
+    found = re.search(rf"^(?:[\w.]+\.)?{name}: (.*?)\s*\Z", text, re.MULTILINE | re.DOTALL)
+    return found.group(1) if found else text.splitlines()[0]
+
+
 def _run(spec) -> int:
     stop = _StopFlag()
     stop.install()
-    import torch.distributed
-
     from barlow.data.decode import CorruptImage
 
     try:
@@ -117,14 +146,19 @@ def _run(spec) -> int:
         _error(str(e))
         return e.exit_code
     except (RunFailed, CorruptImage, FileNotFoundError, PermissionError) as e:
-        _error(str(e))
+        _error(worker_message(e))
         return EXIT_FAILED
-    except torch.distributed.DistError as e:  # a peer died or the network failed: another attempt can succeed
+    except Exception as e:
+        if not _peer_lost(e):
+            traceback.print_exc()
+            return EXIT_FAILED
+        # Where another process of this node failed, torchrun stops this one within a moment: that one said why.
+        local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
+        if local_peers and (signum := stop.wait(_PEER_FAILURE_GRACE_S)) is not None:
+            return exit_on_signal(signum)
+        # a peer on another node died, or the network failed: another attempt can succeed
         _error(f"lost contact with the other processes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return EXIT_PEER_LOST
-    except Exception:
-        traceback.print_exc()
-        return EXIT_FAILED
     finally:
         from barlow.distributed import teardown
 

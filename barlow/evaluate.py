@@ -420,7 +420,7 @@ def _stop_if_asked(run: EvalRun, stop_signal: runsetup.StopSignal, saved: bool =
         return
     if not saved:
         run.checkpointer.save(run.position.batches)
-        run.metrics.sync()
+    run.metrics.stopped(run.position.batches, signum)
     run.metrics.close()
     raise StoppedOnSignal(signum, f"epoch {run.position.epoch} step {run.position.in_epoch}")
 

@@ -21,6 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from barlow import storage
 
+CORRUPT_KEY = "corrupt_images"  # undecodable images skipped so far in this attempt, all ranks
+STOPPED_KEY = "stopped_by_signal"  # the last line of an attempt stopped by a signal
 PROGRESS_KEYS = ("epoch", "loss", "lr", "images_per_s", "top1", "probe_top1", "knn_top1", "rankme_projector")  # shown on the progress line
 
 
@@ -62,10 +64,17 @@ class Metrics:
         if self.tracker is not None:
             self.tracker.log(step, values)
         info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in PROGRESS_KEYS)
+        if values.get(CORRUPT_KEY):  # shown once there are some: a healthy run's line stays short
+            info += f"  corrupt images skipped {int(values[CORRUPT_KEY])}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         else:
             self.console.print(f"step {step}  {info}", highlight=False, soft_wrap=True)
+
+    def stopped(self, step: int, signum: int) -> None:
+        """The line that says the run stopped on a signal at `step` (after its checkpoint): `barlow status` reads it."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), STOPPED_KEY: signum}) + "\n")
 
     def advance(self, step: int) -> None:
         if self._progress is not None:

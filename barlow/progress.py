@@ -30,7 +30,10 @@ TAIL_BYTES = 1 << 20  # the end of metrics.jsonl that is read: thousands of line
 RATE_WINDOW = 20  # log lines the step rate is measured over
 STALL_INTERVALS, STALL_MIN_S = 10, 600.0  # no new line for 10 log intervals, and 10 minutes at least: stalled
 
-NOT_STARTED, RUNNING, FINISHED, STALLED = "not started", "running", "finished", "stalled"
+STOPPED_KEY = "stopped_by_signal"  # the line barlow.metrics writes last when a signal stopped the run
+CORRUPT_KEY = "corrupt_images"  # per step line: undecodable images skipped so far in that attempt
+
+NOT_STARTED, RUNNING, FINISHED, STALLED, STOPPED = "not started", "running", "finished", "stalled", "stopped"
 
 
 def record_run(spec: RunSpec, total_steps: int, steps_per_epoch: int, batch_size: int,
@@ -81,6 +84,8 @@ class Progress:
     updated_age_s: float | None = None  # seconds since the latest metrics line
     checkpoint: Checkpoint | None = None
     restarts: Restarts | None = None
+    stopped_by_signal: int | None = None  # state stopped: the signal (15 SIGTERM, 2 Ctrl-C)
+    corrupt_images: int | None = None  # undecodable images skipped, every attempt in the metrics read
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -103,12 +108,15 @@ def read(output_url: str, max_restarts: int | None = None, now: float | None = N
     p.total_steps, p.epochs = run.get("total_steps"), run.get("epochs")
     rows = _tail_rows(storage.join(output_url, METRICS_FILE))
     finished = any(storage.exists(storage.join(output_url, n)) for n in DONE_FILES)
+    stop = rows.pop() if rows and STOPPED_KEY in rows[-1] else None  # a resumed run writes step lines after it
     if rows:
         _from_metrics(p, rows, run.get("batch_size"), now)
     p.checkpoint = _checkpoint(output_url, now)
     p.restarts = _restarts(output_url, max_restarts if max_restarts is not None else run.get("max_restarts"))
     if finished:
         p.state, p.eta_s = FINISHED, None
+    elif stop is not None:
+        p.state, p.eta_s, p.stopped_by_signal = STOPPED, None, stop[STOPPED_KEY]
     elif rows:
         p.state = _running_or_stalled(p, rows)
     _health(p)
@@ -174,6 +182,7 @@ def _from_metrics(p: Progress, rows: list[dict[str, Any]], batch_size: int | Non
         setattr(p, key, _latest(rows, (key,)))
     if isinstance(last.get("time"), int | float):
         p.updated_age_s = max(0.0, now - float(last["time"]))
+    p.corrupt_images = _corrupt(rows)
     window = _attempt(rows)[-RATE_WINDOW:]
     if len(window) >= 2 and window[-1]["time"] > window[0]["time"]:
         p.steps_per_s = (window[-1]["step"] - window[0]["step"]) / (window[-1]["time"] - window[0]["time"])
@@ -181,6 +190,18 @@ def _from_metrics(p: Progress, rows: list[dict[str, Any]], batch_size: int | Non
         p.steps_per_s = p.images_per_s / batch_size
     if p.total_steps is not None and p.steps_per_s:
         p.eta_s = max(0, p.total_steps - p.step) / p.steps_per_s
+
+
+def _corrupt(rows: list[dict[str, Any]]) -> int | None:
+    """Corrupt images skipped: each attempt's count is cumulative, so the sum of each attempt's last count."""
+    total, last, seen, previous_step = 0, 0, False, None
+    for row in rows:
+        if not isinstance(row.get(CORRUPT_KEY), int | float):
+            continue
+        if previous_step is not None and row["step"] <= previous_step:  # a new attempt starts counting again
+            total, last = total + last, 0
+        last, seen, previous_step = int(row[CORRUPT_KEY]), True, row["step"]
+    return total + last if seen else None
 
 
 def _running_or_stalled(p: Progress, rows: list[dict[str, Any]]) -> str:
@@ -258,7 +279,11 @@ def lines(p: Progress, now: float | None = None) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = [("output", p.output)]
     if p.name:
         rows.append(("run", f"{p.name} ({p.kind})" if p.kind else p.name))
-    rows.append(("state", p.state if p.healthy else f"{p.state} (see warnings)"))
+    state = p.state
+    if p.state == STOPPED and p.stopped_by_signal is not None:
+        state += f" by signal {p.stopped_by_signal}" + (f" after {p.checkpoint.name}" if p.checkpoint else "") + \
+            " (rerun the same spec to resume)"
+    rows.append(("state", state if p.healthy else f"{state} (see warnings)"))
     if p.step is not None:
         of = f" / {p.total_steps} ({100 * p.step / p.total_steps:.1f} %)" if p.total_steps else ""
         epoch = f"   epoch {p.epoch:.2f}" + (f" of {p.epochs}" if p.epochs else "") if p.epoch is not None else ""
@@ -276,6 +301,8 @@ def lines(p: Progress, now: float | None = None) -> list[tuple[str, str]]:
         speed = [f"{p.images_per_s:,.0f} images/s" if p.images_per_s is not None else "",
                  f"{p.steps_per_s:.3g} steps/s" if p.steps_per_s is not None else ""]
         rows.append(("speed", ", ".join(s for s in speed if s)))
+    if p.corrupt_images:
+        rows.append(("corrupt", f"{p.corrupt_images} undecodable images skipped (data.on_corrupt: skip)"))
     if p.eta_s is not None and p.state == RUNNING:
         at = datetime.fromtimestamp(now + p.eta_s, UTC).strftime("%Y-%m-%d %H:%M UTC")
         rows.append(("ETA", f"{duration(p.eta_s)} (about {at})"))

@@ -19,6 +19,8 @@ def exit_code(argv: list[str]) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    # LOGLEVEL as torchrun's own loggers take it (a local run quiets them: they repeat what a failed process said)
+    logging.getLogger("torch.distributed.elastic").setLevel(os.environ.get("LOGLEVEL", "WARNING"))
     try:
         run(parse_args(argv))
     except (RendezvousError, DistError) as e:  # e.g. the master pod is not scheduled yet: try again later

@@ -116,6 +116,7 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
     corrupt = torch.zeros((), device=place.device, dtype=torch.float64)
     interval = Interval(spec.optim.batch_size)
     z1 = z2 = None
+    skipped = 0  # corrupt images, all ranks, as of the latest log step
     for batch in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
         loss, z1, z2 = train_step(run, batch.x1, batch.x2, batch.labels)
         run.position.step += 1
@@ -125,7 +126,7 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
         corrupt += batch.n_corrupt
         at_log, at_checkpoint = step % log_every == 0 or step == total, run.checkpointer.due(step, total)
         if at_log:
-            log_step(run, step, loss_sum / interval.steps, corrupt, interval)
+            skipped = log_step(run, step, loss_sum / interval.steps, corrupt, interval)
             loss_sum.zero_()
         else:
             run.metrics.advance(step)
@@ -146,8 +147,11 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             run.checkpointer.save(step)
             run.metrics.sync()
         if signum is not None:
+            run.metrics.stopped(step, signum)
             run.metrics.close("KILLED")
             raise StoppedOnSignal(signum, f"step {step}")
+    if skipped:
+        run.metrics.print(f"{skipped} corrupt images skipped (data.on_corrupt: skip)")
     return finish(run, z1, z2)
 
 
@@ -293,8 +297,8 @@ def train_step(run: Run, x1: torch.Tensor, x2: torch.Tensor,
     return loss, z1.detach(), z2.detach()
 
 
-def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor, interval: Interval) -> None:
-    """One metrics line; the only place the loop reads device values."""
+def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor, interval: Interval) -> int:
+    """One metrics line; the only place the loop reads device values. Returns the corrupt images skipped so far."""
     values = torch.stack([mean_loss.float(), run.loss_fn.on_diag, run.loss_fn.off_diag]).tolist()  # sync: log step
     # sync: the ranks' counts, at the log step
     skipped, *probe = distributed.all_sum([corrupt, *(run.probe.counts() if run.probe else [])], run.place.device)
@@ -306,6 +310,7 @@ def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor
         line["probe_top1"] = 100 * probe[0] / probe[1]
         run.probe.reset()
     run.metrics.log(step, line)
+    return int(skipped)
 
 
 def run_record(spec: PretrainSpec, place: distributed.Placement) -> runsetup.RunRecord:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
+import subprocess
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -62,10 +64,15 @@ class FakeKube:
     denies: dict[str, str] = field(default_factory=dict)
     delete_fails: set[str] = field(default_factory=set)  # plurals whose DELETE answers 503, as an overloaded API server
     requests: list[Request] = field(default_factory=list)
+    # a folder to make a self-signed certificate in: served over HTTPS, reached with insecure-skip-tls-verify
+    # (as kind and self-signed on-prem clusters are), so urllib3 warns on every request
+    tls_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        if self.tls_dir is not None:
+            self._server.socket = _self_signed(self.tls_dir).wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def __enter__(self) -> FakeKube:
@@ -80,14 +87,15 @@ class FakeKube:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls_dir else 'http'}://{host}:{port}"
 
     def kubeconfig(self, path: Path, extra_contexts: dict[str, str] | None = None, current: str = "fake") -> Path:
         """A kubeconfig whose context `fake` points here; extra_contexts maps more context names to server URLs."""
         servers = {"fake": self.url, **(extra_contexts or {})}
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": current,
-            "clusters": [{"name": n, "cluster": {"server": u}} for n, u in servers.items()],
+            "clusters": [{"name": n, "cluster": {"server": u, **({"insecure-skip-tls-verify": True} if self.tls_dir else {})}}
+                         for n, u in servers.items()],
             "users": [{"name": USER, "user": {"token": TOKEN}}],
             "contexts": [{"name": n, "context": {"cluster": n, "user": USER}} for n in servers],
         }))
@@ -133,6 +141,16 @@ class FakeKube:
     def set_conditions(self, name: str, ns: str, *types: str, message: str = "") -> None:
         obj = self.stored(ns=ns)[name]
         obj["status"] = _status(types, message)
+
+
+def _self_signed(folder: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1 (made by openssl, as a cluster's CA would)."""
+    cert, key = folder / "server.crt", folder / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def _status(types: tuple[str, ...] | list[str], message: str = "") -> dict:

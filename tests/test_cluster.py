@@ -6,7 +6,11 @@ the exact paths, verbs, queries and bodies the server received, and on the one-l
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import warnings
 
 import pytest
 import yaml
@@ -15,6 +19,7 @@ from fake_kube import TOKEN, FakeKube
 from typer.testing import CliRunner
 
 from barlow.cli import app
+from barlow.cli.cluster import _cluster_warnings
 from barlow.errors import EXIT_WAIT_TIMEOUT
 from barlow.launch import backend
 from barlow.launch.manifest import LABEL_HASH
@@ -265,6 +270,30 @@ def test_list_shows_barlows_jobs_only(kube, spec_file, tmp_path):
     assert listing.path == JOBS and listing.query == {"labelSelector": "app.kubernetes.io/managed-by=barlow"}
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     assert rows == [["demo", "pretrain", "Pending", "2026-01-01T00:00:00Z", parse_spec(SPEC).spec_hash()]]
+
+
+@pytest.mark.timeout(30)
+def test_a_foreign_warning_in_a_cluster_command_is_shown_once_and_the_command_returns(recwarn):
+    with _cluster_warnings():
+        warnings.warn("twice the same", UserWarning, stacklevel=1)
+        warnings.warn("twice the same", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in recwarn] == ["twice the same"]
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_with_a_self_signed_certificate_answers_with_one_warning(tmp_path, spec_file):
+    """insecure-skip-tls-verify (kind, self-signed on-prem clusters): urllib3 warns on every request; the commands
+    return, and say it once."""
+    with FakeKube(tls_dir=tmp_path) as fake:
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "BARLOW_SPEC", "BARLOW_NAMESPACE")}
+        env |= {"KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig")), "BARLOW_BACKEND": "pytorchjob"}
+        submit, listing = (subprocess.run([sys.executable, "-m", "barlow.cli", *args], env=env, capture_output=True,
+                                          text=True, timeout=100) for args in (["submit", "pretrain", str(spec_file)], ["list"]))
+        assert len(fake.calls("POST", JOBS)) == 1
+    assert submit.returncode == 0, submit.stderr
+    assert listing.returncode == 0 and listing.stdout.splitlines()[1].split()[0] == "demo", listing.stderr
+    for result in (submit, listing):
+        assert result.stderr.count("InsecureRequestWarning") == 1, result.stderr
 
 
 @pytest.mark.parametrize("args", [

@@ -186,6 +186,34 @@ def test_progress_imports_no_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_a_run_stopped_by_a_signal_says_stopped_until_it_resumes(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    clock = write_run(out, monkeypatch, steps(10, 20, 30))
+    checkpoint.save(out, 30, {"w": torch.zeros(1)}, keep=2)
+    writer = metrics.Metrics(out, True, 100)
+    writer.stopped(30, 2)  # Ctrl-C, after the checkpoint (train.pretrain)
+    writer.close("KILLED")
+    p = progress.read(out, now=clock.t + 1)
+    assert (p.state, p.stopped_by_signal, p.step, p.eta_s) == ("stopped", 2, 30, None)
+    shown = dict(progress.lines(p, clock.t + 1))
+    assert shown["state"] == "stopped by signal 2 after step-00000030 (rerun the same spec to resume)" and "ETA" not in shown
+    write_run(out, monkeypatch, steps(40))  # the rerun resumes
+    assert progress.read(out).state == "running"
+
+
+def test_corrupt_images_skipped_are_counted_over_attempts(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    write_run(out, monkeypatch, [(10, {"loss": 1.0, "corrupt_images": 2.0}), (20, {"loss": 1.0, "corrupt_images": 5.0})])
+    assert "corrupt images skipped 5" in capsys.readouterr().out.splitlines()[-1]  # the progress line
+    write_run(out, monkeypatch, [(15, {"loss": 1.0, "corrupt_images": 1.0})])  # an attempt counts from 0 again
+    capsys.readouterr()
+    p = progress.read(out)
+    assert p.corrupt_images == 6
+    assert dict(progress.lines(p))["corrupt"] == "6 undecodable images skipped (data.on_corrupt: skip)"
+    write_run(str(tmp_path / "clean"), monkeypatch, steps(10, corrupt_images=0.0))
+    assert "corrupt" not in capsys.readouterr().out and "corrupt" not in dict(progress.lines(progress.read(str(tmp_path / "clean"))))
+
+
 # -- barlow status OUTPUT ----------------------------------------------------------------------------------------------
 
 
@@ -215,7 +243,7 @@ def test_status_json_has_the_documented_fields(tmp_path, monkeypatch):
     assert set(doc["progress"]) == {"output", "state", "name", "kind", "step", "total_steps", "epoch", "epochs", "loss",
                                     "probe_top1", "knn_top1", "rankme_features", "rankme_projector", "constant_dims",
                                     "collapse_below", "images_per_s", "steps_per_s", "eta_s", "updated_age_s",
-                                    "checkpoint", "restarts", "warnings", "healthy"}
+                                    "checkpoint", "restarts", "stopped_by_signal", "corrupt_images", "warnings", "healthy"}
     assert (doc["progress"]["step"], doc["progress"]["total_steps"], doc["progress"]["healthy"]) == (20, 100, True)
 
 
@@ -226,6 +254,45 @@ def test_watch_prints_one_json_line_per_refresh(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     docs = [json.loads(line) for line in result.stdout.splitlines()]
     assert [d["progress"]["step"] for d in docs] == [10, 10]
+
+
+def test_status_of_a_local_run_from_its_spec(tmp_path, monkeypatch):
+    """A spec without a cluster section runs here (barlow run): -f reads its output.url, and asks no cluster."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    out = str(tmp_path / "run")
+    write_run(out, monkeypatch, steps(10, 20))
+    local = {k: v for k, v in SPEC.items() if k != "cluster"} | {"output": {"url": out}, "runtime": {"device": "cpu"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(local))
+    result = barlow("status", "-f", tmp_path / "spec.yaml")
+    assert result.exit_code == 0, result.stderr
+    shown = fields(result.stdout)
+    assert (shown["output"], shown["step"], shown["state"]) == (out, "20 / 100 (20.0 %)   epoch 2.00 of 10", "running")
+    assert "job" not in shown and result.stderr == ""
+
+
+def test_status_of_an_s3_output_takes_the_endpoint(s3, monkeypatch):
+    write_run(s3.url, monkeypatch, steps(10, 20))
+    from barlow import storage
+
+    storage.configure_s3()  # the CLI's default: AWS, unless --endpoint-url says otherwise
+    result = barlow("status", s3.url, "--endpoint-url", s3.server.endpoint_url)
+    assert result.exit_code == 0, result.stderr
+    assert fields(result.stdout)["step"] == "20 / 100 (20.0 %)   epoch 2.00 of 10"
+
+
+def test_status_of_an_unreachable_s3_endpoint_is_one_line(monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    result = barlow("status", "s3://bucket/runs/x", "--endpoint-url", f"http://127.0.0.1:{port}")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: s3://bucket/runs/x: ") and str(port) in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("args, code, message", [

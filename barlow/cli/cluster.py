@@ -75,16 +75,17 @@ def _cluster_warnings() -> Iterator[None]:
     """Print each distinct ClusterWarning as one `warning:` line on stderr (stdout stays the manifests)."""
     from barlow.launch.checks import ClusterWarning
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ClusterWarning)
-        try:
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ClusterWarning)
             yield
-        finally:
-            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ClusterWarning)):
-                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
-            for w in caught:
-                if not issubclass(w.category, ClusterWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    finally:  # shown after the block: shown inside it, a warning would be recorded again, and looped over forever
+        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ClusterWarning)):
+            err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        foreign = {(str(w.message), w.category): w for w in caught if not issubclass(w.category, ClusterWarning)}
+        for w in foreign.values():  # once each, e.g. urllib3's InsecureRequestWarning, raised on every request
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides: list[str] | None,
@@ -205,6 +206,8 @@ def status(
     count: int = typer.Option(None, "--count", min=1, help="With --watch: stop after this many refreshes."),
     output: OutputFormat = typer.Option(OutputFormat.text, "--output", "-o",
                                         help="text, or json for scripts (with --watch: one JSON object per line)."),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3 endpoint of an s3:// output (default: the -f spec's "
+                                                                  "data.s3.endpoint_url, else AWS)."),
 ) -> None:
     """How far, how fast, is it healthy: a job's phase, why its pods are not running, Kueue's admission; and from the
     run's files (an output folder or URL, or -f SPEC), step of total, loss, probe top-1, images/s, ETA, the latest
@@ -217,7 +220,8 @@ def status(
         raise fail("give an output folder or -f SPEC, not both (the spec's output.url is the run's folder)", EXIT_INVALID)
     name = target or spec.name
     job_args = None
-    if not is_output:
+    local_run = spec is not None and "cluster" not in spec.model_fields_set  # a spec without a cluster runs here
+    if not is_output and not local_run:
         from barlow.launch.cluster import resolve_namespace
 
         with _cluster_errors():
@@ -234,18 +238,18 @@ def status(
         url = target if is_output else (spec.output.url if spec else "")
         if url:
             try:
-                found.progress = _read_progress(url, spec, found.time)
+                found.progress = _read_progress(url, spec, found.time, endpoint_url)
             except ImportError as e:  # the CLI image has no fsspec: a job's status stands without its files
                 why = f"reading {url} needs {e.name or 'fsspec'}, which this installation lacks (the training image has it)"
-                if is_output:
+                if job_args is None:
                     raise fail(why) from None
                 found.progress_error = why
             except FileNotFoundError as e:
-                if is_output:
+                if job_args is None:
                     raise fail(str(e), EXIT_INVALID) from None
                 found.progress_error = str(e)
             except Exception as e:  # the job's status stands without its files (no credentials, a store down)
-                if is_output:
+                if job_args is None:
                     raise fail(f"{url}: {type(e).__name__}: {e}") from None
                 found.progress_error = f"{url}: {type(e).__name__}: {e}"
         return found
@@ -253,11 +257,14 @@ def status(
     _refresh(report, output, watch, interval, count)
 
 
-def _read_progress(url: str, spec: PretrainSpec | EvalRunSpec | None, now: float) -> Progress:
+def _read_progress(url: str, spec: PretrainSpec | EvalRunSpec | None, now: float, endpoint_url: str | None) -> Progress:
     from barlow import progress, storage
 
-    if spec is not None:  # the output is read as the run writes it (the spec's S3 endpoint), with few retries
-        storage.configure_s3(storage.S3Settings(**{**spec.data.s3.model_dump(), "retries": 2}))
+    # the output is read as the run writes it (the spec's S3 endpoint), with one attempt: a store that does not
+    # answer is said at once, not after a minute of retries
+    settings = spec.data.s3.model_dump() if spec is not None else {}
+    storage.configure_s3(storage.S3Settings(**{**settings, "retries": 1,
+                                                **({"endpoint_url": endpoint_url} if endpoint_url else {})}))
     return progress.read(url, spec.cluster.max_restarts if spec else None, now)
 
 

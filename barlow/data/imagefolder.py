@@ -24,7 +24,7 @@ from barlow import storage
 from barlow.data import register_format
 from barlow.data.layout import key_hash, subset_thresholds
 from barlow.data.listing import NoImages, describe, labelled_images, listing_of
-from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed
+from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed, iter_loader, loader_worker_init
 from barlow.spec import DataSpec
 
 _READ_THREADS = 8  # parallel reads per worker on object stores, where each read is a round trip
@@ -119,7 +119,7 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[HostBatch]:
         self.sampler.keys = self.keys
-        return iter(self.loader)
+        return iter_loader(self.loader)
 
 
 @register_format("imagefolder")
@@ -175,7 +175,7 @@ class ImageFolderSource:
             sampler = _Keys()
             return dataset, sampler, DataLoader(
                 dataset, batch_size=None, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                prefetch_factor=2 if workers else None, pin_memory=pin_memory)
+                prefetch_factor=2 if workers else None, pin_memory=pin_memory, worker_init_fn=loader_worker_init)
         dataset, sampler, dataloader = self._loader.get((transform, order, workers, subset_percent, pin_memory), build)
         n = len(dataset.batches(epoch, start_step))  # here too: a bad start_step is an error in this process
         return FolderLoader(dataloader, sampler, [(epoch, start_step, j) for j in range(n)])

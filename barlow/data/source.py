@@ -17,13 +17,38 @@ Every source (`imagefolder.ImageFolderSource`, `stream.ShardSource`) shares, thr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+import os
+import signal
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
+from torch.utils.data import DataLoader
 
 from barlow.data.decode import CorruptImage
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # what a preemption, a node drain or Ctrl-C sends
+
+
+def iter_loader(loader: DataLoader) -> Iterator[Any]:
+    """`iter(loader)` with the stop signals held while it forks loader workers: a worker forked while a stop signal
+    is in flight keeps it pending until `loader_worker_init` has taken it out of the run's process group."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile reaches the trainer now
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """Every loader worker's `worker_init_fn`: a session of its own, so that the run's stop signal, which torchrun
+    sends to each training process's whole process group (a preemption, a node drain, Ctrl-C), does not kill the
+    workers mid-step; the training process stops at its agreed step, checkpoints, and then shuts them down."""
+    os.setsid()
+    while hasattr(signal, "sigtimedwait") and signal.sigtimedwait(STOP_SIGNALS, 0) is not None:  # (macOS has none)
+        pass  # a stop signal sent to the trainer's group before this worker left it: taken, not acted on
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def derive_seed(*parts: Any) -> int:

@@ -39,9 +39,10 @@ from barlow.data.layout import Sample, ShardIndex, iter_samples, load_index
 from barlow.data.parquet import INDEX_FORMAT as PARQUET_INDEX_FORMAT
 from barlow.data.parquet import index_of as parquet_index_of
 from barlow.data.parquet import row_group_samples
-from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed
+from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed, iter_loader, loader_worker_init
 from barlow.data.tarindex import INDEX_FORMAT as WDS_INDEX_FORMAT
 from barlow.data.tarindex import index_of
+from barlow.errors import RunFailed
 from barlow.spec import DataSpec
 
 
@@ -49,7 +50,7 @@ class MissingShard(FileNotFoundError):
     """A shard the index lists is not there."""
 
 
-class ShardError(ValueError):
+class ShardError(RunFailed, ValueError):
     """A shard that does not match its index (truncated, rewritten, or not a shard)."""
 
 
@@ -183,7 +184,7 @@ class ShardSource:
             rank_epochs = _RankEpochs(self.index, self.data, self.s3, transform, args)
             return rank_epochs, DataLoader(
                 rank_epochs, batch_size=None, num_workers=workers, prefetch_factor=2, persistent_workers=True,
-                pin_memory=pin_memory) if workers else None
+                pin_memory=pin_memory, worker_init_fn=loader_worker_init) if workers else None
         rank_epochs, dataloader = self._loader.get((args, transform, workers, pin_memory), build)
         plans = rank_epochs.plans(epoch, start_step)  # here too: a bad start_step is an error in this process
         return ShardLoader(rank_epochs, dataloader, epoch, start_step, sum(len(p.batch_sizes) - p.skip for p in plans))
@@ -244,7 +245,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[HostBatch]:
         self.rank_epochs.set_epoch(self.epoch, self.start_step)
-        return iter(self.loader) if self.loader is not None else iter(self.rank_epochs)
+        return iter_loader(self.loader) if self.loader is not None else iter(self.rank_epochs)
 
 
 class _RankEpochs(IterableDataset):
@@ -276,6 +277,14 @@ class _RankEpochs(IterableDataset):
         reader = _Reader(self.index, self.data, self.s3, self.args.percent, self.transform,
                          (self.args.seed, epoch, self.args.rank))
         return reader.run(self.plans(epoch, start_step)[info.id if info else 0])
+
+
+def _checked(samples: Iterator[Sample]) -> Iterator[Sample]:
+    """A shard's samples; what is wrong with the shard (not a tar, cut short, a sample without a .cls) a ShardError."""
+    try:
+        yield from samples
+    except ValueError as e:
+        raise ShardError(str(e)) from None
 
 
 class _Reader:
@@ -330,7 +339,7 @@ class _Reader:
             raise MissingShard(f"{url}: shard {self.index.shards[shard].name} listed in {self.index.url} "
                                "is missing") from None
         with f:
-            yield from iter_samples(f, url, self.index.format == WDS_INDEX_FORMAT)
+            yield from _checked(iter_samples(f, url, self.index.format == WDS_INDEX_FORMAT))
 
     def run(self, plan: WorkerPlan) -> Iterator[HostBatch]:
         order = buffer_order(plan.num_samples, self.buffer, plan.order_seed)

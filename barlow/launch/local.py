@@ -35,7 +35,8 @@ def _torchrun(spec: PretrainSpec | EvalRunSpec, holder: str) -> int:
     env = {**os.environ, SPEC_ENV: dump_spec(spec), HOLDER_ENV: holder}  # the workers hold the lease as this run
     if spec.runtime.device != "cuda":  # share the cores instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault("LOGLEVEL", "WARNING")
+    env.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's own lines repeat what the failing process said in one line
+    env["PYTHONSAFEPATH"] = "1"  # `python -m` would put the working directory first: a ./barlow there would shadow barlow
     proc = subprocess.Popen(torchrun_command(nproc), env=env)
     # torchrun forwards a signal to its workers (they checkpoint, then exit 128 + signal); pass SIGTERM on to it.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
