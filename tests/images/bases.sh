@@ -31,7 +31,7 @@ else
     # This machine's extra CAs (a TLS-inspecting egress), so pip inside `docker build --network host` reaches PyPI.
     if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
         cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
-        chroot "$root" update-ca-certificates >/dev/null
+        chroot "$root" update-ca-certificates >/dev/null 2>&1
     fi
     chroot "$root" apt-get clean
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/* "$root"/tmp/*
@@ -55,12 +55,20 @@ else
         [ -d "$dir" ] && { mounts="$mounts -v $dir:$dir:ro"; links="$links $dir"; }
     done
     name=barlow-standin-torch-$$
+    log=/tmp/$name.log
     # shellcheck disable=SC2086  # $mounts is a list of options
-    "$engine" run --name "$name" --network host $mounts \
+    if ! "$engine" run --name "$name" --network host $mounts \
         -e PIP_EXTRA_INDEX_URL="${index# }" -e PIP_FIND_LINKS="${links# }" -e PIP_NO_CACHE_DIR=1 \
         -e PIP_DISABLE_PIP_VERSION_CHECK=1 -e PIP_ROOT_USER_ACTION=ignore \
         "$PYTHON_BASE" sh -c "pip install --quiet $pins && python -c 'import torch, torchvision; print(\"torch\", torch.__version__, \"torchvision\", torchvision.__version__)'" \
-        || { "$engine" rm "$name" >/dev/null 2>&1; echo "bases: installing $pins into $PYTHON_BASE failed" >&2; exit 1; }
+        >"$log" 2>&1; then
+        "$engine" rm "$name" >/dev/null 2>&1
+        tail -n 5 "$log" >&2
+        echo "bases: installing $pins into $PYTHON_BASE failed (log $log)" >&2
+        exit 1
+    fi
+    echo "bases: $(grep '^torch ' "$log")"
+    rm -f "$log"
     "$engine" commit --change 'CMD ["python3"]' "$name" "$TORCH_BASE" >/dev/null
     "$engine" rm "$name" >/dev/null
     echo "bases: built $TORCH_BASE in $(( $(date +%s) - start )) s"
