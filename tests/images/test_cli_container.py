@@ -69,7 +69,7 @@ def test_status_of_a_run_folder_on_s3(images, s3_server, finished_run):
     assert out.returncode == 0, out.stderr
     progress = json.loads(out.stdout)["progress"]
     total = int(re.search(r"(\d+) steps/epoch × (\d+) epochs", finished_run["logs"][0]).group(1)) * 2
-    assert (progress["step"], progress["total_steps"]) == (total, total), progress
+    assert (progress["state"], progress["step"], progress["total_steps"]) == ("finished", total, total), progress
     assert isinstance(progress["loss"], float), progress
 
 

@@ -43,9 +43,9 @@ def test_two_nodes_finish_a_pretrain(pods, s3, demo_on_s3, finished_run, backend
 
 @pytest.mark.parametrize("workers", [0])  # >0 once a SIGTERM reaching loader workers checkpoints too (issue 21)
 def test_a_stopped_node_checkpoints_and_both_resume(pods, s3, demo_on_s3, workers):
-    spec = run_spec(s3.server, demo_on_s3, f"stop-{workers}", "pytorchjob", **{"data.workers": workers, "optim.epochs": 4})
+    spec = run_spec(s3.server, demo_on_s3, f"stop-{workers}", "pytorchjob", **{"data.workers": workers, "optim.epochs": 3})
     names = start_nodes(pods, s3.server, spec, f"stop{workers}")
-    pods.wait_for_log(names[1], "step 6 ")
+    pods.wait_for_log(names[0], "step 6 ")  # node 0 logs the steps
     assert engine("stop", "--time", "100", names[1], timeout=130).returncode == 0  # SIGTERM, as a deleted pod gets
     stopped = pods.wait(names[1], timeout=60)
     peer = pods.wait(names[0], timeout=180)
@@ -60,7 +60,7 @@ def test_a_stopped_node_checkpoints_and_both_resume(pods, s3, demo_on_s3, worker
     codes = [pods.wait(n) for n in names]
     logs = [pods.logs(n) for n in names]
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
-    assert all(f"resuming at step {at}" in log for log in logs), logs[0][-2000:]
+    assert f"resuming at step {at}" in logs[0], logs[0][-2000:]  # node 0 logs for both; they train together
     assert step_of(checkpoint.latest(out)) == total_steps(logs[0])
 
 
