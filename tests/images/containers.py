@@ -123,8 +123,10 @@ class Pods:
 
     def start(self, name: str, c: Container, extra_env: dict[str, str]) -> str:
         env = {**c.env, **extra_env}
+        # a read-only root: the image writes nothing outside HOME, the temporary directory and the run's output
         cmd = [ENGINE, "run", "-d", "--name", name, "--network", "host", "--shm-size", "1g", "--cap-drop", "ALL",
-               "--security-opt", "no-new-privileges", "--entrypoint", c.command[0]]
+               "--security-opt", "no-new-privileges", "--read-only", "--tmpfs", "/tmp",
+               "--tmpfs", "/home/barlow:uid=1000,gid=1000", "--entrypoint", c.command[0]]
         if c.user:
             cmd += ["--user", c.user]
         if c.working_dir:

@@ -73,10 +73,11 @@ def test_a_node_waiting_for_its_peers_stops_at_once(pods, s3, demo_on_s3):
     time.sleep(8)  # torchrun is in its rendezvous by now
     assert engine("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true", pods.logs(name)
     start = time.monotonic()
-    assert engine("stop", "--time", "30", name, timeout=60).returncode == 0
+    assert engine("stop", "--time", "60", name, timeout=90).returncode == 0
     took = time.monotonic() - start
     code = pods.wait(name)
-    assert took < 5 and is_retryable(code), (took, code, pods.logs(name)[-2000:])
+    # 143: it stopped on the SIGTERM itself; sitting out the 60 s grace would end in SIGKILL, 137
+    assert code == 143 and is_retryable(code) and took < 20, (took, code, pods.logs(name)[-2000:])
 
 
 def test_a_bad_spec_is_one_error_line_and_exit_2(pods, s3, demo_on_s3):
