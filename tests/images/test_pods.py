@@ -1,6 +1,6 @@
-"""The training image runs the rendered pods' own commands as the cluster does (see conftest.py): two nodes finish a
-pretrain; a stopped node checkpoints and exits 143, and both resume; a node waiting for peers that never come stops
-at once on SIGTERM; a bad spec is one `error` line and exit 2."""
+"""The training image runs the rendered pods' own commands as the cluster does (see containers.py): a TrainJob's two
+nodes finish a pretrain; a PyTorchJob's stopped node checkpoints and exits 143, and both resume and finish; a node
+waiting for peers that never come stops at once on SIGTERM; a bad spec is one `error` line and exit 2."""
 
 from __future__ import annotations
 
@@ -26,15 +26,16 @@ def step_of(url: str | None) -> int:
     return int(re.findall(r"\d+", url.rstrip("/").rsplit("/", 1)[-1])[-1])
 
 
-@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
-def test_two_nodes_finish_a_pretrain(pods, s3, demo_on_s3, finished_run, backend):
-    run = finished_run if backend == "trainjob" else \
-        run_two_nodes(pods, s3.server, run_spec(s3.server, demo_on_s3, f"two-{backend}", backend), backend)
-    logs = run["logs"]
-    assert run["codes"] == [0, 0], "\n".join(log[-3000:] for log in logs)
+def test_two_nodes_finish_a_pretrain(finished_run):
+    """The TrainJob's pods (the PyTorchJob's finish theirs in the resume test below)."""
+    check_finished(finished_run["spec"], finished_run["codes"], finished_run["logs"])
+
+
+def check_finished(spec: dict, codes: list[int], logs: list[str]) -> None:
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     for log in logs:
         assert "Traceback" not in log and "never retrieved" not in log, log[-4000:]
-    out = run["spec"]["output"]["url"]
+    out = spec["output"]["url"]
     total = total_steps(logs[0])
     assert f"step {total} " in logs[0]  # every step ran (log_every divides the total here)
     assert step_of(checkpoint.latest(out)) == total
@@ -43,7 +44,7 @@ def test_two_nodes_finish_a_pretrain(pods, s3, demo_on_s3, finished_run, backend
 
 @pytest.mark.parametrize("workers", [0])  # >0 once a SIGTERM reaching loader workers checkpoints too (issue 21)
 def test_a_stopped_node_checkpoints_and_both_resume(pods, s3, demo_on_s3, workers):
-    spec = run_spec(s3.server, demo_on_s3, f"stop-{workers}", "pytorchjob", **{"data.workers": workers, "optim.epochs": 3})
+    spec = run_spec(s3.server, demo_on_s3, f"stop-{workers}", "pytorchjob", **{"data.workers": workers})
     names = start_nodes(pods, s3.server, spec, f"stop{workers}")
     pods.wait_for_log(names[0], "step 6 ")  # node 0 logs the steps
     assert engine("stop", "--time", "100", names[1], timeout=130).returncode == 0  # SIGTERM, as a deleted pod gets
@@ -56,12 +57,9 @@ def test_a_stopped_node_checkpoints_and_both_resume(pods, s3, demo_on_s3, worker
     at = step_of(checkpoint.latest(out))
     assert 6 <= at < total_steps(logs[0])
 
-    names = start_nodes(pods, s3.server, spec, f"stop{workers}-again")  # ExitCode restarts both pods
-    codes = [pods.wait(n) for n in names]
-    logs = [pods.logs(n) for n in names]
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
-    assert f"resuming at step {at}" in logs[0], logs[0][-2000:]  # node 0 logs for both; they train together
-    assert step_of(checkpoint.latest(out)) == total_steps(logs[0])
+    run = run_two_nodes(pods, s3.server, spec, f"stop{workers}-again")  # ExitCode restarts both pods
+    check_finished(spec, run["codes"], run["logs"])
+    assert f"resuming at step {at}" in run["logs"][0], run["logs"][0][-2000:]  # node 0 logs for both
 
 
 def test_a_node_waiting_for_its_peers_stops_at_once(pods, s3, demo_on_s3):
