@@ -67,8 +67,8 @@ build() {
     set -- -f "$dockerfile" -t "$tag" --build-arg "BASE_IMAGE=$base" "$@"
     [ -z "${BUILD_NETWORK:-}" ] || set -- --network "$BUILD_NETWORK" "$@"
     if ! "$engine" build "$@" . >"$log" 2>&1; then
-        tail -n 15 "$log" >&2
-        why=$(grep -o "base image has torch .*" "$log" | head -1 | tr -d "'\"")
+        why=$(grep "^base image has torch " "$log" | head -1)
+        [ -n "$why" ] || tail -n 15 "$log" >&2
         echo "make image: building $tag failed${why:+: $why} (full log: $log)" >&2
         exit 1
     fi
