@@ -26,7 +26,7 @@ def step_of(url: str | None) -> int:
     return int(re.findall(r"\d+", url.rstrip("/").rsplit("/", 1)[-1])[-1])
 
 
-def test_two_nodes_finish_a_pretrain(finished_run):
+def test_two_nodes_finish_a_pretrain(s3, finished_run):  # s3: this process reads the run's files too
     """The TrainJob's pods (the PyTorchJob's finish theirs in the resume test below)."""
     check_finished(finished_run["spec"], finished_run["codes"], finished_run["logs"])
 
