@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo image clean
+.PHONY: install test test-fast lint demo image images-ci clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check barlow tests bench cli.py
 	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cli
 
-image:  ## the training image barlow:<version> and the CLI image barlow-cli:<version> (IMAGE=<registry>/barlow:<version> names both for a push: the CLI one <registry>/barlow-cli:<version>; CLI_IMAGE=, BASE_IMAGE=, CLI_BASE_IMAGE=)
+image:  ## the training image barlow:<version> and the CLI image barlow-cli:<version> (IMAGE=<registry>/barlow:<version> names both for a push: the CLI one <registry>/barlow-cli:<version>; CLI_IMAGE=, BASE_IMAGE=, CLI_BASE_IMAGE=, EXTRAS=mlflow,decode, BUILD_NETWORK=host)
 	docker/build.sh
+
+images-ci:  ## CI's image part: a docker daemon (Debian's docker.io, started here as root when none answers), the stand-in bases of tests/images/bases.sh (test-only), both images through docker/build.sh; `make test` then runs tests/images in them
+	tests/images/ci.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

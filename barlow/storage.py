@@ -15,9 +15,11 @@ import logging
 import os
 import posixpath
 import random
+import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -96,13 +98,33 @@ def filesystem(url: str, s3: S3Settings | None = None) -> tuple[fsspec.AbstractF
     """The filesystem and the path inside it for a URL or local path.
 
     fsspec caches filesystems per process (it drops its cache after a fork), so a loader worker calling this
-    gets its own S3 client: an s3fs object made in the parent is not fork-safe.
+    gets its own S3 client: an s3fs object made in the parent is not fork-safe (and is never closed in the child,
+    see `_disown_parent_s3_sessions`).
     """
     if not url.startswith(("s3://", "s3a://")):
         return url_to_fs(url)
     fs, path = url_to_fs(url, **_settings(s3).fs_options())
     fs.retries = 1  # s3fs's own retry loop off: `retry()` below is the one outer loop, with the spec's attempts
     return fs, path
+
+
+def _disown_parent_s3_sessions() -> None:
+    """In a forked child (a loader worker): detach the finalizers of the s3fs filesystems the parent made. Their
+    aiobotocore sessions belong to the parent's event loop; finalized in the child (fsspec drops them from its cache
+    there, or a garbage cycle pending at the fork is collected) they were closed on the child's loop instead:
+    "Task exception was never retrieved ... attached to a different loop". The parent still closes its own."""
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is None:
+        return
+    # weakref.finalize keeps its live finalizers in this class-level registry; peek/detach are its public API
+    for finalizer in list(getattr(weakref.finalize, "_registry", {})):
+        held = finalizer.peek()
+        if held is not None and isinstance(held[0], s3fs.S3FileSystem):
+            finalizer.detach()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_parent_s3_sessions)
 
 
 def is_local(url: str) -> bool:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
 
 from barlow.errors import EXIT_OK, EXIT_PEER_LOST, child_exit_code, exit_on_signal
@@ -34,6 +36,17 @@ def exit_code(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def as_init(argv: list[str]) -> int:
+    """Run as a container's PID 1 (a pod's `command`, no init in front): torchrun in a child, stop signals passed on.
+    The kernel drops a signal PID 1 has no handler for, and torchrun installs none before its rendezvous: a pod
+    waiting for peers that never come sat out its whole grace period until SIGKILL. The child, not PID 1, dies of
+    the signal at once (143, retryable) or, once training, checkpoints and exits 143 itself."""
+    child = subprocess.Popen([sys.executable, "-m", "barlow.torchrun", *argv])
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: child.send_signal(signum))
+    return child_exit_code(child.wait())
+
+
 def _exit(code: int) -> None:
     """Exit with `code` without the interpreter's teardown, once torchrun is done: after a SIGTERM its rendezvous
     store is left running (torch keeps it for a restart), and its teardown was seen to abort the process ("terminate
@@ -45,4 +58,4 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit(exit_code(sys.argv[1:]))
+    _exit(as_init(sys.argv[1:]) if os.getpid() == 1 else exit_code(sys.argv[1:]))
