@@ -320,6 +320,7 @@ def measure(run: EvalRun) -> dict[str, float]:
 def finish(run: EvalRun, measured: dict[str, float]) -> dict:
     """results.json and the last metrics line; every rank returns the results."""
     spec, e = run.spec, run.spec.eval
+    run.checkpointer.wait()  # the last epoch's checkpoint upload
     results = {"name": spec.name, "mode": e.mode, "train_percent": e.train_percent, "epochs": e.epochs,
                "classes": run.num_classes, "val_images": run.val_src.num_samples, **measured, "knn_k": e.knn_k,
                "checkpoint": e.checkpoint or e.backbone}
@@ -365,6 +366,7 @@ def _stop_if_asked(run: EvalRun, stop_signal: runsetup.StopSignal, saved: bool =
     if not saved:
         run.checkpointer.save(run.position.batches)
         run.metrics.sync()
+    run.checkpointer.wait()
     run.metrics.close()
     raise StoppedOnSignal(signum, f"epoch {run.position.epoch} step {run.position.in_epoch}")
 

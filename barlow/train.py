@@ -96,13 +96,26 @@ class Interval:
 
     def __init__(self, batch_size: int):
         self.batch_size, self.steps, self.start = batch_size, 0, time.perf_counter()
+        self.waited = 0.0  # seconds the loop waited for its next batch in this interval
+        self.data_wait = 0.0  # the share of the last finished interval spent waiting for batches
 
     def images_per_s(self) -> float:
-        """The interval's rate; starts the next interval."""
+        """The interval's rate (and its `data_wait`); starts the next interval."""
         now = time.perf_counter()
-        rate = self.steps * self.batch_size / max(now - self.start, 1e-9)
-        self.steps, self.start = 0, now
+        elapsed = max(now - self.start, 1e-9)
+        rate, self.data_wait = self.steps * self.batch_size / elapsed, min(1.0, self.waited / elapsed)
+        self.steps, self.start, self.waited = 0, now, 0.0
         return rate
+
+    def timed(self, batches: Iterator[DeviceBatch]) -> Iterator[DeviceBatch]:
+        """`batches`, adding the time spent waiting for each to `waited`."""
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.waited += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
 
 def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None) -> dict:
@@ -113,7 +126,7 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
     corrupt = torch.zeros((), device=place.device, dtype=torch.float64)
     interval = Interval(spec.optim.batch_size)
     z1 = z2 = None
-    for batch in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
+    for batch in interval.timed(device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch)):
         loss, z1, z2 = train_step(run, batch.x1, batch.x2, batch.labels)
         run.position.step += 1
         step = run.position.step
@@ -134,7 +147,7 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
         else:
             signum = None
         if at_checkpoint or signum is not None:
-            run.checkpointer.save(step)
+            run.checkpointer.save(step, wait=signum is not None)  # uploads in the background; a stop waits for it
             run.metrics.sync()
         if signum is not None:
             run.metrics.close("KILLED")
@@ -254,7 +267,11 @@ def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor
     images_per_s = interval.images_per_s()  # after the syncs: the interval's device work is done
     epoch = step / run.steps_per_epoch
     line = {"epoch": epoch, "loss": values[0], "on_diag": values[1], "off_diag": values[2],
-            "lr": run.optimizer.param_groups[0]["lr"], "corrupt_images": skipped, "images_per_s": images_per_s}
+            "lr": run.optimizer.param_groups[0]["lr"], "corrupt_images": skipped, "images_per_s": images_per_s,
+            "data_wait": interval.data_wait}
+    stall = run.checkpointer.take_stall()  # the checkpoints of the interval: snapshots, and waits for an upload
+    if stall:
+        line["checkpoint_stall_s"] = stall
     if run.probe is not None and probe[1] > 0:  # the probe's top-1 on the batches since the last line, all ranks
         line["probe_top1"] = 100 * probe[0] / probe[1]
         run.probe.reset()
@@ -284,6 +301,9 @@ def resume_note(record: runsetup.RunRecord, saved: dict[str, Any] | None, step: 
 def finish(run: Run, z1: torch.Tensor | None, z2: torch.Tensor | None) -> dict:
     """Export the backbone as a plain torchvision ResNet state_dict and draw the cross-correlation matrix."""
     spec, place, out = run.spec, run.place, run.spec.output.url
+    run.checkpointer.wait()  # the last checkpoint's upload
+    if stall := run.checkpointer.take_stall():
+        run.metrics.log(run.position.step, {"epoch": run.position.step / run.steps_per_epoch, "checkpoint_stall_s": stall})
     c = cross_correlation(z1.detach(), z2.detach()) if z1 is not None else None
     summary = {"name": spec.name, "steps": run.position.step, "backbone": storage.join(out, "backbone.pt")}
     if place.is_main:
