@@ -44,7 +44,9 @@ def backbone_state(source_url: str, is_export: bool, s3: storage.S3Settings | No
             folder = source_url if found else checkpoint.latest(source_url, s3)
             if folder is None:
                 raise NothingToEvaluate(f"eval.checkpoint: no backbone.pt and no complete checkpoint under {source_url}")
-            model = checkpoint.load(folder, s3)["model"]
+            if storage.exists(storage.join(folder, "backbone.pt"), s3):  # a checkpoint's own backbone: read only it
+                return checkpoint.load(folder, s3, "backbone.pt")
+            model = checkpoint.load(folder, s3)["model"]  # a checkpoint from before they had one
             return {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
     if not storage.exists(source_url, s3):
         raise NothingToEvaluate(f"{'eval.backbone' if is_export else 'eval.checkpoint'}: {source_url} does not exist")

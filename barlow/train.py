@@ -183,7 +183,8 @@ def set_up(spec: PretrainSpec) -> Run:
     knn = KnnMonitor(spec, proc, source, every) if every else None
     record = run_record(spec, place)
     checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
-                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts)
+                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
+                                exports={"backbone.pt": backbone_of})
     checkpointer.resume(record.check)
     tracker = None
     if spec.output.mlflow is not None and place.is_main:
@@ -202,6 +203,11 @@ def set_up(spec: PretrainSpec) -> Run:
                wrap_for_speed(model, spec.runtime, place), optimizer,
                WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size),
                BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn)
+
+
+def backbone_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's backbone weights alone, as `finish` exports them: what an eval of the checkpoint reads."""
+    return {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
 
 
 def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:

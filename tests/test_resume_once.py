@@ -87,3 +87,33 @@ def test_ranks_resuming_from_s3_read_one_checkpoint(s3, tmp_path, world):
         assert got["step"] == 7 and got["run"] == {"world_size": 1}
         _assert_equal(got["model"], today["model"])
         _assert_equal(got["optimizer"], today["optimizer"])
+
+
+class TwoParts(torch.nn.Module):
+    """A stand-in for BarlowTwins: a backbone and a projector much larger than it, as at the paper's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Linear(100, 100)
+        self.projector = torch.nn.Linear(100, 4000)
+
+
+@pytest.mark.parametrize("layout", ["with its backbone", "from before checkpoints had one"])
+def test_an_eval_of_a_checkpoint_reads_only_its_backbone(s3, layout):
+    from barlow.evaluate import backbone_state
+    from barlow.train import backbone_of
+
+    out, model = f"{s3.url}/run", TwoParts()
+    exports = {"backbone.pt": backbone_of} if layout == "with its backbone" else {}
+    checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts={"model": model}, run={}, s3=s3.settings,
+                            exports=exports).save(3, wait=True)
+    state_size = storage.size(storage.join(checkpoint.latest(out, s3.settings), "state.pt"), s3.settings)
+    with SlowDownProxy(int(s3.server.endpoint_url.rsplit(":", 1)[1])) as proxy:
+        got = backbone_state(out, is_export=False, s3=storage.S3Settings(endpoint_url=proxy.url, retries=3))
+    assert got.keys() == model.backbone.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in model.backbone.state_dict().items())
+    read = proxy.sent.get("GET", 0)
+    if exports:
+        assert read < state_size / 10, f"read {read} bytes for a backbone of a {state_size}-byte checkpoint"
+    else:
+        assert read >= state_size
