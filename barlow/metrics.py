@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from barlow import storage
+from barlow import storage, trainer_status
 
 PROGRESS_KEYS = ("epoch", "loss", "lr", "images_per_s", "top1", "probe_top1", "knn_top1")  # shown on the progress line
 
@@ -34,8 +34,10 @@ class Metrics:
         self.console = Console(stderr=False)
         self._progress = None
         self._synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) when last uploaded
+        self.reporter: trainer_status.Reporter | None = None  # Kubeflow Trainer's status server, where it gives one
         if not enabled:
             return
+        self.reporter = trainer_status.from_env(total_steps, start_step, say=self.print)
         self.local = output_url.removeprefix("file://") if storage.is_local(output_url) else tempfile.mkdtemp(prefix="barlow-")
         os.makedirs(self.local, exist_ok=True)
         if not storage.is_local(output_url) and storage.exists(storage.join(output_url, "metrics.jsonl"), s3):
@@ -61,6 +63,8 @@ class Metrics:
             self._tb.add_scalar(k, v, step)
         if self.tracker is not None:
             self.tracker.log(step, values)
+        if self.reporter is not None:
+            self.reporter.update(step, values)
         info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in PROGRESS_KEYS)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
@@ -68,6 +72,8 @@ class Metrics:
             self.console.print(f"step {step}  {info}", highlight=False, soft_wrap=True)
 
     def advance(self, step: int) -> None:
+        if self.reporter is not None:
+            self.reporter.update(step)
         if self._progress is not None:
             self._progress.update(self._task, completed=step)
 
@@ -109,6 +115,8 @@ class Metrics:
         self._jsonl.close()
         if self.tracker is not None:
             self.tracker.close(status)
+        if self.reporter is not None:
+            self.reporter.close(finished=status == "FINISHED")
 
 
 def _round(v: Any) -> Any:

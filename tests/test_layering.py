@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "barlow"
 # Lower layers first; a module may import modules of strictly lower layers, and modules of its own package
 # (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
+    ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.trainer_status", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
     ("barlow.distributed", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking"),
     ("barlow.restarts", "barlow.runsetup"),
     ("barlow.progress",),
