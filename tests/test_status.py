@@ -455,3 +455,17 @@ def test_status_in_the_cli_image_shows_the_job_and_says_what_it_lacks_for_the_fi
     assert folder.returncode == 1
     assert folder.stderr.strip() == (f"error: reading {tmp_path} needs fsspec, which this installation lacks (the "
                                      "training image has it)")
+
+
+def test_status_shows_what_the_run_reported_to_the_trainer(kube, tmp_path):
+    submit(tmp_path, "trainjob")
+    reported = {"progressPercentage": 42, "estimatedRemainingSeconds": 3600, "lastUpdatedTime": "2026-12-06T02:00:00Z",
+                "metrics": [{"name": "loss", "value": "812.4"}, {"name": "images_per_s", "value": "2950"}]}
+    kube.scripted["demo"] = [{"status": {"conditions": [], "trainerStatus": reported}}]
+    result = barlow("status", "demo", "-b", "trainjob")
+    assert result.exit_code == 0, result.stderr
+    assert fields(result.stdout)["trainer"] == ("42 %, 3600 s left; loss 812.4, images_per_s 2950 "
+                                                "(at 2026-12-06T02:00:00Z)")
+    kube.scripted["demo"] = [{"status": {"conditions": [], "trainerStatus": reported}}]
+    doc = json.loads(barlow("status", "demo", "-b", "trainjob", "-o", "json").stdout)
+    assert doc["job"]["trainer_status"] == reported

@@ -99,6 +99,7 @@ class JobStatus:
     spec_hash: str = ""
     what: str = "pytorchjob"
     succeeded: str = "Succeeded"  # the backend's phase of success
+    trainer_status: dict[str, Any] = field(default_factory=dict)  # a TrainJob's status.trainerStatus (KEP-2779), as given
 
     @property
     def finished_ok(self) -> bool:
@@ -406,6 +407,7 @@ def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
         spec_hash=labels.get(LABEL_HASH, ""),
         what=b.what,
         succeeded=b.succeeded,
+        trainer_status=st.get("trainerStatus") or {},
     )
 
 
