@@ -44,6 +44,9 @@ class Metrics:
             with open(os.path.join(self.local, "metrics.jsonl"), "wb") as f:  # keep the lines of earlier attempts
                 f.write(storage.read_bytes(storage.join(output_url, "metrics.jsonl"), s3))
         self._jsonl = open(os.path.join(self.local, "metrics.jsonl"), "a")
+        # the attempt's start line: what `barlow status` measures goodput from (barlow.goodput)
+        self._jsonl.write(json.dumps({"step": start_step, "time": round(time.time(), 3),
+                                      "attempt_started": round(process_started(), 3)}) + "\n")
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=start_step or None)
@@ -117,6 +120,18 @@ class Metrics:
             self.tracker.close(status)
         if self.reporter is not None:
             self.reporter.close(finished=status == "FINISHED")
+
+
+def process_started() -> float:
+    """When this process began (seconds since the epoch), from Linux's /proc; now where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def _round(v: Any) -> Any:

@@ -208,7 +208,7 @@ def test_status_json_has_the_documented_fields(tmp_path, monkeypatch):
     assert (doc["schema"], doc["job"], doc["pods"]) == ("barlow.status/v1", None, [])
     assert set(doc["progress"]) == {"output", "state", "name", "kind", "step", "total_steps", "epoch", "epochs", "loss",
                                     "probe_top1", "knn_top1", "images_per_s", "steps_per_s", "eta_s", "updated_age_s",
-                                    "checkpoint", "restarts", "warnings", "healthy"}
+                                    "checkpoint", "restarts", "goodput", "warnings", "healthy"}
     assert (doc["progress"]["step"], doc["progress"]["total_steps"], doc["progress"]["healthy"]) == (20, 100, True)
 
 
