@@ -302,9 +302,8 @@ def lines(p: Progress, now: float | None = None) -> list[tuple[str, str]]:
         g = p.goodput
         lost = [(k, g[f"{k.replace(' ', '_')}_s"]) for k in ("restarts", "redone", "checkpoint stall", "data wait",
                                                               "startup")]
-        parts = [", ".join(f"{k} {duration(v)}" for k, v in lost if v >= 0.5), f"{g['attempts']} attempt(s)"]
-        rows.append(("goodput", f"{g['percent']:.1f} % of {duration(g['wall_s'])} lost to: "
-                     + "; ".join(p for p in parts if p) if parts[0] else
-                     f"{g['percent']:.1f} % of {duration(g['wall_s'])} ({parts[1]})"))
+        where = ", ".join(f"{k} {duration(v)}" for k, v in lost if v >= 0.5)
+        rows.append(("goodput", f"{g['percent']:.1f} % of {duration(g['wall_s'])} ({g['attempts']} attempt(s))"
+                     + (f"; lost: {where}" if where else "")))
     rows += [("warning", w) for w in p.warnings]
     return rows

@@ -12,6 +12,16 @@ import sys
 from barlow.errors import EXIT_OK, EXIT_PEER_LOST, child_exit_code, exit_on_signal
 
 
+class _ExplainedFailures(logging.Filter):
+    """Drops torch elastic's `failed (exitcode: N) local_rank: ...` block for a worker that exited with a code of its
+    own (N > 0): the worker already printed why (its one `error:` line, or its traceback). A worker killed by a signal
+    (N < 0) printed nothing, so that block stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        code = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (str(record.msg).startswith("failed (exitcode:") and isinstance(code, int) and code > 0)
+
+
 def exit_code(argv: list[str]) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -19,6 +29,7 @@ def exit_code(argv: list[str]) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_ExplainedFailures())
     try:
         run(parse_args(argv))
     except (RendezvousError, DistError) as e:  # e.g. the master pod is not scheduled yet: try again later

@@ -83,7 +83,7 @@ def main() -> None:
         with SlowDownProxy(port, bytes_per_s=args.mb_per_s * 1e6) as proxy:
             results = []
             for r in range(args.rounds):
-                for every in (10**9, args.every):  # none (only the one at the end), then every few steps
+                for every in (10**7, args.every):  # none (only the one at the end), then every few steps
                     out = f"s3://{server.bucket}/bench-{r}-{every}"
                     results.append(run(tmp, tmp / "demo", out, proxy.url, every, args.epochs, env))
                     print(json.dumps(results[-1]), flush=True)

@@ -469,3 +469,14 @@ def test_status_shows_what_the_run_reported_to_the_trainer(kube, tmp_path):
     kube.scripted["demo"] = [{"status": {"conditions": [], "trainerStatus": reported}}]
     doc = json.loads(barlow("status", "demo", "-b", "trainjob", "-o", "json").stdout)
     assert doc["job"]["trainer_status"] == reported
+
+
+def test_a_job_name_that_is_a_run_folder_here_says_how_to_ask_for_the_folder(kube, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_run("run", monkeypatch, steps(10))
+    result = barlow("status", "run")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: no ") and line.endswith(
+        "(run is read as a job name; for the run folder here, write: barlow status ./run)"), line
+    assert barlow("status", "./run").exit_code == 0
