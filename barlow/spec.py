@@ -523,6 +523,9 @@ class ClusterSpec(Section):
     s3_secret: str | None = Field("barlow-s3", description="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pod's environment.")
     backoff_limit: int | None = Field(None, ge=0, le=1000, description="Retries of retryable failures (pytorchjob "
                                       "runPolicy; unset: 3). A TrainJob's runtime (its JobSet failure policy) decides it.")
+    node_mtbf_hours: float = Field(
+        5000.0, gt=0, le=1e7, description="Mean time between failures of one node, in hours (preemptions included): "
+                                         "with the nodes, what `barlow plan`'s checkpoint interval (Young/Daly) uses.")
     max_restarts: int = Field(
         5, ge=0, le=1000, description="Retryable failures in a row without a new checkpoint before the pod's "
                                       "entrypoint gives up with a permanent exit code (bounds ExitCode restarts).")

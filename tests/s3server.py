@@ -215,8 +215,12 @@ class SlowDownProxy:
                 pass
 
             def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy._pace(len(body), lock)
+                length, chunks = int(self.headers.get("Content-Length") or 0), []
+                while length > 0:  # in slices, so concurrent requests share the link instead of queueing whole
+                    chunks.append(self.rfile.read(min(length, 1 << 16)))
+                    proxy._pace(len(chunks[-1]), lock)
+                    length -= len(chunks[-1])
+                body = b"".join(chunks)
                 with lock:
                     throttle = proxy.throttled < proxy.fail
                     proxy.throttled += throttle
