@@ -26,6 +26,23 @@ from barlow.storage import S3Settings
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
+SNAPSHOT_BYTES_PER_S = 5e9  # stated: a snapshot's copy into host memory (pinned device-to-host, or a host memcpy)
+UPLOAD_BYTES_PER_S = 200e6  # stated: one rank's upload to object storage
+
+
+def young_daly_s(stall_s: float, mtbf_s: float, upload_s: float = 0.0) -> float:
+    """The checkpoint interval that loses least (Young/Daly): sqrt(2 x save stall x mean time between failures), never
+    shorter than one upload (at most one is in flight)."""
+    return max((2 * stall_s * mtbf_s) ** 0.5, upload_s)
+
+
+def interval_steps(state_bytes: int, step_s: float, node_mtbf_hours: float, nodes: int) -> int:
+    """Young/Daly's interval in steps for a state of `state_bytes` (stall and upload at the stated bandwidths)."""
+    interval = young_daly_s(state_bytes / SNAPSHOT_BYTES_PER_S, node_mtbf_hours * 3600 / nodes,
+                            state_bytes / UPLOAD_BYTES_PER_S)
+    return max(1, round(interval / step_s)) if step_s > 0 else 1
+
+
 def folder(output_url: str) -> str:
     return storage.join(output_url, "checkpoints")
 
@@ -116,7 +133,7 @@ class Checkpointer:
     Resume reads the checkpoint once: the main rank loads it and broadcasts it to the others over the process
     group, tensor by tensor (so 32 ranks pull one copy from storage, not 32)."""
 
-    def __init__(self, output_url: str, *, every: int, keep: int, is_main: bool, parts: dict[str, Stateful],
+    def __init__(self, output_url: str, *, every: int | None, keep: int, is_main: bool, parts: dict[str, Stateful],
                  run: dict[str, Any], s3: S3Settings | None = None,
                  exports: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] | None = None):
         self.output_url, self.every, self.keep, self.is_main = output_url, every, keep, is_main
@@ -130,7 +147,18 @@ class Checkpointer:
         self.stall_s = 0.0  # time training stood still for checkpoints since the last `take_stall()`
 
     def due(self, step: int, last_step: int) -> bool:
-        return step % self.every == 0 or step == last_step
+        """Every `every` steps and at the last (`every` None: not worked out yet, output.checkpoint_every auto)."""
+        return (self.every is not None and step % self.every == 0) or step == last_step
+
+    def state_bytes(self) -> int:
+        """The bytes of the tensors a checkpoint holds."""
+        total = [0]
+
+        def add(t: Any) -> Any:
+            total[0] += t.numel() * t.element_size()
+            return t
+        _map_tensors({name: part.state_dict() for name, part in self.parts.items()}, add)
+        return total[0]
 
     def save(self, step: int, *, wait: bool = False) -> None:
         """Snapshot the state at `step` and upload it in the background (with `wait`, also wait for the upload)."""

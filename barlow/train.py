@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from barlow import distributed, progress, runsetup, storage, tracking
-from barlow.checkpoint import Checkpointer
+from barlow.checkpoint import Checkpointer, interval_steps
 from barlow.data import open_source
 from barlow.data.feed import DeviceBatch, TrainingFeed
 from barlow.data.source import Source
@@ -98,12 +98,14 @@ class Interval:
         self.batch_size, self.steps, self.start = batch_size, 0, time.perf_counter()
         self.waited = 0.0  # seconds the loop waited for its next batch in this interval
         self.data_wait = 0.0  # the share of the last finished interval spent waiting for batches
+        self.step_s = 0.0
 
     def images_per_s(self) -> float:
         """The interval's rate (and its `data_wait`); starts the next interval."""
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         rate, self.data_wait = self.steps * self.batch_size / elapsed, min(1.0, self.waited / elapsed)
+        self.step_s = elapsed / max(self.steps, 1)  # the last finished interval's seconds per step
         self.steps, self.start, self.waited = 0, now, 0.0
         return rate
 
@@ -137,6 +139,8 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
         if at_log:
             log_step(run, step, loss_sum / interval.steps, corrupt, interval)
             loss_sum.zero_()
+            if run.checkpointer.every is None:  # output.checkpoint_every: auto, worked out at the first log step
+                auto_checkpoint_every(run, interval.step_s)
         else:
             run.metrics.advance(step)
         if run.knn is not None and run.knn.due(step, run.steps_per_epoch, total):
@@ -153,6 +157,19 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             run.metrics.close("KILLED")
             raise StoppedOnSignal(signum, f"step {step}")
     return finish(run, z1, z2)
+
+
+def auto_checkpoint_every(run: Run, step_s: float) -> None:
+    """Set the checkpoint interval to Young/Daly's, from the ranks' mean step time (a collective: every rank gets the
+    same interval), the state's size and cluster.node_mtbf_hours over the nodes."""
+    (total,) = distributed.all_sum([step_s], run.place.device)  # sync: once, at the first log step
+    mean_step_s = total / run.place.world_size
+    c, nodes = run.spec.cluster, run.spec.runtime.nodes
+    every = interval_steps(run.checkpointer.state_bytes(), mean_step_s, c.node_mtbf_hours, nodes)
+    run.checkpointer.every = every
+    run.metrics.print(f"output.checkpoint_every auto: every {every} steps ({mean_step_s:.3g} s a step, a state of "
+                      f"{run.checkpointer.state_bytes() / 1e6:.0f} MB, a failure every "
+                      f"{c.node_mtbf_hours / nodes:g} h: Young/Daly)")
 
 
 def set_up(spec: PretrainSpec) -> Run:
@@ -182,7 +199,8 @@ def set_up(spec: PretrainSpec) -> Run:
     every = spec.monitor.knn_every(spec.data.val is not None)
     knn = KnnMonitor(spec, proc, source, every) if every else None
     record = run_record(spec, place)
-    checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
+    every = None if spec.output.checkpoint_every == "auto" else spec.output.checkpoint_every
+    checkpointer = Checkpointer(spec.output.url, every=every, keep=spec.output.keep,
                                 is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
                                 exports={"backbone.pt": backbone_of})
     checkpointer.resume(record.check)

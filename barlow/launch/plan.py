@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from barlow.checkpoint import SNAPSHOT_BYTES_PER_S, UPLOAD_BYTES_PER_S, young_daly_s
 from barlow.launch.throughput import lookup
 from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, SpecError, stage_runs
 
@@ -124,8 +125,6 @@ def lines(spec: PretrainSpec | EvalRunSpec, plan: Plan, unknown: str = "pass --i
 BACKBONE_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032, "resnet101": 42_500_160,
                    "resnet152": 58_143_808}
 FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
-SNAPSHOT_BYTES_PER_S = 5e9  # stated: a snapshot's copy into host memory (pinned device-to-host, or a host memcpy)
-UPLOAD_BYTES_PER_S = 200e6  # stated: one rank's upload to object storage
 FAR_OFF = 3.0  # output.checkpoint_every more than this factor from the interval gets a warning
 
 
@@ -153,7 +152,7 @@ class CheckpointInterval:
 
     @property
     def interval_s(self) -> float:
-        return max((2 * self.stall_s * self.mtbf_s) ** 0.5, self.upload_s)
+        return young_daly_s(self.stall_s, self.mtbf_s, self.upload_s)
 
     @property
     def steps(self) -> int | None:
@@ -188,7 +187,10 @@ def checkpoint_lines(spec: PretrainSpec, plan: Plan) -> list[tuple[str, str]]:
                          f"{spec.cluster.node_mtbf_hours:g})"),
             ("interval", f"{steps}{_seconds(ci.interval_s)} (Young/Daly: sqrt(2 x stall x MTBF)); expected overhead "
                          f"{100 * ci.overhead:.2f} %, work lost per failure about {_seconds(ci.interval_s / 2)}")]
-    if ci.steps and not (ci.steps / FAR_OFF <= every <= ci.steps * FAR_OFF):
+    if every == "auto":
+        rows.append(("auto", "output.checkpoint_every auto: the run works this out at its first log step from its own "
+                         "step time and state"))
+    elif ci.steps and not (ci.steps / FAR_OFF <= every <= ci.steps * FAR_OFF):
         at = ci.stall_s / (every * ci.step_s) + every * ci.step_s / 2 / ci.mtbf_s
         rows.append(("warning", f"output.checkpoint_every {every} is far from {ci.steps} (expected overhead "
                                 f"{100 * at:.2f} % instead of {100 * ci.overhead:.2f} %)"))

@@ -52,3 +52,26 @@ def test_status_accounts_for_a_run_killed_twice(demo_data, tmp_path):
     assert 0 < g["percent"] < 100
     text = barlow("status", str(out)).stdout
     assert "goodput:" in text and "3 attempt(s)" in text, text
+
+
+def test_checkpoint_every_auto_takes_the_young_daly_interval(demo_data, tmp_path):
+    import os
+    import re
+
+    from barlow.checkpoint import interval_steps
+
+    out = tmp_path / "auto"
+    spec = write_spec(tmp_path, tiny_spec(demo_data, out, **{
+        "optim.epochs": 2, "runtime.nproc_per_node": 1, "output.checkpoint_every": "auto", "output.keep": 100,
+        "cluster.node_mtbf_hours": 0.5}))  # a failure every 30 minutes: for this tiny state, a checkpoint every few steps
+    result = barlow("run", "pretrain", str(spec))
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"output\.checkpoint_every auto: every (\d+) steps \(([\d.e-]+) s a step, a state of (\d+) MB",
+                      result.stdout + result.stderr)
+    assert found, result.stdout[-3000:]
+    every, step_s, mb = int(found[1]), float(found[2]), int(found[3])
+    want = interval_steps(mb * 1_000_000, step_s, 0.5, 1)  # from the printed (rounded) numbers
+    assert abs(every - want) <= max(1, want // 10)
+    steps = sorted(int(n.split("-")[1]) for n in os.listdir(out / "checkpoints"))
+    first_log = 2  # runtime.log_every: the interval is known from there on
+    assert steps == sorted({s for s in range(every, steps[-1], every) if s > first_log} | {steps[-1]})
