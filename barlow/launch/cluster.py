@@ -237,7 +237,7 @@ def _translate(api: client.ApiClient, e: Exception, namespace: str, res: Resourc
         return NotFound(found or f"the Kubernetes API answered 404 {e.reason}: {message}")
     if e.status == 409:
         return AlreadyExists(f"{res.what if res else 'object'} {name} already exists in namespace '{namespace}'")
-    if e.status == 422:
+    if e.status in (400, 422):  # 400: strict field validation (an unknown field), 422: invalid
         return ClusterError(f"the API server rejected {res.what if res else 'object'} {name}: {message}")
     if e.status is not None and e.status >= 500:
         return ClusterUnreachable(f"the Kubernetes API answered {e.status} {e.reason}: {message}")
@@ -283,7 +283,8 @@ def _create(api: client.ApiClient, res: Resource, body: dict[str, Any], dry_run:
     objects = client.CustomObjectsApi(api)
     try:
         created = _call(api, ns, objects.create_namespaced_custom_object, *res.args(ns), body, res=res, name=name,
-                        dry_run="All" if dry_run else None, _request_timeout=REQUEST_TIMEOUT_S)
+                        dry_run="All" if dry_run else None, field_validation="Strict",  # an unknown field: refused
+                        _request_timeout=REQUEST_TIMEOUT_S)
     except AlreadyExists:
         return same(_read(api, res, name, ns) or {"metadata": {}})
     outcome = "valid (server dry run; nothing created)" if dry_run else "created"
