@@ -2,15 +2,15 @@
 run with none, the output on the S3 test server (SeaweedFS, tests/s3server.py) behind a loopback link of
 `--mb-per-s` (20 MB/s by default), so each upload takes seconds.
 
-    .venv/bin/python bench/checkpoint_stall.py                 # 3 rounds of (no checkpoints, every 15 steps)
+    .venv/bin/python bench/checkpoint_stall.py                 # 2 rounds of (no checkpoints | every 15 steps)
     .venv/bin/python bench/checkpoint_stall.py --rounds 1 --every 5
 
-Each run is `barlow run pretrain` (torchrun, one CPU process) of a narrow ResNet-18 with a wide projector (a
+Each round runs the two side by side (the same share of a busy machine for both). Each run is `barlow run pretrain`
+(torchrun, one CPU process) of a narrow ResNet-18 with a wide projector (a
 checkpoint of about 75 MB, nearly 4 s at 20 MB/s) on the demo images at 16 px. images/s is
 taken from its metrics.jsonl between its first and last log line (the final checkpoint, which waits for its upload
 at the end of every run, falls outside). The checkpoint's size and the time one upload of it takes through the same
-link are printed beside, with what a run that waited for every upload would have lost. The configurations alternate,
-so a busy machine's drift falls on both.
+link are printed beside, with what a run that waited for every upload would have lost.
 """
 
 from __future__ import annotations
@@ -46,24 +46,26 @@ def spec(data: Path, out: str, endpoint: str, every: int, epochs: int) -> dict:
     }
 
 
-def run(tmp: Path, data: Path, out: str, endpoint: str, every: int, epochs: int, env: dict) -> dict:
+def start(tmp: Path, data: Path, out: str, endpoint: str, every: int, epochs: int, env: dict) -> subprocess.Popen:
     path = tmp / f"spec-{every}-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(spec(data, out, endpoint, every, epochs)))
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(path)], env=env,
-                            capture_output=True, text=True)
-    wall = time.monotonic() - started
-    if result.returncode != 0:
-        raise SystemExit(f"run failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    settings = storage.S3Settings(endpoint_url=endpoint)
-    rows = [json.loads(line) for line in storage.read_text(storage.join(out, "metrics.jsonl"), settings).splitlines()]
+    return subprocess.Popen([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def result(proc: subprocess.Popen, out: str, endpoint: str, every: int) -> dict:
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{stderr[-3000:]}")
+    rows = [json.loads(line) for line in storage.read_text(storage.join(out, "metrics.jsonl"),
+                                                           storage.S3Settings(endpoint_url=endpoint)).splitlines()]
     steps = [r for r in rows if "loss" in r]
     first, last = steps[0], steps[-1]
-    images = (last["step"] - first["step"]) * 32
-    stalls = [r["checkpoint_stall_s"] for r in rows if "checkpoint_stall_s" in r]
+    stalls = [r["checkpoint_stall_s"] for r in steps if "checkpoint_stall_s" in r]  # the final one falls outside
     waits = [r["data_wait"] for r in steps if "data_wait" in r]
-    return {"every": every, "images_per_s": images / (last["time"] - first["time"]), "wall_s": wall,
-            "steps": last["step"], "checkpoint_stall_s": sum(stalls), "data_wait": sum(waits) / max(len(waits), 1)}
+    return {"every": every, "images_per_s": (last["step"] - first["step"]) * 32 / (last["time"] - first["time"]),
+            "measured_s": last["time"] - first["time"], "steps": last["step"], "checkpoint_stall_s": sum(stalls),
+            "data_wait": sum(waits) / max(len(waits), 1)}
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
     ap.add_argument("--mb-per-s", type=float, default=20.0, help="the link's bandwidth to object storage")
     ap.add_argument("--every", type=int, default=15, help="output.checkpoint_every of the checkpointed runs")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the demo set per run")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp_name, S3Server(Path(tmp_name) / "s3") as server:
@@ -84,10 +86,15 @@ def main() -> None:
         with SlowDownProxy(port, bytes_per_s=args.mb_per_s * 1e6) as proxy:
             results = []
             for r in range(args.rounds):
-                for every in (10**7, args.every):  # none (only the one at the end), then every few steps
-                    out = f"s3://{server.bucket}/bench-{r}-{every}"
-                    results.append(run(tmp, tmp / "demo", out, proxy.url, every, args.epochs, env))
+                # both at once: on a shared machine they get the same share of the CPUs, so load that comes and goes
+                # falls on both alike (one after the other, it decides the result)
+                runs = {every: (f"s3://{server.bucket}/bench-{r}-{every}",) for every in (10**7, args.every)}
+                procs = {every: start(tmp, tmp / "demo", out, proxy.url, every, args.epochs, env)
+                         for every, (out,) in runs.items()}
+                for every, proc in procs.items():
+                    results.append(result(proc, runs[every][0], proxy.url, every))
                     print(json.dumps(results[-1]), flush=True)
+                out = runs[args.every][0]
             settings = storage.S3Settings(endpoint_url=proxy.url)
             latest = checkpoint.latest(out, settings)
             size = sum(storage.size(u, settings) for u in storage.find(latest, settings))
