@@ -15,6 +15,12 @@ from barlow import checkpoint
 pytestmark = pytest.mark.slow
 
 
+def last_logged(out) -> int:
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    steps = [json.loads(line)["step"] for line in lines if '"loss"' in line and line.endswith("}")]
+    return steps[-1] if steps else 0
+
+
 def kill_after_checkpoint(spec_path, out, newer_than: str | None) -> str:
     """Start the run, SIGKILL it (and its workers) once a checkpoint newer than `newer_than` is complete."""
     proc = subprocess.Popen([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(spec_path)],
@@ -26,7 +32,9 @@ def kill_after_checkpoint(spec_path, out, newer_than: str | None) -> str:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(1.0)  # a little work after the checkpoint, to be done again
+    saved = checkpoint.step_of(checkpoint.latest(str(out)))
+    while time.time() < deadline and proc.poll() is None and last_logged(out) <= saved:
+        time.sleep(0.1)  # a logged step after the checkpoint: work the next attempt does again
     kill_tree(proc.pid)
     proc.wait(timeout=60)
     return checkpoint.latest(str(out))
