@@ -95,15 +95,15 @@ WRITER = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["inline", "background"])
 def test_sigkill_mid_write_leaves_a_loadable_latest(tmp_path, mode):
-    out = str(tmp_path / "run")
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     cut_midway = False
-    for attempt in range(8):  # kill at different moments until one lands inside a write
+    for attempt in range(16):  # kill at different moments until one lands inside a write
+        out = str(tmp_path / f"run-{attempt}")  # its own folder: a writer starts again at step 1
         proc = subprocess.Popen([sys.executable, str(script), out, mode], stdout=subprocess.PIPE, text=True)
         while not checkpoint.latest(out):  # at least one checkpoint is complete
             assert proc.stdout.readline().strip()
-        time.sleep(0.05 + 0.037 * attempt)
+        time.sleep(0.05 + 0.037 * (attempt % 8))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         names = storage.list_names(checkpoint.folder(out))
