@@ -26,23 +26,6 @@ from barlow.storage import S3Settings
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
-SNAPSHOT_BYTES_PER_S = 5e9  # stated: a snapshot's copy into host memory (pinned device-to-host, or a host memcpy)
-UPLOAD_BYTES_PER_S = 200e6  # stated: one rank's upload to object storage
-
-
-def young_daly_s(stall_s: float, mtbf_s: float, upload_s: float = 0.0) -> float:
-    """The checkpoint interval that loses least (Young/Daly): sqrt(2 x save stall x mean time between failures), never
-    shorter than one upload (at most one is in flight)."""
-    return max((2 * stall_s * mtbf_s) ** 0.5, upload_s)
-
-
-def interval_steps(state_bytes: int, step_s: float, node_mtbf_hours: float, nodes: int) -> int:
-    """Young/Daly's interval in steps for a state of `state_bytes` (stall and upload at the stated bandwidths)."""
-    interval = young_daly_s(state_bytes / SNAPSHOT_BYTES_PER_S, node_mtbf_hours * 3600 / nodes,
-                            state_bytes / UPLOAD_BYTES_PER_S)
-    return max(1, round(interval / step_s)) if step_s > 0 else 1
-
-
 def folder(output_url: str) -> str:
     return storage.join(output_url, "checkpoints")
 

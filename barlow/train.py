@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from barlow import distributed, progress, runsetup, storage, tracking
-from barlow.checkpoint import Checkpointer, interval_steps
+from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
 from barlow.data.feed import DeviceBatch, TrainingFeed
 from barlow.data.source import Source
 from barlow.errors import StoppedOnSignal, TooFewImages, WrongPlacement
+from barlow.goodput import interval_steps
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins

@@ -191,7 +191,7 @@ def test_the_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
 
 
 def test_plan_gives_the_young_daly_interval_and_warns_when_checkpoint_every_is_far_off(tmp_path, monkeypatch):
-    from barlow.checkpoint import SNAPSHOT_BYTES_PER_S
+    from barlow.goodput import SNAPSHOT_BYTES_PER_S
     from barlow.launch.plan import state_bytes
 
     row = throughput.Measured("NVIDIA-H100-80GB-HBM3", "resnet50", 224, "bf16", 1000.0, "a row for this test")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from barlow.checkpoint import SNAPSHOT_BYTES_PER_S, UPLOAD_BYTES_PER_S, young_daly_s
+from barlow.goodput import SNAPSHOT_BYTES_PER_S, UPLOAD_BYTES_PER_S, young_daly_s
 from barlow.launch.throughput import lookup
 from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, SpecError, stage_runs
 

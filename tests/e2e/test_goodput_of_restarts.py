@@ -66,7 +66,7 @@ def test_checkpoint_every_auto_takes_the_young_daly_interval(demo_data, tmp_path
     import os
     import re
 
-    from barlow.checkpoint import interval_steps
+    from barlow.goodput import interval_steps
 
     out = tmp_path / "auto"
     spec = write_spec(tmp_path, tiny_spec(demo_data, out, **{
