@@ -5,8 +5,10 @@ Exit codes (defined in barlow.errors): 0 done; 1 permanent failure (bad data, a 
 128 + signal number when stopped by SIGTERM/SIGINT after writing a checkpoint (143, 130: retryable, the
 next attempt resumes from that checkpoint); 134 when NCCL's watchdog aborted a stuck collective (SIGABRT, passed
 on by barlow.torchrun; retryable); 144 when a peer process or node went away (retryable: it is what the surviving
-pods see when one pod is preempted). The spec comes as a file path argument, or as YAML text in the
-environment variable BARLOW_SPEC (how a PyTorchJob passes it). In a pod, `barlow.restarts` bounds the retryable
+pods see when one pod is preempted); 145 when object storage stayed unreachable (at the start, for up to
+BARLOW_STORAGE_WAIT_S, 300 s by default; mid-run, past its retries) or a checkpoint upload failed (retryable).
+The spec comes as a file path argument, or as YAML text in the environment variable BARLOW_SPEC (how a PyTorchJob
+passes it). In a pod, `barlow.restarts` bounds the retryable
 failures without progress (cluster.max_restarts).
 """
 
@@ -19,9 +21,21 @@ import sys
 import time
 import traceback
 
-from barlow.errors import EXIT_FAILED, EXIT_INVALID_SPEC, EXIT_OK, EXIT_PEER_LOST, RunFailed, StoppedOnSignal, exit_on_signal
+from barlow.errors import (
+    EXIT_FAILED,
+    EXIT_INVALID_SPEC,
+    EXIT_OK,
+    EXIT_PEER_LOST,
+    EXIT_STORAGE_UNAVAILABLE,
+    RunFailed,
+    StoppedOnSignal,
+    StorageUnavailable,
+    exit_on_signal,
+)
 
 __all__ = ["EXIT_FAILED", "EXIT_INVALID_SPEC", "EXIT_OK", "EXIT_PEER_LOST", "main"]
+
+STORAGE_WAIT_ENV, STORAGE_WAIT_S = "BARLOW_STORAGE_WAIT_S", 300.0  # how long a starting pod waits for object storage
 
 
 class _StopFlag:
@@ -54,6 +68,10 @@ def _error(message: str) -> None:
     print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
 
 
+def _warn(message: str) -> None:
+    print(f"warning (rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from barlow.spec import SPEC_ENV, SpecError, load_spec, loads_spec
 
@@ -69,8 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         for line in _skew(e.problems) or e.problems:
             _error(line)
         return EXIT_INVALID_SPEC
-    from barlow import restarts
+    from barlow import restarts, storage
 
+    s3 = storage.S3Settings.of_spec(spec)
+    within = float(os.environ.get(STORAGE_WAIT_ENV, STORAGE_WAIT_S))
+    if (down := storage.wait_until_reachable(spec.output.url, s3, within, _warn)) is not None:
+        _error(f"{storage.endpoint(s3)} unreachable for {within:.0f} s ({type(down).__name__}); exiting "
+               f"{EXIT_STORAGE_UNAVAILABLE} to be retried")
+        return EXIT_STORAGE_UNAVAILABLE
     return restarts.bounded(spec, lambda: _leased(spec), _error)
 
 
@@ -142,13 +166,20 @@ def _run(spec) -> int:
             from barlow.evaluate import evaluate
 
             evaluate(spec, stop)
-    except StoppedOnSignal as e:
+    except (StoppedOnSignal, StorageUnavailable) as e:
         _error(str(e))
         return e.exit_code
     except (RunFailed, CorruptImage, FileNotFoundError, PermissionError) as e:
         _error(worker_message(e))
         return EXIT_FAILED
     except Exception as e:
+        from barlow import storage
+
+        if storage.is_transient(e):  # storage down past its retries mid-run: the next attempt resumes
+            _error(f"{storage.endpoint(storage.S3Settings.of_spec(spec))} unreachable past its retries "
+                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); exiting {EXIT_STORAGE_UNAVAILABLE} "
+                   "to be retried")
+            return EXIT_STORAGE_UNAVAILABLE
         if not _peer_lost(e):
             traceback.print_exc()
             return EXIT_FAILED

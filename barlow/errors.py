@@ -17,6 +17,7 @@ EXIT_WAIT_TIMEOUT = 124  # `barlow wait --timeout` gave up before the job finish
 RETRYABLE_FROM = 128  # restartPolicy: ExitCode retries codes >= 128; 1-127 fail the job
 EXIT_WATCHDOG_ABORT = RETRYABLE_FROM + signal.SIGABRT  # 134, retryable: NCCL's watchdog aborted a stuck collective
 EXIT_PEER_LOST = 144  # retryable: a peer process or node went away, or the rendezvous timed out
+EXIT_STORAGE_UNAVAILABLE = 145  # retryable: object storage stayed unreachable past its retries (or a checkpoint upload failed)
 FOLLOW_UP_PERMANENT = (EXIT_FAILED, EXIT_INVALID_SPEC)  # the follow-up Job fails at once on these, retries others
 
 
@@ -88,3 +89,14 @@ class StoppedOnSignal(Exception):
     @property
     def exit_code(self) -> int:
         return exit_on_signal(self.signum)  # 143 for SIGTERM, 130 for SIGINT: retryable
+
+
+class StorageUnavailable(Exception):
+    """Object storage stayed unreachable (or a checkpoint upload kept failing) past its retries: retryable, since a
+    store that is down now is usually back by the next attempt, which resumes from the latest complete checkpoint."""
+
+    exit_code = EXIT_STORAGE_UNAVAILABLE
+
+
+class CheckpointUploadFailed(StorageUnavailable):
+    """A checkpoint's background upload failed after its retries; the run stops rather than train on unsaved."""

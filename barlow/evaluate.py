@@ -45,7 +45,9 @@ def backbone_state(source_url: str, is_export: bool, s3: storage.S3Settings | No
             folder = source_url if found else checkpoint.latest(source_url, s3)
             if folder is None:
                 raise NothingToEvaluate(f"eval.checkpoint: no backbone.pt and no complete checkpoint under {source_url}")
-            model = checkpoint.load(folder, s3)["model"]
+            if storage.exists(storage.join(folder, "backbone.pt"), s3):  # a checkpoint's own backbone: read only it
+                return checkpoint.load(folder, s3, "backbone.pt")
+            model = checkpoint.load(folder, s3)["model"]  # a checkpoint from before they had one
             return {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
     if not storage.exists(source_url, s3):
         raise NothingToEvaluate(f"{'eval.backbone' if is_export else 'eval.checkpoint'}: {source_url} does not exist")
@@ -376,6 +378,7 @@ def measure(run: EvalRun) -> dict[str, float]:
 def finish(run: EvalRun, measured: dict[str, float]) -> dict:
     """results.json and the last metrics line; every rank returns the results."""
     spec, e = run.spec, run.spec.eval
+    run.checkpointer.wait()  # the last epoch's checkpoint upload
     results = {"name": spec.name, "mode": e.mode, "train_percent": e.train_percent, "epochs": e.epochs,
                "classes": run.num_classes, "val_images": run.val_src.num_samples, **measured, "knn_k": e.knn_k,
                "checkpoint": e.checkpoint or e.backbone}
@@ -420,6 +423,8 @@ def _stop_if_asked(run: EvalRun, stop_signal: runsetup.StopSignal, saved: bool =
         return
     if not saved:
         run.checkpointer.save(run.position.batches)
+        run.metrics.sync()
+    run.checkpointer.wait()
     run.metrics.stopped(run.position.batches, signum)
     run.metrics.close()
     raise StoppedOnSignal(signum, f"epoch {run.position.epoch} step {run.position.in_epoch}")

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from barlow import storage
+from barlow import storage, trainer_status
 
 CORRUPT_KEY = "corrupt_images"  # undecodable images skipped so far in this attempt, all ranks
 STOPPED_KEY = "stopped_by_signal"  # the last line of an attempt stopped by a signal
@@ -36,14 +36,19 @@ class Metrics:
         self.console = Console(stderr=False)
         self._progress = None
         self._synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) when last uploaded
+        self.reporter: trainer_status.Reporter | None = None  # Kubeflow Trainer's status server, where it gives one
         if not enabled:
             return
+        self.reporter = trainer_status.from_env(total_steps, start_step, say=self.print)
         self.local = output_url.removeprefix("file://") if storage.is_local(output_url) else tempfile.mkdtemp(prefix="barlow-")
         os.makedirs(self.local, exist_ok=True)
         if not storage.is_local(output_url) and storage.exists(storage.join(output_url, "metrics.jsonl"), s3):
             with open(os.path.join(self.local, "metrics.jsonl"), "wb") as f:  # keep the lines of earlier attempts
                 f.write(storage.read_bytes(storage.join(output_url, "metrics.jsonl"), s3))
         self._jsonl = open(os.path.join(self.local, "metrics.jsonl"), "a")
+        # the attempt's start line: what `barlow status` measures goodput from (barlow.goodput)
+        self._jsonl.write(json.dumps({"step": start_step, "time": round(time.time(), 3),
+                                      "attempt_started": round(process_started(), 3)}) + "\n")
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=start_step or None)
@@ -63,6 +68,8 @@ class Metrics:
             self._tb.add_scalar(k, v, step)
         if self.tracker is not None:
             self.tracker.log(step, values)
+        if self.reporter is not None:
+            self.reporter.update(step, values)
         info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in PROGRESS_KEYS)
         if values.get(CORRUPT_KEY):  # shown once there are some: a healthy run's line stays short
             info += f"  corrupt images skipped {int(values[CORRUPT_KEY])}"
@@ -77,6 +84,8 @@ class Metrics:
             self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), STOPPED_KEY: signum}) + "\n")
 
     def advance(self, step: int) -> None:
+        if self.reporter is not None:
+            self.reporter.update(step)
         if self._progress is not None:
             self._progress.update(self._task, completed=step)
 
@@ -118,6 +127,20 @@ class Metrics:
         self._jsonl.close()
         if self.tracker is not None:
             self.tracker.close(status)
+        if self.reporter is not None:
+            self.reporter.close(finished=status == "FINISHED")
+
+
+def process_started() -> float:
+    """When this process began (seconds since the epoch), from Linux's /proc; now where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def _round(v: Any) -> Any:

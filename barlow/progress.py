@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from barlow import checkpoint, restarts, storage
+from barlow import checkpoint, goodput, restarts, storage
 from barlow.spec import RunSpec
 
 RUN_FILE = "run.json"
@@ -86,6 +86,7 @@ class Progress:
     restarts: Restarts | None = None
     stopped_by_signal: int | None = None  # state stopped: the signal (15 SIGTERM, 2 Ctrl-C)
     corrupt_images: int | None = None  # undecodable images skipped, every attempt in the metrics read
+    goodput: dict[str, Any] | None = None  # barlow.goodput's breakdown of the wall time, with its percent
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -106,12 +107,15 @@ def read(output_url: str, max_restarts: int | None = None, now: float | None = N
     run = _json(storage.join(output_url, RUN_FILE), p)
     p.name, p.kind = run.get("name"), run.get("kind")
     p.total_steps, p.epochs = run.get("total_steps"), run.get("epochs")
-    rows = _tail_rows(storage.join(output_url, METRICS_FILE))
+    rows = [r for r in _tail_rows(storage.join(output_url, METRICS_FILE)) if goodput.START_KEY not in r]  # steps only
     finished = any(storage.exists(storage.join(output_url, n)) for n in DONE_FILES)
     stop = rows.pop() if rows and STOPPED_KEY in rows[-1] else None  # a resumed run writes step lines after it
     if rows:
         _from_metrics(p, rows, run.get("batch_size"), now)
     p.checkpoint = _checkpoint(output_url, now)
+    if rows:
+        found = goodput.of_rows(_all_rows(storage.join(output_url, METRICS_FILE)))
+        p.goodput = found.as_dict() if found else None
     p.restarts = _restarts(output_url, max_restarts if max_restarts is not None else run.get("max_restarts"))
     if finished:
         p.state, p.eta_s = FINISHED, None
@@ -149,6 +153,19 @@ def _tail_rows(url: str) -> list[dict[str, Any]]:
         except ValueError:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def _all_rows(url: str) -> list[dict[str, Any]]:
+    """Every metrics line (goodput needs each attempt's start, not only the tail)."""
+    rows = []
+    for line in storage.read_text(url).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
             rows.append(row)
     return rows
 
@@ -253,6 +270,10 @@ def _health(p: Progress) -> None:
     if p.rankme_projector is not None and p.collapse_below is not None and p.rankme_projector < p.collapse_below:
         p.warnings.append(f"collapse: the projector output's effective rank (RankMe) is {p.rankme_projector:.1f}, below "
                           f"{p.collapse_below:.1f} (monitor.collapse_fraction of its largest possible value)")
+    wait = (p.goodput or {}).get("data_wait")
+    if wait is not None and wait > goodput.INPUT_BOUND and p.state != FINISHED:
+        p.warnings.append(f"input-bound: the loop waits for data {100 * wait:.0f} % of its step time (data_wait); more "
+                          "data.workers or faster storage would speed it up")
     r = p.restarts
     if r is not None and r.max is not None and r.used >= r.max and p.state != FINISHED:
         p.warnings.append(f"restart budget spent: {r.used} of cluster.max_restarts {r.max} restarts since the latest "
@@ -316,5 +337,12 @@ def lines(p: Progress, now: float | None = None) -> list[tuple[str, str]]:
     if p.restarts is not None:
         of = f" of {p.restarts.max}" if p.restarts.max is not None else ""
         rows.append(("restarts", f"{p.restarts.used}{of} since the latest checkpoint ({p.restarts.attempts} attempts)"))
+    if p.goodput is not None:
+        g = p.goodput
+        lost = [(k, g[f"{k.replace(' ', '_')}_s"]) for k in ("restarts", "redone", "checkpoint stall", "data wait",
+                                                              "startup")]
+        where = ", ".join(f"{k} {duration(v)}" for k, v in lost if v >= 0.5)
+        rows.append(("goodput", f"{g['percent']:.1f} % of {duration(g['wall_s'])} ({g['attempts']} attempt(s))"
+                     + (f"; lost: {where}" if where else "")))
     rows += [("warning", w) for w in p.warnings]
     return rows

@@ -328,13 +328,30 @@ class MlflowSpec(Section):
         return v
 
 
+_STEPS = TypeAdapter(Annotated[int, Field(strict=False, ge=1, le=10_000_000)])
+
+
 class OutputSpec(Section):
     """Where checkpoints, metrics and exports go."""
 
     url: str = Field(description="Output folder: a local path or s3://bucket/prefix.")
-    checkpoint_every: int = Field(500, ge=1, le=10_000_000, description="Optimizer steps between checkpoints (one is also written at the end).")
+    checkpoint_every: Annotated[int, Field(ge=1, le=10_000_000)] | Literal["auto"] = Field(
+        500, description="Optimizer steps between checkpoints (one is also written at the end); auto: the Young/Daly "
+                         "interval the run works out at its first log step from its step time, its state's size and "
+                         "cluster.node_mtbf_hours (as `barlow plan` prints it).")
     keep: int = Field(3, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted.")
     mlflow: MlflowSpec | None = Field(None, description="Also log to MLflow (TensorBoard and metrics.jsonl are always written).")
+
+    @field_validator("checkpoint_every", mode="wrap")
+    @classmethod
+    def _every(cls, v: Any, handler: Any) -> int | str:
+        """One error line for either form (the union would give one per branch)."""
+        if v == "auto":
+            return v
+        try:
+            return _STEPS.validate_python(v)
+        except ValidationError as e:
+            raise PydanticCustomError("checkpoint_every", "{msg} (or auto)", {"msg": e.errors()[0]["msg"]}) from None
 
     @field_validator("url")
     @classmethod
@@ -637,6 +654,9 @@ class ClusterSpec(Section):
     s3_secret: str | None = Field("barlow-s3", description="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pod's environment.")
     backoff_limit: int | None = Field(None, ge=0, le=1000, description="Retries of retryable failures (pytorchjob "
                                       "runPolicy; unset: 3). A TrainJob's runtime (its JobSet failure policy) decides it.")
+    node_mtbf_hours: float = Field(
+        5000.0, gt=0, le=1e7, description="Mean time between failures of one node, in hours (preemptions included): "
+                                         "with the nodes, what `barlow plan`'s checkpoint interval (Young/Daly) uses.")
     max_restarts: int = Field(
         5, ge=0, le=1000, description="Retryable failures in a row without a new checkpoint before the pod's "
                                       "entrypoint gives up with a permanent exit code (bounds ExitCode restarts).")

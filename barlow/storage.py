@@ -172,6 +172,38 @@ def retry(fn: Callable[..., T], *args: Any, what: str, s3: S3Settings | None = N
     raise AssertionError("unreachable")
 
 
+def wait_until_reachable(url: str, s3: S3Settings | None = None, within_s: float = 300.0,
+                         say: Callable[[str], None] = log.warning) -> BaseException | None:
+    """Wait (with growing, jittered pauses) until the store holding `url` answers, for at most `within_s` seconds:
+    a pod that starts while a gateway or DNS is down waits it out. Returns None once it answers (or when the
+    answer is an error a wait cannot fix, left to the caller's own call to report), else the last transient error.
+    `say` gets one line the first time it fails."""
+    if is_local(url):
+        return None
+    deadline, attempt = time.monotonic() + within_s, 0
+    while True:
+        attempt += 1
+        try:
+            fs, path = filesystem(url, s3)
+            fs.exists(path)
+            return None
+        except Exception as e:
+            if not is_transient(e):
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return e
+            if attempt == 1:
+                say(f"{endpoint(s3)} unreachable ({type(e).__name__}); waiting up to {within_s:.0f} s for it")
+            _invalidate(url, s3)
+            time.sleep(min(left, min(_RETRY_CAP, _RETRY_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)))
+
+
+def endpoint(s3: S3Settings | None = None) -> str:
+    """The S3 endpoint calls go to, for messages."""
+    return f"object storage at {_settings(s3).endpoint_url or 'AWS S3'}"
+
+
 def _invalidate(url: str, s3: S3Settings | None = None) -> None:
     """Forget cached listings so a retry sees the store as it is now."""
     try:

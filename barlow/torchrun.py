@@ -14,6 +14,16 @@ import sys
 from barlow.errors import EXIT_OK, EXIT_PEER_LOST, child_exit_code, exit_on_signal
 
 
+class _ExplainedFailures(logging.Filter):
+    """Drops torch elastic's `failed (exitcode: N) local_rank: ...` block for a worker that exited with a code of its
+    own (N > 0): the worker already printed why (its one `error:` line, or its traceback). A worker killed by a signal
+    (N < 0) printed nothing, so that block stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        code = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (str(record.msg).startswith("failed (exitcode:") and isinstance(code, int) and code > 0)
+
+
 def exit_code(argv: list[str]) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -23,6 +33,7 @@ def exit_code(argv: list[str]) -> int:
 
     # LOGLEVEL as torchrun's own loggers take it (a local run quiets them: they repeat what a failed process said)
     logging.getLogger("torch.distributed.elastic").setLevel(os.environ.get("LOGLEVEL", "WARNING"))
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_ExplainedFailures())
     try:
         run(parse_args(argv))
     except (RendezvousError, DistError) as e:  # e.g. the master pod is not scheduled yet: try again later

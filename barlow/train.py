@@ -23,6 +23,7 @@ from barlow.data import open_source
 from barlow.data.feed import DeviceBatch, TrainingFeed
 from barlow.data.source import Source
 from barlow.errors import OutputHoldsAnotherRun, RunFailed, StoppedOnSignal, TooFewImages, WrongPlacement
+from barlow.goodput import interval_steps
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
@@ -99,13 +100,28 @@ class Interval:
 
     def __init__(self, batch_size: int):
         self.batch_size, self.steps, self.start = batch_size, 0, time.perf_counter()
+        self.waited = 0.0  # seconds the loop waited for its next batch in this interval
+        self.data_wait = 0.0  # the share of the last finished interval spent waiting for batches
+        self.step_s = 0.0
 
     def images_per_s(self) -> float:
-        """The interval's rate; starts the next interval."""
+        """The interval's rate (and its `data_wait`); starts the next interval."""
         now = time.perf_counter()
-        rate = self.steps * self.batch_size / max(now - self.start, 1e-9)
-        self.steps, self.start = 0, now
+        elapsed = max(now - self.start, 1e-9)
+        rate, self.data_wait = self.steps * self.batch_size / elapsed, min(1.0, self.waited / elapsed)
+        self.step_s = elapsed / max(self.steps, 1)  # the last finished interval's seconds per step
+        self.steps, self.start, self.waited = 0, now, 0.0
         return rate
+
+    def timed(self, batches: Iterator[DeviceBatch]) -> Iterator[DeviceBatch]:
+        """`batches`, adding the time spent waiting for each to `waited`."""
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.waited += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
 
 def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None) -> dict:
@@ -117,7 +133,7 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
     interval = Interval(spec.optim.batch_size)
     z1 = z2 = None
     skipped = 0  # corrupt images, all ranks, as of the latest log step
-    for batch in device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch):
+    for batch in interval.timed(device_batches(spec, run.source, place, run.position.step, run.steps_per_epoch)):
         loss, z1, z2 = train_step(run, batch.x1, batch.x2, batch.labels)
         run.position.step += 1
         step = run.position.step
@@ -128,6 +144,8 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
         if at_log:
             skipped = log_step(run, step, loss_sum / interval.steps, corrupt, interval)
             loss_sum.zero_()
+            if run.checkpointer.every is None:  # output.checkpoint_every: auto, worked out at the first log step
+                auto_checkpoint_every(run, interval.step_s)
         else:
             run.metrics.advance(step)
         if run.rank is not None and run.rank.due(step, run.steps_per_epoch, total):
@@ -144,7 +162,7 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
         else:
             signum = None
         if at_checkpoint or signum is not None:
-            run.checkpointer.save(step)
+            run.checkpointer.save(step, wait=signum is not None)  # uploads in the background; a stop waits for it
             run.metrics.sync()
         if signum is not None:
             run.metrics.stopped(step, signum)
@@ -153,6 +171,19 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
     if skipped:
         run.metrics.print(f"{skipped} corrupt images skipped (data.on_corrupt: skip)")
     return finish(run, z1, z2)
+
+
+def auto_checkpoint_every(run: Run, step_s: float) -> None:
+    """Set the checkpoint interval to Young/Daly's, from the ranks' mean step time (a collective: every rank gets the
+    same interval), the state's size and cluster.node_mtbf_hours over the nodes."""
+    (total,) = distributed.all_sum([step_s], run.place.device)  # sync: once, at the first log step
+    mean_step_s = total / run.place.world_size
+    c, nodes = run.spec.cluster, run.spec.runtime.nodes
+    every = interval_steps(run.checkpointer.state_bytes(), mean_step_s, c.node_mtbf_hours, nodes)
+    run.checkpointer.every = every
+    run.metrics.print(f"output.checkpoint_every auto: every {every} steps ({mean_step_s:.3g} s a step, a state of "
+                      f"{run.checkpointer.state_bytes() / 1e6:.0f} MB, a failure every "
+                      f"{c.node_mtbf_hours / nodes:g} h: Young/Daly)")
 
 
 def set_up(spec: PretrainSpec) -> Run:
@@ -185,9 +216,10 @@ def set_up(spec: PretrainSpec) -> Run:
     rank_every = spec.monitor.rank_every(source.num_samples)
     rank = RankMonitor(spec, proc, source, rank_every, model.embed_dim) if rank_every else None
     record = run_record(spec, place)
-    checkpointer = Checkpointer(spec.output.url, every=spec.output.checkpoint_every, keep=spec.output.keep,
+    every = None if spec.output.checkpoint_every == "auto" else spec.output.checkpoint_every
+    checkpointer = Checkpointer(spec.output.url, every=every, keep=spec.output.keep,
                                 is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
-                                optional=OPTIONAL_PARTS)
+                                exports={"backbone.pt": backbone_of}, optional=OPTIONAL_PARTS)
     checkpointer.resume(record.check)
     schedule = WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size)
     replanned = schedule_change(spec, checkpointer.resumed_run, position.step, steps_per_epoch, schedule)
@@ -240,6 +272,11 @@ def knn_data_of(spec: PretrainSpec, source: Source) -> DataSpec | None:
     if spec.monitor.data is not None:
         return spec.monitor.data.over(spec.data)
     return spec.data if source.classes and spec.data.val is not None else None
+
+
+def backbone_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's backbone weights alone, as `finish` exports them: what an eval of the checkpoint reads."""
+    return {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
 
 
 def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
@@ -305,7 +342,11 @@ def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor
     images_per_s = interval.images_per_s()  # after the syncs: the interval's device work is done
     epoch = step / run.steps_per_epoch
     line = {"epoch": epoch, "loss": values[0], "on_diag": values[1], "off_diag": values[2],
-            "lr": run.optimizer.param_groups[0]["lr"], "corrupt_images": skipped, "images_per_s": images_per_s}
+            "lr": run.optimizer.param_groups[0]["lr"], "corrupt_images": skipped, "images_per_s": images_per_s,
+            "data_wait": interval.data_wait}
+    stall = run.checkpointer.take_stall()  # the checkpoints of the interval: snapshots, and waits for an upload
+    if stall:
+        line["checkpoint_stall_s"] = stall
     if run.probe is not None and probe[1] > 0:  # the probe's top-1 on the batches since the last line, all ranks
         line["probe_top1"] = 100 * probe[0] / probe[1]
         run.probe.reset()
@@ -358,6 +399,9 @@ def resume_note(record: runsetup.RunRecord, saved: dict[str, Any] | None, step: 
 def finish(run: Run, z1: torch.Tensor | None, z2: torch.Tensor | None) -> dict:
     """Export the backbone as a plain torchvision ResNet state_dict and draw the cross-correlation matrix."""
     spec, place, out = run.spec, run.place, run.spec.output.url
+    run.checkpointer.wait()  # the last checkpoint's upload
+    if stall := run.checkpointer.take_stall():
+        run.metrics.log(run.position.step, {"epoch": run.position.step / run.steps_per_epoch, "checkpoint_stall_s": stall})
     c = cross_correlation(z1.detach(), z2.detach()) if z1 is not None else None
     summary = {"name": spec.name, "steps": run.position.step, "backbone": storage.join(out, "backbone.pt")}
     if place.is_main:

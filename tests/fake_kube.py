@@ -279,6 +279,12 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 if new in store:
                     return self._send(409, _status_body(409, "AlreadyExists", f'{plural}.{group} "{new}" already exists',
                                                         {"name": new, "group": group, "kind": plural}))
+                unknown = _unknown_fields(plural, body) if query.get("fieldValidation") == "Strict" else []
+                if unknown:  # as kube-apiserver answers a create with fieldValidation=Strict
+                    kind = body.get("kind", plural)
+                    return self._send(400, _status_body(400, "BadRequest", f'{kind} in version "{gv.split("/")[-1]}" '
+                                                        f'cannot be handled as a {kind}: strict decoding error: '
+                                                        + ", ".join(f'unknown field "{u}"' for u in unknown)))
                 obj = json.loads(json.dumps(body))
                 obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp="2026-01-01T00:00:00Z", resourceVersion="1")
                 if query.get("dryRun") != "All":
@@ -384,3 +390,39 @@ def running(container: str, image: str) -> dict:
     return {"phase": "Running", "conditions": [_condition("PodScheduled", True), _condition("Ready", True)],
             "containerStatuses": [_container(container, image, {"running": {"startedAt": "2026-01-01T00:02:00Z"}},
                                              ready=True)]}
+
+
+SCHEMAS = Path(__file__).resolve().parent.parent.parent / "shared" / "schemas"  # the real CRDs, read in place
+CRD_FILES = {"trainjobs": "trainer.kubeflow.org_trainjobs.yaml", "pytorchjobs": "kubeflow.org_pytorchjobs.yaml"}
+
+
+def _unknown_fields(plural: str, body: dict) -> list[str]:
+    """The fields of `body` its CRD's schema does not declare (the paths kube-apiserver names), for the kinds whose
+    CRD is in shared/schemas; metadata is the API server's own and not checked here."""
+    path = SCHEMAS / CRD_FILES.get(plural, "-")
+    if not path.exists():
+        return []
+    crd = yaml.safe_load(path.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return [u for k, v in body.items() if k not in ("apiVersion", "kind", "metadata")
+            for u in _walk(v, (schema.get("properties") or {}).get(k), k)] + [
+            k for k in body if k not in ("apiVersion", "kind", "metadata") and k not in (schema.get("properties") or {})]
+
+
+def _walk(value: Any, schema: dict | None, path: str) -> list[str]:
+    if schema is None or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, list):
+        return [u for i, item in enumerate(value) for u in _walk(item, schema.get("items"), path)]
+    if not isinstance(value, dict):
+        return []
+    if "properties" not in schema:
+        extra = schema.get("additionalProperties")
+        return [u for k, v in value.items() for u in _walk(v, extra if isinstance(extra, dict) else None, f"{path}.{k}")]
+    found = []
+    for k, v in value.items():
+        if k not in schema["properties"]:
+            found.append(f"{path}.{k}")
+        elif k != "metadata":  # a pod template's metadata is left open in these CRDs
+            found += _walk(v, schema["properties"][k], f"{path}.{k}")
+    return found

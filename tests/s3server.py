@@ -193,12 +193,18 @@ class S3Server:
 
 class SlowDownProxy:
     """A loopback HTTP proxy in front of the real S3 server that answers the first `fail` requests with
-    503 SlowDown, as a throttled store does; everything else passes through unchanged (signatures included)."""
+    503 SlowDown, as a throttled store does; everything else passes through unchanged (signatures included).
+    It counts the body bytes it passes each way (`sent`: to the client, by method), and with `bytes_per_s` it
+    shares that bandwidth among all connections, both ways, as a slow link to object storage does."""
 
     BODY = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 
-    def __init__(self, upstream_port: int, fail: int):
+    def __init__(self, upstream_port: int, fail: int = 0, bytes_per_s: float | None = None):
         self.fail, self.throttled, self.passed = fail, 0, 0
+        self.bytes_per_s = bytes_per_s
+        self.sent: dict[str, int] = {}  # method -> body bytes passed to clients
+        self.received = 0  # body bytes clients uploaded
+        self._free_at = 0.0  # when the shared link is next free (with bytes_per_s)
         lock = threading.Lock()
         proxy = self
 
@@ -209,11 +215,17 @@ class SlowDownProxy:
                 pass
 
             def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                length, chunks = int(self.headers.get("Content-Length") or 0), []
+                while length > 0:  # in slices, so concurrent requests share the link instead of queueing whole
+                    chunks.append(self.rfile.read(min(length, 1 << 16)))
+                    proxy._pace(len(chunks[-1]), lock)
+                    length -= len(chunks[-1])
+                body = b"".join(chunks)
                 with lock:
                     throttle = proxy.throttled < proxy.fail
                     proxy.throttled += throttle
                     proxy.passed += not throttle
+                    proxy.received += len(body)
                 if throttle:
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -233,13 +245,27 @@ class SlowDownProxy:
                 self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    for i in range(0, len(data), 1 << 16):
+                        proxy._pace(len(data[i:i + (1 << 16)]), lock)
+                        self.wfile.write(data[i:i + (1 << 16)])
+                    with lock:
+                        proxy.sent[self.command] = proxy.sent.get(self.command, 0) + len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _pace(self, n: int, lock: threading.Lock) -> None:
+        """Hold the caller until `n` bytes fit through the shared link."""
+        if not self.bytes_per_s or not n:
+            return
+        with lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + n / self.bytes_per_s
+            until = self._free_at
+        time.sleep(max(0.0, until - time.monotonic()))
 
     @property
     def url(self) -> str:

@@ -73,25 +73,38 @@ def test_loading_refuses_pickled_code(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, torch
     from barlow import checkpoint
-    out = sys.argv[1]
-    big = torch.randn(4_000_000)  # 16 MB: a write takes long enough to be cut in the middle
+    out, background = sys.argv[1], sys.argv[2] == "background"
+
+    class Weights:
+        w = torch.randn(4_000_000)  # 16 MB: a write takes long enough to be cut in the middle
+        def state_dict(self):
+            return {"w": self.w}
+
+    weights = Weights()
+    writer = checkpoint.Checkpointer(out, every=1, keep=1000, is_main=True, parts={"weights": weights}, run={})
     step = 0
     while True:
         step += 1
-        checkpoint.save(out, step, {"step": step, "w": big + step}, keep=1000)
+        if background:  # the Checkpointer's upload thread writes while this one goes on changing the weights
+            writer.save(step)
+            weights.w.add_(1.0)
+        else:
+            checkpoint.save(out, step, {"step": step, "weights": {"w": weights.w}}, keep=1000)
         print(step, flush=True)
 """)
 
 
-def test_sigkill_mid_write_leaves_a_loadable_latest(tmp_path):
-    out = str(tmp_path / "run")
+@pytest.mark.parametrize("mode", ["inline", "background"])
+def test_sigkill_mid_write_leaves_a_loadable_latest(tmp_path, mode):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     cut_midway = False
-    for attempt in range(8):  # kill at different moments until one lands inside a write
-        proc = subprocess.Popen([sys.executable, str(script), out], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip()  # at least one checkpoint is complete
-        time.sleep(0.05 + 0.037 * attempt)
+    for attempt in range(16):  # kill at different moments until one lands inside a write
+        out = str(tmp_path / f"run-{attempt}")  # its own folder: a writer starts again at step 1
+        proc = subprocess.Popen([sys.executable, str(script), out, mode], stdout=subprocess.PIPE, text=True)
+        while not checkpoint.latest(out):  # at least one checkpoint is complete
+            assert proc.stdout.readline().strip()
+        time.sleep(0.05 + 0.037 * (attempt % 8))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         names = storage.list_names(checkpoint.folder(out))
@@ -100,7 +113,7 @@ def test_sigkill_mid_write_leaves_a_loadable_latest(tmp_path):
         latest = checkpoint.latest(out)
         loaded = checkpoint.load(latest)
         assert loaded["step"] == int(latest.rsplit("-", 1)[1])
-        assert loaded["w"].shape == (4_000_000,)
+        assert loaded["weights"]["w"].shape == (4_000_000,)
         if cut_midway:
             break
     assert cut_midway, "no kill landed inside a write; the test did not exercise a partial checkpoint"
@@ -145,6 +158,7 @@ def test_checkpointer_hands_each_part_its_state_and_keeps_the_run_record(tmp_pat
     for step in (1, 2, 3):
         saved["data"].n = step * 10
         writer.save(step)
+    writer.wait()
     assert storage.list_names(checkpoint.folder(out)) == ["step-00000002", "step-00000003"]
 
     fresh = parts(seed=2)
@@ -164,7 +178,7 @@ def test_checkpointer_without_a_checkpoint_starts_at_zero_and_refusal_loads_noth
     out = str(tmp_path / "run")
     fresh = parts(seed=2)
     assert checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=fresh, run={}).resume() == 0
-    checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=parts(seed=1), run={}).save(5)
+    checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=parts(seed=1), run={}).save(5, wait=True)
 
     def refuse(run, url):
         raise ValueError(f"{url}: another run")
@@ -183,6 +197,7 @@ def test_checkpointer_on_s3_uses_the_settings_it_is_given(s3):
     writer = checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=saved, run={"seed": 7}, s3=s3.settings)
     for step in (1, 2):
         writer.save(step)
+    writer.wait()
     assert storage.list_names(checkpoint.folder(out), s3.settings) == ["step-00000002"]
     fresh = parts(seed=2)
     assert checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts=fresh, run={}, s3=s3.settings).resume() == 2
@@ -214,3 +229,67 @@ def test_a_checkpoint_from_before_a_part_existed_resumes_with_it_fresh(tmp_path)
                                      run={})
     with pytest.raises(OutputHoldsAnotherRun, match="holds no other state"):
         strict.resume()  # only a part declared optional may be missing
+# ---- saving in the background ---------------------------------------------------------------------------------
+
+class Weights:
+    """A part whose tensor the test changes in place after a save, as the optimizer step after a checkpoint does."""
+
+    def __init__(self, n: int):
+        self.w = torch.arange(n, dtype=torch.float32)
+
+    def state_dict(self) -> dict:
+        return {"w": self.w}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w = state["w"]
+
+
+def test_a_save_holds_the_state_of_its_step_while_training_changes_it(tmp_path):
+    out = str(tmp_path / "run")
+    weights = Weights(1000)
+    writer = checkpoint.Checkpointer(out, every=1, keep=3, is_main=True, parts={"weights": weights}, run={})
+    for step in (1, 2, 3):
+        writer.save(step)
+        weights.w.add_(1.0)  # the next step changes the live tensor while the upload may still read
+    writer.wait()
+    for step in (1, 2, 3):
+        saved = checkpoint.load(storage.join(checkpoint.folder(out), f"step-{step:08d}"))
+        assert torch.equal(saved["weights"]["w"], torch.arange(1000, dtype=torch.float32) + (step - 1))
+    assert writer.take_stall() > 0 and writer.take_stall() == 0  # the stall is handed out once
+
+
+@pytest.fixture
+def slow_s3(s3):
+    """The test's S3 prefix behind a loopback link of 2 MB/s: an 8 MB checkpoint takes about 4 s to upload."""
+    from s3server import SlowDownProxy
+
+    with SlowDownProxy(int(s3.server.endpoint_url.rsplit(":", 1)[1]), bytes_per_s=2e6) as proxy:
+        yield s3, storage.S3Settings(endpoint_url=proxy.url, retries=3), proxy
+
+
+def test_the_upload_runs_behind_training_and_one_at_a_time(slow_s3):
+    s3, settings, proxy = slow_s3
+    out = f"{s3.url}/run"
+    writer = checkpoint.Checkpointer(out, every=1, keep=2, is_main=True, parts={"weights": Weights(2_000_000)},
+                                     run={}, s3=settings)
+    writer.save(1)
+    # the snapshot is taken and save returned: the 8 MB are still on their way (about 4 s at 2 MB/s)
+    assert checkpoint.latest(out, s3.settings) is None
+    writer.save(2)  # waits for the upload of step 1 before it snapshots step 2
+    assert checkpoint.latest(out, s3.settings).endswith("step-00000001")
+    writer.wait()
+    assert checkpoint.latest(out, s3.settings).endswith("step-00000002")
+    assert proxy.received > 2 * 8_000_000
+
+
+def test_a_failed_upload_fails_the_run_retryably_at_the_next_save(tmp_path):
+    from barlow.errors import CheckpointUploadFailed, is_retryable
+
+    # nothing listens on port 9 of loopback: every attempt of the upload fails
+    writer = checkpoint.Checkpointer("s3://bucket/run", every=1, keep=1, is_main=True, parts={"weights": Weights(10)},
+                                     run={}, s3=storage.S3Settings(endpoint_url="http://127.0.0.1:9", retries=1))
+    writer.save(1)
+    with pytest.raises(CheckpointUploadFailed, match=r"checkpoint upload to s3://bucket/run/checkpoints failed") as e:
+        writer.save(2)
+    assert is_retryable(e.value.exit_code)
+    writer.wait()  # raised once: save(2) stopped before its snapshot, so nothing is in flight

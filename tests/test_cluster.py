@@ -106,7 +106,8 @@ def test_dry_run_asks_the_server_to_validate_without_creating(kube, spec_file):
     result = barlow("submit", "pretrain", spec_file, "--dry-run")
     assert result.exit_code == 0, result.stderr
     assert "valid (server dry run; nothing created)" in result.stdout
-    assert [(p.path, p.query) for p in kube.calls("POST")] == [(POLICIES, {"dryRun": "All"}), (JOBS, {"dryRun": "All"})]
+    strict = {"dryRun": "All", "fieldValidation": "Strict"}
+    assert [(p.path, p.query) for p in kube.calls("POST")] == [(POLICIES, strict), (JOBS, strict)]
     assert kube.stored() == {} and kube.stored("networkpolicies", group="networking.k8s.io/v1") == {}
     assert not kube.calls("PATCH")
 

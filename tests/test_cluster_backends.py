@@ -161,3 +161,30 @@ def test_submit_without_an_image_says_how_to_set_one(kube, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error: cluster.image is not set: build and push the training image (make image")
     assert kube.calls("POST") == []
+
+
+@pytest.mark.parametrize("where, field", [("spec.trainer", "numProcPerNodes"), ("spec", "suspendd")])
+def test_a_field_the_installed_crd_does_not_know_is_refused_not_dropped(kube, tmp_path, monkeypatch, where, field):
+    # as a newer barlow against an older Trainer: the API server would drop the field with a warning nobody reads;
+    # submit asks for fieldValidation=Strict, and the (fake) API server refuses it, naming the field
+    import fake_kube
+
+    from barlow.launch import cluster
+
+    if not (fake_kube.SCHEMAS / fake_kube.CRD_FILES["trainjobs"]).exists():
+        pytest.skip(f"{fake_kube.SCHEMAS} has no TrainJob CRD: the fake cannot check fields")
+
+    def render_with_extra(spec, what=None):
+        docs = render(spec, what)
+        node = docs[1]
+        for key in where.split("."):
+            node = node.setdefault(key, {})
+        node[field] = 1
+        return docs
+    monkeypatch.setattr(cluster, "render", render_with_extra)
+    result = barlow("submit", "pretrain", spec_file(tmp_path))
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (f'error: the API server rejected trainjob demo: TrainJob in version "v1alpha1" cannot be handled '
+                    f'as a TrainJob: strict decoding error: unknown field "{where}.{field}"')
+    assert kube.stored("trainjobs", group="trainer.kubeflow.org/v1alpha1") == {}

@@ -305,3 +305,20 @@ def test_the_init_container_patch_reaches_the_pytorchjob_only():
     fields["pod_patch"]["spec"].pop("initContainers")
     job = render(with_cluster("trainjob", **fields))[1]
     assert crd_errors(job) == []
+
+
+@pytest.mark.parametrize("field, value, line", [
+    ("cluster.affinity", {"nodeAffinity": {"preferred": []}}, "error: cluster.affinity.nodeAffinity.preferred: unknown field"),
+    ("cluster.pod_patch", {"spec": {"nodeselector": {"a": "b"}}},
+     "error: cluster.pod_patch.spec.nodeselector: unknown field (did you mean 'nodeSelector'?)"),
+    ("cluster.pod_patch", {"spec": {"terminationGracePeriodSeconds": "long"}},
+     "error: cluster.pod_patch.spec.terminationGracePeriodSeconds: must be a int"),
+])
+def test_validate_holds_affinity_and_pod_patch_to_the_pod_schema_as_render_does(tmp_path, field, value, line):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(set_path(BASE, field, value)))
+    for command in ("validate", "render"):
+        args = [command, str(path)] if command == "validate" else [command, "pretrain", str(path)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and result.stdout == "", (command, result.stdout)
+        assert result.stderr.strip() == line, (command, result.stderr)

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "barlow"
 # Lower layers first; a module may import modules of strictly lower layers, and modules of its own package
 # (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
+    ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.trainer_status", "barlow.goodput",
+     "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
     ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking",
      "barlow.lease"),
     ("barlow.restarts", "barlow.runsetup"),
@@ -30,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
 # a GPU stack).
 RUNTIME = ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.data", "barlow.restarts", "barlow.runsetup",
            "barlow.progress", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.entrypoint", "barlow.model",
-           "barlow.loss", "barlow.optim", "barlow.augment", "barlow.tracking")
+           "barlow.loss", "barlow.optim", "barlow.augment", "barlow.tracking", "barlow.goodput", "barlow.trainer_status")
 TRAINING_CODE = ("barlow.distributed", "barlow.syncbn", "barlow.runsetup", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.tracking",
                  "barlow.entrypoint", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment", "barlow.data.feed",
                  "barlow.data.devicedecode")

@@ -31,5 +31,5 @@ def test_sync_uploads_only_changed_files(s3):
     second = metrics.sync()
     assert set(second) == {"metrics.jsonl", events[0]}, second
     assert all(remote_matches_local(metrics, r) for r in second)
-    assert storage.read_bytes(storage.join(s3.url, "metrics.jsonl")).count(b"\n") == 2
+    assert storage.read_bytes(storage.join(s3.url, "metrics.jsonl")).count(b"\n") == 3  # the attempt's start, 2 steps
     metrics.close()

@@ -177,3 +177,52 @@ def test_cli_plan_counts_an_image_folder_and_says_what_it_is(tmp_path, layout, w
     assert out["pretrain"]["steps/epoch"] == "0"
     ev = next(v for k, v in out.items() if k.startswith("eval"))
     assert ev["data"] == "40 images, 4 classes (class folders)" and ev["images"] == "40"  # the eval's own data
+# -- how often to checkpoint (Young/Daly) -----------------------------------------------------------------------------
+
+
+def test_the_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
+    import os
+
+    import torch
+
+    from barlow import checkpoint
+    from barlow.launch.plan import state_bytes
+    from barlow.model import BarlowTwins
+    from barlow.optim import LARS, param_groups
+    from barlow.train import backbone_of
+
+    spec = parse_spec({**CPU, "model": {"arch": "resnet18", "width": 32, "projector": "1024-1024-1024"}})
+    m = spec.model
+    model = BarlowTwins(m.arch, m.projector, m.small_images, m.width)
+    optimizer = LARS(param_groups(model, 0.2, 0.0048), lr=0.1, momentum=0.9)
+    z1, z2 = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    (z1 - z2).pow(2).sum().backward()
+    optimizer.step()  # the momentum buffers exist
+    checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, is_main=True, parts={"model": model, "optimizer": optimizer},
+                            run={}, exports={"backbone.pt": backbone_of}).save(1, wait=True)
+    folder = checkpoint.latest(str(tmp_path))
+    real = sum(os.path.getsize(os.path.join(folder, f)) for f in ("state.pt", "backbone.pt"))
+    assert state_bytes(spec) == pytest.approx(real, rel=0.05)
+
+
+def test_plan_gives_the_young_daly_interval_and_warns_when_checkpoint_every_is_far_off(tmp_path, monkeypatch):
+    from barlow.goodput import SNAPSHOT_BYTES_PER_S
+    from barlow.launch.plan import state_bytes
+
+    row = throughput.Measured("NVIDIA-H100-80GB-HBM3", "resnet50", 224, "bf16", 1000.0, "a row for this test")
+    monkeypatch.setattr(throughput, "MEASURED", [row])
+    stall = state_bytes(parse_spec(PAPER)) / SNAPSHOT_BYTES_PER_S
+    interval = (2 * stall * 5000 * 3600 / 4) ** 0.5  # the default node MTBF over 4 nodes
+    steps = round(interval / (2048 / (1000.0 * 32)))
+    code, out, err = plan_cli(tmp_path, PAPER, "--images", "1281167")
+    assert code == 0, err
+    rows = out["pretrain"]
+    assert rows["interval"].startswith(f"{steps} steps, {interval / 60:.0f} min (Young/Daly")
+    assert rows["failures"] == "one every 1250.0 h (4 node(s), cluster.node_mtbf_hours 5000)"
+    assert rows["warning"].startswith(f"output.checkpoint_every 500 is far from {steps} ")
+    code, out, err = plan_cli(tmp_path, {**PAPER, "output": {"url": "s3://runs/r50", "checkpoint_every": steps}},
+                              "--images", "1281167")
+    assert "warning" not in out["pretrain"]
+    code, out, err = plan_cli(tmp_path, {**PAPER, "cluster": {**PAPER["cluster"], "node_mtbf_hours": 50}},
+                              "--images", "1281167")
+    assert out["pretrain"]["interval"].startswith(f"{round(steps / 10)} steps")  # 100 x fewer hours: 10 x shorter

@@ -243,7 +243,7 @@ def test_status_json_has_the_documented_fields(tmp_path, monkeypatch):
     assert set(doc["progress"]) == {"output", "state", "name", "kind", "step", "total_steps", "epoch", "epochs", "loss",
                                     "probe_top1", "knn_top1", "rankme_features", "rankme_projector", "constant_dims",
                                     "collapse_below", "images_per_s", "steps_per_s", "eta_s", "updated_age_s",
-                                    "checkpoint", "restarts", "stopped_by_signal", "corrupt_images", "warnings", "healthy"}
+                                    "checkpoint", "restarts", "stopped_by_signal", "corrupt_images", "goodput", "warnings", "healthy"}
     assert (doc["progress"]["step"], doc["progress"]["total_steps"], doc["progress"]["healthy"]) == (20, 100, True)
 
 
@@ -537,3 +537,28 @@ def test_the_rank_monitor_shows_in_status(tmp_path, monkeypatch):
                                                                 "constant_dims": 0.03, "collapse_below": 6.4})])
     rows = dict(progress.lines(progress.read(out, now=clock.t)))
     assert rows["rank"] == "RankMe 51.2 features, 40.0 projector; 3 % near-constant dims"
+
+
+def test_status_shows_what_the_run_reported_to_the_trainer(kube, tmp_path):
+    submit(tmp_path, "trainjob")
+    reported = {"progressPercentage": 42, "estimatedRemainingSeconds": 3600, "lastUpdatedTime": "2026-12-06T02:00:00Z",
+                "metrics": [{"name": "loss", "value": "812.4"}, {"name": "images_per_s", "value": "2950"}]}
+    kube.scripted["demo"] = [{"status": {"conditions": [], "trainerStatus": reported}}]
+    result = barlow("status", "demo", "-b", "trainjob")
+    assert result.exit_code == 0, result.stderr
+    assert fields(result.stdout)["trainer"] == ("42 %, 3600 s left; loss 812.4, images_per_s 2950 "
+                                                "(at 2026-12-06T02:00:00Z)")
+    kube.scripted["demo"] = [{"status": {"conditions": [], "trainerStatus": reported}}]
+    doc = json.loads(barlow("status", "demo", "-b", "trainjob", "-o", "json").stdout)
+    assert doc["job"]["trainer_status"] == reported
+
+
+def test_a_job_name_that_is_a_run_folder_here_says_how_to_ask_for_the_folder(kube, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_run("run", monkeypatch, steps(10))
+    result = barlow("status", "run")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: no ") and line.endswith(
+        "(run is read as a job name; for the run folder here, write: barlow status ./run)"), line
+    assert barlow("status", "./run").exit_code == 0

@@ -133,3 +133,22 @@ def test_read_bytes_of_local_paths(form, tmp_path, monkeypatch):
     assert storage.read_bytes(url) == b"\x00bytes\xff"
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(url.replace("a.bin", "missing.bin"))
+
+
+def test_a_starting_run_waits_for_a_store_that_comes_back(s3):
+    port = int(s3.server.endpoint_url.rsplit(":", 1)[1])
+    said = []
+    with SlowDownProxy(port, fail=6) as proxy:  # 503s for a while (two of botocore's rounds of 3), then it answers
+        settings = storage.S3Settings(endpoint_url=proxy.url, retries=1)
+        assert storage.wait_until_reachable(f"{s3.url}/run", settings, within_s=60, say=said.append) is None
+        assert proxy.throttled == 6 and proxy.passed >= 1
+    assert len(said) == 1 and proxy.url in said[0]  # one line, naming the endpoint
+
+
+def test_a_store_that_stays_down_is_given_up_after_the_stated_time(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    settings = storage.S3Settings(endpoint_url="http://127.0.0.1:9", retries=1)  # nothing listens on port 9
+    said = []
+    down = storage.wait_until_reachable("s3://bucket/run", settings, within_s=2, say=said.append)
+    assert storage.is_transient(down) and len(said) == 1 and "http://127.0.0.1:9" in said[0]

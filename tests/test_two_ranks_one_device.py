@@ -126,7 +126,7 @@ def _rank_main(rank: int, device: str, port: int, out: str) -> None:
         live = _state(model, optimizer)
         run = {"world_size": WORLD}
         Checkpointer(spec.output.url, every=STEPS, keep=1, is_main=place.is_main, run=run,
-                     parts={"model": model, "optimizer": optimizer}).save(STEPS)
+                     parts={"model": model, "optimizer": optimizer}).save(STEPS, wait=True)
         fresh_model, fresh_optimizer, _ = _parts(spec, place)
         resumed = Checkpointer(spec.output.url, every=STEPS, keep=1, is_main=place.is_main, run=run,
                                parts={"model": fresh_model, "optimizer": fresh_optimizer})

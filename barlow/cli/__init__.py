@@ -10,7 +10,7 @@ import json
 import typer
 
 from barlow import __version__
-from barlow.cli.common import DEBUG_ENV, SET, SPEC, app, console, example, load_or_exit
+from barlow.cli.common import DEBUG_ENV, EXIT_INVALID, SET, SPEC, app, console, example, fail, load_or_exit
 
 # Topic modules register their commands on `app` when imported.
 from barlow.cli import starter as _starter  # noqa: E402,F401  isort: skip
@@ -45,6 +45,12 @@ def validate(spec: str = SPEC, overrides: list[str] = SET) -> None:
     from barlow.spec import dump_spec
 
     resolved = load_or_exit(spec, overrides)
+    from barlow.launch.manifest import RenderError, check_pod_fields
+
+    try:
+        check_pod_fields(resolved)
+    except RenderError as e:
+        raise fail(str(e), EXIT_INVALID) from None
     typer.echo(dump_spec(resolved), nl=False)
 
 

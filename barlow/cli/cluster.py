@@ -51,7 +51,8 @@ BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEN
 
 
 @contextmanager
-def _cluster_errors() -> Iterator[None]:
+def _cluster_errors(hint: str = "") -> Iterator[None]:
+    """Cluster errors as one `error:` line (`hint` appended to the cluster's own)."""
     from barlow.launch.cluster import ClusterError, ClusterUnreachable, WaitTimedOut
     from barlow.launch.manifest import RenderError
 
@@ -63,9 +64,9 @@ def _cluster_errors() -> Iterator[None]:
     except RenderError as e:
         raise fail(str(e), EXIT_INVALID) from None
     except ClusterUnreachable as e:
-        raise fail(str(e), EXIT_UNREACHABLE) from None
+        raise fail(f"{e}{hint}", EXIT_UNREACHABLE) from None
     except ClusterError as e:
-        raise fail(str(e)) from None
+        raise fail(f"{e}{hint}") from None
     except SpecError as e:
         raise invalid(e.problems, f"{e.source}: " if e.source else "") from None
 
@@ -221,10 +222,11 @@ def status(
     name = target or spec.name
     job_args = None
     local_run = spec is not None and "cluster" not in spec.model_fields_set  # a spec without a cluster runs here
+    hint = _run_folder_hint(target) if not is_output and spec is None else ""
     if not is_output and not local_run:
         from barlow.launch.cluster import resolve_namespace
 
-        with _cluster_errors():
+        with _cluster_errors(hint):
             ns = resolve_namespace(namespace, spec, context)
         job_args = (name, ns, _backend(backend or BackendName(spec.cluster.backend if spec else DEFAULT_BACKEND)))
 
@@ -233,7 +235,7 @@ def status(
 
         found = _Report(time.time())
         if job_args is not None:
-            with _cluster_errors():
+            with _cluster_errors(hint):
                 found.job = pods.view(cluster.connect(context), *job_args)
         url = target if is_output else (spec.output.url if spec else "")
         if url:
@@ -255,6 +257,13 @@ def status(
         return found
 
     _refresh(report, output, watch, interval, count)
+
+
+def _run_folder_hint(target: str | None) -> str:
+    """Where a job name is also a run folder here: how to ask for the folder instead."""
+    if target and any(os.path.exists(os.path.join(target, f)) for f in ("run.json", "metrics.jsonl", "checkpoints")):
+        return f" ({target} is read as a job name; for the run folder here, write: barlow status ./{target})"
+    return ""
 
 
 def _read_progress(url: str, spec: PretrainSpec | EvalRunSpec | None, now: float, endpoint_url: str | None) -> Progress:

@@ -99,6 +99,7 @@ class JobStatus:
     spec_hash: str = ""
     what: str = "pytorchjob"
     succeeded: str = "Succeeded"  # the backend's phase of success
+    trainer_status: dict[str, Any] = field(default_factory=dict)  # a TrainJob's status.trainerStatus (KEP-2779), as given
 
     @property
     def finished_ok(self) -> bool:
@@ -236,7 +237,7 @@ def _translate(api: client.ApiClient, e: Exception, namespace: str, res: Resourc
         return NotFound(found or f"the Kubernetes API answered 404 {e.reason}: {message}")
     if e.status == 409:
         return AlreadyExists(f"{res.what if res else 'object'} {name} already exists in namespace '{namespace}'")
-    if e.status == 422:
+    if e.status in (400, 422):  # 400: strict field validation (an unknown field), 422: invalid
         return ClusterError(f"the API server rejected {res.what if res else 'object'} {name}: {message}")
     if e.status is not None and e.status >= 500:
         return ClusterUnreachable(f"the Kubernetes API answered {e.status} {e.reason}: {message}")
@@ -282,7 +283,8 @@ def _create(api: client.ApiClient, res: Resource, body: dict[str, Any], dry_run:
     objects = client.CustomObjectsApi(api)
     try:
         created = _call(api, ns, objects.create_namespaced_custom_object, *res.args(ns), body, res=res, name=name,
-                        dry_run="All" if dry_run else None, _request_timeout=REQUEST_TIMEOUT_S)
+                        dry_run="All" if dry_run else None, field_validation="Strict",  # an unknown field: refused
+                        _request_timeout=REQUEST_TIMEOUT_S)
     except AlreadyExists:
         return same(_read(api, res, name, ns) or {"metadata": {}})
     outcome = "valid (server dry run; nothing created)" if dry_run else "created"
@@ -406,6 +408,7 @@ def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
         spec_hash=labels.get(LABEL_HASH, ""),
         what=b.what,
         succeeded=b.succeeded,
+        trainer_status=st.get("trainerStatus") or {},
     )
 
 

@@ -293,6 +293,14 @@ def check_peer_labels(template: dict[str, Any], spec: RunSpec) -> None:
                               "NetworkPolicy admits traffic only between pods labelled so): leave it out of the patch")
 
 
+def check_pod_fields(spec: RunSpec) -> None:
+    """Hold cluster.affinity and cluster.pod_patch to the Pod schema, as rendering does (for `barlow validate`)."""
+    if spec.cluster.affinity:
+        check_affinity(spec)
+    if spec.cluster.pod_patch:
+        check_pod_template(strategic_merge({}, spec.cluster.pod_patch), "cluster.pod_patch")
+
+
 def check_affinity(spec: RunSpec) -> None:
     """Raise RenderError (one line) where cluster.affinity does not fit the Kubernetes Affinity schema."""
     problems = schema_problems(spec.cluster.affinity, "V1Affinity", "cluster.affinity")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from barlow.goodput import SNAPSHOT_BYTES_PER_S, UPLOAD_BYTES_PER_S, young_daly_s
 from barlow.launch.throughput import lookup
 from barlow.spec import EvalRunSpec, PretrainSpec, RunSpec, SpecError, stage_runs
 
@@ -120,6 +121,82 @@ def lines(spec: PretrainSpec | EvalRunSpec, plan: Plan, unknown: str = "pass --i
     ]
 
 
+# Parameters of torchvision's ResNets without their classifier, at width 64 (they scale with width squared)
+BACKBONE_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032, "resnet101": 42_500_160,
+                   "resnet152": 58_143_808}
+FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+FAR_OFF = 3.0  # output.checkpoint_every more than this factor from the interval gets a warning
+
+
+def state_bytes(spec: PretrainSpec) -> int:
+    """A pretrain checkpoint's size, estimated: weights and LARS momentum (float32) of backbone and projector, the
+    BatchNorm statistics, and the checkpoint's backbone.pt."""
+    m = spec.model
+    scale = (m.width / 64) ** 2
+    backbone = int(BACKBONE_PARAMS[m.arch] * scale)
+    sizes = [FEATURE_DIM[m.arch] * m.width // 64, *(int(x) for x in m.projector.split("-"))]
+    projector = sum(a * b for a, b in zip(sizes, sizes[1:], strict=False)) + 4 * sum(sizes[1:-1])
+    return 4 * (2 * (backbone + projector) + backbone)
+
+
+@dataclass(frozen=True)
+class CheckpointInterval:
+    """Young/Daly's checkpoint interval, sqrt(2 x save stall x the job's MTBF), never shorter than one upload (one
+    is in flight at a time), and what it costs."""
+
+    state_bytes: int
+    stall_s: float  # training stands still this long per checkpoint (the snapshot; the upload runs behind)
+    upload_s: float
+    mtbf_s: float  # the job's: a node's, divided by the nodes
+    step_s: float | None  # seconds per step (None: throughput not measured)
+
+    @property
+    def interval_s(self) -> float:
+        return young_daly_s(self.stall_s, self.mtbf_s, self.upload_s)
+
+    @property
+    def steps(self) -> int | None:
+        return None if not self.step_s else max(1, round(self.interval_s / self.step_s))
+
+    @property
+    def overhead(self) -> float:
+        """Expected share of the wall time lost to checkpoint stalls and to work redone after failures."""
+        return self.stall_s / self.interval_s + self.interval_s / 2 / self.mtbf_s
+
+
+def checkpoint_interval(spec: PretrainSpec, plan: Plan) -> CheckpointInterval:
+    size = state_bytes(spec)
+    step_s = plan.global_batch / (plan.images_per_s_per_gpu * plan.gpus) if plan.images_per_s_per_gpu and plan.gpus else None
+    return CheckpointInterval(size, size / SNAPSHOT_BYTES_PER_S, size / UPLOAD_BYTES_PER_S,
+                              spec.cluster.node_mtbf_hours * 3600 / spec.runtime.nodes, step_s)
+
+
+def _seconds(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.1f} s"
+
+
+def checkpoint_lines(spec: PretrainSpec, plan: Plan) -> list[tuple[str, str]]:
+    """The checkpoint interval rows, and a warning when output.checkpoint_every is far from it."""
+    ci = checkpoint_interval(spec, plan)
+    every = spec.output.checkpoint_every
+    steps = f"{ci.steps} steps, " if ci.steps else ""
+    rows = [("checkpoint", f"about {ci.state_bytes / 1e9:.2f} GB: stall {ci.stall_s:.2f} s (snapshot at "
+                           f"{SNAPSHOT_BYTES_PER_S / 1e9:g} GB/s), upload {_seconds(ci.upload_s)} in the background (at "
+                           f"{UPLOAD_BYTES_PER_S / 1e6:g} MB/s)"),
+            ("failures", f"one every {_seconds(ci.mtbf_s)} ({spec.runtime.nodes} node(s), cluster.node_mtbf_hours "
+                         f"{spec.cluster.node_mtbf_hours:g})"),
+            ("interval", f"{steps}{_seconds(ci.interval_s)} (Young/Daly: sqrt(2 x stall x MTBF)); expected overhead "
+                         f"{100 * ci.overhead:.2f} %, work lost per failure about {_seconds(ci.interval_s / 2)}")]
+    if every == "auto":
+        rows.append(("auto", "output.checkpoint_every auto: the run works this out at its first log step from its own "
+                         "step time and state"))
+    elif ci.steps and not (ci.steps / FAR_OFF <= every <= ci.steps * FAR_OFF):
+        at = ci.stall_s / (every * ci.step_s) + every * ci.step_s / 2 / ci.mtbf_s
+        rows.append(("warning", f"output.checkpoint_every {every} is far from {ci.steps} (expected overhead "
+                                f"{100 * at:.2f} % instead of {100 * ci.overhead:.2f} %)"))
+    return rows
+
+
 def stages(spec: PretrainSpec | EvalRunSpec) -> tuple[list[tuple[str, RunSpec]], list[str]]:
     """The stages `barlow plan` shows, titled, and the problems of a pipeline's eval that cannot run (its pretraining
     is still shown): an eval spec is one eval; a pretrain spec is its pretraining and its pipeline's eval."""
@@ -142,7 +219,8 @@ def report(spec: PretrainSpec | EvalRunSpec, images: int | None = None, gpu: str
             counted[run.data.train] = count_images(run)
         count, unknown, what = counted[run.data.train]
         out.append(f"{title}:")
-        out += [f"  {label + ':':<14}{value}" for label, value in
-                [("data", what), *lines(run, make_plan(run, count, gpu), unknown)]]
+        plan = make_plan(run, count, gpu)
+        rows = [("data", what), *lines(run, plan, unknown)] + (checkpoint_lines(run, plan) if isinstance(run, PretrainSpec) else [])
+        out += [f"  {label + ':':<14}{value}" for label, value in rows]
     out += [f"eval (the pipeline's): cannot run: {p}" for p in problems]
     return out

@@ -52,7 +52,7 @@ class JobView:
     def as_dict(self) -> dict[str, Any]:
         st = self.status
         job = {k: getattr(st, k) for k in ("name", "namespace", "kind", "phase", "message", "replicas", "created",
-                                           "started", "finished", "spec_hash")}
+                                           "started", "finished", "spec_hash", "trainer_status")}
         return {"job": {**job, "backend": st.what, "output": self.output, "queue": self.queue},
                 "admission": self.admission, "pods": [asdict(p) for p in self.pods]}
 
@@ -65,6 +65,8 @@ def lines(view: JobView) -> list[tuple[str, str]]:
                                 ("message", st.message), ("admission", view.admission), ("replicas", replicas),
                                 ("created", st.created), ("started", st.started), ("finished", st.finished),
                                 ("spec hash", st.spec_hash)] if v]
+    if st.trainer_status:
+        rows.append(("trainer", trainer_line(st.trainer_status)))
     for pod in view.pods:
         state = pod.phase + (", not ready" if pod.phase == "Running" and not pod.ready else "")
         state += f", {pod.restarts} restarts" if pod.restarts else ""
@@ -73,6 +75,15 @@ def lines(view: JobView) -> list[tuple[str, str]]:
             why += f" (exit code {pod.exit_code})"
         rows.append(("pod", f"{pod.name} {state}" + (f" - {why}" if why else "")))
     return rows
+
+
+def trainer_line(status: dict[str, Any]) -> str:
+    """What the run last reported to Kubeflow Trainer's status server: `42 %, 1234 s left; loss 812.4, ... (at T)`."""
+    head = [f"{status['progressPercentage']} %" if "progressPercentage" in status else "",
+            f"{status['estimatedRemainingSeconds']} s left" if "estimatedRemainingSeconds" in status else ""]
+    metrics = ", ".join(f"{m.get('name')} {m.get('value')}" for m in status.get("metrics") or [])
+    text = "; ".join(p for p in (", ".join(h for h in head if h), metrics) if p)
+    return text + (f" (at {status['lastUpdatedTime']})" if status.get("lastUpdatedTime") else "")
 
 
 def job_selector(b: Backend, name: str) -> str:

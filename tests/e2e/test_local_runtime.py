@@ -120,6 +120,9 @@ def test_missing_data_folder_is_one_line_error(tmp_path):
     result = barlow("run", "pretrain", str(spec))
     assert result.returncode == 1
     assert "nowhere/train: no such image folder" in result.stderr
+    assert "failed (exitcode: 1)" not in result.stderr  # the one error line says it all: no torchrun block after it
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith("error")], result.stderr
 
 
 @pytest.mark.parametrize("mode, percent", [("finetune", 10), ("linear", 1)])
