@@ -219,7 +219,7 @@ def test_a_checkpoint_streams_to_storage_without_a_copy_in_memory(tmp_path):
 def test_a_checkpoint_from_before_a_part_existed_resumes_with_it_fresh(tmp_path):
     out = str(tmp_path)
     # the previous layout: the current parts minus the probe (written before the online probe existed)
-    checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts={"model": Counter(5)}, run={}).save(3)
+    checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts={"model": Counter(5)}, run={}).save(3, wait=True)
     model, probe = Counter(), Counter(-1)
     reader = checkpoint.Checkpointer(out, every=1, keep=1, is_main=True, parts={"model": model, "probe": probe}, run={},
                                      optional=("probe",))
@@ -229,6 +229,8 @@ def test_a_checkpoint_from_before_a_part_existed_resumes_with_it_fresh(tmp_path)
                                      run={})
     with pytest.raises(OutputHoldsAnotherRun, match="holds no other state"):
         strict.resume()  # only a part declared optional may be missing
+
+
 # ---- saving in the background ---------------------------------------------------------------------------------
 
 class Weights:

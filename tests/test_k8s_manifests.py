@@ -191,8 +191,20 @@ def _stub(bin_dir: Path, name: str, info_ok: bool) -> None:
     """A stand-in engine CLI: `info` succeeds or fails, each `build` appends its arguments as a line."""
     path = bin_dir / name
     path.write_text(f"#!/bin/sh\nif [ \"$1\" = info ]; then exit {0 if info_ok else 1}; fi\n"
-                    f"echo \"{name} $*\" >> \"{bin_dir}/built\"\n")
+                    f"if [ \"$1\" = build ]; then echo \"{name} $*\" >> \"{bin_dir}/built\"; fi\n")
     path.chmod(0o755)
+    _tools(bin_dir)
+
+
+def _tools(bin_dir: Path) -> None:
+    """The few ordinary tools build.sh reports with (sed, awk, ...), beside the stubs: links to this machine's."""
+    for tool in ("sed", "tr", "awk", "date", "grep", "head", "tail"):
+        if not (bin_dir / tool).exists() and (real := shutil.which(tool)):
+            (bin_dir / tool).symlink_to(real)
+
+
+CLI_DEFAULT_BASE = next(line.split("=", 1)[1] for line in (ROOT / "docker" / "Dockerfile.cli").read_text().splitlines()
+                        if line.startswith("ARG BASE_IMAGE="))  # build.sh names the base it used, default or not
 
 
 def _build(bin_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -207,10 +219,11 @@ def _builds(bin_dir: Path) -> list[list[str]]:
 
 @pytest.mark.parametrize("stubs, message", [
     ({}, "make image: no container engine found: install docker (with a running daemon), podman or buildah"),
-    ({"docker": False}, "make image: docker is installed but its daemon is not reachable ('docker info' failed); "
-                        "start it, or install podman or buildah"),
+    ({"docker": False}, "make image: docker is installed but its daemon is not reachable ('docker info' failed): "
+                        "start it (systemctl start docker, or dockerd as root), or install podman or buildah"),
 ])
 def test_make_image_fails_clearly_without_a_usable_engine(tmp_path, stubs, message):
+    _tools(tmp_path)
     for name, ok in stubs.items():
         _stub(tmp_path, name, ok)
     out = _build(tmp_path)
@@ -232,7 +245,8 @@ def test_make_image_builds_both_images_with_the_first_working_engine(tmp_path, s
     assert _builds(tmp_path) == [
         [*expected.split(), "-f", "docker/Dockerfile", "-t", "registry.example.com/barlow:test",
          "--build-arg", "BASE_IMAGE=pytorch/pytorch:x@sha256:abc", "."],
-        [*expected.split(), "-f", "docker/Dockerfile.cli", "-t", "registry.example.com/barlow-cli:test", "."]]
+        [*expected.split(), "-f", "docker/Dockerfile.cli", "-t", "registry.example.com/barlow-cli:test",
+         "--build-arg", f"BASE_IMAGE={CLI_DEFAULT_BASE}", "."]]
 
 
 def test_make_image_tags_the_version_and_no_registry_by_default(tmp_path):

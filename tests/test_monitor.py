@@ -141,7 +141,7 @@ def test_probe_state_resumes_with_the_checkpoint(demo, tmp_path):
     b = next(iter(device_batches(run.spec, run.source, run.place, 0, run.steps_per_epoch)))
     train_step(run, b.x1, b.x2, b.labels)
     run.position.step = 1
-    run.checkpointer.save(1)
+    run.checkpointer.save(1, wait=True)
     saved = run.probe.state_dict()
     run.metrics.close()
     assert "probe" in checkpoint.load(checkpoint.latest(str(out)))  # loads with weights_only=True

@@ -136,9 +136,9 @@ def test_a_dry_run_creates_nothing(kube, tmp_path, backend):
     result = barlow("submit", "pipeline", spec_file(tmp_path, backend), "--dry-run")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.count("valid (server dry run; nothing created)") == 3
+    dry = {"dryRun": "All", "fieldValidation": "Strict"}  # objects are checked as created, unknown fields refused
     assert [(r.method, r.path, r.query) for r in kube.calls("POST")] == [
-        ("POST", POLICIES, {"dryRun": "All"}), ("POST", JOBS[backend], {"dryRun": "All"}),
-        ("POST", "/apis/batch/v1/namespaces/barlow/jobs", {"dryRun": "All"})]
+        ("POST", POLICIES, dry), ("POST", JOBS[backend], dry), ("POST", "/apis/batch/v1/namespaces/barlow/jobs", dry)]
     assert not kube.calls("PATCH") and policies(kube) == {} and stored_jobs(kube, backend) == {}
 
 

@@ -42,7 +42,7 @@ def check_finished(spec: dict, codes: list[int], logs: list[str]) -> None:
     assert storage.exists(f"{out}/backbone.pt")
 
 
-@pytest.mark.parametrize("workers", [0])  # >0 once a SIGTERM reaching loader workers checkpoints too (issue 21)
+@pytest.mark.parametrize("workers", [0, 2])  # 2: the stop signal reaches the loader workers too (issue 21)
 def test_a_stopped_node_checkpoints_and_both_resume(pods, s3, demo_on_s3, workers):
     spec = run_spec(s3.server, demo_on_s3, f"stop-{workers}", "pytorchjob", **{"data.workers": workers})
     names = start_nodes(pods, s3.server, spec, f"stop{workers}")
