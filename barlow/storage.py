@@ -112,7 +112,11 @@ def _disown_parent_s3_sessions() -> None:
     """In a forked child (a loader worker): detach the finalizers of the s3fs filesystems the parent made. Their
     aiobotocore sessions belong to the parent's event loop; finalized in the child (fsspec drops them from its cache
     there, or a garbage cycle pending at the fork is collected) they were closed on the child's loop instead:
-    "Task exception was never retrieved ... attached to a different loop". The parent still closes its own."""
+    "Task exception was never retrieved ... attached to a different loop". The parent still closes its own.
+
+    The child also keeps them referenced for its whole life: collected there, aiohttp's connector closes the
+    parent's connections on the parent's loop copy, and that loop's epoll instance is the parent's own (shared
+    across fork), so the parent stopped watching those sockets and waited forever for a response it had received."""
     s3fs = sys.modules.get("s3fs")
     if s3fs is None:
         return
@@ -120,7 +124,13 @@ def _disown_parent_s3_sessions() -> None:
     for finalizer in list(getattr(weakref.finalize, "_registry", {})):
         held = finalizer.peek()
         if held is not None and isinstance(held[0], s3fs.S3FileSystem):
+            _PARENTS_S3.append(held)  # never collected here: see above
             finalizer.detach()
+    for fs in list(getattr(s3fs.S3FileSystem, "_cache", {}).values()):  # fsspec clears its cache in the child
+        _PARENTS_S3.append(fs)
+
+
+_PARENTS_S3: list[object] = []  # a forked child's copies of the parent's s3fs filesystems, kept from collection
 
 
 if hasattr(os, "register_at_fork"):

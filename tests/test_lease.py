@@ -90,3 +90,17 @@ def test_who_holds_the_lease(monkeypatch, env, holder):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert lease.holder_here("imagenet-r50") == holder
+
+
+def test_a_killed_process_not_yet_reaped_holds_no_lease():
+    """A SIGKILLed run's process is a zombie until its new parent reaps it: its lease is taken over all the same."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline:  # exited, not yet waited for: a zombie
+        with open(f"/proc/{child.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    assert not lease._alive(child.pid)
+    child.wait()
+    assert lease._alive(os.getpid())

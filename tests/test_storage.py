@@ -152,3 +152,23 @@ def test_a_store_that_stays_down_is_given_up_after_the_stated_time(monkeypatch):
     said = []
     down = storage.wait_until_reachable("s3://bucket/run", settings, within_s=2, say=said.append)
     assert storage.is_transient(down) and len(said) == 1 and "http://127.0.0.1:9" in said[0]
+
+
+def test_a_forked_child_leaves_the_parents_s3_connections_alone(s3):
+    """A loader worker inherits the training process's s3fs filesystem and its pooled connections. Collected in the
+    child, aiohttp closed them on the parent's loop copy, whose epoll instance is the parent's own: the parent then
+    never saw the response to its next request on such a connection (a run hung in Metrics.sync)."""
+    import gc
+    import time
+
+    url = f"{s3.url}/fork/a.txt"
+    storage.write_text(url, "one", s3.settings)  # the parent's filesystem now pools a connection
+    pid = os.fork()
+    if pid == 0:  # the child: drop what fsspec cached, collect it, exit without cleanup
+        storage.filesystem(url, s3.settings)  # a new instance here clears fsspec's inherited cache
+        gc.collect()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    start = time.monotonic()
+    assert storage.read_text(url, s3.settings) == "one"
+    assert time.monotonic() - start < 10  # the read timeout (30 s) and retries were not needed
