@@ -5,13 +5,13 @@ weights a load of its own would give."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 from s3server import SlowDownProxy
 
 from barlow import checkpoint, storage
@@ -41,12 +41,6 @@ def _rank_main(rank: int, world: int, port: int, out: str, endpoint: str, result
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _assert_equal(a, b) -> None:
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b)
@@ -73,7 +67,7 @@ def test_ranks_resuming_from_s3_read_one_checkpoint(s3, tmp_path, world):
     today = checkpoint.load(url, s3.settings)  # what every rank read for itself before
 
     with SlowDownProxy(int(s3.server.endpoint_url.rsplit(":", 1)[1])) as proxy:
-        ctx = mp.spawn(_rank_main, args=(world, _free_port(), out, proxy.url, str(tmp_path)), nprocs=world, join=False)
+        ctx = mp.spawn(_rank_main, args=(world, free_port(), out, proxy.url, str(tmp_path)), nprocs=world, join=False)
         deadline = time.monotonic() + 240
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:

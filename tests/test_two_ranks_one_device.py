@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 WORLD, N, SIZE, LAMBD = 2, 16, 32, 5e-3  # N: global pairs per step; each rank holds N / WORLD
 STEPS = 2
@@ -140,14 +140,8 @@ def _rank_main(rank: int, device: str, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(device: str, out: Path) -> list[dict]:
-    ctx = mp.spawn(_rank_main, args=(device, _free_port(), str(out)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_rank_main, args=(device, free_port(), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
