@@ -75,7 +75,7 @@ class Metrics:
             info += f"  corrupt images skipped {int(values[CORRUPT_KEY])}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
-        else:
+        elif any(k in PROGRESS_KEYS and k != "epoch" for k in values) or values.get(CORRUPT_KEY):  # else nothing to show
             self.console.print(f"step {step}  {info}", highlight=False, soft_wrap=True)
 
     def stopped(self, step: int, signum: int) -> None:

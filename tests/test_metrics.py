@@ -33,3 +33,16 @@ def test_sync_uploads_only_changed_files(s3):
     assert all(remote_matches_local(metrics, r) for r in second)
     assert storage.read_bytes(storage.join(s3.url, "metrics.jsonl")).count(b"\n") == 3  # the attempt's start, 2 steps
     metrics.close()
+
+
+def test_a_line_with_nothing_to_show_is_not_printed(tmp_path, capsys):
+    """The final checkpoint's stall has a metrics row of its own; in logs it printed a bare `step 275  epoch 25`."""
+    metrics = Metrics(str(tmp_path / "run"), True, total_steps=10)
+    try:
+        metrics.log(5, {"epoch": 1.0, "checkpoint_stall_s": 0.25})
+        metrics.log(10, {"epoch": 2.0, "loss": 12.5})
+    finally:
+        metrics.close()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 10  epoch 2  loss 12.5"]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 2  # both rows are kept in the file
