@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -63,3 +64,19 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def kill_after_first_checkpoint(spec_path: Path, out: Path) -> int:
+    """Start `barlow run pretrain SPEC`, SIGKILL every process of it once it has a checkpoint in `out`; that
+    checkpoint's step."""
+    from barlow import checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(spec_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while checkpoint.latest(str(out)) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    kill_tree(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return checkpoint.load(checkpoint.latest(str(out)))["step"]

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import torchvision
-from runner import barlow, kill_tree, tiny_spec, write_spec
+from runner import barlow, kill_after_first_checkpoint, kill_tree, tiny_spec, write_spec
 
 from barlow import checkpoint, goodput
 
@@ -72,15 +72,7 @@ def test_sigkill_and_restart_matches_uninterrupted_run(demo_data, tmp_path):
     assert barlow("run", "pretrain", str(spec_straight)).returncode == 0
 
     # Start the second run, SIGKILL every process of it once it has checkpointed, then rerun.
-    proc = subprocess.Popen([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(spec_killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while checkpoint.latest(str(killed)) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    kill_tree(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step_at_kill = checkpoint.load(checkpoint.latest(str(killed)))["step"]
+    step_at_kill = kill_after_first_checkpoint(spec_killed, killed)
     total = checkpoint.load(checkpoint.latest(str(straight)))["step"]
     assert 0 < step_at_kill < total
 

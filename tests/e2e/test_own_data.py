@@ -6,16 +6,12 @@ without one; an old checkpoint resumes with the probe fresh."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from imagesets import write_hf_parquet, write_unlabelled_folder, write_wds
-from runner import barlow, kill_tree, tiny_spec, write_spec
+from runner import barlow, kill_after_first_checkpoint, tiny_spec, write_spec
 
 from barlow import checkpoint, storage
 
@@ -69,15 +65,7 @@ def test_unlabelled_folder_pretrains_and_resumes_exactly_after_sigkill(own_data,
     assert total == IMAGES // 32 * 4  # every step done
 
     spec_killed = write_spec(tmp_path, own_spec(train, killed, **extra))
-    proc = subprocess.Popen([sys.executable, "-m", "barlow.cli", "run", "pretrain", str(spec_killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while checkpoint.latest(str(killed)) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    kill_tree(proc.pid, signal.SIGKILL)
-    proc.wait()
-    at_kill = checkpoint.load(checkpoint.latest(str(killed)))["step"]
+    at_kill = kill_after_first_checkpoint(spec_killed, killed)
     assert 0 < at_kill < total and at_kill % 5  # mid-epoch
     resumed = barlow("run", "pretrain", str(spec_killed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
