@@ -200,11 +200,11 @@ def wait_until_reachable(url: str, s3: S3Settings | None = None, within_s: float
         except Exception as e:
             if not is_transient(e):
                 return None
+            if attempt == 1:  # said even when the first try alone used up the wait: the give-up then has a cause
+                say(f"{endpoint(s3)} unreachable ({type(e).__name__}); waiting up to {within_s:.0f} s for it")
             left = deadline - time.monotonic()
             if left <= 0:
                 return e
-            if attempt == 1:
-                say(f"{endpoint(s3)} unreachable ({type(e).__name__}); waiting up to {within_s:.0f} s for it")
             _invalidate(url, s3)
             time.sleep(min(left, min(_RETRY_CAP, _RETRY_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)))
 
