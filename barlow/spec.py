@@ -36,7 +36,9 @@ from pydantic_core import PydanticCustomError
 WRITABLE_SCHEMES = {"", "file", "s3", "memory"}
 READABLE_SCHEMES = WRITABLE_SCHEMES | {"http", "https"}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
-BACKENDS = ("pytorchjob", "trainjob")  # cluster.backend values; each names a module of barlow.launch that registers it
+# The plug-ins, by kind: the value a spec field accepts -> the module that implements it, imported on first use (most
+# need torch; the spec and the CLI image never import them). Adding a plug-in is its module and its line here.
+BACKENDS = {"pytorchjob": "barlow.launch.pytorchjob", "trainjob": "barlow.launch.trainjob"}  # cluster.backend
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
 MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"  # the pod annotation that attaches extra (RDMA) networks
@@ -206,13 +208,14 @@ class AugmentSpec(Section):
         return v
 
 
-DATA_FORMATS = ("imagefolder", "shards", "webdataset", "parquet")  # the formats barlow.data registers (tests/test_imagefolder.py keeps them equal)
+DATA_FORMATS = {"imagefolder": "barlow.data.imagefolder", "shards": "barlow.data.shardreader",  # data.format (plug-ins, as BACKENDS)
+                "webdataset": "barlow.data.shardreader", "parquet": "barlow.data.shardreader"}
 
 
 class DataSpec(Section):
     """Where the images are and how they are read."""
 
-    format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
+    format: Literal[tuple(DATA_FORMATS)] = Field(  # type: ignore[valid-type]
         "imagefolder", description="imagefolder: a folder of images (any layout; labels: data.labels); shards: the JSON "
         "index written by `barlow data shard`; webdataset: tar shards other tools wrote (a sample is the members sharing "
         "a key; image: the first of jpg, jpeg, png, webp; label: .cls or .json's label/cls, else none); parquet: an image "
@@ -245,7 +248,7 @@ class DataSpec(Section):
 class LabelledDataSpec(Section):
     """A labelled image set beside unlabelled pretraining data (the other data.* settings are data's)."""
 
-    format: Literal[DATA_FORMATS] = Field("imagefolder", description="As data.format.")  # type: ignore[valid-type]
+    format: Literal[tuple(DATA_FORMATS)] = Field("imagefolder", description="As data.format.")  # type: ignore[valid-type]
     train: ReadURL = Field(description="Labelled training images (class folders, or a shard index).")
     val: ReadURL = Field(description="Labelled validation images, same format.")
 
@@ -621,7 +624,7 @@ class MonitorSpec(Section):
 class ClusterSpec(Section):
     """How the run is placed on Kubernetes (ignored by local runs)."""
 
-    backend: Literal[BACKENDS] = Field(  # type: ignore[valid-type]
+    backend: Literal[tuple(BACKENDS)] = Field(  # type: ignore[valid-type]
         "trainjob", description="trainjob: Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob; tested against "
                                 "Trainer v2.3); pytorchjob: Kubeflow training operator v1 (kubeflow.org/v1 "
                                 "PyTorchJob), in maintenance only, for clusters that still run it.")

@@ -140,8 +140,8 @@ def main() -> None:
     from barlow import storage
     from barlow.augment import ViewsConfig
     from barlow.data.cropfirst import HostCrops
+    from barlow.data.shardreader import ShardSource
     from barlow.data.shards import write_shards
-    from barlow.data.stream import ShardSource
     from barlow.spec import DataSpec, S3Spec
     from bench.reference_views import TwoViews, TwoViewsCropFirst
 

@@ -3,9 +3,9 @@
 Every source implements one contract (`barlow.data.source.Source`: listing, label subsets, seeding, retries,
 corrupt images, `loader(...)` yielding `HostBatch`es), so the training loop does not know where the images live.
 
-Formats are registered by name: a source module decorates its class with `@register_format("name")` and is listed
-in `SOURCE_MODULES`; `barlow.spec.DATA_FORMATS` names what `data.format` accepts (a test keeps the two equal).
-To add a format: one new source module, its line here, its name in the spec.
+Formats are plug-ins: `barlow.spec.DATA_FORMATS` maps each `data.format` value to the source module that implements
+it, and that module decorates its class with `@register_format("name")`. To add a format: one new source module and
+its line in `DATA_FORMATS`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from barlow.spec import DataSpec
+from barlow.spec import DATA_FORMATS, DataSpec
 
 if TYPE_CHECKING:
     from barlow.data.source import Source
 
-SOURCE_MODULES = ("barlow.data.imagefolder", "barlow.data.stream")  # imported on first use: they need torch
 _FORMATS: dict[str, Callable[[str, DataSpec], Source]] = {}
 
 
@@ -36,7 +35,7 @@ def register_format(name: str) -> Callable[[type], type]:
 
 def formats() -> dict[str, Callable[[str, DataSpec], Source]]:
     """Every registered format, by name."""
-    for module in SOURCE_MODULES:
+    for module in dict.fromkeys(DATA_FORMATS.values()):  # imported on first use: they need torch
         importlib.import_module(module)
     return dict(_FORMATS)
 

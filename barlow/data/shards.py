@@ -5,7 +5,7 @@ size, so a rerun makes the same shards: one already there with its planned size 
 under their final name only when complete (local: rename; S3: the upload completes on close), and the index
 is written last, after every shard it lists. Images keep their stored bytes; the order is shuffled (seeded)
 before sharding so that every shard mixes all classes and a bounded shuffle buffer sees them all.
-See `layout.py` for the format. The reader is `barlow.data.stream.ShardSource`.
+See `layout.py` for the format. The reader is `barlow.data.shardreader.ShardSource`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one source contract (image folder and tar shards alike), the per-sample transform it applies, the batch it
 serves, and the corrupt-image refill.
 
-Every source (`imagefolder.ImageFolderSource`, `stream.ShardSource`) shares, through this module and layout.py:
+Every source (`imagefolder.ImageFolderSource`, `shardreader.ShardSource`) shares, through this module and layout.py:
 - the listing and accepted extensions (`layout.list_images`, `layout.IMAGE_EXTENSIONS`) and the sample key
   `<class>/<file stem>`;
 - the label subsets: per class, the images whose key hash is among the `max(1, round(n * p / 100))` smallest

@@ -3,12 +3,13 @@
 What differs between a Kubeflow PyTorchJob (training operator v1) and a TrainJob (Trainer v2) is the object rendered,
 where the API serves it, how its status reads, and how its pods are labelled: a `Backend` holds exactly that. The
 verbs (submit, status, logs, wait, delete, list) are the same custom-object calls for every backend and live in
-`barlow.launch.cluster`. Each backend module registers itself here when imported; `barlow.launch.render` imports the
-built-in ones, so whatever renders or talks to the API finds them. This module imports no backend.
+`barlow.launch.cluster`. Each backend module registers itself here when imported; `get` imports the module that
+`barlow.spec.BACKENDS` names for a backend on first use, so a new backend is its module and its line there.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,9 @@ def register(backend: Backend) -> Backend:
 
 
 def get(name: str) -> Backend:
-    """The registered backend called `name`."""
+    """The registered backend called `name` (its module, named in barlow.spec.BACKENDS, imported on first use)."""
+    if name not in _REGISTRY and name in BACKENDS:
+        importlib.import_module(BACKENDS[name])
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -9,9 +9,7 @@ from typing import Any
 from kubernetes import client as k8s
 
 from barlow.errors import FOLLOW_UP_PERMANENT
-
-# The built-in backends register themselves (barlow.launch.backend) when imported: a new backend is one more import.
-from barlow.launch import backend, pytorchjob, trainjob  # noqa: F401
+from barlow.launch import backend
 from barlow.launch.checks import check_cluster_run
 from barlow.launch.manifest import (
     ANNOTATION_AFTER,

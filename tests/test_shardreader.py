@@ -16,8 +16,8 @@ from barlow import storage
 from barlow.data import open_source
 from barlow.data.cropfirst import ImageTransform
 from barlow.data.decode import CorruptImage
+from barlow.data.shardreader import MissingShard, buffer_order, epoch_plan
 from barlow.data.shards import write_shards
-from barlow.data.stream import MissingShard, buffer_order, epoch_plan
 from barlow.spec import DataSpec, S3Spec
 
 N = 203  # prime: no batch or world size divides it
@@ -240,7 +240,7 @@ def test_missing_shard_is_an_error_naming_it(tmp_path, workers):
 def test_shard_shorter_than_its_index_is_an_error(tmp_path):
     import json
 
-    from barlow.data.stream import ShardError
+    from barlow.data.shardreader import ShardError
 
     write_jpeg_folder(tmp_path / "src", 12)
     write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), progress=False)
