@@ -39,6 +39,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_res
 # The plug-ins, by kind: the value a spec field accepts -> the module that implements it, imported on first use (most
 # need torch; the spec and the CLI image never import them). Adding a plug-in is its module and its line here.
 BACKENDS = {"pytorchjob": "barlow.launch.pytorchjob", "trainjob": "barlow.launch.trainjob"}  # cluster.backend
+EVAL_PROTOCOLS = {"linear": "barlow.evaluate.linear", "finetune": "barlow.evaluate.finetune"}  # eval.mode
+# Training monitors: each module builds its monitor from the spec (None when its settings turn it off).
+MONITORS = ("barlow.monitors.probe", "barlow.monitors.knn", "barlow.monitors.rank")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SPEC_ENV = "BARLOW_SPEC"  # the resolved spec's YAML travels to torchrun's processes (local and in pods) in this variable
 MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"  # the pod annotation that attaches extra (RDMA) networks
@@ -422,7 +425,8 @@ class EvalClusterSpec(Section):
 class EvalSpec(Section):
     """Linear evaluation (or fine-tuning) of a pretrained backbone."""
 
-    mode: Literal["linear", "finetune"] = Field("linear", description="linear: frozen backbone; finetune: train it too.")
+    mode: Literal[tuple(EVAL_PROTOCOLS)] = Field(  # type: ignore[valid-type]
+       "linear", description="linear: frozen backbone; finetune: train it too.")
     train_percent: Literal[100, 10, 1] = Field(100, description="Labelled training images used, per class (deterministic subset).")
     epochs: int = Field(100, ge=1, le=10_000, description="Epochs of the classifier.")
     batch_size: int = Field(256, ge=1, le=1_000_000, description="Global batch size.")
