@@ -23,15 +23,17 @@ from barlow import storage, trainer_status
 
 CORRUPT_KEY = "corrupt_images"  # undecodable images skipped so far in this attempt, all ranks
 STOPPED_KEY = "stopped_by_signal"  # the last line of an attempt stopped by a signal
-PROGRESS_KEYS = ("epoch", "loss", "lr", "images_per_s", "top1", "probe_top1", "knn_top1", "rankme_projector")  # shown on the progress line
+# shown on the progress line, with the keys a run adds (its monitors'); top1 and knn_top1 are the eval's results
+PROGRESS_KEYS = ("epoch", "loss", "lr", "images_per_s", "top1", "knn_top1")
 
 
 class Metrics:
     """Per-step scalars to metrics.jsonl and TensorBoard, and a progress display, on the main rank only."""
 
     def __init__(self, output_url: str, enabled: bool, total_steps: int, start_step: int = 0, title: str = "pretrain",
-                 s3: storage.S3Settings | None = None, tracker: Any = None):
+                 s3: storage.S3Settings | None = None, tracker: Any = None, progress_keys: tuple[str, ...] = ()):
         self.output_url, self.enabled, self.s3 = output_url, enabled, s3
+        self.progress_keys = PROGRESS_KEYS + tuple(k for k in progress_keys if k not in PROGRESS_KEYS)
         self.tracker = tracker if enabled else None  # anything with log(step, values), log_artifact(name, data), close()
         self.console = Console(stderr=False)
         self._progress = None
@@ -70,12 +72,12 @@ class Metrics:
             self.tracker.log(step, values)
         if self.reporter is not None:
             self.reporter.update(step, values)
-        info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in PROGRESS_KEYS)
+        info = "  ".join(f"{k} {_short(v)}" for k, v in values.items() if k in self.progress_keys)
         if values.get(CORRUPT_KEY):  # shown once there are some: a healthy run's line stays short
             info += f"  corrupt images skipped {int(values[CORRUPT_KEY])}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
-        elif any(k in PROGRESS_KEYS and k != "epoch" for k in values) or values.get(CORRUPT_KEY):  # else nothing to show
+        elif any(k in self.progress_keys and k != "epoch" for k in values) or values.get(CORRUPT_KEY):  # else nothing to show
             self.console.print(f"step {step}  {info}", highlight=False, soft_wrap=True)
 
     def stopped(self, step: int, signum: int) -> None:

@@ -46,6 +46,14 @@ class Process:
         return self.place.autocast_dtype is not None
 
 
+def to_device(proc: Process, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the device: asynchronous from pinned memory (the host allocator keeps a pinned block until its
+    copy is done), in the layout the backbone runs fastest on."""
+    layout = torch.channels_last if proc.channels_last else torch.preserve_format
+    device = proc.place.device
+    return x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
+
+
 def start(spec: RunSpec) -> Process:
     """Join the process group, pick the device, build the S3 settings, seed, and set the numerics."""
     place = distributed.setup(spec.runtime)

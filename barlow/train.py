@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,11 +27,9 @@ from barlow.goodput import interval_steps
 from barlow.loss import BarlowTwinsLoss, cross_correlation
 from barlow.metrics import Metrics, save_heatmap
 from barlow.model import BarlowTwins
-from barlow.monitor import KnnMonitor, OnlineProbe, RankMonitor, probe_enabled
+from barlow.monitors import Monitor, build_all, monitor_line, progress_keys
 from barlow.optim import LARS, WarmupCosine, param_groups
-from barlow.spec import DataSpec, PretrainSpec, RuntimeSpec
-
-OPTIONAL_PARTS = ("probe",)  # checkpoint parts added after the first layout: an older checkpoint resumes without them
+from barlow.spec import PretrainSpec, RuntimeSpec
 
 
 @dataclass
@@ -84,14 +82,16 @@ class Run:
     position: Position
     checkpointer: Checkpointer
     metrics: Metrics
-    probe: OnlineProbe | None = None  # monitor.online_probe
-    knn: KnnMonitor | None = None  # monitor.knn_every_epochs
-    rank: RankMonitor | None = None  # monitor.rank_every_epochs
+    monitors: list[Monitor] = field(default_factory=list)  # barlow.spec.MONITORS, those the spec turns on
 
     @property
     def proc(self) -> runsetup.Process:
-        """The process's placement and S3 settings, as evaluation's helpers (`evaluate.features_of`) take them."""
+        """The process's placement and S3 settings, as the kNN's helpers (`knn.features_of`) take them."""
         return runsetup.Process(self.place, self.s3)
+
+    def monitor(self, name: str) -> Monitor | None:
+        """The monitor of that name, None when it is off."""
+        return next((m for m in self.monitors if m.name == name), None)
 
 
 class Interval:
@@ -148,14 +148,11 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
                 auto_checkpoint_every(run, interval.step_s)
         else:
             run.metrics.advance(step)
-        if run.rank is not None and run.rank.due(step, run.steps_per_epoch, total):
-            started = time.perf_counter()
-            values = run.rank.measure(run.model)  # sync: the main rank reads its scalars, at epoch ends only
-            if values:
-                run.metrics.log(step, {"epoch": step / run.steps_per_epoch, **values,
-                                       "rank_monitor_s": time.perf_counter() - started})
-        if run.knn is not None and run.knn.due(step, run.steps_per_epoch, total):
-            run.metrics.log(step, {"epoch": step / run.steps_per_epoch, "knn_top1": run.knn.measure(run.model.backbone)})
+        for monitor in run.monitors:
+            if monitor.due(step, run.steps_per_epoch, total):
+                values = monitor.measure(run.model)  # sync: a monitor reads its scalars, when due only (epoch ends)
+                if values:
+                    run.metrics.log(step, {"epoch": step / run.steps_per_epoch, **values})
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
         if place.world_size == 1 or at_log or at_checkpoint:
             signum = runsetup.agreed_stop(stop_signal, place)
@@ -205,21 +202,15 @@ def set_up(spec: PretrainSpec) -> Run:
                      eta=o.lars_eta)
     position = Position()
     parts = {"model": model, "optimizer": optimizer, "data": position, "rng": RNG(place.device)}
-    probe = None
-    if probe_enabled(spec.monitor.online_probe, len(source.classes)):
-        probe = parts["probe"] = OnlineProbe(model.backbone.feature_dim, len(source.classes), spec.monitor.probe_lr,
-                                             place.device, place.world_size)
+    monitors = build_all(spec, proc, source, model)
+    kept = {m.name: m for m in monitors if m.checkpointed}  # optional parts: an older checkpoint resumes without them
+    parts.update(kept)
     autocast = proc.autocast()
-    knn_data = knn_data_of(spec, source)
-    every = spec.monitor.knn_every(knn_data is not None)
-    knn = KnnMonitor(spec, proc, source if knn_data is spec.data else None, every, knn_data) if every and knn_data else None
-    rank_every = spec.monitor.rank_every(source.num_samples)
-    rank = RankMonitor(spec, proc, source, rank_every, model.embed_dim) if rank_every else None
     record = run_record(spec, place)
     every = None if spec.output.checkpoint_every == "auto" else spec.output.checkpoint_every
     checkpointer = Checkpointer(spec.output.url, every=every, keep=spec.output.keep,
                                 is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
-                                exports={"backbone.pt": backbone_of}, optional=OPTIONAL_PARTS)
+                                exports={"backbone.pt": backbone_of}, optional=tuple(kept))
     checkpointer.resume(record.check)
     schedule = WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size)
     replanned = schedule_change(spec, checkpointer.resumed_run, position.step, steps_per_epoch, schedule)
@@ -227,7 +218,8 @@ def set_up(spec: PretrainSpec) -> Run:
     if spec.output.mlflow is not None and place.is_main:
         tracker = tracking.MlflowTracker(spec.output.mlflow.tracking_uri, spec.output.mlflow.experiment, spec.name,
                                          spec.output.url, tracking.flatten(spec.model_dump(mode="json")))
-    metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step, s3=proc.s3, tracker=tracker)
+    metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step, s3=proc.s3, tracker=tracker,
+                      progress_keys=progress_keys(monitors))
     if place.is_main:
         progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size, proc.s3)  # what `barlow status` reads
     metrics.print(f"pretrain {spec.name}: {source.describe()}, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
@@ -235,17 +227,11 @@ def set_up(spec: PretrainSpec) -> Run:
                   f"{resume_note(record, checkpointer.resumed_run, position.step, replanned)}")
     for part in checkpointer.fresh_parts:  # a checkpoint written before the part existed
         metrics.print(f"resume: the checkpoint has no {part} state (written before it existed): {part} starts fresh")
-    ranked = [rank.describe()] if rank else []
-    if not source.classes:
-        metrics.print("monitor: data.train has no labels: online probe off; "
-                      + ", ".join([knn.describe() + " of monitor.data" if knn else
-                                   "kNN off (set monitor.data to a labelled set)", *ranked]))
-    elif probe or knn or rank:
-        metrics.print("monitor: " + ", ".join(([f"online probe on {len(source.classes)} classes"] if probe else [])
-                                              + ([knn.describe()] if knn else []) + ranked))
+    if (line := monitor_line(monitors)) is not None:
+        metrics.print(line)
     return Run(spec, place, proc.s3, source, steps_per_epoch, total_steps, model,
                wrap_for_speed(model, spec.runtime, place), optimizer, schedule,
-               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, probe, knn, rank)
+               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, monitors)
 
 
 def open_training_data(spec: PretrainSpec, place: distributed.Placement) -> Source:
@@ -264,14 +250,6 @@ def open_training_data(spec: PretrainSpec, place: distributed.Placement) -> Sour
     if failure is not None:
         raise failure
     return source if source is not None else open_source(spec.data, "train", cache=cache)
-
-
-def knn_data_of(spec: PretrainSpec, source: Source) -> DataSpec | None:
-    """The labelled data the kNN measures on: monitor.data, else data.* when data.train has labels and data.val is
-    set, else none (the kNN is off)."""
-    if spec.monitor.data is not None:
-        return spec.monitor.data.over(spec.data)
-    return spec.data if source.classes and spec.data.val is not None else None
 
 
 def backbone_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -319,26 +297,27 @@ def device_batches(spec: PretrainSpec, source: Source, place: distributed.Placem
 
 def train_step(run: Run, x1: torch.Tensor, x2: torch.Tensor,
                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step on one batch of view pairs (and one of the online probe on view 1's detached features,
-    when there is a probe and labels); returns the loss and the embeddings, still on the device."""
+    """One optimizer step on one batch of view pairs (and the observing monitors' look at view 1's detached features
+    and the labels, e.g. the online probe's step); returns the loss and the embeddings, still on the device."""
     run.schedule.apply(run.optimizer, run.position.step)
-    probing = run.probe is not None and labels is not None
+    observers = [m for m in run.monitors if m.observes]
     with run.autocast:
-        z1, z2, *features = run.forward(x1, x2, with_features=True) if probing else run.forward(x1, x2)
+        z1, z2, *features = run.forward(x1, x2, with_features=True) if observers else run.forward(x1, x2)
     loss = run.loss_fn(z1, z2)  # float32 even under autocast
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
-    if probing:
-        run.probe.step(features[0], labels)
+    for monitor in observers:
+        monitor.observe(features[0], labels)
     return loss, z1.detach(), z2.detach()
 
 
 def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor, interval: Interval) -> int:
     """One metrics line; the only place the loop reads device values. Returns the corrupt images skipped so far."""
     values = torch.stack([mean_loss.float(), run.loss_fn.on_diag, run.loss_fn.off_diag]).tolist()  # sync: log step
+    counts = [m.counts() for m in run.monitors]  # each monitor's device counts since the last line (the probe's)
     # sync: the ranks' counts, at the log step
-    skipped, *probe = distributed.all_sum([corrupt, *(run.probe.counts() if run.probe else [])], run.place.device)
+    skipped, *totals = distributed.all_sum([corrupt, *(c for mine in counts for c in mine)], run.place.device)
     images_per_s = interval.images_per_s()  # after the syncs: the interval's device work is done
     epoch = step / run.steps_per_epoch
     line = {"epoch": epoch, "loss": values[0], "on_diag": values[1], "off_diag": values[2],
@@ -347,9 +326,9 @@ def log_step(run: Run, step: int, mean_loss: torch.Tensor, corrupt: torch.Tensor
     stall = run.checkpointer.take_stall()  # the checkpoints of the interval: snapshots, and waits for an upload
     if stall:
         line["checkpoint_stall_s"] = stall
-    if run.probe is not None and probe[1] > 0:  # the probe's top-1 on the batches since the last line, all ranks
-        line["probe_top1"] = 100 * probe[0] / probe[1]
-        run.probe.reset()
+    for monitor, mine in zip(run.monitors, counts, strict=True):  # e.g. the probe's top-1 since the last line
+        line.update(monitor.at_log(totals[:len(mine)]))
+        totals = totals[len(mine):]
     run.metrics.log(step, line)
     return int(skipped)
 

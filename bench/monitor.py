@@ -73,20 +73,20 @@ def main() -> None:
     device = run.place.device
     batches = device_batches(spec, run.source, run.place, 0, run.steps_per_epoch)
     ready = [next(batches) for _ in range(4)]
-    probe = run.probe
+    probe, monitors = run.monitor("probe"), run.monitors
     for b in ready[:2]:  # warm-up: first allocations, thread pools
         train_step(run, b.x1, b.x2, b.labels)
     without, with_probe, probe_only = [], [], []
     for i in range(args.steps):
         b = ready[i % len(ready)]
         x1, x2, y = b.x1, b.x2, b.labels
-        run.probe = None
+        run.monitors = [m for m in monitors if m is not probe]
         _sync(device)
         t0 = time.perf_counter()
         train_step(run, x1, x2, y)
         _sync(device)
         t1 = time.perf_counter()
-        run.probe = probe
+        run.monitors = monitors
         _, _, h1 = run.forward(x1, x2, with_features=True)  # features for the direct timing (not timed)
         _sync(device)
         t2 = time.perf_counter()
@@ -103,19 +103,20 @@ def main() -> None:
 
     knn_every = spec.monitor.knn_every(spec.data.val is not None)
     knn_times = []
-    if run.knn is not None:
+    knn_monitor, rank_monitor = run.monitor("knn"), run.monitor("rank")
+    if knn_monitor is not None:
         for _ in range(2):
             _sync(device)
             t0 = time.perf_counter()
-            top1 = run.knn.measure(run.model.backbone)
+            top1 = knn_monitor.measure(run.model)["knn_top1"]
             _sync(device)
             knn_times.append(time.perf_counter() - t0)
     rank_times, ranked = [], {}
-    if run.rank is not None:
+    if rank_monitor is not None:
         for _ in range(2):
             _sync(device)
             t0 = time.perf_counter()
-            ranked = run.rank.measure(run.model)
+            ranked = rank_monitor.measure(run.model)
             _sync(device)
             rank_times.append(time.perf_counter() - t0)
     run.metrics.close()
@@ -133,10 +134,10 @@ def main() -> None:
         "steps_per_epoch": run.steps_per_epoch, "step_ms": 1000 * step, "step_with_probe_ms": 1000 * step_probe,
         "probe_step_ms": 1000 * probe_step, "probe_share_pct": 100 * probe_step / step,
         "probe_share_by_difference_pct": 100 * (step_probe - step) / step,
-        "knn_every_epochs": knn_every, "knn_s": knn, "knn_images": run.knn.describe() if run.knn else None,
+        "knn_every_epochs": knn_every, "knn_s": knn, "knn_images": knn_monitor.describe() if knn_monitor else None,
         "knn_share_pct": 100 * knn / (between + knn) if knn and between else None,
         "knn_top1": top1 if knn_times else None,
-        "rank_every_epochs": rank_every, "rank_s": rank, "rank_images": run.rank.images if run.rank else None,
+        "rank_every_epochs": rank_every, "rank_s": rank, "rank_images": rank_monitor.images if rank_monitor else None,
         "rank_share_pct": 100 * rank / (rank_between + rank) if rank and rank_between else None,
         "rank_share_at_imagenet_pct": 100 * rank / (1_281_167 // spec.optim.batch_size * step) if rank else None,
         **ranked,
@@ -150,7 +151,7 @@ def main() -> None:
         print(f"  kNN {knn:.2f} s ({result['knn_images']}) every {knn_every} epochs of {run.steps_per_epoch} steps "
               f"= {result['knn_share_pct']:.2f} % of training time")
     if rank:
-        print(f"  rank monitor {rank:.2f} s ({run.rank.describe()}) every {rank_every} epoch(s) of "
+        print(f"  rank monitor {rank:.2f} s ({rank_monitor.describe()}) every {rank_every} epoch(s) of "
               f"{run.steps_per_epoch} steps = {result['rank_share_pct']:.2f} % of training time; an epoch of "
               f"ImageNet's 1,281,167 images at this step time: {result['rank_share_at_imagenet_pct']:.4f} %")
     if args.json:

@@ -19,9 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking",
      "barlow.lease"),
     ("barlow.restarts", "barlow.runsetup"),
-    ("barlow.progress",),
-    ("barlow.evaluate",),
-    ("barlow.monitor",),
+    ("barlow.progress", "barlow.knn"),
+    ("barlow.evaluate", "barlow.monitors"),  # side by side: training needs no eval stage, the eval no monitor
     ("barlow.train",),
     ("barlow.entrypoint",),
     ("barlow.launch",),
@@ -30,9 +29,10 @@ LAYERS: list[tuple[str, ...]] = [
 # The runtime never needs the launcher, and the launcher never needs the training code (a manifest renders without
 # a GPU stack).
 RUNTIME = ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.data", "barlow.restarts", "barlow.runsetup",
-           "barlow.progress", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.entrypoint", "barlow.model",
+           "barlow.progress", "barlow.knn", "barlow.evaluate", "barlow.monitors", "barlow.train", "barlow.entrypoint", "barlow.model",
            "barlow.loss", "barlow.optim", "barlow.augment", "barlow.tracking", "barlow.goodput", "barlow.trainer_status")
-TRAINING_CODE = ("barlow.distributed", "barlow.syncbn", "barlow.runsetup", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.tracking",
+TRAINING_CODE = ("barlow.distributed", "barlow.syncbn", "barlow.runsetup", "barlow.knn", "barlow.evaluate", "barlow.monitors",
+                 "barlow.train", "barlow.tracking",
                  "barlow.entrypoint", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment", "barlow.data.feed",
                  "barlow.data.devicedecode")
 

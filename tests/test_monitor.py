@@ -15,7 +15,9 @@ from s3server import free_ports
 from barlow import checkpoint
 from barlow.data.demo import write_demo
 from barlow.errors import UnlabelledData
-from barlow.monitor import OnlineProbe, knn_due, probe_enabled, smallest_subset
+from barlow.monitors import epoch_due as knn_due
+from barlow.monitors.knn import smallest_subset
+from barlow.monitors.probe import OnlineProbe, probe_enabled
 from barlow.spec import SpecError, parse_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,7 +119,7 @@ def _step_twice(demo, out, probe: str) -> tuple[dict, dict]:
         grads = {k: p.grad.clone() for k, p in run.model.named_parameters()}
         weights = {k: v.clone() for k, v in run.model.state_dict().items()}
         if probe == "on":
-            assert run.probe.seen.item() == 2 * 128 and any(p.abs().sum() > 0 for p in run.probe.head.parameters())
+            assert run.monitor("probe").seen.item() == 2 * 128 and any(p.abs().sum() > 0 for p in run.monitor("probe").head.parameters())
         return grads, weights
     finally:
         run.metrics.close()
@@ -142,14 +144,14 @@ def test_probe_state_resumes_with_the_checkpoint(demo, tmp_path):
     train_step(run, b.x1, b.x2, b.labels)
     run.position.step = 1
     run.checkpointer.save(1, wait=True)
-    saved = run.probe.state_dict()
+    saved = run.monitor("probe").state_dict()
     run.metrics.close()
     assert "probe" in checkpoint.load(checkpoint.latest(str(out)))  # loads with weights_only=True
 
     resumed = set_up(parse_spec(spec_of(demo, out, online_probe="on")))
     try:
         assert resumed.position.step == 1
-        now = resumed.probe.state_dict()
+        now = resumed.monitor("probe").state_dict()
         for k, v in saved["head"].items():
             assert torch.equal(v, now["head"][k]), k
         momentum = [s["momentum_buffer"] for s in now["optimizer"]["state"].values()]
@@ -248,7 +250,7 @@ def low_rank(n: int, d: int, r: int, seed: int = 0) -> torch.Tensor:
     ("healthy", torch.randn(512, 64, generator=torch.Generator().manual_seed(1)), 0.85 * 64, 64.0, 0.0),
 ])
 def test_rankme_and_constant_dims(name, z, lo, hi, constant):
-    from barlow.monitor import constant_fraction, rankme
+    from barlow.monitors.rank import constant_fraction, rankme
 
     assert lo <= rankme(z) <= hi, name
     assert constant_fraction(z) == pytest.approx(constant)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from barlow import runsetup
 from barlow.distributed import Placement
-from barlow.evaluate import knn_correct, knn_top1
+from barlow.knn import knn_correct, knn_top1
 from barlow.storage import S3Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # real processes
