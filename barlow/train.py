@@ -150,7 +150,7 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
             run.metrics.advance(step)
         for monitor in run.monitors:
             if monitor.due(step, run.steps_per_epoch, total):
-                values = monitor.measure(run.model)  # sync: a monitor reads its scalars, when due only (epoch ends)
+                values = monitor.measure(run.model)  # sync: a monitor reads its scalars only when due (probe: never; kNN, rank: epoch ends)
                 if values:
                     run.metrics.log(step, {"epoch": step / run.steps_per_epoch, **values})
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
