@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from barlow import checkpoint, distributed, progress, runsetup, storage
-from barlow.augment import eval_transform, train_transform
+from barlow.augment import ImageTransform, eval_transform, train_transform
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
-from barlow.data.cropfirst import ImageTransform
 from barlow.errors import BackboneMismatch, NothingToEvaluate, SplitsDisagree, StoppedOnSignal, TooFewImages, UnlabelledData
 from barlow.metrics import Metrics
 from barlow.model import build_backbone
