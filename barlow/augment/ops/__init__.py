@@ -2,13 +2,15 @@
 
 An op module defines
 - `PROB`: its probability's field name, in `barlow.augment.View` and in `barlow.spec.AugmentSpec` (a float for both
-  views, or a list of two, one per view);
+  views, or a list of two, one per view: that name also goes in AugmentSpec's two-values validator);
 - `DEFAULTS`: BYOL's probability for view 1 and view 2 (`ViewsConfig()` without a spec);
-- `PARAMS`: its per-sample fields of `barlow.augment.ViewParams`, drawn in this order, and `FACTORS` (of those, the
-  float values the op reads on the device: copied there with the other ops' in one transfer);
-- `draw(n, p, config, g)`: those fields for n samples, from the CPU generator g (p: this view's probability);
-- `apply(views, x, params, factors)`: the op on a float batch x, through `views.on(x, mask, fn, *factors)` (fn on
-  the samples where the CPU mask is True); optionally `buffers(config)`: constant tensors kept by DeviceViews.
+- `PARAMS`: its per-sample fields of `barlow.augment.ViewParams`, drawn in this order; optionally `FACTORS`, those
+  of them that are float values the op reads on the device (copied there with the other ops' in one transfer);
+- `draw(n, p, config, g)`: the PARAMS for n samples, from the CPU generator g (p: this view's probability, config:
+  the `ViewsConfig`);
+- `apply(views, x, params, factors)`: the op on a float batch x on [0, 1], through `views.on(x, mask, fn, *factors)`
+  (fn on the samples where the CPU mask is True; views: the `DeviceViews`); optionally `buffers(config)`: its
+  constant tensors, kept by DeviceViews as buffers (moved with it, never built on the device).
 
 A new op goes last in `OPS`: every op draws from one generator per view, so an op placed earlier would move the
 draws of the ops after it (and change every seeded result).
