@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from barlow import checkpoint, distributed, progress, runsetup, storage
-from barlow.augment import eval_transform, train_transform
+from barlow.augment import ImageTransform, eval_transform, train_transform
 from barlow.checkpoint import Checkpointer
 from barlow.data import open_source
-from barlow.data.cropfirst import ImageTransform
 from barlow.errors import BackboneMismatch, NothingToEvaluate, SplitsDisagree, StoppedOnSignal, TooFewImages, UnlabelledData
 from barlow.knn import features_of, knn_dtype, knn_top1
 from barlow.metrics import Metrics

@@ -12,12 +12,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "barlow"
 
 # Lower layers first; a module may import modules of strictly lower layers, and modules of its own package
-# (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix decides.
+# (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The longest matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
     ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.trainer_status", "barlow.goodput",
-     "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
+     "barlow.model", "barlow.loss", "barlow.optim"),
     ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking",
      "barlow.lease"),
+    ("barlow.augment",),  # decodes with barlow.data's host side (decode, cropfirst, handover)
+    ("barlow.data.feed", "barlow.data.devicedecode"),  # barlow.data's device side: applies the augment's views
     ("barlow.restarts", "barlow.runsetup"),
     ("barlow.progress", "barlow.knn"),
     ("barlow.evaluate", "barlow.monitors"),  # side by side: training needs no eval stage, the eval no monitor
@@ -76,10 +78,9 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def _layer(module: str) -> int:
-    for i, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return i
-    return -1
+    matches = [(len(p), i) for i, prefixes in enumerate(LAYERS) for p in prefixes
+               if module == p or module.startswith(p + ".")]
+    return max(matches)[1] if matches else -1
 
 
 def _package(module: str) -> str:

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from barlow import runsetup
-from barlow.augment import eval_transform
+from barlow.augment import ImageTransform, eval_transform
 from barlow.data import open_source
-from barlow.data.cropfirst import ImageTransform
 from barlow.data.source import Source
 from barlow.errors import SplitsDisagree, UnlabelledData
 from barlow.knn import features_of, knn_dtype, knn_top1

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from barlow import runsetup
-from barlow.augment import eval_transform
-from barlow.data.cropfirst import ImageTransform
+from barlow.augment import ImageTransform, eval_transform
 from barlow.data.source import Source
 from barlow.monitors import Monitor, epoch_due
 from barlow.spec import PretrainSpec
