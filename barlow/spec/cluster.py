@@ -312,19 +312,25 @@ class ClusterSpec(Section):
         return v
 
 
-def _cluster_problems(c: ClusterSpec) -> list[tuple[str, str]]:
+# backend trainjob's rules (barlow.launch.trainjob): what its ClusterTrainingRuntime decides, a TrainJob cannot set
+def _trainjob_problems(c: ClusterSpec) -> list[tuple[str, str]]:
     problems = []
-    if c.backend == "trainjob" and c.gang != "none":
+    if c.gang != "none":
         problems.append(("cluster.gang", "is for backend pytorchjob; a TrainJob is gang-scheduled by its runtime's "
                                          "podGroupPolicy (see cluster.training_runtime)"))
-    if c.backend == "trainjob" and c.priority_class:
+    if c.priority_class:
         problems.append(("cluster.priority_class", "a TrainJob cannot set its pods' priorityClassName (Trainer v2.3 "
                                                    "runtimePatches has no such field): set it in the runtime, or use "
                                                    "cluster.workload_priority_class with Kueue"))
     for name in ("image_pull_policy", "backoff_limit", "clean_pod_policy"):
-        if c.backend == "trainjob" and getattr(c, name) is not None:
+        if getattr(c, name) is not None:
             problems.append((f"cluster.{name}", "a TrainJob cannot set it (its ClusterTrainingRuntime decides): remove it, "
                                                 "set it in the runtime, or use backend pytorchjob"))
+    return problems
+
+
+def _cluster_problems(c: ClusterSpec) -> list[tuple[str, str]]:
+    problems = _trainjob_problems(c) if c.backend == "trainjob" else []
     if c.gang != "none" and c.queue:
         problems.append(("cluster.queue", "Kueue (cluster.queue) admits a job whole already; use it or cluster.gang, not both"))
     if c.workload_priority_class and not c.queue:

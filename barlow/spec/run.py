@@ -78,9 +78,7 @@ class PretrainSpec(RunSpec):
             problems.append(("optim.warmup_epochs", f"must be shorter than optim.epochs ({o.epochs})"))
         if self.eval.checkpoint or self.eval.backbone:
             problems.append(("eval.checkpoint", "is set by the pipeline from output.url; leave it out of a pretrain spec"))
-        if self.monitor.knn_every_epochs and self.data.val is None and self.monitor.data is None:
-            problems.append(("monitor.knn_every_epochs", "the kNN measures on data.val: set data.val (or monitor.data), "
-                                                         "or 0 to turn it off"))
+        problems += self.monitor.knn_problems(has_val=self.data.val is not None)
         return problems
 
     def eval_spec(self) -> EvalRunSpec:

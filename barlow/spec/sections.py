@@ -156,6 +156,13 @@ class MonitorSpec(Section):
             return self.rank_every_epochs
         return max(1, -(-100 * min(self.rank_images, images) // (6 * max(images, 1))))
 
+    def knn_problems(self, has_val: bool) -> list[tuple[str, str]]:
+        # monitor knn's rule (barlow.monitors.knn): it measures on a labelled val set
+        if self.knn_every_epochs and not has_val and self.data is None:
+            return [("monitor.knn_every_epochs", "the kNN measures on data.val: set data.val (or monitor.data), "
+                                                 "or 0 to turn it off")]
+        return []
+
     def knn_every(self, has_val: bool) -> int:
         """Epochs between kNN measurements for this data (0: no kNN)."""
         if self.knn_every_epochs is None:
