@@ -12,8 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "barlow"
 
 # Lower layers first; a module may import modules of strictly lower layers, and modules of its own package
-# (barlow.spec.*, barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix
-# decides: "barlow.spec" places the spec package and all its modules in the bottom layer (they import no other barlow).
+# (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
     ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.trainer_status", "barlow.goodput",
      "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
