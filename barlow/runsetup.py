@@ -123,9 +123,9 @@ def open_run(spec: RunSpec, ctx: RunContext, *, parts: dict[str, Stateful], reco
 
 
 def stop_point(run: RunHandle, stop_signal: StopSignal, step: int, where: str, *, saved: bool = False) -> None:
-    """Where any rank got a stop signal: checkpoint `step` (unless `saved`: just done), wait for its upload, sync
-    the metrics, close them as KILLED (to be resumed) and raise StoppedOnSignal naming `where`. A collective: every
-    rank calls it at the same step."""
+    """Where any rank got a stop signal: checkpoint `step` and sync the metrics (unless `saved`: just done), wait for
+    the checkpoint's upload, close the metrics as KILLED (to be resumed) and raise StoppedOnSignal naming `where`. A
+    collective: every rank calls it at the same step."""
     signum = agreed_stop(stop_signal, run.place)
     if signum is None:
         return
