@@ -20,8 +20,9 @@ LAYERS: list[tuple[str, ...]] = [
      "barlow.lease"),
     ("barlow.augment",),  # decodes with barlow.data's host side (decode, cropfirst, handover)
     ("barlow.data.feed", "barlow.data.devicedecode"),  # barlow.data's device side: applies the augment's views
-    ("barlow.restarts", "barlow.runsetup"),
+    ("barlow.restarts",),
     ("barlow.progress",),
+    ("barlow.runsetup",),
     ("barlow.evaluate",),
     ("barlow.monitor",),
     ("barlow.train",),
