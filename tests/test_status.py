@@ -19,11 +19,12 @@ import yaml
 from fake_kube import FakeKube
 from typer.testing import CliRunner
 
-from barlow import checkpoint, metrics, progress, restarts, storage
+from barlow import checkpoint, metrics, restarts, storage
 from barlow.cli import app
 from barlow.launch import backend
 from barlow.launch.pods import job_selector
 from barlow.spec import parse_spec
+from barlow.status import runfiles as progress
 
 IMAGE = "registry.example.com/barlow:0.1.0"
 SPEC = {
@@ -181,7 +182,7 @@ def test_progress_reads_an_s3_output_as_a_local_one(s3, monkeypatch):
 
 
 def test_progress_imports_no_torch():
-    code = "import sys, barlow.progress, barlow.launch.pods; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, barlow.status.runfiles, barlow.status.report, barlow.launch.pods; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
