@@ -199,7 +199,8 @@ def submit(api: client.ApiClient, spec: PretrainSpec | EvalRunSpec, what: str | 
     return [fence, first, _submit_object(api, JOBS, follow, dry_run)]
 
 
-def _status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
+def status_of(obj: dict[str, Any], b: Backend) -> JobStatus:
+    """The status of a job object as the API server returned it."""
     meta, st = obj.get("metadata") or {}, obj.get("status") or {}
     labels = meta.get("labels") or {}
     phase, message = b.phase(obj)
@@ -224,7 +225,7 @@ def status(api: client.ApiClient, name: str, namespace: str, b: Backend) -> JobS
     obj = read(api, resource(b), name, namespace)
     if obj is None:
         raise ClusterError(f"no {b.what} {name} in namespace '{namespace}' (see `barlow list -n {namespace}`)")
-    return _status_of(obj, b)
+    return status_of(obj, b)
 
 
 def wait(api: client.ApiClient, name: str, namespace: str, timeout: float | None = None, poll: float = 10.0,
@@ -298,4 +299,4 @@ def list_jobs(api: client.ApiClient, namespace: str, b: Backend) -> list[JobStat
     res, objects = resource(b), client.CustomObjectsApi(api)
     found = call(api, namespace, objects.list_namespaced_custom_object, *res.args(namespace), res=res,
                  label_selector=selector, _request_timeout=REQUEST_TIMEOUT_S)
-    return sorted((_status_of(o, b) for o in found.get("items") or []), key=lambda s: (s.created, s.name))
+    return sorted((status_of(o, b) for o in found.get("items") or []), key=lambda s: (s.created, s.name))

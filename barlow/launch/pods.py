@@ -101,7 +101,7 @@ def view(api: client.ApiClient, name: str, namespace: str, b: Backend) -> JobVie
     obj = kubeapi.read(api, kubeapi.resource(b), name, namespace)
     if obj is None:
         return JobView(cluster.status(api, name, namespace, b))  # raises the error that names the missing job
-    st = cluster._status_of(obj, b)
+    st = cluster.status_of(obj, b)
     meta = obj.get("metadata") or {}
     found = JobView(st, (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT, ""),
                     (meta.get("labels") or {}).get(KUEUE_QUEUE, ""))
