@@ -22,12 +22,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from barlow import distributed, progress, storage, tracking
+from barlow import distributed, storage, tracking
 from barlow.augment import to_device
 from barlow.checkpoint import Checkpointer, Stateful
 from barlow.errors import OutputHoldsAnotherRun, StoppedOnSignal
 from barlow.metrics import Metrics
 from barlow.spec import RunSpec
+from barlow.status import runfiles
 
 STOP_SIGNAL = signal.SIGTERM  # what ranks without a signal of their own stop with when another rank got one
 # The layout of models and image batches, in pretraining and eval alike: NHWC convolutions run fastest under bf16
@@ -118,7 +119,7 @@ def open_run(spec: RunSpec, ctx: RunContext, *, parts: dict[str, Stateful], reco
                                          out, tracking.flatten(spec.model_dump(mode="json")))
     metrics = Metrics(out, place.is_main, total_steps, step, title=title, s3=s3, tracker=tracker)
     if place.is_main:
-        progress.record_run(spec, total_steps, steps_per_epoch, batch_size, s3)
+        runfiles.record_run(spec, total_steps, steps_per_epoch, batch_size, s3)
     return RunHandle(place, s3, checkpointer, metrics)
 
 

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("barlow.augment",),  # decodes with barlow.data's host side (decode, cropfirst, handover)
     ("barlow.data.feed", "barlow.data.devicedecode"),  # barlow.data's device side: applies the augment's views
     ("barlow.restarts",),
-    ("barlow.progress",),
+    ("barlow.status",),
     ("barlow.runsetup",),
     ("barlow.evaluate",),
     ("barlow.monitor",),
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
 # The runtime never needs the launcher, and the launcher never needs the training code (a manifest renders without
 # a GPU stack).
 RUNTIME = ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.data", "barlow.restarts", "barlow.runsetup",
-           "barlow.progress", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.entrypoint", "barlow.model",
+           "barlow.status", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.entrypoint", "barlow.model",
            "barlow.loss", "barlow.optim", "barlow.augment", "barlow.tracking", "barlow.goodput", "barlow.trainer_status")
 TRAINING_CODE = ("barlow.distributed", "barlow.syncbn", "barlow.runsetup", "barlow.evaluate", "barlow.monitor", "barlow.train", "barlow.tracking",
                  "barlow.entrypoint", "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment", "barlow.data.feed",

@@ -19,11 +19,12 @@ import yaml
 from fake_kube import FakeKube
 from typer.testing import CliRunner
 
-from barlow import checkpoint, metrics, progress, restarts, storage
+from barlow import checkpoint, metrics, restarts, storage
 from barlow.cli import app
 from barlow.launch import backend
 from barlow.launch.pods import job_selector
 from barlow.spec import parse_spec
+from barlow.status import runfiles as progress
 
 IMAGE = "registry.example.com/barlow:0.1.0"
 SPEC = {
@@ -56,12 +57,12 @@ class Clock:
 
 
 def write_run(out: str, monkeypatch, rows: list[tuple[int, dict]], *, total_steps: int = 100, steps_per_epoch: int = 10,
-              spec: dict | None = None) -> Clock:
+              spec: dict | None = None, monitor_keys: tuple[str, ...] = ()) -> Clock:
     """run.json as train.set_up writes it, then metrics lines through the real Metrics writer, 2 s apart."""
     clock = Clock()
     monkeypatch.setattr(metrics, "time", SimpleNamespace(time=clock.time))
     run_spec = parse_spec({**SPEC, "output": {"url": out}, **(spec or {})})
-    progress.record_run(run_spec, total_steps, steps_per_epoch, run_spec.optim.batch_size)
+    progress.record_run(run_spec, total_steps, steps_per_epoch, run_spec.optim.batch_size, monitor_keys=monitor_keys)
     writer = metrics.Metrics(out, True, total_steps)
     for step, values in rows:
         clock.t += 2.0
@@ -181,7 +182,7 @@ def test_progress_reads_an_s3_output_as_a_local_one(s3, monkeypatch):
 
 
 def test_progress_imports_no_torch():
-    code = "import sys, barlow.progress, barlow.launch.pods; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, barlow.status.runfiles, barlow.status.report, barlow.launch.pods; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
@@ -564,3 +565,21 @@ def test_a_job_name_that_is_a_run_folder_here_says_how_to_ask_for_the_folder(kub
     assert line.startswith("error: no ") and line.endswith(
         "(run is read as a job name; for the run folder here, write: barlow status ./run)"), line
     assert barlow("status", "./run").exit_code == 0
+
+
+def test_a_monitor_s_keys_show_in_status_without_a_row_written_for_them(tmp_path, monkeypatch):
+    """The keys a run's monitors report (run.json's monitor_keys) show whatever they are: one row each where they have
+    no row of their own, and the JSON's `monitors`; a key no monitor declares shows nowhere."""
+    out = str(tmp_path / "run")
+    clock = write_run(out, monkeypatch, steps(10, 20, probe_top1=41.5, toy_score=0.25, undeclared=7.0),
+                      monitor_keys=("probe_top1", "toy_score"))
+    p = progress.read(out, now=clock.t)
+    assert (p.probe_top1, p.monitors) == (41.5, {"toy_score": 0.25})
+    shown = dict(progress.lines(p, clock.t))
+    assert (shown["probe"], shown["toy_score"]) == ("top-1 41.5 % (online linear probe)", "0.25")
+    assert "undeclared" not in shown
+    result = barlow("status", out)
+    assert result.exit_code == 0, result.stderr
+    assert fields(result.stdout)["toy_score"] == "0.25"
+    doc = json.loads(barlow("status", out, "-o", "json").stdout)
+    assert doc["progress"]["monitors"] == {"toy_score": 0.25}

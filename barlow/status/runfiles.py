@@ -1,4 +1,5 @@
-"""How far a run is, how fast it goes and whether it looks healthy, read from its own files in `output.url`.
+"""How far a run is, how fast it goes and whether it looks healthy, read from its own files in `output.url`;
+`record_run` writes `run.json`, the one of them written for status alone.
 
 The files: `run.json` (what the run set out to do: total steps, global batch, restart budget; written by the main
 rank at the start of every attempt), `metrics.jsonl` (one line per log step), the checkpoints folder (the latest
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +27,9 @@ METRICS_FILE = "metrics.jsonl"  # as barlow.metrics writes it
 DONE_FILES = ("summary.json", "results.json")  # the last file of pretraining (train.finish) and of an eval
 PROBE_KEYS = ("probe_top1",)  # the online linear probe's running top-1, where the run logs one
 KNN_KEYS = ("knn_top1",)  # the periodic kNN monitor's top-1 (and the eval's final kNN)
+RANK_KEYS = ("rankme_features", "rankme_projector", "constant_dims", "collapse_below")  # the rank monitor's
+OWN_ROWS = PROBE_KEYS + KNN_KEYS + RANK_KEYS  # monitor keys with a field and a status row of their own
+MONITOR_KEYS = "monitor_keys"  # run.json: the keys the run's monitors report; any without a row of its own gets one
 STEP_KEY = "loss"  # the lines of training steps carry it; a kNN line or an eval's result line does not
 TAIL_BYTES = 1 << 20  # the end of metrics.jsonl that is read: thousands of lines, far more than the rate needs
 RATE_WINDOW = 20  # log lines the step rate is measured over
@@ -37,11 +42,13 @@ NOT_STARTED, RUNNING, FINISHED, STALLED, STOPPED = "not started", "running", "fi
 
 
 def record_run(spec: RunSpec, total_steps: int, steps_per_epoch: int, batch_size: int,
-               s3: storage.S3Settings | None = None) -> None:
-    """Write `run.json`: what `status` needs that the metrics do not say (main rank, at the start of an attempt)."""
+               s3: storage.S3Settings | None = None, monitor_keys: Sequence[str] = ()) -> None:
+    """Write `run.json`: what `status` needs that the metrics do not say (main rank, at the start of an attempt);
+    `monitor_keys`: the metric keys the run's monitors report, which status shows whatever they are."""
     record = {"name": spec.name, "kind": spec.kind, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "epochs": total_steps // steps_per_epoch if steps_per_epoch else None, "batch_size": batch_size,
-              "max_restarts": spec.cluster.max_restarts, "spec_hash": spec.spec_hash()}
+              "max_restarts": spec.cluster.max_restarts, "spec_hash": spec.spec_hash(),
+              **({MONITOR_KEYS: list(monitor_keys)} if monitor_keys else {})}
     storage.write_text(storage.join(spec.output.url, RUN_FILE), json.dumps(record, indent=2) + "\n", s3)
 
 
@@ -88,13 +95,17 @@ class Progress:
     corrupt_images: int | None = None  # undecodable images skipped, every attempt in the metrics read
     goodput: dict[str, Any] | None = None  # barlow.goodput's breakdown of the wall time, with its percent
     warnings: list[str] = field(default_factory=list)
+    monitors: dict[str, float] = field(default_factory=dict)  # the latest of each run.json monitor_keys without a row
 
     @property
     def healthy(self) -> bool:
         return not self.warnings
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "healthy": self.healthy}
+        found = {**asdict(self), "healthy": self.healthy}
+        if not self.monitors:  # a field added within the schema's version: absent where the run declares no keys
+            del found["monitors"]
+        return found
 
 
 def read(output_url: str, max_restarts: int | None = None, now: float | None = None) -> Progress:
@@ -112,6 +123,7 @@ def read(output_url: str, max_restarts: int | None = None, now: float | None = N
     stop = rows.pop() if rows and STOPPED_KEY in rows[-1] else None  # a resumed run writes step lines after it
     if rows:
         _from_metrics(p, rows, run.get("batch_size"), now)
+        _monitors(p, rows, run.get(MONITOR_KEYS))
     p.checkpoint = _checkpoint(output_url, now)
     if rows:
         found = goodput.of_rows(_all_rows(storage.join(output_url, METRICS_FILE)))
@@ -195,7 +207,7 @@ def _from_metrics(p: Progress, rows: list[dict[str, Any]], batch_size: int | Non
     p.loss = _latest(rows, ("loss",))
     p.probe_top1, p.knn_top1 = _latest(rows, PROBE_KEYS), _latest(rows, KNN_KEYS)
     p.images_per_s = _latest(rows, ("images_per_s",))
-    for key in ("rankme_features", "rankme_projector", "constant_dims", "collapse_below"):
+    for key in RANK_KEYS:
         setattr(p, key, _latest(rows, (key,)))
     if isinstance(last.get("time"), int | float):
         p.updated_age_s = max(0.0, now - float(last["time"]))
@@ -207,6 +219,15 @@ def _from_metrics(p: Progress, rows: list[dict[str, Any]], batch_size: int | Non
         p.steps_per_s = p.images_per_s / batch_size
     if p.total_steps is not None and p.steps_per_s:
         p.eta_s = max(0, p.total_steps - p.step) / p.steps_per_s
+
+
+def _monitors(p: Progress, rows: list[dict[str, Any]], keys: Any) -> None:
+    """The latest value of each key the run's monitors report (run.json) that has no field of its own."""
+    for key in keys if isinstance(keys, list) else []:
+        if isinstance(key, str) and key not in OWN_ROWS:
+            value = _latest(rows, (key,))
+            if value is not None:
+                p.monitors[key] = value
 
 
 def _corrupt(rows: list[dict[str, Any]]) -> int | None:
@@ -318,6 +339,7 @@ def lines(p: Progress, now: float | None = None) -> list[tuple[str, str]]:
     if p.rankme_projector is not None:
         rows.append(("rank", f"RankMe {p.rankme_features:.1f} features, {p.rankme_projector:.1f} projector; "
                               f"{100 * (p.constant_dims or 0):.0f} % near-constant dims"))
+    rows += [(key, _number(value)) for key, value in p.monitors.items()]
     if p.images_per_s is not None or p.steps_per_s is not None:
         speed = [f"{p.images_per_s:,.0f} images/s" if p.images_per_s is not None else "",
                  f"{p.steps_per_s:.3g} steps/s" if p.steps_per_s is not None else ""]
