@@ -67,7 +67,7 @@ def one_thread():
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
-    """A fake Kubernetes API server (tests/fake_kube.py) that the kubernetes client reaches through KUBECONFIG, with
+    """A fake Kubernetes API server (tests/support/fake_kube.py) that the kubernetes client reaches through KUBECONFIG, with
     the variables that would point barlow elsewhere removed."""
     from fake_kube import FakeKube
 
