@@ -17,9 +17,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from barlow import runsetup
-from barlow.augment import eval_transform
+from barlow.augment import ImageTransform, eval_transform
 from barlow.data import open_source
-from barlow.data.cropfirst import ImageTransform
 from barlow.errors import SplitsDisagree, UnlabelledData
 from barlow.evaluate import features_of, knn_dtype, knn_top1
 from barlow.spec import DataSpec, PretrainSpec

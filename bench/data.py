@@ -139,8 +139,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from barlow import storage
-    from barlow.augment import ViewsConfig
-    from barlow.data.cropfirst import HostCrops
+    from barlow.augment import HostCrops, ViewsConfig
     from barlow.data.shardreader import ShardSource
     from barlow.data.shards import write_shards
     from barlow.spec import DataSpec, S3Spec

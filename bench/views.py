@@ -191,7 +191,7 @@ class _LoaderWorkerPart(torch.utils.data.Dataset):
     batch began: the work, sending the batch and serving its file descriptors)."""
 
     def __init__(self, files: list[bytes], rounds: int):
-        from barlow.data.cropfirst import HostCrops
+        from barlow.augment import HostCrops
 
         self.files, self.rounds, self.crops = files, rounds, HostCrops(ViewsConfig(224), decode="gpu")
         self.began: float | None = None

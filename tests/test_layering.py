@@ -12,14 +12,17 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "barlow"
 
 # Lower layers first; a module may import modules of strictly lower layers, and modules of its own package
-# (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The first matching prefix decides.
+# (barlow.data.*, barlow.launch.*, barlow.cli.*) as long as no circle forms. The longest matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
     ("barlow.spec", "barlow.errors", "barlow.storage", "barlow.trainer_status", "barlow.goodput",
-     "barlow.model", "barlow.loss", "barlow.optim", "barlow.augment"),
+     "barlow.model", "barlow.loss", "barlow.optim"),
     ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.torchrun", "barlow.data", "barlow.tracking",
      "barlow.lease"),
-    ("barlow.restarts", "barlow.runsetup"),
+    ("barlow.augment",),  # decodes with barlow.data's host side (decode, cropfirst, handover)
+    ("barlow.data.feed", "barlow.data.devicedecode"),  # barlow.data's device side: applies the augment's views
+    ("barlow.restarts",),
     ("barlow.progress",),
+    ("barlow.runsetup",),
     ("barlow.evaluate",),
     ("barlow.monitor",),
     ("barlow.train",),
@@ -76,10 +79,9 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def _layer(module: str) -> int:
-    for i, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return i
-    return -1
+    matches = [(len(p), i) for i, prefixes in enumerate(LAYERS) for p in prefixes
+               if module == p or module.startswith(p + ".")]
+    return max(matches)[1] if matches else -1
 
 
 def _package(module: str) -> str:

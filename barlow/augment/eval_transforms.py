@@ -1,16 +1,23 @@
-"""The linear-eval transforms (torchvision.transforms.v2): one float32 tensor per image.
+"""The linear-eval transforms (torchvision.transforms.v2): one float32 tensor per image; `ImageTransform` runs such
+a per-image transform as the loaders' per-sample transform, crop-first (barlow.data.cropfirst) where it can.
 
 channels=3 normalises with ImageNet's mean/std; channels=1 converts the input to grayscale first and normalises
-with mean 0.5, std 0.5. Imports nothing of barlow.
+with mean 0.5, std 0.5.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from barlow.augment.views import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
+from barlow.data.cropfirst import CropFirst
+from barlow.data.decode import decode_image
 
 
 def check_size(size: int, channels: int) -> None:
@@ -59,3 +66,25 @@ def eval_transform(size: int = 224, channels: int = 3) -> v2.Compose:
     check_size(size, channels)
     return v2.Compose([ToImage(channels), v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size),
                        *normalize(channels), v2.ToPureTensor()])
+
+
+class ImageTransform:
+    """A per-image transform (a PIL image or tensor in, a tensor out) as a `SampleTransform` of the loaders: crop-first
+    where the transform allows (an error where its crop cannot go first, unless crop_first=False), a plain decode
+    otherwise; the torch RNG reseeded per batch; samples collated by torch's default_collate."""
+
+    def __init__(self, transform: Callable, channels: int, crop_first: bool = True):
+        self.transform, self.channels = transform, channels
+        self.fast = CropFirst.wrap(transform, channels) if crop_first else None
+
+    def reseed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def __call__(self, data: bytes, name: str) -> Any:
+        if self.fast is not None:
+            return self.fast(data, name)
+        return self.transform(decode_image(data, name, self.channels))
+
+    def collate(self, samples: list[Any]) -> Any:
+        out = default_collate(samples)
+        return tuple(out) if isinstance(out, list) else out  # a transform with several outputs: a tuple of batches

@@ -1,66 +1,45 @@
-"""BYOL's two asymmetric views as one configuration: per view, the host half (crop, flip) and the device half
-(colour jitter, grayscale, blur, solarize), side by side, so the asymmetry of the paper's `transform` and
-`transform_prime` reads from one table.
+"""BYOL's two asymmetric views as one configuration, side by side as in the paper's (and Barlow Twins' main.py)
+`transform` and `transform_prime`: per view, the host half (crop scale, flip) and one probability per device op
+(`barlow.augment.ops.OPS`: colour jitter, grayscale, blur, solarize), each field named as in the spec's
+`data.augment` (barlow.spec.AugmentSpec).
 
 `ViewsConfig.from_augment` builds it from a validated `AugmentSpec` (the spec holds the probability rules; nothing
 here checks them again). The host half draws crop boxes and flips (`HostDraws`, run by the loader workers on the
 size read from the file header); the device half (`barlow.augment.device.DeviceViews`) runs the rest batched.
 
-Imports nothing of barlow.
+Of barlow outside this package it imports only the crop box type of the crop-first decoder (barlow.data.cropfirst).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any
 
 import numpy as np
 
+from barlow.augment.ops import view_ops
+from barlow.augment.ops.blur import blur_kernel_size
+from barlow.augment.ops.jitter import Jitter
+from barlow.data.cropfirst import Box
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
-BLUR_SIGMA = (0.1, 2.0)
-SOLARIZE_THRESHOLD = 128  # on uint8 pixels (128/255 on [0, 1] floats)
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
 _LOG_CROP_RATIO = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1] / CROP_RATIO[0]))  # log-uniform: low end, span
-Box = tuple[int, int, int, int]  # a crop box: top, left, height, width (a plain tuple: drawn per image, per view)
 
+# every field of a view with BYOL's value in view 1 and view 2: the host half's, then each device op's (its module's
+# PROB and DEFAULTS, in OPS order)
+BYOL: dict[str, tuple[float, float]] = {
+    "min_scale": (0.08, 0.08),  # host: RandomResizedCrop scale (min_scale, 1)
+    "flip_prob": (0.5, 0.5),  # host: horizontal flip
+    **{op.PROB: op.DEFAULTS for op in view_ops()},
+}
 
-class Jitter(NamedTuple):
-    """ColorJitter's strengths: factors in [1 - s, 1 + s] (hue: a shift in [-s, s])."""
-
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-
-
-JITTER_OPS = Jitter._fields  # the index used in ViewParams.order
-
-
-@dataclass(frozen=True)
-class View:
-    """One view's probabilities: the host half (crop scale, flip), then the device half."""
-
-    min_scale: float = 0.08  # host: RandomResizedCrop scale (min_scale, 1)
-    flip_prob: float = 0.5  # host
-    jitter_prob: float = 0.8  # device: ColorJitter in a per-sample random order
-    grayscale_prob: float = 0.2  # device (3 channels only)
-    blur_prob: float = 1.0  # device: Gaussian blur, sigma ~ U(BLUR_SIGMA)
-    solarize_prob: float = 0.0  # device: solarize at SOLARIZE_THRESHOLD
-
-
-class AugmentSettings(Protocol):
-    """What `ViewsConfig.from_augment` reads: barlow.spec.AugmentSpec's fields."""
-
-    min_scale: float
-    flip_prob: float
-    jitter_prob: float
-    grayscale_prob: float
-    blur_prob: list[float]
-    solarize_prob: list[float]
+View = make_dataclass("View", [(name, float, byol[0]) for name, byol in BYOL.items()], frozen=True)
+View.__module__, View.__doc__ = __name__, "One view's settings: the host half's, then one probability per device op."
 
 
 @dataclass(frozen=True)
@@ -69,16 +48,19 @@ class ViewsConfig:
 
     size: int = 224
     channels: int = 3
-    views: tuple[View, View] = (View(blur_prob=1.0, solarize_prob=0.0), View(blur_prob=0.1, solarize_prob=0.2))
+    views: tuple[View, View] = tuple(View(**{name: byol[v] for name, byol in BYOL.items()}) for v in (0, 1))
     jitter: Jitter = field(default_factory=Jitter)
 
     @classmethod
-    def from_augment(cls, augment: AugmentSettings, size: int, channels: int) -> ViewsConfig:
-        """The views of a validated spec section (`data.augment`), for `size` px crops with `channels` channels."""
-        common = dict(min_scale=augment.min_scale, flip_prob=augment.flip_prob, jitter_prob=augment.jitter_prob,
-                      grayscale_prob=augment.grayscale_prob)
-        return cls(size, channels, (View(**common, blur_prob=augment.blur_prob[0], solarize_prob=augment.solarize_prob[0]),
-                                    View(**common, blur_prob=augment.blur_prob[1], solarize_prob=augment.solarize_prob[1])))
+    def from_augment(cls, augment: Any, size: int, channels: int) -> ViewsConfig:
+        """The views of a validated spec section (`data.augment`: a field per View field, one value for both views
+        or a list of two), for `size` px crops with `channels` channels."""
+
+        def value(name: str, view: int) -> float:
+            v = getattr(augment, name)
+            return v[view] if isinstance(v, (list, tuple)) else v
+
+        return cls(size, channels, tuple(View(**{f.name: value(f.name, v) for f in fields(View)}) for v in (0, 1)))
 
     @property
     def kernel_size(self) -> int:
@@ -91,11 +73,6 @@ class ViewsConfig:
     def host_draws(self, seed: int) -> HostDraws:
         """The host half's draws (crop boxes, flips) of one batch, from its seed."""
         return HostDraws(self, seed)
-
-
-def blur_kernel_size(size: int) -> int:
-    """About 10% of the image side, odd, at least 3 (23 for 224 px, as in BYOL)."""
-    return max(3, round(0.1 * size) | 1)
 
 
 class HostDraws:

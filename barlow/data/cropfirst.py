@@ -1,11 +1,9 @@
-"""Decode + augment with the random crops chosen before decoding, so JPEGs decode at reduced size when they can.
+"""Decoding with the random crops chosen before decoding, so JPEGs decode at reduced size when they can.
 
-The loaders' per-sample transforms (`barlow.data.source.SampleTransform`: bytes + name in, a sample out, reseeded
-per batch, collated by the transform itself) for both uses:
-- `HostCrops`, the training path: the host half of a `barlow.augment.ViewsConfig` (crop boxes, flips; uint8 crops
-  at output size with decode=cpu, the bytes with decode=gpu); the rest of the views runs batched on the training
-  device (barlow.augment.DeviceViews);
-- `ImageTransform`, a per-image transform (linear eval's), run crop-first where it begins with a RandomResizedCrop.
+What the loaders' per-sample transforms of barlow.augment decode with: `HostCrops` (the training views' host half:
+crop boxes from `barlow.augment.HostDraws`) through `decode_for_crops`, handing decode=gpu batches over as `Encoded`;
+`ImageTransform` (any per-image transform, linear eval's) through `CropFirst` where it begins with a
+RandomResizedCrop. This module decodes; which crops to draw and what happens to them after is barlow.augment's.
 
 Crop-first runs in four steps: draw the crop box on the full-resolution size read from the JPEG header (with the
 view's own RandomResizedCrop.make_params, or `barlow.augment.HostDraws`, so the crop distribution is unchanged); decode
@@ -22,26 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
-from torch.nn.functional import interpolate
-from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from barlow.augment import Box, ViewsConfig
-from barlow.data.decode import (
-    JpegFrame,
-    decode_image,
-    decode_pixels,
-    draft_scale,
-    gpu_takes,
-    image_size,
-    jpeg_frame,
-    open_image,
-)
-from barlow.data.handover import Lease, buffer, shared_tensor
+from barlow.data.decode import JpegFrame, decode_image, decode_pixels, draft_scale, image_size, open_image
+from barlow.data.handover import Lease
+
+Box = tuple[int, int, int, int]  # a crop box: top, left, height, width (a plain tuple: drawn per image, per view)
 
 # conversions that may run before the crop: they commute with it (mode / type changes only)
 _BEFORE_CROP_OK = {"ToImage", "PILToTensor"}
@@ -113,28 +101,6 @@ class CropFirst:
         return v.finish(v.convert(img), *boxes[0])
 
 
-class ImageTransform:
-    """A per-image transform (a PIL image or tensor in, a tensor out) as a `SampleTransform` of the loaders: crop-first
-    where the transform allows (an error where its crop cannot go first, unless crop_first=False), a plain decode
-    otherwise; the torch RNG reseeded per batch; samples collated by torch's default_collate."""
-
-    def __init__(self, transform: Callable, channels: int, crop_first: bool = True):
-        self.transform, self.channels = transform, channels
-        self.fast = CropFirst.wrap(transform, channels) if crop_first else None
-
-    def reseed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-
-    def __call__(self, data: bytes, name: str) -> Any:
-        if self.fast is not None:
-            return self.fast(data, name)
-        return self.transform(decode_image(data, name, self.channels))
-
-    def collate(self, samples: list[Any]) -> Any:
-        out = default_collate(samples)
-        return tuple(out) if isinstance(out, list) else out  # a transform with several outputs: a tuple of batches
-
-
 def decode_for_crops(img: Image.Image | JpegFrame, name: str, channels: int, crops: list[tuple[Box, int, int]],
                      data: bytes | None = None) -> tuple[Any, list[Box], int]:
     """Decode an opened image (or a JPEG known by its frame header) for crops `(box on the full size, out_h,
@@ -204,70 +170,3 @@ class Encoded:
 def _encoded(blob, sizes, boxes, flips, names, host_index, host_views, lease) -> Encoded:
     return Encoded(blob, sizes, torch.from_numpy(boxes), torch.from_numpy(flips), names, torch.from_numpy(host_index),
                    host_views, lease)
-
-
-class HostCrops:
-    """The host half of a `ViewsConfig` (crop boxes and flips, `HostDraws`) as the loaders' `SampleTransform`: image
-    i since the batch's `reseed` draws from row i of the batch seed's draws.
-
-    decode=cpu: the crops decoded crop-first (JPEG draft at the largest reduction that keeps each crop at least
-    the output size), resized (bicubic, antialiased) to size x size uint8 and flipped: `(x1, x2)` per batch.
-    decode=gpu: only the bytes, boxes and flips (`Encoded`), the boxes drawn for the whole batch in the collate; the
-    same seed gives the same boxes and flips as cpu. An image the GPU decoder cannot take is decoded here as in cpu
-    mode, so no decode runs on the training thread.
-    """
-
-    def __init__(self, config: ViewsConfig, decode: Literal["cpu", "gpu"] = "cpu"):
-        if decode not in ("cpu", "gpu"):
-            raise ValueError(f"decode: must be cpu or gpu (got {decode!r})")
-        self.config, self.decode = config, decode
-        self.size, self.channels = config.size, config.channels
-        self.reseed(0)  # reseeded per batch (called by source.build_batch)
-        self.last_scale = 1  # the reduction the last image was decoded at (for tests and benchmarks)
-
-    def reseed(self, seed: int) -> None:
-        self.draws, self.drawn = self.config.host_draws(seed), 0
-
-    def __call__(self, data: bytes, name: str) -> Any:
-        i, self.drawn = self.drawn, self.drawn + 1
-        # a JPEG's size comes from its frame header: PIL opens only what that cannot tell (PNG, CMYK, a cut header)
-        frame = jpeg_frame(data)
-        if self.decode == "gpu" and gpu_takes(frame):  # the GPU path's common case, kept short: it runs per image
-            return data, i, frame.width, frame.height, name, None
-        img: Image.Image | JpegFrame = frame if frame is not None and frame.components in (1, 3) else open_image(
-            data, name)
-        width, height = image_size(img)
-        boxes, flips = self.draws.one(i, width, height)
-        crops = self._crops(data, img, name, boxes, flips)
-        return (b"", i, width, height, name, crops) if self.decode == "gpu" else crops
-
-    def _crops(self, data: bytes, img: Image.Image | JpegFrame, name: str, boxes: list[Box],
-               flips: list[bool]) -> tuple[torch.Tensor, ...]:
-        pixels, crops, self.last_scale = decode_for_crops(img, name, self.channels,
-                                                          [(b, self.size, self.size) for b in boxes], data)
-        pixels = pixels[None]
-        views = []
-        for (top, left, h, w), flip in zip(crops, flips, strict=True):
-            out = pixels[..., top:top + h, left:left + w]
-            if (h, w) != (self.size, self.size):  # v2's resized_crop kernel without its dispatch (tested equal)
-                out = interpolate(out, size=(self.size, self.size), mode="bicubic", align_corners=False,
-                                  antialias=True)
-            views.append(out[0].flip(-1) if flip else out[0])
-        return tuple(views)
-
-    def collate(self, samples: list[Any]) -> Any:
-        if self.decode == "cpu":
-            return tuple(torch.stack([s[v] for s in samples], out=shared_tensor((len(samples), *samples[0][v].shape)))
-                         for v in (0, 1))
-        host = [i for i, s in enumerate(samples) if s[5] is not None]
-        empty = torch.empty(0, self.channels, self.size, self.size, dtype=torch.uint8)
-        boxes, flips = self.draws.batch(*zip(*[s[1:4] for s in samples], strict=True))
-        sizes = [len(s[0]) for s in samples]
-        blob, lease = buffer(sum(sizes))
-        out, at = memoryview(blob.numpy()), 0
-        for s, size in zip(samples, sizes, strict=True):  # the one copy of the bytes on the host
-            out[at:at + size] = s[0]
-            at += size
-        return Encoded(blob, sizes, torch.from_numpy(boxes), torch.from_numpy(flips), [s[4] for s in samples],
-                       torch.tensor(host, dtype=torch.long),
-                       tuple(torch.stack([samples[i][5][v] for i in host]) if host else empty for v in range(2)), lease)

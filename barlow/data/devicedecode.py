@@ -3,7 +3,7 @@
 The host reads bytes and chooses crop boxes from the image header; this module turns (bytes, box, flip) into the
 uint8 (B, C, size, size) crops that barlow.augment.DeviceViews takes. On CUDA, baseline JPEGs with 1 or 3 components
 decode as one batch with nvJPEG. What the header shows the GPU cannot take (PNG and other formats, CMYK,
-progressive) the loader workers decode on the host (cropfirst.HostCrops), so it never reaches the training thread;
+progressive) the loader workers decode on the host (barlow.augment.HostCrops), so it never reaches the training thread;
 only an image nvJPEG rejects although its header looked fine decodes here per image on the CPU. An image no decoder
 can read is reported in `bad` (its rows are left zero) and never fails the batch.
 
@@ -22,7 +22,7 @@ build); beside a torch built for another CUDA it does not load unless installed 
 it is the optional extra `decode` and torchvision.io, always there and matched to torch, is the fallback.
 
 Crop + resize: torchvision's `resized_crop` with BICUBIC + antialias, as the host's crop-first path
-(barlow/data/cropfirst.py) does, so CPU and device decoding give the same crop up to rounding; batched (the crop
+(barlow.augment.HostCrops) does, so CPU and device decoding give the same crop up to rounding; batched (the crop
 and resize are a separable linear map: two matmuls per view for a group of similar-sized images), so a batch costs a
 few launches, not one per image and view.
 """

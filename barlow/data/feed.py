@@ -2,7 +2,7 @@
 device, the next batch copied meanwhile.
 
 The loader workers produce uint8 crops (decode=cpu) or file bytes + crop boxes (decode=gpu; see
-cropfirst.HostCrops); the feed copies a batch to the training device (pinned memory, non-blocking copies on a
+barlow.augment.HostCrops); the feed copies a batch to the training device (pinned memory, non-blocking copies on a
 side CUDA stream, one batch ahead of the one training), in gpu mode decodes and crops it there too, on the same
 side stream and also one batch ahead (so neither the JPEG engine nor the crop kernels wait for a step to end, nor a
 step for them), and applies the batched views (barlow.augment.DeviceViews) with the batch's seed on the training
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from barlow.augment import DeviceViews, ViewsConfig, to_device
+from barlow.augment import DeviceViews, HostCrops, ViewsConfig, to_device
 from barlow.data import handover
-from barlow.data.cropfirst import Encoded, HostCrops
+from barlow.data.cropfirst import Encoded
 from barlow.data.decode import CorruptImage
 from barlow.data.source import HostBatch, refill_from
 from barlow.spec import DataSpec

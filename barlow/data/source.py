@@ -70,7 +70,7 @@ class SampleTransform(Protocol):
 
 @dataclass
 class HostBatch:
-    """One loader batch. `inputs` is what the transform collated: for training with `cropfirst.HostCrops`, the two
+    """One loader batch. `inputs` is what the transform collated: for training with `barlow.augment.HostCrops`, the two
     uint8 view crops `(x1, x2)` (decode=cpu) or an `Encoded` (decode=gpu); for an `ImageTransform`, one tensor.
     `seed` is the batch's augmentation seed: the device-side views derive their parameters from it."""
 

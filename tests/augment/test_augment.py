@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -22,6 +23,7 @@ from barlow.augment import (
     eval_transform,
     train_transform,
 )
+from barlow.augment.ops import view_ops
 from barlow.spec import AugmentSpec
 
 OFF = dict(min_scale=1.0, flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0)  # a square image passes through unchanged
@@ -154,6 +156,12 @@ def test_views_config_from_the_spec_shows_both_views_side_by_side():
     assert (config.size, config.channels, config.kernel_size) == (96, 3, 11)
     assert ViewsConfig.from_augment(AugmentSpec(), 224, 3) == ViewsConfig()  # the spec's defaults are the paper's
     assert ViewsConfig.from_augment(AugmentSpec(), 28, 1).mean_std == ((0.5,), (0.5,))
+
+
+def test_each_view_field_is_the_spec_field_of_its_name():
+    """View's fields (the host half's, then one per op of barlow.augment.ops.OPS, in that order) are data.augment's."""
+    assert [f.name for f in dataclasses.fields(View)] == list(AugmentSpec.model_fields)
+    assert [f.name for f in dataclasses.fields(View)][2:] == [op.PROB for op in view_ops()]
 
 
 def test_host_half_draws_each_view_with_its_own_crop_scale_and_flip():

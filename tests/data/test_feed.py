@@ -13,9 +13,9 @@ from imagesets import write_jpeg_folder
 from PIL import Image
 from torchvision.transforms import v2
 
-from barlow.augment import DeviceViews, View, ViewsConfig
+from barlow.augment import DeviceViews, HostCrops, ImageTransform, View, ViewsConfig
 from barlow.data import open_source
-from barlow.data.cropfirst import CropFirstError, Encoded, HostCrops, ImageTransform
+from barlow.data.cropfirst import CropFirstError, Encoded
 from barlow.data.decode import CorruptImage, decode_image, decode_pixels, open_image
 from barlow.data.feed import DeviceFeed, TrainingFeed, resolve_decode
 from barlow.data.source import HostBatch, derive_seed, refill_from

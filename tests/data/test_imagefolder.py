@@ -14,8 +14,8 @@ from imagesets import IdTag, Pid, ids_of, write_tagged_folder
 from s3server import SlowDownProxy
 
 from barlow import storage
+from barlow.augment import ImageTransform
 from barlow.data import open_source
-from barlow.data.cropfirst import ImageTransform
 from barlow.data.decode import CorruptImage
 from barlow.data.demo import write_demo
 from barlow.data.shards import write_shards
@@ -193,9 +193,8 @@ def test_s3_folder_behind_a_throttling_proxy_serves_every_image(tagged_folder_on
 
 
 def test_the_spec_accepts_exactly_the_registered_formats():
-    from barlow.augment import ViewsConfig
+    from barlow.augment import HostCrops, ViewsConfig
     from barlow.data import formats
-    from barlow.data.cropfirst import HostCrops
     from barlow.data.source import SampleTransform
     from barlow.spec import DATA_FORMATS
 

@@ -11,8 +11,8 @@ import torch
 from imagesets import IdTag, ids_of, write_tagged_folder, write_unlabelled_folder
 
 from barlow import storage
+from barlow.augment import ImageTransform
 from barlow.data import open_source, summarize
-from barlow.data.cropfirst import ImageTransform
 from barlow.data.listing import INDEX_NAME, NoImages, labelled_images, list_folder
 from barlow.spec import DataSpec, S3Spec
 

@@ -17,7 +17,7 @@ TRAINER = textwrap.dedent("""
     import os, signal, sys
     import torch
     from barlow.data import open_source
-    from barlow.data.cropfirst import ImageTransform
+    from barlow.augment import ImageTransform
     from barlow.spec import DataSpec
 
     got = []

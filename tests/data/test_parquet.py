@@ -10,8 +10,8 @@ import pytest
 import torch
 from imagesets import IdTag, ids_of, write_hf_parquet
 
+from barlow.augment import ImageTransform
 from barlow.data import open_source, summarize
-from barlow.data.cropfirst import ImageTransform
 from barlow.data.parquet import build_index
 from barlow.data.tarindex import BadShards
 from barlow.spec import DataSpec

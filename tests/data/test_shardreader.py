@@ -13,8 +13,8 @@ import torch
 from imagesets import IdTag, Pid, ids_of, write_jpeg_folder, write_tagged_folder
 
 from barlow import storage
+from barlow.augment import ImageTransform
 from barlow.data import open_source
-from barlow.data.cropfirst import ImageTransform
 from barlow.data.decode import CorruptImage
 from barlow.data.shardreader import MissingShard, buffer_order, epoch_plan
 from barlow.data.shards import write_shards

@@ -10,8 +10,8 @@ import pytest
 import torch
 from imagesets import IdTag, ids_of, write_wds
 
+from barlow.augment import ImageTransform
 from barlow.data import open_source, summarize
-from barlow.data.cropfirst import ImageTransform
 from barlow.data.tarindex import BadShards, build_index, expand_braces, scan_shard
 from barlow.spec import DataSpec
 

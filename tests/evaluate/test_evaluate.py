@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from barlow.evaluate import PROTOCOLS, LinearProbe, topk_correct
+from barlow.evaluate import PROTOCOLS, topk_correct
+from barlow.evaluate.linear import LinearProbe
 from barlow.model import build_backbone
 from barlow.spec import EvalSpec
 

@@ -125,3 +125,37 @@ def test_bad_mlflow_settings_name_the_field(tmp_path, mlflow, error):
 def test_params_are_the_specs_fields_by_dotted_name():
     assert flatten({"optim": {"lr": 0.2, "epochs": 3}, "name": "x", "eval": {"checkpoint": None, "ks": [1, 5]}, "e": {}}) == {
         "optim.lr": "0.2", "optim.epochs": "3", "name": "x", "eval.checkpoint": "null", "eval.ks": "[1, 5]", "e": "{}"}
+
+
+def test_an_eval_logs_to_mlflow_as_a_pretraining_does_and_a_stopped_one_ends_killed(demo, tmp_path):
+    """The run skeleton is shared: an eval opens the same tracker, a stop closes it KILLED, the rerun logs on."""
+    from mlflow.tracking import MlflowClient
+
+    from barlow import checkpoint
+    from barlow.errors import StoppedOnSignal
+    from barlow.evaluate import evaluate
+    from barlow.model import BarlowTwins
+
+    model = {"arch": "resnet18", "small_images": True, "width": 8, "projector": "64-64"}
+    torch.manual_seed(0)
+    pretrained = str(tmp_path / "pretrain")
+    checkpoint.save(pretrained, 4, {"model": BarlowTwins(**model).state_dict(), "step": 4,
+                                    "run": {"model": model, "batch_size": 256}}, keep=1)
+    store = f"file://{tmp_path / 'mlruns'}"
+    spec = parse_spec({"kind": "eval", "name": "tracked-eval",
+                       "data": {"train": str(demo / "train"), "val": str(demo / "val"), "image_size": 16, "workers": 0},
+                       "eval": {"checkpoint": pretrained, "epochs": 1, "batch_size": 64, "train_percent": 10},
+                       "runtime": {"device": "cpu", "log_every": 1},
+                       "output": {"url": str(tmp_path / "eval"), "mlflow": {"tracking_uri": store, "experiment": "e"}}})
+    with pytest.raises(StoppedOnSignal):
+        evaluate(spec, stop_signal=lambda: 15)  # SIGTERM at the first stop point
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert run.info.status == "KILLED" and run.info.run_name == "tracked-eval"
+    assert run.data.params["eval.train_percent"] == "10"
+
+    results = evaluate(spec)
+    (again,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    for key in ("top1", "knn_top1"):
+        assert [m.value for m in client.get_metric_history(run.info.run_id, key)] == pytest.approx([results[key]]), key

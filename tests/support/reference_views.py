@@ -20,9 +20,8 @@ from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from barlow.augment import DeviceViews, View, ViewsConfig, adjust_hue, blur_kernel_size
+from barlow.augment import BLUR_SIGMA, SOLARIZE_THRESHOLD, DeviceViews, View, ViewsConfig, adjust_hue, blur_kernel_size
 from barlow.augment.eval_transforms import ToImage, check_size, normalize
-from barlow.augment.views import BLUR_SIGMA, SOLARIZE_THRESHOLD
 from barlow.data.cropfirst import CropFirstError, decode_for_crops, split_view
 from barlow.data.decode import open_image
 
