@@ -1,4 +1,5 @@
-"""Shared test fixtures."""
+"""Shared test fixtures. The tests mirror the packages (tests/data/, tests/launch/, ...; the house modules' own at the
+top); the helpers and oracles they share are in tests/support/, on sys.path through pyproject's pytest pythonpath."""
 
 from __future__ import annotations
 
