@@ -13,7 +13,7 @@ from barlow.launch import backend
 from barlow.launch.render import render  # noqa: F401  registers the built-in backends
 from barlow.spec import BACKENDS
 
-LAUNCH = Path(__file__).resolve().parent.parent / "barlow" / "launch"
+LAUNCH = Path(__file__).resolve().parents[2] / "barlow" / "launch"
 
 
 def test_every_spec_backend_is_registered_under_its_name():

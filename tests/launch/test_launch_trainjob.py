@@ -21,8 +21,8 @@ from barlow.launch.render import render
 from barlow.launch.trainjob import CONTAINER, REPLICATED_JOB, build_trainjob
 from barlow.spec import DNS_1035, POD_NAMESPACE_ENV, SPEC_ENV, parse_spec
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).parent / "golden" / "trainjob"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parents[1] / "golden" / "trainjob"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
 K8S_VERSION = kubernetes_validate.latest_version()
 GOLDENS = {"pretrain-4x8gpu-kueue": ("pretrain-4x8gpu-kueue", "pretrain"), "eval": ("eval", "eval"),

@@ -28,8 +28,8 @@ from barlow.spec import DNS_1035, POD_NAMESPACE_ENV, SPEC_ENV, RunSpec, parse_sp
 
 # eval-kueue warns that Kueue >= 0.19 leaves PyTorchJobs alone by default (test_a_queue_on_a_pytorchjob_warns_once)
 pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).parent / "golden" / "pytorchjob"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parents[1] / "golden" / "pytorchjob"
 CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
 K8S_VERSION = kubernetes_validate.latest_version()
 

@@ -1,11 +1,11 @@
 """report.md of the GPU check kit, from whatever its parts have left in OUT so far (bench/gpu.sh calls it after every
 part, so a part stopped at its time limit, or a kit killed from outside, leaves the parts before it reported).
 
-    python bench/kit_report.py OUT DRY START    # DRY: 1 for a dry run; START: the kit's start (Unix seconds)
+    python bench/gpu/kit_report.py OUT DRY START    # DRY: 1 for a dry run; START: the kit's start (Unix seconds)
 
 Reads OUT/parts.tsv (name, exit code, seconds, limit), preflight.md, tests.xml and tests-compile.xml (JUnit; where
 pytest was stopped before writing one, its verbose log tests.log / compile-tests.log),
-gpu-bench.json / gpu-bench-compile.json (bench/gpu.py), views.log (bench/views.py); writes OUT/report.md whole
+gpu-bench.json / gpu-bench-compile.json (bench/gpu/gpu.py), views.log (bench/views.py); writes OUT/report.md whole
 (a temporary file renamed over it). Standard library only: it runs where a part's imports failed.
 """
 

@@ -16,7 +16,7 @@ from barlow.launch.render import render
 from barlow.spec import load_spec, with_fields
 
 pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")  # a queued example as a PyTorchJob
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 # The cluster examples (they name an image); the others are local runs, which a cluster refuses (last test).
 CLUSTER_EXAMPLES = [p for p in EXAMPLES if load_spec(p).cluster.image]

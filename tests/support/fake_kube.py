@@ -392,7 +392,7 @@ def running(container: str, image: str) -> dict:
                                              ready=True)]}
 
 
-SCHEMAS = Path(__file__).resolve().parent.parent.parent / "shared" / "schemas"  # the real CRDs, read in place
+SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas"  # the real CRDs, read in place
 CRD_FILES = {"trainjobs": "trainer.kubeflow.org_trainjobs.yaml", "pytorchjobs": "kubeflow.org_pytorchjobs.yaml"}
 
 

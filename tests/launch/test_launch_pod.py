@@ -26,7 +26,7 @@ from barlow.launch.render import render
 from barlow.launch.trainjob import PATCHABLE
 from barlow.spec import load_spec, parse_spec, set_path, with_fields
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "imagenet-4x8-infiniband.yaml"
 K8S_VERSION = kubernetes_validate.latest_version()
 CRDS = {"PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"), "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")}

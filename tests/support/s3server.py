@@ -2,7 +2,7 @@
 
 Every port is picked free and bound to loopback, telemetry is off, and the server is stopped by the process
 id this module started. Credentials are test-only dummies handed to the server through its environment.
-Run `python tests/s3server.py DIR` to keep one in the foreground for manual checks.
+Run `python tests/support/s3server.py DIR` to keep one in the foreground for manual checks.
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference_views import VariantViews, adjust_hue_linear
 from torch.overrides import TorchFunctionMode
 from torchvision.transforms.v2 import functional as F
 
 from barlow import augment as A
 from barlow.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceViews, ViewParams, ViewsConfig, blur_kernel_size
 from barlow.spec import AugmentSpec
-from bench.reference_views import VariantViews, adjust_hue_linear
 
 OFF = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0))
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from barlow.cli import app
 from barlow.spec import REMOVE, EvalRunSpec, PretrainSpec, SpecError, dump_spec, json_schema, load_spec, loads_spec, parse_spec, set_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = {
     "kind": "pretrain",

@@ -1,11 +1,11 @@
 """Which torch / torchvision APIs barlow calls that an older release lacks (the GPU test machine has torch 2.11 and
 torchvision 0.26; the installed ones may be newer).
 
-    python bench/api_audit.py OLD_SITE [FILES...]
+    python bench/gpu/api_audit.py OLD_SITE [FILES...]
 
 OLD_SITE: a folder holding the older releases' Python sources, e.g. the wheels unpacked with
 `unzip -q torch-2.11.0-*.whl '*.py' '*.pyi' -d OLD_SITE` (any platform's wheel: the Python files are the same; the
-aarch64 wheel is the smallest). FILES: default barlow/ and the kit's files (bench/preflight.py's KIT_FILES).
+aarch64 wheel is the smallest). FILES: default barlow/ and the kit's files (bench/gpu/preflight.py's KIT_FILES).
 
 Every dotted name reached from an imported torch / torchvision module (calls, attributes, `from X import Y`) is
 resolved with the installed release; where it is a Python function or class, its definition is looked for in the
@@ -25,8 +25,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 from preflight import KIT_FILES  # noqa: E402
 
 DEFAULT = ["barlow", *KIT_FILES]

@@ -15,7 +15,7 @@ from barlow.launch.manifest import RUN_AS, cli_image, to_dict
 from barlow.launch.render import build_follow_up, render
 from barlow.spec import parse_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 VERSION = kubernetes_validate.latest_version()
 BIN = Path(sys.executable).parent

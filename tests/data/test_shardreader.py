@@ -291,11 +291,11 @@ def test_crop_first_equals_the_plain_pipeline_at_full_size():
 def test_two_views_crop_first_draft_decoding(tmp_path):
     """TwoViews through the loader's crop-first path; a JPEG far larger than its crops decodes at 1/8, close
     to what a full-size decode gives."""
+    from reference_views import TwoViews, TwoViewsCropFirst
     from torchvision.transforms import v2
 
     from barlow.data.cropfirst import CropFirst
     from barlow.data.decode import decode_image
-    from bench.reference_views import TwoViews, TwoViewsCropFirst
 
     write_jpeg_folder(tmp_path / "src", 8)
     write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), progress=False)

@@ -21,7 +21,7 @@ from barlow.spec import dump_spec, parse_spec, set_path
 
 # eval-kueue on a PyTorchJob warns that Kueue >= 0.19 leaves PyTorchJobs alone (tests/test_launch_pytorchjob.py)
 pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = kubernetes_validate.latest_version()
 GROUP = "networking.k8s.io/v1"
 POLICIES = f"/apis/{GROUP}/namespaces/barlow/networkpolicies"

@@ -1,7 +1,7 @@
 """GPU benchmark: Barlow Twins training steps (ResNet-50, 224 px) on one GPU, each speed option on and off.
 
-    python bench/gpu.py --out bench/results/gpu            # on a CUDA machine (bench/gpu.sh runs it)
-    python bench/gpu.py --dry-run --out /tmp/gpu-dry       # tiny model on the CPU: checks the script, a few seconds
+    python bench/gpu/gpu.py --out bench/results/gpu          # on a CUDA machine (bench/gpu.sh runs it)
+    python bench/gpu/gpu.py --dry-run --out /tmp/gpu-dry     # tiny model on the CPU: checks the script, a few seconds
 
 Mode "synthetic": the same random pair of batches every step (no data cost). One model, loss (auto path) and LARS
 step per iteration, timed after warm-up steps; per configuration it reports pairs/s (wall clock over the timed
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout (no install needed)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a plain checkout (no install needed)
 
 from barlow.loss import BarlowTwinsLoss  # noqa: E402
 from barlow.model import BarlowTwins  # noqa: E402
@@ -312,7 +312,7 @@ def main() -> int:
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA device (use --dry-run to check the script on the CPU)", file=sys.stderr)
+        print("bench/gpu/gpu.py: no CUDA device (use --dry-run to check the script on the CPU)", file=sys.stderr)
         return 2
     device = torch.device("cpu" if dry else "cuda")
     sizes = dataclasses.replace(DRY_SIZES if dry else GPU_SIZES, **({"batch": args.batch} if args.batch else {}))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_views import GaussianBlur, TwoViews
 from torchvision.transforms import v2
 
 from barlow.augment import (
@@ -24,7 +25,6 @@ from barlow.augment import (
 )
 from barlow.augment.ops import view_ops
 from barlow.spec import AugmentSpec
-from bench.reference_views import GaussianBlur, TwoViews
 
 OFF = dict(min_scale=1.0, flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0)  # a square image passes through unchanged
 

@@ -21,7 +21,7 @@ from barlow.cli import app
 from barlow.launch.render import render
 from barlow.spec import dump_spec, parse_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = {"kind": "pretrain", "name": "demo", "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
         "output": {"url": "s3://bucket/runs/demo"}, "runtime": {"nodes": 2, "nproc_per_node": 4},
         "optim": {"batch_size": 256, "epochs": 10, "warmup_epochs": 1},

@@ -6,8 +6,8 @@
 - `adjust_hue_linear` and `VariantViews`: the device views with DALI's / FFCV-SSL's linear (YIQ) hue, or with the
   hue op compiled by torch.compile.
 
-Import as `from bench.reference_views import ...` with the repository root on sys.path (pytest run from there,
-`python -m pytest`, or PYTHONPATH=.).
+Import as `from reference_views import ...` with tests/support on sys.path (pytest: pyproject's pythonpath; the
+bench scripts insert it).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
 import api_audit  # noqa: E402
 import kit_report  # noqa: E402
@@ -25,7 +25,7 @@ import preflight  # noqa: E402
 
 CARRIED = set(preflight.WHEELS.values())
 # The image's Python has these, the project's environment too; a name that is neither barlow nor a test helper.
-LOCAL = {"barlow", "device_decoders", "imagesets"}
+LOCAL = {"barlow", "device_decoders", "imagesets", "reference_views"}
 
 _IMPORT_BLOCKED = textwrap.dedent("""
     import importlib, importlib.abc, sys
@@ -45,7 +45,7 @@ _IMPORT_BLOCKED = textwrap.dedent("""
 
 def _import_with(blocked: set[str], modules: list[str]) -> list[str]:
     """Import `modules` in a fresh interpreter where `blocked` cannot be imported; the lines of those that failed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "support"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _IMPORT_BLOCKED, ",".join(sorted(blocked)), ",".join(modules)],
                           capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr
@@ -54,7 +54,7 @@ def _import_with(blocked: set[str], modules: list[str]) -> list[str]:
 
 def _kit_modules() -> list[str]:
     third_party = {n.split(".")[0] for n in preflight.kit_imports()} - set(sys.stdlib_module_names) - LOCAL
-    return sorted(third_party) + preflight.kit_barlow_modules() + ["device_decoders", "imagesets"]
+    return sorted(third_party) + preflight.kit_barlow_modules() + ["device_decoders", "imagesets", "reference_views"]
 
 
 @pytest.mark.slow  # imports torch, torchvision and barlow in fresh interpreters
@@ -126,7 +126,7 @@ def test_report_says_what_each_part_left(tmp_path, case, parts, bench, views, sy
         (tmp_path / "tests.xml").write_text(JUNIT.format(sync=sync))
     if "preflight\t0" in parts:
         (tmp_path / "preflight.md").write_text("## Preflight\n\n- GPU 0: NVIDIA H200\n")
-    subprocess.run([sys.executable, str(ROOT / "bench" / "kit_report.py"), str(tmp_path), "0", str(time.time())],
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "kit_report.py"), str(tmp_path), "0", str(time.time())],
                    check=True, timeout=60)
     text = (tmp_path / "report.md").read_text()
     assert not (tmp_path / "report.md.tmp").exists()

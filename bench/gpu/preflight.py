@@ -2,8 +2,8 @@
 feature it lacks. Quick (a few seconds, no compilation); never fails the kit: what it finds decides nothing, it is
 read with the parts' results.
 
-    python bench/preflight.py [--out DIR]   # prints, and writes DIR/preflight.md
-    python bench/preflight.py --wheels      # the pinned wheels bench/gpu.sh --fetch-wheels downloads, one a line
+    python bench/gpu/preflight.py [--out DIR]   # prints, and writes DIR/preflight.md
+    python bench/gpu/preflight.py --wheels      # the pinned wheels bench/gpu.sh --fetch-wheels downloads, one a line
 
 Imports only the standard library at the top, so `--wheels` runs where torch is missing.
 """
@@ -19,15 +19,15 @@ import platform
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # What the GPU test machine's image (Python 3.12, torch 2.11, torchvision 0.26) lacks among barlow's dependencies,
-# as import names. The kit never imports the cluster and S3 ones (checked by tests/test_gpu_kit.py).
+# as import names. The kit never imports the cluster and S3 ones (checked by tests/bench/test_gpu_kit.py).
 IMAGE_LACKS = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "s3fs", "boto3", "botocore",
                "aiobotocore", "kubernetes", "kubeflow", "torchcodec")
 # The wheels the kit carries there: requirement -> import name. barlow.spec needs pydantic; pydantic needs the next
 # three; typing-extensions is on the image but maybe below pydantic's floor (>= 4.16), so the tested one travels.
-# Pinned to what the project's environment holds (tests/test_gpu_kit.py checks both).
+# Pinned to what the project's environment holds (tests/bench/test_gpu_kit.py checks both).
 WHEELS = {
     "pydantic==2.14.4": "pydantic",
     "pydantic-core==2.50.5": "pydantic_core",  # compiled: the one wheel that is not pure Python (cp312 manylinux)
@@ -45,9 +45,10 @@ RUNNER_WHEELS = {
 }
 WHEELS |= RUNNER_WHEELS
 # The files the kit runs; every barlow module they import (at any depth of the file) is tried by the preflight.
-KIT_FILES = ("bench/gpu.py", "bench/views.py", "bench/preflight.py", "bench/kit_report.py", "tests/gpu",
-             "tests/test_two_ranks_one_device.py", "tests/test_distributed.py", "tests/test_handover.py",
-             "tests/device_decoders.py", "tests/imagesets.py")
+KIT_FILES = ("bench/gpu/gpu.py", "bench/views.py", "bench/gpu/preflight.py", "bench/gpu/kit_report.py", "tests/gpu",
+             "tests/runtime/test_two_ranks_one_device.py", "tests/runtime/test_distributed.py",
+             "tests/data/test_handover.py", "tests/support/device_decoders.py", "tests/support/imagesets.py",
+             "tests/support/reference_views.py")
 FLOOR = {"torch": (2, 11), "torchvision": (0, 26)}
 
 
@@ -122,7 +123,7 @@ def lacks() -> list[str]:
                        f"expect failures")
     cuda = torch.cuda.is_available()
     if not cuda:
-        out.append("no CUDA device: every CUDA test skips and bench/gpu.py measures nothing")
+        out.append("no CUDA device: every CUDA test skips and bench/gpu/gpu.py measures nothing")
     try:
         importlib.import_module("torchcodec.decoders")
     except Exception as e:  # ImportError, or OSError / RuntimeError where its libraries do not load
@@ -144,7 +145,7 @@ def lacks() -> list[str]:
             out.append("Triton missing: torch.compile (inductor) cannot build CUDA kernels; the compile parts fail")
         if torch.cuda.device_count() < 2:
             out.append(f"{torch.cuda.device_count()} GPU: the NCCL DDP test skips; the multi-rank path runs as "
-                       f"2 gloo ranks on cuda:0 (tests/test_two_ranks_one_device.py)")
+                       f"2 gloo ranks on cuda:0 (tests/runtime/test_two_ranks_one_device.py)")
     if not dist.is_gloo_available():
         out.append("gloo missing: the two-ranks test cannot run")
     import torch.distributed._functional_collectives as funcol
