@@ -272,7 +272,7 @@ def wrap_for_speed(model: nn.Module, runtime: RuntimeSpec, place: distributed.Pl
 
 
 def compile_enabled(runtime: RuntimeSpec, device: torch.device) -> bool:
-    """runtime.compile: on / off as given; auto is off until bench/gpu.py shows compile wins on CUDA (and the CPU)."""
+    """runtime.compile: on / off as given; auto is off until bench/gpu/gpu.py shows compile wins on CUDA (and the CPU)."""
     return runtime.compile == "on"
 
 

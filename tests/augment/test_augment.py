@@ -1,5 +1,5 @@
 """BYOL's two views: the one views configuration built from the spec, and the per-sample reference path
-(bench/reference_views.py: outputs, its pipeline's parameters, the per-view blur/solarize rates); the eval transforms."""
+(tests/support/reference_views.py: outputs, its pipeline's parameters, the per-view blur/solarize rates); the eval transforms."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`barlow status`: a run's progress from its own files (written by the real metrics, checkpoint and restart-record
 writers, on a local folder and on the S3 server), and from the cluster, why a job's pods are not running and what
-Kueue says, on both backends, against the local stand-in of the Kubernetes API (tests/fake_kube.py).
+Kueue says, on both backends, against the local stand-in of the Kubernetes API (tests/support/fake_kube.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""barlow submit/status/logs/wait/delete/list against a local stand-in of the Kubernetes API (tests/fake_kube.py).
+"""barlow submit/status/logs/wait/delete/list against a local stand-in of the Kubernetes API (tests/support/fake_kube.py).
 
 The real kubernetes client talks HTTP to 127.0.0.1 through a kubeconfig written per test; the assertions are on
 the exact paths, verbs, queries and bodies the server received, and on the one-line errors users see.

@@ -1,5 +1,5 @@
 """barlow submit/status/wait/logs/delete/list for a TrainJob (Kubeflow Trainer v2), and Kueue's suspended state on
-both backends, against the local stand-in of the Kubernetes API (tests/fake_kube.py): real HTTP, recorded requests."""
+both backends, against the local stand-in of the Kubernetes API (tests/support/fake_kube.py): real HTTP, recorded requests."""
 
 from __future__ import annotations
 

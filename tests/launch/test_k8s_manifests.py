@@ -148,7 +148,7 @@ def test_the_base_grants_the_follow_up_exactly_what_it_uses():
     assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
     role = docs[("Role", binding["roleRef"]["name"])]
     # `barlow submit eval --after` reads the pretrain job and creates the eval job with its NetworkPolicy (the verbs
-    # the submit uses: tests/test_network_policy.py); no wildcard, no other resource
+    # the submit uses: tests/launch/test_network_policy.py); no wildcard, no other resource
     assert role["rules"] == [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
                               "verbs": ["get", "list", "watch", "create"]},
                              {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],

@@ -3,7 +3,7 @@ extra_resources, affinity and the pod_patch escape hatch reach the training pod 
 TrainJob; the 4 x 8 InfiniBand example renders (golden) and passes the strict CRD and Pod schemas on both; a patch that
 does not fit the Pod schema, or that a TrainJob cannot carry, is refused before anything is rendered.
 
-Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_pod.py
+Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/launch/test_launch_pod.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rendering specs as PyTorchJobs: golden YAML, the real CRD schema, the operator's admission rules, the world that
 torchrun builds from the operator's environment, the spec the pod receives, and no secrets anywhere.
 
-Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_pytorchjob.py
+Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/launch/test_launch_pytorchjob.py
 (then read the diff before committing it).
 """
 

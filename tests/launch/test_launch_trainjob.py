@@ -2,7 +2,7 @@
 and the torch plugin's rules checked by hand, the pod the runtime and our patch make together, the world torchrun
 builds from the plugin's PET_* variables, and no secrets anywhere.
 
-Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/test_launch_trainjob.py
+Regenerate the goldens after an intended change with:  BARLOW_UPDATE_GOLDEN=1 pytest tests/launch/test_launch_trainjob.py
 """
 
 from __future__ import annotations

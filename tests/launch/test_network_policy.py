@@ -1,7 +1,7 @@
 """Each training job's NetworkPolicy (`<job>-peers`): rendered before the job on both backends, selecting exactly the
 pods the job's templates label, schema-valid; created by `barlow submit` before the job, then owned by it; deleted
 again when the job is refused; resubmits and dry runs write nothing more. Against the local API server of
-tests/fake_kube.py through the real kubernetes client. k8s/base's default deny and RBAC: tests/test_k8s_manifests.py.
+tests/support/fake_kube.py through the real kubernetes client. k8s/base's default deny and RBAC: tests/launch/test_k8s_manifests.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from barlow.launch.manifest import PEER_LABELS, RenderError, labels
 from barlow.launch.render import network_policy_name, render
 from barlow.spec import dump_spec, parse_spec, set_path
 
-# eval-kueue on a PyTorchJob warns that Kueue >= 0.19 leaves PyTorchJobs alone (tests/test_launch_pytorchjob.py)
+# eval-kueue on a PyTorchJob warns that Kueue >= 0.19 leaves PyTorchJobs alone (tests/launch/test_launch_pytorchjob.py)
 pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = kubernetes_validate.latest_version()

@@ -18,7 +18,7 @@ from barlow.spec import load_spec, with_fields
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::barlow.launch.checks.ClusterWarning")  # a queued example as a PyTorchJob
 GOLDENS = sorted((Path(__file__).parents[1] / "golden").glob("*/*.yaml"))
-# The cluster examples (they name an image); a local run is refused on a cluster (tests/test_launch_examples.py).
+# The cluster examples (they name an image); a local run is refused on a cluster (tests/launch/test_launch_examples.py).
 EXAMPLES = [p for p in sorted((ROOT / "examples").glob("*.yaml")) if load_spec(p).cluster.image]
 RUNTIME = ROOT.parent / "shared" / "schemas" / "torch_distributed_runtime.yaml"
 

@@ -1,4 +1,4 @@
-"""Specs and checks shared by the render tests of both backends (tests/test_launch_*.py)."""
+"""Specs and checks shared by the render tests of both backends (tests/launch/test_launch_*.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from barlow.spec import REMOVE, parse_spec, set_path
 
 SECRET = "sentinel-secret-value-never-rendered"
 
-# the small spec the submit tests send to the fake API server (tests/fake_kube.py)
+# the small spec the submit tests send to the fake API server (tests/support/fake_kube.py)
 SUBMITTED = {
     "kind": "pretrain", "name": "demo",
     "data": {"train": "s3://bucket/train", "val": "s3://bucket/val"},
