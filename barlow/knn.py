@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from barlow import distributed, runsetup
-from barlow.runsetup import to_device
 
 
 def knn_dtype(device: torch.device) -> torch.dtype:
@@ -20,7 +19,7 @@ def knn_dtype(device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def features_of(backbone: nn.Module, source, transform, per_rank: int, proc: runsetup.Process, workers: int,
+def features_of(backbone: nn.Module, source, transform, per_rank: int, proc: runsetup.RunContext, workers: int,
                 subset_percent: int = 100, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of this rank's share of a source (every image once across ranks), stored as `dtype`."""
     place = proc.place
@@ -28,7 +27,7 @@ def features_of(backbone: nn.Module, source, transform, per_rank: int, proc: run
     for batch in source.loader(transform=transform, batch_size=per_rank, rank=place.rank, world_size=place.world_size,
                                seed=0, epoch=0, workers=workers, shuffle=False, drop_last=False,
                                subset_percent=subset_percent, pin_memory=place.device.type == "cuda"):
-        x, y = to_device(proc, batch.inputs, batch.labels)
+        x, y = proc.batch_on_device(batch.inputs, batch.labels)
         with proc.autocast():
             feats.append(backbone(x).to(dtype))
         labels.append(y)

@@ -1,9 +1,12 @@
-"""What pretraining and evaluation both need before their first step, and the rules both follow while they run.
+"""The run skeleton pretraining and evaluation share: how a run opens, the context its steps run in, and how it stops.
 
 `start(spec)` joins the process group and picks the device, builds the S3 settings once from the spec (every storage
-call of the run, data, checkpoints and metrics, gets them explicitly), seeds the generators and sets the numerics.
-`wrap_ddp`, `agreed_stop` and `RunRecord` are the rest of the shared scaffolding: DDP wrapping, the stop signal all
-ranks act on at the same step, and the "same run?" check of a resume.
+call of the run, data, checkpoints and metrics, gets them explicitly), seeds the generators and sets the numerics;
+it returns the `RunContext`. Once a loop has built its parts (model, optimizer, data position), `open_run(...)`
+resumes them from the latest complete checkpoint that matches the `RunRecord`, opens the metrics with the trackers
+(MLflow where `output.mlflow` is set) and writes `run.json` for `barlow status`; it returns the `RunHandle` the
+loop's own run extends. `stop_point(...)` is the stop protocol both loops follow: agreed on by every rank at the same
+step, then a checkpoint, a sync, the metrics closed as KILLED, and StoppedOnSignal. `wrap_ddp` is the DDP wrapping.
 """
 
 from __future__ import annotations
@@ -19,17 +22,25 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from barlow import distributed, storage
-from barlow.errors import OutputHoldsAnotherRun
+from barlow import distributed, storage, tracking
+from barlow.augment import to_device
+from barlow.checkpoint import Checkpointer, Stateful
+from barlow.errors import OutputHoldsAnotherRun, StoppedOnSignal
+from barlow.metrics import Metrics
 from barlow.spec import RunSpec
+from barlow.status import runfiles
 
 STOP_SIGNAL = signal.SIGTERM  # what ranks without a signal of their own stop with when another rank got one
+# The layout of models and image batches, in pretraining and eval alike: NHWC convolutions run fastest under bf16
+# and, on the CPU, in float32 too (about 15 %, bench/train.py); the feed's views are channels-last, so DDP's bucket
+# views then have the gradients' strides.
+LAYOUT = torch.channels_last
 
 StopSignal = Callable[[], "int | None"]  # the first stop signal this process received, or None
 
 
 @dataclass(frozen=True)
-class Process:
+class RunContext:
     """This process's place in the run, the run's S3 settings, and its numerics."""
 
     place: distributed.Placement
@@ -40,27 +51,91 @@ class Process:
         dtype = self.place.autocast_dtype
         return torch.autocast(self.place.device.type, dtype=dtype) if dtype else nullcontext()
 
-    @property
-    def channels_last(self) -> bool:
-        """Convolutions under bf16 autocast run fastest on NHWC tensors; fp32 keeps the default layout."""
-        return self.place.autocast_dtype is not None
+    def module_on_device(self, module: nn.Module) -> nn.Module:
+        """`module` moved to the device, in LAYOUT."""
+        return module.to(self.place.device, memory_format=LAYOUT)
+
+    def batch_on_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels on the device, copied without a host sync (`barlow.augment.to_device`), the images in
+        LAYOUT."""
+        device = self.place.device
+        return to_device(x, device).contiguous(memory_format=LAYOUT), to_device(y, device)
 
 
-def to_device(proc: Process, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch on the device: asynchronous from pinned memory (the host allocator keeps a pinned block until its
-    copy is done), in the layout the backbone runs fastest on."""
-    layout = torch.channels_last if proc.channels_last else torch.preserve_format
-    device = proc.place.device
-    return x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
-
-
-def start(spec: RunSpec) -> Process:
-    """Join the process group, pick the device, build the S3 settings, seed, and set the numerics."""
+def start(spec: RunSpec) -> RunContext:
+    """Join the process group, pick the device, build the S3 settings, seed, and set the numerics (a tracker's extra
+    checked first, before anything is written)."""
+    if spec.output.mlflow is not None:
+        tracking.require_mlflow()
     place = distributed.setup(spec.runtime)
     torch.manual_seed(spec.runtime.seed)
     if place.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
-    return Process(place, storage.S3Settings.of_spec(spec))
+    return RunContext(place, storage.S3Settings.of_spec(spec))
+
+
+@dataclass
+class RunHandle:
+    """What both loops hold of a run, as `open_run` opens it: the process's placement, the S3 settings, the
+    checkpointer (resumed) and the metrics (with the trackers). train.Run and evaluate.EvalRun extend it."""
+
+    place: distributed.Placement
+    s3: storage.S3Settings
+    checkpointer: Checkpointer
+    metrics: Metrics
+
+    @property
+    def ctx(self) -> RunContext:
+        return RunContext(self.place, self.s3)
+
+    def shared(self) -> dict[str, Any]:
+        """These fields by name, to build the loop's own run from (`Run(**handle.shared(), ...)`)."""
+        return {"place": self.place, "s3": self.s3, "checkpointer": self.checkpointer, "metrics": self.metrics}
+
+
+def open_run(spec: RunSpec, ctx: RunContext, *, parts: dict[str, Stateful], record: RunRecord, total_steps: int,
+             steps_per_epoch: int, batch_size: int, every: int | None, title: str,
+             exports: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
+             optional: tuple[str, ...] = (), monitor_keys: tuple[str, ...] = (),
+             fits: Callable[[dict[str, Any], str], None] = lambda saved, url: None) -> RunHandle:
+    """The parts resumed from the latest complete checkpoint (after `record.check` and `fits(saved record, url)`
+    accept it), then the trackers, the metrics from the resumed step, and run.json (what `barlow status` reads).
+    `every`, `exports`, `optional`: the Checkpointer's; `monitor_keys`: the monitors' keys, shown on the progress
+    line and by `barlow status`."""
+    place, s3, out = ctx.place, ctx.s3, spec.output.url
+    checkpointer = Checkpointer(out, every=every, keep=spec.output.keep, is_main=place.is_main, run=record.as_dict(),
+                                s3=s3, parts=parts, exports=exports, optional=optional)
+
+    def check(saved: dict[str, Any], url: str) -> None:
+        record.check(saved, url)
+        fits(saved, url)
+
+    step = checkpointer.resume(check)
+    tracker = None
+    if spec.output.mlflow is not None and place.is_main:
+        tracker = tracking.MlflowTracker(spec.output.mlflow.tracking_uri, spec.output.mlflow.experiment, spec.name,
+                                         out, tracking.flatten(spec.model_dump(mode="json")))
+    metrics = Metrics(out, place.is_main, total_steps, step, title=title, s3=s3, tracker=tracker,
+                      progress_keys=monitor_keys)
+    if place.is_main:
+        runfiles.record_run(spec, total_steps, steps_per_epoch, batch_size, s3, monitor_keys=monitor_keys)
+    return RunHandle(place, s3, checkpointer, metrics)
+
+
+def stop_point(run: RunHandle, stop_signal: StopSignal, step: int, where: str, *, saved: bool = False) -> None:
+    """Where any rank got a stop signal: checkpoint `step` and sync the metrics (unless `saved`: just done), wait for
+    the checkpoint's upload, close the metrics as KILLED (to be resumed) and raise StoppedOnSignal naming `where`. A
+    collective: every rank calls it at the same step."""
+    signum = agreed_stop(stop_signal, run.place)
+    if signum is None:
+        return
+    if not saved:
+        run.checkpointer.save(step)
+        run.metrics.sync()
+    run.checkpointer.wait()  # the upload done on the main rank, every rank held until then
+    run.metrics.stopped(step, signum)
+    run.metrics.close("KILLED")
+    raise StoppedOnSignal(signum, where)
 
 
 def wrap_ddp(module: nn.Module, place: distributed.Placement) -> nn.Module:

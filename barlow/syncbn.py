@@ -5,7 +5,7 @@ depends on device values, so a device-to-host sync in every forward of every lay
 two views). barlow's steps never have an empty rank (every rank gets batch_size / world_size samples, drop_last), so
 this function gathers and combines every rank's statistics as they are, with torch's fused kernels on CUDA and
 their plain-op equivalents elsewhere (so the same function runs on gloo ranks on the CPU, where torch's refuses).
-Forward and backward are torch's otherwise (tests/test_syncbn.py; tests/test_two_ranks_one_device.py on CUDA).
+Forward and backward are torch's otherwise (tests/runtime/test_syncbn.py; tests/runtime/test_two_ranks_one_device.py on CUDA).
 """
 
 from __future__ import annotations

@@ -17,15 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from barlow import distributed, progress, runsetup, storage, syncbn, tracking
-from barlow.checkpoint import Checkpointer
+from barlow import checkpoint, distributed, runsetup, storage, syncbn
 from barlow.data import open_source
 from barlow.data.feed import DeviceBatch, TrainingFeed
 from barlow.data.source import Source
-from barlow.errors import OutputHoldsAnotherRun, RunFailed, StoppedOnSignal, TooFewImages, WrongPlacement
+from barlow.errors import OutputHoldsAnotherRun, RunFailed, TooFewImages, WrongPlacement
 from barlow.goodput import interval_steps
 from barlow.loss import BarlowTwinsLoss, cross_correlation
-from barlow.metrics import Metrics, save_heatmap
+from barlow.metrics import save_heatmap
 from barlow.model import BarlowTwins
 from barlow.monitors import Monitor, build_all, monitor_line, progress_keys
 from barlow.optim import LARS, WarmupCosine, param_groups
@@ -64,12 +63,11 @@ class RNG:
 
 
 @dataclass
-class Run:
-    """Everything set-up builds and the loop uses."""
+class Run(runsetup.RunHandle):
+    """Everything set-up builds and the loop uses: the run as runsetup opens it (placement, S3 settings,
+    checkpointer, metrics), and pretraining's parts."""
 
     spec: PretrainSpec
-    place: distributed.Placement
-    s3: storage.S3Settings  # the run's S3 settings, for every storage call (built once, by runsetup.start)
     source: Source
     steps_per_epoch: int
     total_steps: int
@@ -80,14 +78,7 @@ class Run:
     loss_fn: BarlowTwinsLoss
     autocast: AbstractContextManager
     position: Position
-    checkpointer: Checkpointer
-    metrics: Metrics
     monitors: list[Monitor] = field(default_factory=list)  # barlow.spec.MONITORS, those the spec turns on
-
-    @property
-    def proc(self) -> runsetup.Process:
-        """The process's placement and S3 settings, as the kNN's helpers (`knn.features_of`) take them."""
-        return runsetup.Process(self.place, self.s3)
 
     def monitor(self, name: str) -> Monitor | None:
         """The monitor of that name, None when it is off."""
@@ -155,16 +146,10 @@ def pretrain(spec: PretrainSpec, stop_signal: runsetup.StopSignal = lambda: None
                     run.metrics.log(step, {"epoch": step / run.steps_per_epoch, **values})
         # A single process reads its flag every step for free; several agree on it only at log/checkpoint steps.
         if place.world_size == 1 or at_log or at_checkpoint:
-            signum = runsetup.agreed_stop(stop_signal, place)
-        else:
-            signum = None
-        if at_checkpoint or signum is not None:
-            run.checkpointer.save(step, wait=signum is not None)  # uploads in the background; a stop waits for it
+            runsetup.stop_point(run, stop_signal, step, f"step {step}")
+        if at_checkpoint:
+            run.checkpointer.save(step)  # uploads in the background
             run.metrics.sync()
-        if signum is not None:
-            run.metrics.stopped(step, signum)
-            run.metrics.close("KILLED")
-            raise StoppedOnSignal(signum, f"step {step}")
     if skipped:
         run.metrics.print(f"{skipped} corrupt images skipped (data.on_corrupt: skip)")
     return finish(run, z1, z2)
@@ -184,10 +169,8 @@ def auto_checkpoint_every(run: Run, step_s: float) -> None:
 
 
 def set_up(spec: PretrainSpec) -> Run:
-    """Join the process group, open the data, build model, optimizer, schedule, loss and monitors, resume if a
-    checkpoint exists."""
-    if spec.output.mlflow is not None:
-        tracking.require_mlflow()  # before anything is written
+    """Start the process (runsetup.start), open the data, build model, optimizer, schedule, loss and monitors, then
+    open the run (runsetup.open_run): resumed from the latest complete checkpoint, with its metrics and trackers."""
     proc = runsetup.start(spec)
     place = proc.place
     o = spec.optim
@@ -207,21 +190,16 @@ def set_up(spec: PretrainSpec) -> Run:
     parts.update(kept)
     autocast = proc.autocast()
     record = run_record(spec, place)
-    every = None if spec.output.checkpoint_every == "auto" else spec.output.checkpoint_every
-    checkpointer = Checkpointer(spec.output.url, every=every, keep=spec.output.keep,
-                                is_main=place.is_main, run=record.as_dict(), s3=proc.s3, parts=parts,
-                                exports={"backbone.pt": backbone_of}, optional=tuple(kept))
-    checkpointer.resume(record.check)
     schedule = WarmupCosine(round(o.warmup_epochs * steps_per_epoch), total_steps, o.batch_size)
+    every = None if spec.output.checkpoint_every == "auto" else spec.output.checkpoint_every
+    opened = runsetup.open_run(spec, proc, parts=parts, record=record, total_steps=total_steps,
+                               steps_per_epoch=steps_per_epoch, batch_size=o.batch_size, every=every, title="pretrain",
+                               exports={"backbone.pt": backbone_of}, optional=tuple(kept),
+                               monitor_keys=progress_keys(monitors),
+                               fits=lambda saved, url: schedule_change(spec, saved, checkpoint.step_of(url),
+                                                                       steps_per_epoch, schedule))
+    checkpointer, metrics = opened.checkpointer, opened.metrics
     replanned = schedule_change(spec, checkpointer.resumed_run, position.step, steps_per_epoch, schedule)
-    tracker = None
-    if spec.output.mlflow is not None and place.is_main:
-        tracker = tracking.MlflowTracker(spec.output.mlflow.tracking_uri, spec.output.mlflow.experiment, spec.name,
-                                         spec.output.url, tracking.flatten(spec.model_dump(mode="json")))
-    metrics = Metrics(spec.output.url, place.is_main, total_steps, position.step, s3=proc.s3, tracker=tracker,
-                      progress_keys=progress_keys(monitors))
-    if place.is_main:
-        progress.record_run(spec, total_steps, steps_per_epoch, o.batch_size, proc.s3)  # what `barlow status` reads
     metrics.print(f"pretrain {spec.name}: {source.describe()}, {steps_per_epoch} steps/epoch × {o.epochs} epochs, "
                   f"{place.world_size} process(es) on {place.device.type}{', bf16' if place.autocast_dtype else ''}"
                   f"{resume_note(record, checkpointer.resumed_run, position.step, replanned)}")
@@ -229,9 +207,9 @@ def set_up(spec: PretrainSpec) -> Run:
         metrics.print(f"resume: the checkpoint has no {part} state (written before it existed): {part} starts fresh")
     if (line := monitor_line(monitors)) is not None:
         metrics.print(line)
-    return Run(spec, place, proc.s3, source, steps_per_epoch, total_steps, model,
-               wrap_for_speed(model, spec.runtime, place), optimizer, schedule,
-               BarlowTwinsLoss(o.lambd), autocast, position, checkpointer, metrics, monitors)
+    return Run(**opened.shared(), spec=spec, source=source, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               model=model, forward=wrap_for_speed(model, spec.runtime, place), optimizer=optimizer, schedule=schedule,
+               loss_fn=BarlowTwinsLoss(o.lambd), autocast=autocast, position=position, monitors=monitors)
 
 
 def open_training_data(spec: PretrainSpec, place: distributed.Placement) -> Source:
@@ -262,8 +240,7 @@ def build_model(spec: PretrainSpec, place: distributed.Placement) -> nn.Module:
     model = BarlowTwins(m.arch, m.projector, m.small_images, m.width, in_channels=spec.data.channels)
     if place.device.type == "cuda" and place.world_size > 1:
         model = syncbn.convert_sync_batchnorm(model)  # BN statistics of the global batch, as in the paper, no host sync
-    # channels-last as the feed's views (barlow.data.feed): DDP's bucket views then have the gradients' strides
-    return model.to(place.device, memory_format=torch.channels_last)
+    return model.to(place.device, memory_format=runsetup.LAYOUT)
 
 
 def wrap_for_speed(model: nn.Module, runtime: RuntimeSpec, place: distributed.Placement) -> nn.Module:
@@ -273,7 +250,7 @@ def wrap_for_speed(model: nn.Module, runtime: RuntimeSpec, place: distributed.Pl
 
 
 def compile_enabled(runtime: RuntimeSpec, device: torch.device) -> bool:
-    """runtime.compile: on / off as given; auto is off until bench/gpu.py shows compile wins on CUDA (and the CPU)."""
+    """runtime.compile: on / off as given; auto is off until bench/gpu/gpu.py shows compile wins on CUDA (and the CPU)."""
     return runtime.compile == "on"
 
 

@@ -1,5 +1,5 @@
 """What checkpoints to slow object storage cost a run: images/s with a checkpoint every few steps against the same
-run with none, the output on the S3 test server (SeaweedFS, tests/s3server.py) behind a loopback link of
+run with none, the output on the S3 test server (SeaweedFS, tests/support/s3server.py) behind a loopback link of
 `--mb-per-s` (20 MB/s by default), so each upload takes seconds.
 
     .venv/bin/python bench/checkpoint_stall.py                 # 2 rounds of (no checkpoints | every 15 steps)
@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from s3server import S3Server, SlowDownProxy  # noqa: E402
 

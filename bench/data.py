@@ -9,9 +9,9 @@ what the loader workers (the host) do per training pair:
   (b) barlow, data.decode=cpu: shard loader from local disk, HostCrops (crop boxes from the JPEG header, crop-first
       draft decoding, uint8 crops at output size, flips); the rest of the views runs on the training device,
   (c) barlow, data.decode=gpu: the same loader reading bytes and choosing boxes + flips only (the device decodes),
-  (b-s3) (b) from a SeaweedFS S3 server on 127.0.0.1 (tests/s3server.py),
-  (v) the per-sample host path: the whole two views (bench/reference_views.TwoViews) in the workers, for comparison.
-The device half (batched views, GPU decode) is not timed here: bench/views.py and bench/gpu.py measure it.
+  (b-s3) (b) from a SeaweedFS S3 server on 127.0.0.1 (tests/support/s3server.py),
+  (v) the per-sample host path: the whole two views (tests/support/reference_views.TwoViews) in the workers, for comparison.
+The device half (batched views, GPU decode) is not timed here: bench/views.py and bench/gpu/gpu.py measure it.
 The configurations run interleaved in rounds and each reports its median, since other work on a shared machine
 slows whichever runs at the wrong moment. Prints a markdown table.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -134,6 +134,7 @@ def main() -> None:
     torch.set_num_threads(1)  # per core
 
     import torchvision
+    from reference_views import TwoViews, TwoViewsCropFirst
     from s3server import S3Server
     from torch.utils.data import DataLoader
 
@@ -142,7 +143,6 @@ def main() -> None:
     from barlow.data.shardreader import ShardSource
     from barlow.data.shards import write_shards
     from barlow.spec import DataSpec, S3Spec
-    from bench.reference_views import TwoViews, TwoViewsCropFirst
 
     with tempfile.TemporaryDirectory(prefix="barlow-bench-") as tmp:
         root = Path(tmp)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check kit: a preflight, then tests/gpu/ with the two-ranks test, bench/gpu.py, bench/views.py, and the
-# compile tests and benchmark last, on one GPU in under 8 minutes; report.md is written after every part.
+# The GPU check kit (its Python in bench/gpu/): a preflight, then tests/gpu/ with the two-ranks test, bench/gpu/gpu.py,
+# bench/views.py, and the compile tests and benchmark last, on one GPU in under 8 minutes; report.md is written after
+# every part.
 #
 #   bench/gpu.sh [OUT_DIR]             on a CUDA machine, from a plain checkout (default OUT_DIR: bench/results/gpu-<time>)
 #   bench/gpu.sh --dry-run [OUT_DIR]   every part on the CPU (CUDA tests skip, tiny benchmark): checks the kit here
 #   bench/gpu.sh --fetch-wheels [DIR]  where there is network: the wheels the GPU test machine's image lacks for the
-#                                      kit (bench/preflight.py --wheels: pydantic and its needs, pytest and its needs)
+#                                      kit (bench/gpu/preflight.py --wheels: pydantic and its needs, pytest and its needs)
 #                                      into DIR (default .whl)
 #
 # Python: $PYTHON, else ./.venv/bin/python, else python3; it must already hold torch and torchvision (the GPU image's
@@ -16,10 +17,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-fetch_wheels() {  # DIR: the pinned wheels of bench/preflight.py --wheels for CPython 3.12 on x86-64 Linux
+fetch_wheels() {  # DIR: the pinned wheels of bench/gpu/preflight.py --wheels for CPython 3.12 on x86-64 Linux
   local dir=$1 reqs total
   mkdir -p "$dir" && rm -f "$dir"/*.whl
-  mapfile -t reqs < <(python3 bench/preflight.py --wheels)
+  mapfile -t reqs < <(python3 bench/gpu/preflight.py --wheels)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$dir" "${reqs[@]}" || return 1
@@ -34,7 +35,7 @@ DRY=0
 case "${1:-}" in
   --dry-run) DRY=1; shift ;;
   --fetch-wheels) fetch_wheels "${2:-.whl}"; exit $? ;;
-  -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+  -h|--help) sed -n 2,16p "$0"; exit 0 ;;
 esac
 OUT=${1:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
@@ -64,17 +65,18 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheels"/*.whl \
     || echo "gpu.sh: the wheels in $wheels did not install; parts needing them report it" >&2
 elif [[ -n "$missing" ]]; then  # the GPU machine is offline: say what to carry, in one line, and run nothing
-  echo "gpu.sh: error: $PY lacks $missing and $wheels/ holds no wheels: run bench/gpu.sh --fetch-wheels where there is network, then carry $wheels (the device tool's carry: [\".whl\"]; bench/README.md)" >&2
+  echo "gpu.sh: error: $PY lacks $missing and $wheels/ holds no wheels: run bench/gpu.sh --fetch-wheels where there is network, then carry $wheels (the device tool's carry: [\".whl\"]; bench/gpu/README.md)" >&2
   exit 2
 fi
-# tests/: shared test helpers (imagesets, device_decoders); the carried wheels first, before the image's own
-export PYTHONPATH="${SITE}:$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+# tests/support: shared test helpers and oracles (imagesets, device_decoders, reference_views); the carried wheels
+# first, before the image's own
+export PYTHONPATH="${SITE}:$PWD:$PWD/tests/support${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 : > "$OUT/parts.tsv"
 report() {  # report.md from what the parts left; kit_report.py writes it whole or not at all
-  "$PY" bench/kit_report.py "$OUT" "$DRY" "$START" 2>"$OUT/report.err" && return 0
-  { echo "# GPU check kit report (bench/kit_report.py failed: see report.err)"; echo; cat "$OUT/parts.tsv"; } > "$OUT/report.md"
+  "$PY" bench/gpu/kit_report.py "$OUT" "$DRY" "$START" 2>"$OUT/report.err" && return 0
+  { echo "# GPU check kit report (bench/gpu/kit_report.py failed: see report.err)"; echo; cat "$OUT/parts.tsv"; } > "$OUT/report.md"
 }
 trap 'echo "gpu.sh: stopped" >&2; report; exit 130' INT TERM
 
@@ -99,7 +101,7 @@ part() {
 # tests/conftest.py (the S3 fixtures) out
 PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --confcutdir=tests/gpu -o addopts="")
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout=120)  # one hung test does not eat the part
-KIT_TESTS=(tests/gpu tests/test_two_ranks_one_device.py tests/test_distributed.py tests/test_handover.py)
+KIT_TESTS=(tests/gpu tests/runtime/test_two_ranks_one_device.py tests/runtime/test_distributed.py tests/data/test_handover.py)
 if [[ $DRY == 1 ]]; then
   BENCH=(--dry-run --steps 1 --warmup 1 --configs reference "torch.compile on"); VIEWS=(--dry-run)
 else
@@ -107,13 +109,13 @@ else
 fi
 
 lim() { if [[ $DRY == 1 ]]; then echo "$2"; else echo "$1"; fi; }  # GPU limit, dry-run limit (a busy 2-core CPU)
-part preflight "$(lim 45 120)" "$PY" bench/preflight.py --out "$OUT"
+part preflight "$(lim 45 120)" "$PY" bench/gpu/preflight.py --out "$OUT"
 part tests "$(lim 160 400)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k "not compile" --junitxml="$OUT/tests.xml"
-part bench "$(lim 150 300)" "$PY" bench/gpu.py --out "$OUT" --compile skip "${BENCH[@]}"
+part bench "$(lim 150 300)" "$PY" bench/gpu/gpu.py --out "$OUT" --compile skip "${BENCH[@]}"
 part views "$(lim 45 120)" "$PY" bench/views.py "${VIEWS[@]}"
 # Compilation last: the slowest to start, and the likeliest to meet the time limit.
 part compile-tests "$(lim 50 120)" "${PYTEST[@]}" "${KIT_TESTS[@]}" -k compile --junitxml="$OUT/tests-compile.xml"
-part compile-bench "$(lim 60 300)" "$PY" bench/gpu.py --out "$OUT" --compile only --tag compile "${BENCH[@]}"
+part compile-bench "$(lim 60 300)" "$PY" bench/gpu/gpu.py --out "$OUT" --compile only --tag compile "${BENCH[@]}"
 trap - INT TERM
 report
 cat "$OUT/report.md"

@@ -3,9 +3,9 @@
     PYTHONPATH=. .venv/bin/python bench/listing.py                      # 100,000 objects on the test server
     PYTHONPATH=. .venv/bin/python bench/listing.py --objects 20000 --json runs/bench-listing.json
 
-Starts the tests' S3 server (SeaweedFS, tests/s3server.py) on loopback, writes `--objects` small .jpg objects under
+Starts the tests' S3 server (SeaweedFS, tests/support/s3server.py) on loopback, writes `--objects` small .jpg objects under
 one prefix, nested by date as a camera roll is (`2024/<month>/<day>/img<i>.jpg`), then, through a counting
-proxy in front of the server (every request passes; `tests/s3server.SlowDownProxy` with no failures):
+proxy in front of the server (every request passes; `tests/support/s3server.SlowDownProxy` with no failures):
 - list: `barlow.data.listing.list_folder` (s3fs's paginated `find`: ListObjectsV2 pages of 1,000 keys);
 - index: `barlow data index URL`'s work: the listing written beside the images as barlow-index.json;
 - reopen: what every later start and every other rank does: read the kept listing (no listing) and label it;
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' S3 server and proxy
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))  # the tests' S3 server and proxy
 
 
 def main() -> None:

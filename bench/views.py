@@ -41,9 +41,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the reference views
+
+from reference_views import TwoViews, VariantViews, adjust_hue_linear  # noqa: E402
 
 from barlow.augment import DeviceViews, ViewsConfig, adjust_hue  # noqa: E402
-from bench.reference_views import TwoViews, VariantViews, adjust_hue_linear  # noqa: E402
 
 
 def photos() -> list[torch.Tensor]:

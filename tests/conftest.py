@@ -1,4 +1,5 @@
-"""Shared test fixtures."""
+"""Shared test fixtures. The tests mirror the packages (tests/data/, tests/launch/, ...; the house modules' own at the
+top); the helpers and oracles they share are in tests/support/, on sys.path through pyproject's pytest pythonpath."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def one_thread():
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
-    """A fake Kubernetes API server (tests/fake_kube.py) that the kubernetes client reaches through KUBECONFIG, with
+    """A fake Kubernetes API server (tests/support/fake_kube.py) that the kubernetes client reaches through KUBECONFIG, with
     the variables that would point barlow elsewhere removed."""
     from fake_kube import FakeKube
 

@@ -20,8 +20,10 @@ LAYERS: list[tuple[str, ...]] = [
      "barlow.lease"),
     ("barlow.augment",),  # decodes with barlow.data's host side (decode, cropfirst, handover)
     ("barlow.data.feed", "barlow.data.devicedecode"),  # barlow.data's device side: applies the augment's views
-    ("barlow.restarts", "barlow.runsetup"),
-    ("barlow.progress", "barlow.knn"),
+    ("barlow.restarts",),
+    ("barlow.status",),
+    ("barlow.runsetup",),
+    ("barlow.knn",),
     ("barlow.evaluate", "barlow.monitors"),  # side by side: training needs no eval stage, the eval no monitor
     ("barlow.train",),
     ("barlow.entrypoint",),
@@ -31,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
 # The runtime never needs the launcher, and the launcher never needs the training code (a manifest renders without
 # a GPU stack).
 RUNTIME = ("barlow.distributed", "barlow.syncbn", "barlow.checkpoint", "barlow.metrics", "barlow.data", "barlow.restarts", "barlow.runsetup",
-           "barlow.progress", "barlow.knn", "barlow.evaluate", "barlow.monitors", "barlow.train", "barlow.entrypoint", "barlow.model",
+           "barlow.status", "barlow.knn", "barlow.evaluate", "barlow.monitors", "barlow.train", "barlow.entrypoint", "barlow.model",
            "barlow.loss", "barlow.optim", "barlow.augment", "barlow.tracking", "barlow.goodput", "barlow.trainer_status")
 TRAINING_CODE = ("barlow.distributed", "barlow.syncbn", "barlow.runsetup", "barlow.knn", "barlow.evaluate", "barlow.monitors",
                  "barlow.train", "barlow.tracking",

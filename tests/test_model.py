@@ -127,3 +127,10 @@ def test_views_go_through_the_model_separately():
     z1_other, _ = model(x1, torch.randn(4, 3, 16, 16) * 5 + 3)
     torch.testing.assert_close(z1_other, z1)
     torch.testing.assert_close(z1, model.projector(model.backbone(x1)))
+
+
+def test_the_specs_arch_names_are_the_ones_the_model_builds():
+    """model.arch's values are written twice (the spec imports no torch): the two lists must not drift."""
+    from barlow.spec import ARCHS as SPEC_ARCHS
+
+    assert list(SPEC_ARCHS) == list(ARCHS)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
 import typer
 
@@ -28,10 +25,6 @@ from barlow.spec import (
     loads_spec,
     stage_runs,
 )
-
-if TYPE_CHECKING:  # the commands import what they use when they run: `barlow --help` stays fast
-    from barlow.launch.pods import JobView
-    from barlow.progress import Progress
 
 DEFAULT_NAMESPACE = ClusterSpec.model_fields["namespace"].default
 DEFAULT_BACKEND = ClusterSpec.model_fields["backend"].default
@@ -53,7 +46,7 @@ BACKEND = typer.Option(DEFAULT_BACKEND, "--backend", "-b", envvar="BARLOW_BACKEN
 @contextmanager
 def _cluster_errors(hint: str = "") -> Iterator[None]:
     """Cluster errors as one `error:` line (`hint` appended to the cluster's own)."""
-    from barlow.launch.cluster import ClusterError, ClusterUnreachable, WaitTimedOut
+    from barlow.launch.kubeapi import ClusterError, ClusterUnreachable, WaitTimedOut
     from barlow.launch.manifest import RenderError
 
     try:
@@ -92,7 +85,7 @@ def _cluster_warnings() -> Iterator[None]:
 def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides: list[str] | None,
           context: str | None = None) -> PretrainSpec | EvalRunSpec:
     """The spec from its file (or from $BARLOW_SPEC) with its --set overrides, checked against the target, placed in
-    its namespace (see launch.cluster.resolve_namespace)."""
+    its namespace (see launch.kubeapi.resolve_namespace)."""
     if spec_path:
         spec = load_or_exit(spec_path, overrides)
     elif SPEC_ENV in os.environ:
@@ -104,7 +97,7 @@ def _spec(spec_path: str | None, target: Stage, namespace: str | None, overrides
     else:
         raise fail(f"give a spec file (or the spec's YAML in ${SPEC_ENV})", EXIT_INVALID)
     source = spec_path or SPEC_ENV
-    from barlow.launch.cluster import spec_namespace
+    from barlow.launch.kubeapi import spec_namespace
 
     with _cluster_errors():
         stage_runs(spec, target, source)  # the stage fits the spec's kind, and a pipeline's eval is valid
@@ -145,11 +138,11 @@ def submit(
 ) -> None:
     """Create the job(s) of a spec (a PyTorchJob or a TrainJob: cluster.backend); submitting the same spec again
     changes nothing."""
-    from barlow.launch import cluster
+    from barlow.launch import cluster, kubeapi
 
     spec = _spec(spec_path, target, namespace, overrides, context)
     with _cluster_errors():
-        api = cluster.connect(context)
+        api = kubeapi.connect(context)
         if after:
             if target != Stage.eval:
                 raise fail("--after goes with `submit eval`", EXIT_INVALID)
@@ -160,7 +153,7 @@ def submit(
     for s in done:
         console.print(f"{s.what} [bold]{s.name}[/] in namespace {s.namespace}: {s.outcome}", highlight=False, soft_wrap=True)
     if not dry_run:
-        first = next(s for s in done if s.what != cluster.NETWORK_POLICIES.what)  # the job, after its policy
+        first = next(s for s in done if s.what != kubeapi.NETWORK_POLICIES.what)  # the job, after its policy
         flag = "" if spec.cluster.backend == DEFAULT_BACKEND else f" -b {spec.cluster.backend}"
         console.print(f"watch it: barlow status {first.name} -n {first.namespace}{flag}   "
                       f"(or kubectl -n {first.namespace} get {first.what} {first.name})", highlight=False, soft_wrap=True)
@@ -171,8 +164,8 @@ def _print_phase(st) -> None:
 
 
 def _namespace(option: str | None, context: str | None) -> str:
-    """The namespace of a command that names a job (see launch.cluster.resolve_namespace)."""
-    from barlow.launch.cluster import resolve_namespace
+    """The namespace of a command that names a job (see launch.kubeapi.resolve_namespace)."""
+    from barlow.launch.kubeapi import resolve_namespace
 
     with _cluster_errors():
         return resolve_namespace(option, None, context)
@@ -185,7 +178,6 @@ def _backend(name: BackendName):
 
 
 OutputFormat = StrEnum("OutputFormat", {"text": "text", "json": "json"})
-STATUS_SCHEMA = "barlow.status/v1"  # the `-o json` document's version: fields are only added within it
 
 
 @app.command(epilog=example("barlow status runs/quickstart", "barlow status my-run -n vision -b trainjob",
@@ -214,6 +206,8 @@ def status(
     run's files (an output folder or URL, or -f SPEC), step of total, loss, probe top-1, images/s, ETA, the latest
     checkpoint and the restarts used."""
     spec = load_or_exit(spec_path, overrides) if spec_path else None
+    from barlow.status.report import folder_hint
+
     is_output = target is not None and "/" in target  # a Kubernetes name never holds a '/'
     if target is None and spec is None:
         raise fail("give a job name, an output folder or URL, or -f SPEC", EXIT_INVALID)
@@ -222,133 +216,39 @@ def status(
     name = target or spec.name
     job_args = None
     local_run = spec is not None and "cluster" not in spec.model_fields_set  # a spec without a cluster runs here
-    hint = _run_folder_hint(target) if not is_output and spec is None else ""
+    hint = folder_hint(target) if not is_output and spec is None else ""
     if not is_output and not local_run:
-        from barlow.launch.cluster import resolve_namespace
+        from barlow.launch.kubeapi import resolve_namespace
 
         with _cluster_errors(hint):
             ns = resolve_namespace(namespace, spec, context)
         job_args = (name, ns, _backend(backend or BackendName(spec.cluster.backend if spec else DEFAULT_BACKEND)))
 
-    def report() -> _Report:
-        from barlow.launch import cluster, pods
+    def job():
+        from barlow.launch import kubeapi, pods
 
-        found = _Report(time.time())
-        if job_args is not None:
-            with _cluster_errors(hint):
-                found.job = pods.view(cluster.connect(context), *job_args)
-        url = target if is_output else (spec.output.url if spec else "")
-        if url:
-            try:
-                found.progress = _read_progress(url, spec, found.time, endpoint_url)
-            except ImportError as e:  # the CLI image has no fsspec: a job's status stands without its files
-                why = f"reading {url} needs {e.name or 'fsspec'}, which this installation lacks (the training image has it)"
-                if job_args is None:
-                    raise fail(why) from None
-                found.progress_error = why
-            except FileNotFoundError as e:
-                if job_args is None:
-                    raise fail(str(e), EXIT_INVALID) from None
-                found.progress_error = str(e)
-            except Exception as e:  # the job's status stands without its files (no credentials, a store down)
-                if job_args is None:
-                    raise fail(f"{url}: {type(e).__name__}: {e}") from None
-                found.progress_error = f"{url}: {type(e).__name__}: {e}"
-        return found
+        with _cluster_errors(hint):
+            return pods.view(kubeapi.connect(context), *job_args)
 
-    _refresh(report, output, watch, interval, count)
+    url = target if is_output else (spec.output.url if spec else "")
 
+    def screen(indent: int | None = None) -> str:
+        from barlow.status.report import FilesUnreadable, gather, read_output
 
-def _run_folder_hint(target: str | None) -> str:
-    """Where a job name is also a run folder here: how to ask for the folder instead."""
-    if target and any(os.path.exists(os.path.join(target, f)) for f in ("run.json", "metrics.jsonl", "checkpoints")):
-        return f" ({target} is read as a job name; for the run folder here, write: barlow status ./{target})"
-    return ""
-
-
-def _read_progress(url: str, spec: PretrainSpec | EvalRunSpec | None, now: float, endpoint_url: str | None) -> Progress:
-    from barlow import progress, storage
-
-    # the output is read as the run writes it (the spec's S3 endpoint), with one attempt: a store that does not
-    # answer is said at once, not after a minute of retries
-    settings = spec.data.s3.model_dump() if spec is not None else {}
-    storage.configure_s3(storage.S3Settings(**{**settings, "retries": 1,
-                                                **({"endpoint_url": endpoint_url} if endpoint_url else {})}))
-    return progress.read(url, spec.cluster.max_restarts if spec else None, now)
-
-
-@dataclass
-class _Report:
-    """One refresh of `barlow status`."""
-
-    time: float
-    job: JobView | None = None
-    progress: Progress | None = None
-    progress_error: str = ""
-
-    def as_dict(self) -> dict:
-        """The `-o json` document (README: `barlow status -o json`)."""
-        job = self.job.as_dict() if self.job else {"job": None, "admission": "", "pods": []}
-        return {"schema": STATUS_SCHEMA, "time": round(self.time, 3), **job,
-                "progress": self.progress.as_dict() if self.progress else None, "progress_error": self.progress_error}
-
-    def lines(self) -> list[str]:
-        rows: list[tuple[str, str]] = []
-        if self.job is not None:
-            from barlow.launch.pods import lines as job_lines
-
-            rows += job_lines(self.job)
-            if self.progress is None and not self.progress_error and self.job.output:
-                rows.append(("output", f"{self.job.output}   (its progress: barlow status {self.job.output}, or -f SPEC)"))
-        if self.progress is not None:
-            from barlow.progress import lines  # needs fsspec, which the CLI image lacks (no progress there)
-
-            rows += lines(self.progress, self.time)
-        if self.progress_error:
-            rows.append(("progress", f"unavailable: {self.progress_error}"))
-        return [f"{label + ':':<10} {value}" for label, value in rows]
-
-
-def _refresh(report: Callable[[], _Report], output: OutputFormat, watch: bool, interval: float,
-             count: int | None) -> None:
-    """Show `report()` once, or every `interval` seconds: rich Live in a terminal, one screen after another (or one
-    JSON line each) otherwise."""
-    import json
-
-    from rich.live import Live
-    from rich.text import Text
-
-    def show(r: _Report, indent: int | None = None) -> str:
-        return json.dumps(r.as_dict(), indent=indent) if output == OutputFormat.json else "\n".join(r.lines())
+        try:
+            found = gather(job if job_args is not None else None, url,
+                           lambda u, now: read_output(u, spec, now, endpoint_url))
+        except FilesUnreadable as e:
+            raise fail(str(e), e.code) from None
+        return found.screen(output == OutputFormat.json, indent)
 
     if not watch:
-        typer.echo(show(report(), indent=2))
+        typer.echo(screen(indent=2))
         return
-    live = Live(console=console, auto_refresh=False) if console.is_terminal and output == OutputFormat.text else None
-    done = 0
-    try:
-        if live is not None:
-            live.start()
-        while True:
-            try:
-                screen = show(report())
-            except typer.Exit:  # its line is printed; after a first answer, a blip (API server, store) ends no watch
-                if not done:
-                    raise
-                screen = None
-            if screen is not None and live is not None:
-                live.update(Text(screen), refresh=True)
-            elif screen is not None:
-                typer.echo(screen if output == OutputFormat.json or not done else "\n" + screen)
-            done += 1
-            if count is not None and done >= count:
-                return
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return
-    finally:
-        if live is not None:
-            live.stop()
+    from barlow.status.report import refresh
+
+    refresh(screen, typer.echo, console, console.is_terminal and output == OutputFormat.text, interval, count,
+            blips=(typer.Exit,), between="" if output == OutputFormat.json else "\n")
 
 
 @app.command(epilog=example("barlow logs my-run -f --replica worker-0"))
@@ -362,7 +262,7 @@ def logs(
     backend: BackendName = BACKEND,
 ) -> None:
     """Print the training container's log of one replica."""
-    from barlow.launch import cluster
+    from barlow.launch import cluster, kubeapi
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -370,7 +270,7 @@ def logs(
 
     namespace = _namespace(namespace, context)
     with _cluster_errors():
-        cluster.logs(cluster.connect(context), name, namespace, replica=replica, follow=follow, write=write,
+        cluster.logs(kubeapi.connect(context), name, namespace, replica=replica, follow=follow, write=write,
                      b=_backend(backend))
 
 
@@ -385,11 +285,11 @@ def wait(
 ) -> None:
     """Wait until a job succeeds (exit 0) or fails (exit 1), printing each phase change; a queued job is waited for;
     exit 124 when --timeout runs out first."""
-    from barlow.launch import cluster
+    from barlow.launch import cluster, kubeapi
 
     b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
-        st = cluster.wait(cluster.connect(context), name, namespace, timeout=timeout, poll=poll, on_change=_print_phase, b=b)
+        st = cluster.wait(kubeapi.connect(context), name, namespace, timeout=timeout, poll=poll, on_change=_print_phase, b=b)
     if not st.finished_ok:
         raise fail(f"{b.what} {name} failed: {st.message or 'no message'}")
 
@@ -399,11 +299,11 @@ def delete(name: str = JOB, namespace: str = NAMESPACE,
            context: str = CONTEXT, backend: BackendName = BACKEND) -> None:
     """Delete a job; Kubernetes' garbage collector removes what the job owns: its pods, its NetworkPolicy, a
     pipeline's follow-up (its output in output.url stays)."""
-    from barlow.launch import cluster
+    from barlow.launch import cluster, kubeapi
 
     b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
-        cluster.delete(cluster.connect(context), name, namespace, b)
+        cluster.delete(kubeapi.connect(context), name, namespace, b)
     console.print(f"{b.what} {name} in namespace {namespace}: deleted", highlight=False, soft_wrap=True)
 
 
@@ -412,11 +312,11 @@ def list_jobs(namespace: str = NAMESPACE, context: str = CONTEXT, backend: Backe
     """List barlow's jobs of one backend in a namespace."""
     from rich.table import Table
 
-    from barlow.launch import cluster
+    from barlow.launch import cluster, kubeapi
 
     b, namespace = _backend(backend), _namespace(namespace, context)
     with _cluster_errors():
-        jobs = cluster.list_jobs(cluster.connect(context), namespace, b)
+        jobs = cluster.list_jobs(kubeapi.connect(context), namespace, b)
     if not jobs:
         console.print(f"no barlow {b.plural} in namespace {namespace}", highlight=False, soft_wrap=True)
         return

@@ -189,7 +189,7 @@ def pod_labels(spec: RunSpec) -> dict[str, str]:
 
 
 # Strategic merge: the lists of a pod template that merge item by item, and the key that matches items (Kubernetes'
-# x-kubernetes-patch-merge-key; tests/test_launch_podpatch.py holds this table to the Pod schema). Other lists are
+# x-kubernetes-patch-merge-key; tests/launch/test_launch_pod.py holds this table to the Pod schema). Other lists are
 # replaced whole, as Kubernetes does.
 MERGE_KEYS = {
     "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "volumes": "name", "env": "name",

@@ -16,7 +16,7 @@ from typing import Any
 
 from kubernetes import client
 
-from barlow.launch import cluster
+from barlow.launch import cluster, kubeapi
 from barlow.launch.backend import QUEUED, Backend
 from barlow.launch.manifest import ANNOTATION_OUTPUT, KUEUE_QUEUE
 
@@ -55,6 +55,9 @@ class JobView:
                                            "started", "finished", "spec_hash", "trainer_status")}
         return {"job": {**job, "backend": st.what, "output": self.output, "queue": self.queue},
                 "admission": self.admission, "pods": [asdict(p) for p in self.pods]}
+
+    def rows(self) -> list[tuple[str, str]]:
+        return lines(self)
 
 
 def lines(view: JobView) -> list[tuple[str, str]]:
@@ -95,10 +98,10 @@ def job_selector(b: Backend, name: str) -> str:
 
 def view(api: client.ApiClient, name: str, namespace: str, b: Backend) -> JobView:
     """The job, its pods and Kueue's admission; raises ClusterError where the job cannot be read."""
-    obj = cluster._read(api, cluster.resource(b), name, namespace)
+    obj = kubeapi.read(api, kubeapi.resource(b), name, namespace)
     if obj is None:
         return JobView(cluster.status(api, name, namespace, b))  # raises the error that names the missing job
-    st = cluster._status_of(obj, b)
+    st = cluster.status_of(obj, b)
     meta = obj.get("metadata") or {}
     found = JobView(st, (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT, ""),
                     (meta.get("labels") or {}).get(KUEUE_QUEUE, ""))
@@ -111,8 +114,8 @@ def view(api: client.ApiClient, name: str, namespace: str, b: Backend) -> JobVie
 def pods(api: client.ApiClient, name: str, namespace: str, b: Backend) -> list[PodState]:
     """Every pod of the job, by name, each with its reason where it is not running well."""
     core = client.CoreV1Api(api)
-    found = cluster._call(api, namespace, core.list_namespaced_pod, namespace, label_selector=job_selector(b, name),
-                          _request_timeout=cluster.REQUEST_TIMEOUT_S).items
+    found = kubeapi.call(api, namespace, core.list_namespaced_pod, namespace, label_selector=job_selector(b, name),
+                         _request_timeout=kubeapi.REQUEST_TIMEOUT_S).items
     return sorted((explain(p, lambda pod: _events(api, namespace, pod), b.container) for p in found),
                   key=lambda s: s.name)
 
@@ -121,9 +124,9 @@ def _events(api: client.ApiClient, namespace: str, pod: str) -> list[Any]:
     """The pod's events, newest last; none where they cannot be read."""
     core = client.CoreV1Api(api)
     try:
-        found = cluster._call(api, namespace, core.list_namespaced_event, namespace,
-                              field_selector=f"involvedObject.name={pod}", _request_timeout=cluster.REQUEST_TIMEOUT_S)
-    except cluster.ClusterError:
+        found = kubeapi.call(api, namespace, core.list_namespaced_event, namespace,
+                             field_selector=f"involvedObject.name={pod}", _request_timeout=kubeapi.REQUEST_TIMEOUT_S)
+    except kubeapi.ClusterError:
         return []
     return sorted(found.items or [], key=lambda e: str(e.last_timestamp or e.event_time or ""))
 
@@ -184,11 +187,11 @@ def admission(api: client.ApiClient, namespace: str, job_uid: str, queue: str) -
     workloads, errors = None, []
     for version in KUEUE_VERSIONS:
         try:
-            workloads = cluster._call(api, namespace, objects.list_namespaced_custom_object, KUEUE_GROUP, version,
+            workloads = kubeapi.call(api, namespace, objects.list_namespaced_custom_object, KUEUE_GROUP, version,
                                       namespace, "workloads", label_selector=f"{KUEUE_JOB_UID}={job_uid}",
-                                      _request_timeout=cluster.REQUEST_TIMEOUT_S).get("items") or []
+                                     _request_timeout=kubeapi.REQUEST_TIMEOUT_S).get("items") or []
             break
-        except cluster.ClusterError as e:
+        except kubeapi.ClusterError as e:
             errors.append(str(e))
     if workloads is None:
         return f"queue {queue}: Kueue's Workloads cannot be read ({errors[-1]})"

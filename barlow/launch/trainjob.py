@@ -8,7 +8,7 @@ PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PO
 them), from which `barlow.torchrun` builds the same world as under a PyTorchJob.
 
 Plain dicts, not the `kubeflow-trainer-api` models: see README "Run on a cluster" for why. The tests hold them to the
-real CRD, strictly (tests/test_launch_trainjob.py).
+real CRD, strictly (tests/launch/test_launch_trainjob.py).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _env(spec: RunSpec) -> list[dict[str, Any]]:
 
 
 # What Trainer v2.3's runtimePatches can set in a replicated job's pod template (the CRD's schema; held to it by
-# tests/test_launch_trainjob.py): cluster.pod_patch may touch only these on a TrainJob.
+# tests/launch/test_launch_trainjob.py): cluster.pod_patch may touch only these on a TrainJob.
 PATCHABLE = {
     "metadata": {"annotations", "finalizers", "labels", "name", "namespace"},
     "spec": {"affinity", "containers", "imagePullSecrets", "initContainers", "nodeSelector", "schedulingGates",

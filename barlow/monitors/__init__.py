@@ -73,7 +73,7 @@ def epoch_due(step: int, steps_per_epoch: int, total_steps: int, every: int) -> 
     return step == total_steps or (step % steps_per_epoch == 0 and (step // steps_per_epoch) % every == 0)
 
 
-def build_all(spec: PretrainSpec, proc: runsetup.Process, source: Source, model: nn.Module) -> list[Monitor]:
+def build_all(spec: PretrainSpec, proc: runsetup.RunContext, source: Source, model: nn.Module) -> list[Monitor]:
     """The run's monitors, in barlow.spec.MONITORS order: each module's `build`, those its settings turn on."""
     built = (importlib.import_module(module).build(spec, proc, source, model) for module in MONITORS)
     return [m for m in built if m is not None]

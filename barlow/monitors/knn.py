@@ -21,7 +21,7 @@ from barlow.spec import DataSpec, PretrainSpec
 SUBSETS = (1, 10, 100)  # the label subsets every source serves (see barlow.data.source)
 
 
-def build(spec: PretrainSpec, proc: runsetup.Process, source: Source, model: nn.Module) -> Monitor | None:
+def build(spec: PretrainSpec, proc: runsetup.RunContext, source: Source, model: nn.Module) -> Monitor | None:
     """monitor.knn_every_epochs on `knn_data_of`; unlabelled training data without monitor.data: off, said so."""
     data = knn_data_of(spec, source)
     every = spec.monitor.knn_every(data is not None)
@@ -50,7 +50,7 @@ class KnnMonitor(Monitor):
 
     name, KEYS = "knn", ("knn_top1",)
 
-    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, train_source: Any, every: int,
+    def __init__(self, spec: PretrainSpec, proc: runsetup.RunContext, train_source: Any, every: int,
                  data: DataSpec | None = None, names_its_data: bool = False):
         """`data`: the labelled set (default data.*); `train_source`: its train images when already open;
         `names_its_data`: the 'monitor:' line says it measures on monitor.data."""

@@ -18,7 +18,7 @@ from barlow.monitors import Monitor, Off
 from barlow.spec import PretrainSpec
 
 
-def build(spec: PretrainSpec, proc: runsetup.Process, source: Source, model: nn.Module) -> Monitor | None:
+def build(spec: PretrainSpec, proc: runsetup.RunContext, source: Source, model: nn.Module) -> Monitor | None:
     """monitor.online_probe; unlabelled training data turns it off, and the 'monitor:' line says so."""
     on = probe_enabled(spec.monitor.online_probe, len(source.classes))
     if not source.classes:

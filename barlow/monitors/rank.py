@@ -16,7 +16,7 @@ from barlow.monitors import Monitor, epoch_due
 from barlow.spec import PretrainSpec
 
 
-def build(spec: PretrainSpec, proc: runsetup.Process, source: Source, model: nn.Module) -> Monitor | None:
+def build(spec: PretrainSpec, proc: runsetup.RunContext, source: Source, model: nn.Module) -> Monitor | None:
     """monitor.rank_every_epochs (0: off; unset: within 1 % of training's cost)."""
     every = spec.monitor.rank_every(source.num_samples)
     return RankMonitor(spec, proc, source, every, model.embed_dim) if every else None
@@ -48,7 +48,7 @@ class RankMonitor(Monitor):
 
     name, KEYS = "rank", ("rankme_projector",)
 
-    def __init__(self, spec: PretrainSpec, proc: runsetup.Process, source: Source, every: int, projector_dim: int):
+    def __init__(self, spec: PretrainSpec, proc: runsetup.RunContext, source: Source, every: int, projector_dim: int):
         m, d = spec.monitor, spec.data
         self.every, self.proc, self.images = every, proc, min(m.rank_images, source.num_samples)
         self.collapse_below = m.collapse_fraction * min(projector_dim, self.images)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from device_decoders import DECODERS
 from PIL import Image
+from reference_views import VariantViews
 
 from barlow.augment import ViewsConfig
 from barlow.data.devicedecode import decode_crops, decode_views, gpu_decodable
-from bench.reference_views import VariantViews
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,5 +1,5 @@
 """CUDA numerics of the training step: the loss under bf16 autocast, torch.compile against eager, SyncBatchNorm's
-conversion (its numerics across two ranks: tests/test_two_ranks_one_device.py).
+conversion (its numerics across two ranks: tests/runtime/test_two_ranks_one_device.py).
 
 Skipped without a GPU. Run on a lent GPU by bench/gpu.sh (with the rest of tests/gpu/).
 """
@@ -111,7 +111,7 @@ def test_compiled_model_equals_eager():
 
 def test_sync_batchnorm_conversion_keeps_every_bn_and_the_checkpoint_keys():
     # Conversion only: SyncBatchNorm's numerics need a real group of two ranks (with one process, or a group of one,
-    # it is plain BatchNorm and no comparison can fail); tests/test_two_ranks_one_device.py runs them on cuda:0.
+    # it is plain BatchNorm and no comparison can fail); tests/runtime/test_two_ranks_one_device.py runs them on cuda:0.
     model = small_model()
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).cuda()
