@@ -1,6 +1,6 @@
 """A toy training monitor, added as a contributor would: its own module in barlow/monitors/ and its line after
 barlow.spec.MONITORS, nothing else. A tiny pretraining run from the package copy then logs its key to metrics.jsonl
-and shows it on the printed progress line."""
+and shows it on the printed progress line, and `barlow status` of the output folder shows it too."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ from barlow.train import pretrain
 spec = json.loads({spec!r})
 write_demo(spec["data"]["train"].rsplit("/", 1)[0], size=16)
 pretrain(parse_spec(spec))
+
+from barlow.status import runfiles  # what `barlow status` shows of the output folder
+print("status:", json.dumps(dict(runfiles.lines(runfiles.read(spec["output"]["url"])))))
 '''
 
 
@@ -80,3 +83,5 @@ def test_a_toy_monitor_is_its_module_and_one_line(package_copy, tmp_path):
     printed = [line for line in done.stdout.splitlines() if line.startswith("step ") and "mean_feature_norm " in line]
     assert [line.split()[1] for line in printed] == ["2", "4", "6", "8", "10"], done.stdout
     assert "monitor: online probe on 10 classes, mean feature norm every 2 steps" in done.stdout, done.stdout
+    status = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("status: "))[len("status: "):])
+    assert status["mean_feature_norm"] == f"{norms[10]:.4g}", status  # the latest, as status writes a number
