@@ -59,7 +59,8 @@ class DataSummary:
 
 
 def summarize(data: DataSpec, split: Literal["train", "val"] = "train") -> DataSummary:
-    """Count a spec's train or val images without training (the kept listing or index when there is one)."""
+    """Count a spec's train or val images without training: from the kept listing or index when there is one,
+    without torch for the built-in formats; another format's source counts them (which needs torch)."""
     from barlow import storage
 
     url = data.train if split == "train" else data.val
@@ -80,6 +81,9 @@ def summarize(data: DataSpec, split: Literal["train", "val"] = "train") -> DataS
         files = len({s.name.rsplit("#", 1)[0] for s in index.shards})
         what = "WebDataset shards" if data.format == "webdataset" else "parquet files"
         return DataSummary(index.num_samples, len(index.classes), f"{index.num_samples:,} images in {files} {what}, {labels}")
+    if data.format != "imagefolder":  # a format without a torch-free count here: its source counts (needs torch)
+        source = open_source(data, split)
+        return DataSummary(source.num_samples, len(source.classes), source.describe())
     from barlow.data.listing import NoImages, describe, labelled_images, listing_of
 
     listing = listing_of(url, s3)
