@@ -81,7 +81,7 @@ class Progress:
     loss: float | None = None
     probe_top1: float | None = None
     knn_top1: float | None = None
-    rankme_features: float | None = None  # the label-free rank monitor's latest (barlow.monitor.RankMonitor)
+    rankme_features: float | None = None  # the label-free rank monitor's latest (barlow.monitors.rank)
     rankme_projector: float | None = None
     constant_dims: float | None = None
     collapse_below: float | None = None
