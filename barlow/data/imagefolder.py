@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from barlow import storage
 from barlow.data import register_format
-from barlow.data.layout import key_hash, subset_thresholds
 from barlow.data.listing import NoImages, describe, labelled_images, listing_of
 from barlow.data.source import HostBatch, PersistentLoader, SampleTransform, build_batch, derive_seed, iter_loader, loader_worker_init
+from barlow.data.subsets import key_hash, subset_thresholds
 from barlow.spec import DataSpec
 
 _READ_THREADS = 8  # parallel reads per worker on object stores, where each read is a round trip
@@ -146,7 +146,7 @@ class ImageFolderSource:
 
     def subset(self, percent: int) -> list[int]:
         """Indices of the `percent` % label subset: per class (unlabelled images: as one class) the images with the
-        smallest key hashes, the rule of the shard index (barlow.data.layout), so an image folder and its shards
+        smallest key hashes, the rule of barlow.data.subsets, so an image folder and its shards
         select the same images."""
         if not 0 < percent <= 100:
             raise ValueError(f"subset_percent: must be in (0, 100] (got {percent})")

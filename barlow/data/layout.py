@@ -5,14 +5,12 @@ the source folder: jpg, png, ...) and `<key>.cls` (the class index in ASCII). A 
 The index (`index.json`, beside the shards) lists the shards in order with their sample counts; it is written
 after every shard is complete, so a shard set without its index is unfinished.
 
-The 10% and 1% label subsets are fixed per class: the samples whose key hash (SHA-256, 53 bits) is among the
-`max(1, round(n * p / 100))` smallest of their class. The index stores each class's hash threshold, so a
+The index stores each class's hash threshold of the 10% and 1% label subsets (the rule of `subsets.py`), so a
 reader decides membership from the key alone and every reader picks the same samples.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import tarfile
@@ -22,30 +20,13 @@ from typing import IO
 
 from barlow import storage
 from barlow.data.listing import IMAGE_EXTENSIONS, NoImages, SourceImage, labelled_images, list_folder
+from barlow.data.subsets import key_hash
 from barlow.errors import RunFailed
 
 __all__ = ["IMAGE_EXTENSIONS", "SourceImage", "list_images"]
 
 INDEX_FORMAT = "barlow-shards/1"
-SUBSET_PERCENTS = (10, 1)  # the label-fraction protocols; 100 is every sample
 TAR_FORMAT = tarfile.PAX_FORMAT  # long or non-ASCII keys get a pax header instead of failing
-
-
-def key_hash(key: str) -> int:
-    """A stable 53-bit hash of a sample key (exact in JSON numbers and JavaScript alike)."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 11
-
-
-def subset_thresholds(hashes_by_class: list[list[int]], percent: int) -> list[int]:
-    """Per class, the largest key hash inside the `percent` subset (-1: an empty class)."""
-    out = []
-    for hashes in hashes_by_class:
-        if not hashes:
-            out.append(-1)
-            continue
-        keep = max(1, round(len(hashes) * percent / 100))
-        out.append(sorted(hashes)[keep - 1])
-    return out
 
 
 @dataclass

@@ -13,7 +13,8 @@ import posixpath
 from collections.abc import Iterator
 
 from barlow import storage
-from barlow.data.layout import SUBSET_PERCENTS, Sample, ShardIndex, ShardInfo, key_hash, subset_thresholds
+from barlow.data.layout import Sample, ShardIndex, ShardInfo
+from barlow.data.subsets import SUBSET_PERCENTS, key_hash, subset_thresholds
 from barlow.data.tarindex import BadShards, kept_index
 
 INDEX_FORMAT = "barlow-parquet/1"

@@ -21,19 +21,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from barlow import storage
-from barlow.data.layout import (
-    SUBSET_PERCENTS,
-    TAR_FORMAT,
-    ShardIndex,
-    ShardInfo,
-    SourceImage,
-    key_hash,
-    list_images,
-    member_bytes,
-    subset_thresholds,
-    tar_member,
-    tar_size,
-)
+from barlow.data.layout import TAR_FORMAT, ShardIndex, ShardInfo, SourceImage, list_images, member_bytes, tar_member, tar_size
+from barlow.data.subsets import SUBSET_PERCENTS, key_hash, subset_thresholds
 
 DEFAULT_SHARD_SIZE = 256 << 20
 INDEX_NAME = "index.json"

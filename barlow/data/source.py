@@ -5,7 +5,7 @@ Every source (`imagefolder.ImageFolderSource`, `shardreader.ShardSource`) shares
 - the listing and accepted extensions (`layout.list_images`, `layout.IMAGE_EXTENSIONS`) and the sample key
   `<class>/<file stem>`;
 - the label subsets: per class, the images whose key hash is among the `max(1, round(n * p / 100))` smallest
-  (`layout.key_hash`), so `eval.train_percent` selects the same images whatever `data.format`;
+  (`subsets.key_hash`), so `eval.train_percent` selects the same images whatever `data.format`;
 - seeding: augmentation draws come from one seed per batch, `derive_seed("augment", seed, epoch, rank, batch)`,
   never from worker state, so a mid-epoch resume serves the same draws;
 - retries: every read goes through `barlow.storage` with the spec's `data.s3` settings passed explicitly;

@@ -20,17 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from barlow import storage
-from barlow.data.layout import (
-    SUBSET_PERCENTS,
-    WDS_IMAGE_EXTENSIONS,
-    BadShards,
-    ShardIndex,
-    ShardInfo,
-    key_hash,
-    label_of,
-    split_member,
-    subset_thresholds,
-)
+from barlow.data.layout import WDS_IMAGE_EXTENSIONS, BadShards, ShardIndex, ShardInfo, label_of, split_member
+from barlow.data.subsets import SUBSET_PERCENTS, key_hash, subset_thresholds
 
 __all__ = ["BadShards", "WDS_IMAGE_EXTENSIONS", "build_index", "index_of", "label_of"]
 

@@ -17,8 +17,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from host_syncs import HostDataOnDevice
 from reference_views import VariantViews, adjust_hue_linear
-from torch.overrides import TorchFunctionMode
 from torchvision.transforms.v2 import functional as F
 
 from barlow import augment as A
@@ -264,31 +264,6 @@ def test_compiled_hue_equals_eager():
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e, atol=1e-4, rtol=0)
 
-
-
-class HostDataOnDevice(TorchFunctionMode):
-    """Records what would be a hidden host sync on CUDA: a tensor built from Python data on a non-CPU device, or a
-    blocking copy of a host tensor to one."""
-
-    FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.arange, torch.linspace, torch.full,
-                 torch.scalar_tensor}
-
-    def __init__(self):
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.FACTORIES and torch.device(kwargs.get("device") or "cpu").type != "cpu":
-            self.found.append(f"{func.__name__} on {kwargs['device']}")
-        if func is torch.Tensor.to and args[0].device.type == "cpu":
-            device, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
-            if device is not None and device.type != "cpu" and not non_blocking:
-                self.found.append(f"blocking copy to {device}")
-        if func is torch.Tensor.copy_ and args[0].device.type != "cpu" and args[1].device.type == "cpu":
-            if not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
-                self.found.append(f"blocking copy_ to {args[0].device}")
-        return func(*args, **kwargs)
 
 
 def test_views_build_no_tensor_from_host_data_on_the_device():

@@ -347,7 +347,7 @@ def test_gpu_mode_decodes_what_the_gpu_cannot_take_in_the_workers(tmp_path):
 def test_feed_builds_no_tensor_from_host_data_on_the_device(folder):
     """The feed and the views on the meta device (standing for CUDA): batches, labels and parameters reach it only by
     non-blocking copies, and nothing is built there from Python data."""
-    from test_device_views import HostDataOnDevice
+    from host_syncs import HostDataOnDevice
 
     data = DataSpec(train=str(folder / "train"), image_size=16)
     src = open_source(data, "train")
