@@ -90,7 +90,7 @@ class PretrainSpec(RunSpec):
         return EvalRunSpec.model_validate({
             **d, "kind": "eval", "name": f"{self.name[:45]}-eval", "runtime": runtime, "cluster": cluster,
             "eval": {**self.eval.model_dump(exclude={"runtime", "cluster", "data"}), "checkpoint": self.output.url},
-            "output": {"url": f"{self.output.url}/eval", "keep": self.output.keep},
+            "output": {"url": f"{self.output.url}/eval", "keep": self.output.keep, "mlflow": self.output.mlflow},
         })
 
 

@@ -310,3 +310,13 @@ def test_eval_data_names_the_labelled_set_of_the_follow_up_eval():
     with pytest.raises(SpecError, match="eval.data: the pretraining data has no labels .data.labels is none.; "):
         stage_runs(parse_spec(with_(GOOD, "data.labels", "none")), "pipeline")
     assert len(stage_runs(parse_spec(with_(GOOD, "data.labels", "none")), "pretrain")) == 1
+
+
+@pytest.mark.parametrize("mlflow", [None, {"tracking_uri": "http://mlflow.example:5000", "experiment": "team-a"}])
+def test_the_follow_up_eval_logs_where_its_pretraining_logs(mlflow):
+    """output.mlflow reaches the pipeline's eval (both stages log to the same tracker; the eval as its own run)."""
+    from barlow.spec import stage_runs
+
+    spec = parse_spec(with_(GOOD, "output.mlflow", mlflow))
+    _, ev = stage_runs(spec, "pipeline")
+    assert ev.output.mlflow == spec.output.mlflow and ev.output.url == f"{spec.output.url}/eval"
