@@ -193,7 +193,7 @@ def status(
     namespace: str = SPEC_NAMESPACE,
     context: str = CONTEXT,
     backend: BackendName = typer.Option(None, "--backend", "-b", envvar="BARLOW_BACKEND", show_default=False,
-                                        help=f"pytorchjob or trainjob (default: the -f spec's, else {DEFAULT_BACKEND})."),
+                                        help=f"{' or '.join(BACKENDS)} (default: the -f spec's, else {DEFAULT_BACKEND})."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every --interval seconds until Ctrl-C."),
     interval: float = typer.Option(10.0, "--interval", min=0.0, help="Seconds between refreshes with --watch."),
     count: int = typer.Option(None, "--count", min=1, help="With --watch: stop after this many refreshes."),
