@@ -36,13 +36,13 @@ from barlow.evaluate.backbone import (
     recorded_model,
 )
 from barlow.evaluate.protocol import PROTOCOLS, EvalProtocol, HeadProtocol, topk_correct
-from barlow.knn import features_of, knn_correct, knn_dtype, knn_top1
+from barlow.knn import features_of, knn_dtype, knn_top1
 from barlow.model import build_backbone
 from barlow.spec import EvalRunSpec
 
 __all__ = ["BACKBONE_FIELDS", "PROTOCOLS", "EvalPosition", "EvalProtocol", "EvalRun", "HeadProtocol", "backbone_state",
-           "eval_model", "eval_record", "eval_step", "evaluate", "features_of", "fingerprint", "finish", "knn_correct",
-           "knn_dtype", "knn_top1", "load_backbone", "measure", "recorded_model", "set_up", "topk_correct"]
+           "eval_model", "eval_record", "eval_step", "evaluate", "fingerprint", "finish", "load_backbone", "measure",
+           "recorded_model", "set_up", "topk_correct"]  # the kNN is barlow.knn's
 
 
 @dataclass
@@ -108,7 +108,7 @@ def set_up(spec: EvalRunSpec) -> EvalRun:
     if protocol.trained is not None:
         optimizer = torch.optim.SGD(protocol.param_groups(e), lr=e.lr_head, momentum=0.9, weight_decay=e.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, e.epochs)
-        parts = {"trained": protocol.trained, "optimizer": optimizer, "schedule": schedule, "data": position}
+        parts = {"trained": protocol.trained, "optimizer": optimizer, "schedule": schedule, **parts}
         epochs = e.epochs
     # steps are optimizer steps, as in pretraining: metrics lines, checkpoints and `barlow status` count the same
     steps_per_epoch = train_src.count(e.train_percent) // ((e.batch_size // place.world_size) * place.world_size)

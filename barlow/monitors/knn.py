@@ -13,12 +13,13 @@ from barlow import runsetup
 from barlow.augment import ImageTransform, eval_transform
 from barlow.data import open_source
 from barlow.data.source import Source
+from barlow.data.subsets import SUBSET_PERCENTS
 from barlow.errors import SplitsDisagree, UnlabelledData
 from barlow.knn import features_of, knn_dtype, knn_top1
 from barlow.monitors import Monitor, Off, epoch_due
 from barlow.spec import DataSpec, PretrainSpec
 
-SUBSETS = (1, 10, 100)  # the label subsets every source serves (see barlow.data.source)
+SUBSETS = (*sorted(SUBSET_PERCENTS), 100)  # the label subsets every source serves, smallest first
 
 
 def build(spec: PretrainSpec, proc: runsetup.RunContext, source: Source, model: nn.Module) -> Monitor | None:

@@ -20,7 +20,6 @@ MAX_REGISTRATIONS = 2  # the extension table's promise: the plug-in's module, an
 @dataclass
 class PackageCopy:
     root: Path  # holds barlow/
-    added: list[str] = field(default_factory=list)  # new modules, relative to root
     edited: set[str] = field(default_factory=set)  # existing files changed, relative to root
 
     def add_module(self, relative: str, text: str) -> Path:
@@ -29,7 +28,6 @@ class PackageCopy:
         assert not path.exists(), f"{relative} exists: a plug-in adds its own module"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        self.added.append(relative)
         return path
 
     def register(self, relative: str, after: str, line: str) -> None:
